@@ -1,0 +1,67 @@
+# Everything a fresh Debian 12 machine (as root) needs is installed here, never by hand.
+# Each step is guarded, so a second run does no work and takes a second or two.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := test
+
+VENV := .venv
+PY := $(VENV)/bin/python
+# Debian's interpreter, not whatever python3 is first on PATH: bcc's Python module
+# is packaged for it, and it is what a fresh Debian 12 machine has.
+SYSTEM_PYTHON := /usr/bin/python3
+DEBIAN_PACKAGES := iptables iproute2 util-linux openssl tcpdump \
+	python3 python3-venv python3-dev gcc \
+	python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 \
+	containernetworking-plugins containerd runc busybox-static
+BCC_KERNEL_SOURCE := build/bcc-kernel-source
+VENV_STAMP := $(VENV)/.weir-installed
+
+.PHONY: deps debian-packages venv test test-unit test-netns demo lint typecheck goldens clean
+
+deps: debian-packages venv $(BCC_KERNEL_SOURCE)/.complete
+
+debian-packages:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed$$' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing </dev/null; \
+	fi
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): pyproject.toml | debian-packages
+	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel </dev/null
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' </dev/null
+	scripts/link-bcc-into-venv.sh $(PY)
+	touch $@
+
+# bcc compiles against kernel headers; this kernel ships none, so merge Debian's
+# -common and -amd64 header trees into one directory of our own (never /lib/modules).
+$(BCC_KERNEL_SOURCE)/.complete: | debian-packages
+	scripts/merge-kernel-headers.sh $(BCC_KERNEL_SOURCE)
+
+test: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest -q
+
+test-unit: deps
+	$(VENV)/bin/pytest -q -m 'not netns'
+
+demo: deps
+	$(VENV)/bin/weir demo
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# Regenerate golden files after an intended change to generated artifacts; review the diff.
+goldens: deps
+	WEIR_UPDATE_GOLDENS=1 $(VENV)/bin/pytest -q tests/unit
+
+clean:
+	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Weir's chained CNI plugin: hands each pod to the node agent."""

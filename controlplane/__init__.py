@@ -1,0 +1,1 @@
+"""Weir control plane: mesh config over delta xDS, and the workload CA."""

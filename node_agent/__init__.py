@@ -1,0 +1,1 @@
+"""Weir node agent: per-node capture, enrollment and the debugging surface."""

@@ -1,0 +1,123 @@
+"""The one place Weir enters network namespaces.
+
+Everything else receives either a validated `Netns` or a socket/process made
+here. setns(2) switches only the calling thread, so `entered()` is safe in a
+threaded program as long as the block does not hop threads (no awaits inside).
+A child process forked inside the block starts in the target namespace, which
+is how commands such as iptables-restore are run in a pod without nsenter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import fcntl
+import os
+import subprocess
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from node_agent.errors import InvalidInputError, TransientError
+
+_CLONE_NEWNET = 0x40000000
+_NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3): which kind of namespace an nsfs fd is
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@dataclass(frozen=True)
+class Netns:
+    """A network namespace known to exist when it was validated.
+
+    `inode` identifies the namespace itself, whatever path it was reached by
+    (/var/run/netns/X, /proc/PID/ns/net, a CNI runtime's bind mount).
+    """
+
+    path: Path
+    inode: int
+
+    @classmethod
+    def validate(cls, path: str | Path) -> Netns:
+        """Check that `path` is a network namespace other than our own.
+
+        Capturing the namespace the agent itself runs in would redirect the
+        agent's and the node's traffic into the proxy, so it is refused.
+        """
+        p = Path(path)
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise InvalidInputError(f"network namespace {p} does not exist") from None
+        except OSError as e:
+            raise InvalidInputError(f"cannot open network namespace {p}: {e.strerror}") from None
+        try:
+            try:
+                nstype = fcntl.ioctl(fd, _NS_GET_NSTYPE)
+            except OSError:
+                raise InvalidInputError(f"{p} is not a namespace file") from None
+            if nstype != _CLONE_NEWNET:
+                raise InvalidInputError(f"{p} is a namespace, but not a network namespace")
+            inode = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        if inode == Path("/proc/thread-self/ns/net").stat().st_ino:
+            raise InvalidInputError(
+                f"{p} is the network namespace Weir itself runs in; refusing to capture it"
+            )
+        return cls(path=p, inode=inode)
+
+
+@contextlib.contextmanager
+def entered(netns: Netns) -> Iterator[None]:
+    """Run the block with the calling thread inside `netns`, then come back."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            target = os.open(netns.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise TransientError(f"network namespace {netns.path} disappeared") from None
+        try:
+            if os.fstat(target).st_ino != netns.inode:
+                raise TransientError(
+                    f"{netns.path} now names a different network namespace than when validated"
+                )
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            # Failing to return would leave this thread in the pod: never continue.
+            try:
+                _setns(home)
+            except OSError as e:  # pragma: no cover - kernel refused to take us back
+                os.write(2, f"weir: fatal: cannot leave {netns.path}: {e}\n".encode())
+                os._exit(70)
+    finally:
+        os.close(home)
+
+
+def run(
+    netns: Netns, argv: Sequence[str], stdin: str | None = None, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    """Run a command inside `netns` and capture its output (never raises on exit code)."""
+    with entered(netns):
+        try:
+            return subprocess.run(
+                list(argv),
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except FileNotFoundError:
+            raise InvalidInputError(f"{argv[0]} is not installed") from None

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from node_agent import demo
 from node_agent.errors import WeirError
 from node_agent.redirect import cli as redirect_cli
 
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     redirect_cli.register(subparsers)
+    demo.register(subparsers)
     return parser
 
 

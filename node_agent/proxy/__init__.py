@@ -1,0 +1,1 @@
+"""The node proxy: listeners inside pod netns, HBONE tunnels, authorization."""

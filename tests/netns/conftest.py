@@ -1,0 +1,37 @@
+"""Fixtures for tests that build nodes and pods out of network namespaces."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from node_agent.localmesh.topology import NETNS_DIR, LocalTopology
+
+
+def _leftovers(prefix: str) -> list[str]:
+    found = [p.name for p in NETNS_DIR.glob(f"{prefix}*")]
+    found += [str(p) for p in Path(tempfile.gettempdir()).glob(f"{prefix}*")]
+    return sorted(found)
+
+
+@pytest.fixture
+def leftovers() -> Callable[[str], list[str]]:
+    """Lists every netns and temp directory whose name starts with a prefix."""
+    return _leftovers
+
+
+@pytest.fixture
+def topology() -> Iterator[LocalTopology]:
+    """An open LocalTopology (underlay only), closed after the test whatever happened.
+
+    Closing is checked too: a test that leaks a namespace fails here.
+    """
+    topo = LocalTopology()
+    try:
+        with topo:
+            yield topo
+    finally:
+        assert _leftovers(topo.prefix) == [], f"topology {topo.prefix} left things behind"

@@ -101,11 +101,16 @@ def _legacy_rule_count() -> int | None:
     count = 0
     for names, table in (("ip_tables_names", iptc.Table), ("ip6_tables_names", iptc.Table6)):
         try:
-            loaded = (Path("/proc/net") / names).read_text().split()
+            # thread-self: /proc/net follows the main thread, not a thread in a pod netns.
+            loaded = (Path("/proc/thread-self/net") / names).read_text().split()
         except FileNotFoundError:
             continue
         for name in loaded:
-            count += sum(len(chain.rules) for chain in table(name).chains)
+            # python-iptables caches one Table per name for the whole process;
+            # refresh re-reads it in the calling thread's netns.
+            handle = table(name)
+            handle.refresh()
+            count += sum(len(chain.rules) for chain in handle.chains)
     return count
 
 

@@ -1,0 +1,219 @@
+"""The agent's end of the handoff: serve enrolled pods to every connected proxy.
+
+A pod counts as handed over only when every connected proxy acknowledged it
+(its listeners exist in the pod netns). With no proxy connected, handing a
+pod over fails: the CNI ADD that asked for it fails closed and the runtime
+retries, rather than starting a pod whose captured traffic has nowhere to go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node_agent.constants import PROXY_GID, PROXY_UID
+from node_agent.errors import TransientError
+from node_agent.netns import Netns
+from node_agent.proxy_handoff import protocol
+from node_agent.proxy_handoff.protocol import EnrolledPod
+
+log = logging.getLogger(__name__)
+
+Snapshot = Callable[[], list[tuple[EnrolledPod, Netns]]]
+
+
+class HandoffError(TransientError):
+    """No proxy took the pod (none connected, a nack, or no ack in time)."""
+
+
+@dataclass
+class _Pending:
+    message: dict[str, Any]
+    netns: Netns | None
+    done: asyncio.Future[None]
+
+
+@dataclass
+class _ProxyConnection:
+    sock: socket.socket
+    peer_pid: int
+    queue: asyncio.Queue[_Pending] = field(default_factory=asyncio.Queue)
+    synced: bool = False
+
+
+class ProxyHandoffServer:
+    """Serves a snapshot then every change to each proxy, one acked message at a time."""
+
+    def __init__(self, path: Path, snapshot: Snapshot, ack_timeout: float = 5.0) -> None:
+        self.path = path
+        self._snapshot = snapshot
+        self._ack_timeout = ack_timeout
+        self._connections: list[_ProxyConnection] = []
+        self._lock = asyncio.Lock()
+        self._listener: socket.socket | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._seq = 0
+
+    @property
+    def synced_proxies(self) -> int:
+        """Proxies that hold the full snapshot (what readiness reports)."""
+        return sum(c.synced for c in self._connections)
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.setblocking(False)
+        # Bind under a restrictive umask so there is no moment where others can connect.
+        old = os.umask(0o177)
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        # Root and the proxy's UID only: the proxy connects as 1337.
+        os.chown(self.path, PROXY_UID, PROXY_GID)
+        self.path.parent.chmod(0o711)
+        sock.listen(8)
+        self._listener = sock
+        self._spawn(self._accept_loop(sock))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for conn in self._connections:
+            conn.sock.close()
+        self._connections.clear()
+        if self._listener is not None:
+            self._listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    async def add(self, pod: EnrolledPod, netns: Netns) -> None:
+        """Hand `pod` to every connected proxy; returns once all acked."""
+        await self._broadcast({"type": "add", "pod": pod.to_json()}, netns, f"pod {pod.uid}")
+
+    async def remove(self, uid: str) -> None:
+        await self._broadcast({"type": "remove", "uid": uid}, None, f"removal of pod {uid}")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _broadcast(self, message: dict[str, Any], netns: Netns | None, what: str) -> None:
+        async with self._lock:
+            targets = list(self._connections)
+            if not targets:
+                raise HandoffError(f"no node proxy is connected to take {what}")
+            pending = [self._enqueue(conn, dict(message), netns) for conn in targets]
+        results = await asyncio.gather(*(p.done for p in pending), return_exceptions=True)
+        errors = [str(r) for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise HandoffError(f"{what} not taken: {'; '.join(errors)}")
+
+    def _enqueue(
+        self, conn: _ProxyConnection, message: dict[str, Any], netns: Netns | None
+    ) -> _Pending:
+        self._seq += 1
+        message["seq"] = self._seq
+        item = _Pending(message, netns, asyncio.get_running_loop().create_future())
+        item.done.add_done_callback(_log_failure)
+        conn.queue.put_nowait(item)
+        return item
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(listener)
+            sock.setblocking(False)
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", creds)
+            if uid not in (0, PROXY_UID):
+                log.warning("refused handoff connection from pid %d uid %d", pid, uid)
+                sock.close()
+                continue
+            self._spawn(self._serve(_ProxyConnection(sock, pid)))
+
+    async def _serve(self, conn: _ProxyConnection) -> None:
+        try:
+            hello, fds = await asyncio.wait_for(protocol.recv(conn.sock), self._ack_timeout)
+            for fd in fds:
+                os.close(fd)
+            protocol.expect_hello(hello)
+            async with self._lock:
+                for pod, netns in self._snapshot():
+                    self._enqueue(conn, {"type": "add", "pod": pod.to_json()}, netns)
+                snapshot_done = self._enqueue(conn, {"type": "snapshot_done"}, None)
+                self._connections.append(conn)
+            log.info("proxy pid %d connected; sending snapshot", conn.peer_pid)
+            self._spawn(self._mark_synced(conn, snapshot_done))
+            await self._pump(conn)
+        except (ConnectionError, TimeoutError, protocol.ProtocolError, OSError) as e:
+            log.warning("proxy pid %d handoff connection ended: %s", conn.peer_pid, e)
+        finally:
+            await self._drop(conn)
+
+    async def _mark_synced(self, conn: _ProxyConnection, snapshot_done: _Pending) -> None:
+        with contextlib.suppress(Exception):
+            await snapshot_done.done
+            conn.synced = True
+
+    async def _pump(self, conn: _ProxyConnection) -> None:
+        while True:
+            item = await conn.queue.get()
+            try:
+                await self._deliver(conn, item)
+            except BaseException as e:
+                if not item.done.done():
+                    reason = str(e) or type(e).__name__
+                    item.done.set_exception(HandoffError(f"proxy pid {conn.peer_pid}: {reason}"))
+                raise
+
+    async def _deliver(self, conn: _ProxyConnection, item: _Pending) -> None:
+        fd = os.open(item.netns.path, os.O_RDONLY | os.O_CLOEXEC) if item.netns else None
+        try:
+            await protocol.send(conn.sock, item.message, [fd] if fd is not None else None)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        try:
+            reply, fds = await asyncio.wait_for(protocol.recv(conn.sock), self._ack_timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no ack within {self._ack_timeout}s") from None
+        for extra in fds:
+            os.close(extra)
+        if reply.get("seq") != item.message["seq"]:
+            raise protocol.ProtocolError(
+                f"ack for seq {reply.get('seq')}, expected {item.message['seq']}"
+            )
+        if reply.get("type") == "ack":
+            item.done.set_result(None)
+        else:
+            error = reply.get("error", reply)
+            item.done.set_exception(HandoffError(f"proxy pid {conn.peer_pid}: {error}"))
+
+    async def _drop(self, conn: _ProxyConnection) -> None:
+        async with self._lock:
+            if conn in self._connections:
+                self._connections.remove(conn)
+        conn.sock.close()
+        while not conn.queue.empty():
+            item = conn.queue.get_nowait()
+            if not item.done.done():
+                item.done.set_exception(HandoffError(f"proxy pid {conn.peer_pid} disconnected"))
+
+
+def _log_failure(done: asyncio.Future[None]) -> None:
+    # Snapshot items have no waiter; their failures are reported here, once.
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("handoff: %s", done.exception())

@@ -1,0 +1,150 @@
+"""Agent -> proxy handoff: one Unix SOCK_SEQPACKET connection per proxy process.
+
+The node agent owns the socket and the truth about which pods are enrolled;
+the proxy connects to it. Every datagram is one UTF-8 JSON object; a pod's
+network namespace travels as a file descriptor (SCM_RIGHTS), so the proxy
+never needs the host's /var/run/netns mounted and cannot be fooled by a path
+that was reused for another namespace.
+
+    proxy -> agent   {"type": "hello", "version": 1}
+    agent -> proxy   {"seq": N, "type": "add", "pod": {...}}      + 1 fd (the pod netns)
+                     {"seq": N, "type": "remove", "uid": "..."}
+                     {"seq": N, "type": "snapshot_done"}
+    proxy -> agent   {"seq": N, "type": "ack"}
+                     {"seq": N, "type": "nack", "error": "..."}
+
+On connect the agent sends every enrolled pod (`add`), then `snapshot_done`,
+then changes as they happen. Exactly one message is in flight per
+connection: the agent waits for its ack before sending the next, so the
+proxy's listeners exist before the agent reports a pod enrolled. Several
+proxies may be connected at once (a new one taking over from an old one
+during a rollout); each gets the full snapshot and every change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from node_agent.errors import InvalidInputError
+
+VERSION = 1
+MAX_DATAGRAM = 64 * 1024
+
+
+class ProtocolError(InvalidInputError):
+    """The peer sent something that is not this protocol; the connection is dropped."""
+
+
+@dataclass(frozen=True)
+class EnrolledPod:
+    """What the proxy needs to know about a pod besides its netns."""
+
+    uid: str
+    name: str
+    namespace: str
+    service_account: str
+    ips: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: object) -> EnrolledPod:
+        if not isinstance(data, dict):
+            raise ProtocolError("handoff message without a pod object")
+        try:
+            pod = cls(
+                uid=str(data["uid"]),
+                name=str(data["name"]),
+                namespace=str(data["namespace"]),
+                service_account=str(data["service_account"]),
+                ips=tuple(str(ip) for ip in data["ips"]),
+            )
+        except (KeyError, TypeError) as e:
+            raise ProtocolError(f"malformed pod in handoff message: {e!r}") from None
+        if not pod.uid:
+            raise ProtocolError("pod without uid in handoff message")
+        return pod
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    data = json.dumps(message, separators=(",", ":")).encode()
+    if len(data) > MAX_DATAGRAM:
+        raise ProtocolError(f"handoff message of {len(data)} bytes exceeds {MAX_DATAGRAM}")
+    return data
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"handoff message is not JSON: {e}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ProtocolError("handoff message without a type")
+    return message
+
+
+def expect_hello(message: dict[str, Any]) -> None:
+    if message.get("type") != "hello" or message.get("version") != VERSION:
+        raise ProtocolError(f"expected hello version {VERSION}, got {message}")
+
+
+async def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = encode(message)
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            socket.send_fds(sock, [data], fds or [])
+        except BlockingIOError:
+            await _ready(loop, sock, writable=True)
+        else:
+            return
+
+
+async def recv(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    """One message and the fds that came with it; raises ConnectionError at EOF."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            data, fds, flags, _ = socket.recv_fds(sock, MAX_DATAGRAM, 4)
+            break
+        except BlockingIOError:
+            await _ready(loop, sock, writable=False)
+    if not data and not fds:
+        raise ConnectionError("handoff peer closed the connection")
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            socket.close(fd)
+        raise ProtocolError("handoff message carried more file descriptors than allowed")
+    try:
+        return decode(data), fds
+    except ProtocolError:
+        for fd in fds:
+            socket.close(fd)
+        raise
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, writable: bool) -> None:
+    # asyncio has no recvmsg/sendmsg-with-fds coroutine; wait for readiness and retry.
+    done: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    fd = sock.fileno()
+    if writable:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await done
+    finally:
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)

@@ -1,0 +1,130 @@
+"""The proxy's end of the handoff: follow the agent's pods, survive its restarts.
+
+The client keeps each pod's netns fd open for as long as the pod is known,
+so the namespace stays reachable (as /proc/self/fd/N) even after the runtime
+unmounts it. On every (re)connect the agent resends its whole snapshot; pods
+the proxy still holds but the snapshot no longer lists were removed while
+the connection was down, and are removed here when `snapshot_done` arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any, Protocol
+
+from node_agent.errors import WeirError
+from node_agent.netns import Netns
+from node_agent.proxy_handoff import protocol
+from node_agent.proxy_handoff.protocol import EnrolledPod
+
+log = logging.getLogger(__name__)
+
+
+class PodHandler(Protocol):
+    """What the proxy does with pods. Both calls must be idempotent."""
+
+    async def add_pod(self, pod: EnrolledPod, netns: Netns) -> None: ...
+
+    async def remove_pod(self, uid: str) -> None: ...
+
+
+class ProxyHandoffClient:
+    def __init__(
+        self, path: Path, handler: PodHandler, retry_min: float = 0.05, retry_max: float = 2.0
+    ) -> None:
+        self.path = path
+        self._handler = handler
+        self._retry = (retry_min, retry_max)
+        self._fds: dict[str, int] = {}
+        # Set once the first full snapshot is applied; readiness waits on it.
+        self.synced = asyncio.Event()
+
+    @property
+    def pods(self) -> list[str]:
+        return sorted(self._fds)
+
+    async def run(self) -> None:
+        """Connect, follow, reconnect with capped exponential backoff; cancel to stop."""
+        delay = self._retry[0]
+        try:
+            while True:
+                try:
+                    await self._session()
+                except (OSError, ConnectionError, protocol.ProtocolError) as e:
+                    log.warning("handoff from agent at %s interrupted: %s", self.path, e)
+                else:
+                    delay = self._retry[0]
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry[1])
+        finally:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    async def _session(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, str(self.path))
+            await protocol.send(sock, {"type": "hello", "version": protocol.VERSION})
+            in_snapshot: set[str] | None = set()
+            while True:
+                message, fds = await protocol.recv(sock)
+                reply: dict[str, Any] = {"seq": message.get("seq"), "type": "ack"}
+                try:
+                    in_snapshot = await self._apply(message, fds, in_snapshot)
+                except WeirError as e:
+                    reply = {"seq": message.get("seq"), "type": "nack", "error": e.message}
+                await protocol.send(sock, reply)
+        finally:
+            sock.close()
+
+    async def _apply(
+        self, message: dict[str, Any], fds: list[int], in_snapshot: set[str] | None
+    ) -> set[str] | None:
+        kind = message["type"]
+        if kind == "add":
+            if len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                raise protocol.ProtocolError(f"add message with {len(fds)} fds instead of 1")
+            pod = EnrolledPod.from_json(message.get("pod"))
+            await self._add(pod, fds[0])
+            if in_snapshot is not None:
+                in_snapshot.add(pod.uid)
+        elif kind == "remove":
+            await self._remove(str(message.get("uid")))
+        elif kind == "snapshot_done":
+            for uid in set(self._fds) - (in_snapshot or set()):
+                log.info("pod %s is gone from the agent's snapshot; removing", uid)
+                await self._remove(uid)
+            self.synced.set()
+            return None
+        else:
+            raise protocol.ProtocolError(f"unknown handoff message type {kind!r}")
+        return in_snapshot
+
+    async def _add(self, pod: EnrolledPod, fd: int) -> None:
+        try:
+            netns = Netns.validate(f"/proc/self/fd/{fd}")
+            await self._handler.add_pod(pod, netns)
+        except BaseException:
+            os.close(fd)
+            raise
+        # A re-sent pod (snapshot after reconnect) replaces the fd we held.
+        old = self._fds.pop(pod.uid, None)
+        self._fds[pod.uid] = fd
+        if old is not None:
+            os.close(old)
+
+    async def _remove(self, uid: str) -> None:
+        await self._handler.remove_pod(uid)
+        fd = self._fds.pop(uid, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -16,7 +16,7 @@ DEBIAN_PACKAGES := iptables iproute2 util-linux openssl tcpdump \
 BCC_KERNEL_SOURCE := build/bcc-kernel-source
 VENV_STAMP := $(VENV)/.weir-installed
 
-.PHONY: deps debian-packages venv test test-unit test-netns demo lint typecheck goldens clean
+.PHONY: deps debian-packages venv test test-unit demo lint goldens protos clean
 
 deps: debian-packages venv $(BCC_KERNEL_SOURCE)/.complete
 
@@ -44,6 +44,7 @@ $(BCC_KERNEL_SOURCE)/.complete: | debian-packages
 	scripts/merge-kernel-headers.sh $(BCC_KERNEL_SOURCE)
 
 test: deps
+	scripts/gen-protos.sh --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest -q
@@ -58,6 +59,10 @@ lint: deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# Regenerate the protobuf code after editing controlplane/protos/; `make test` fails if stale.
+protos: deps
+	scripts/gen-protos.sh
 
 # Regenerate golden files after an intended change to generated artifacts; review the diff.
 goldens: deps

@@ -22,11 +22,30 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     redirect_cli.register(subparsers)
     demo.register(subparsers)
+    controlplane = subparsers.add_parser(
+        "controlplane",
+        help="run the control plane (config over delta xDS, workload CA)",
+        add_help=False,
+    )
+    controlplane.set_defaults(func=_controlplane, passthrough=True)
     return parser
 
 
+def _controlplane(args: argparse.Namespace) -> int:
+    # Imported on use: grpc and protobuf add a second to every other command's start.
+    from controlplane import cli  # noqa: PLC0415
+
+    rest: list[str] = args.rest
+    return cli.main(rest)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `weir controlplane` owns its flags; everything after it is passed through.
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

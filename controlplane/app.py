@@ -1,0 +1,159 @@
+"""Assembly: one place where the source, CA, authenticator and servers meet.
+
+Tests plug in their own source, CA or authenticator here; the CLI plugs in
+the file source and the persisted root.
+"""
+
+import asyncio
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Final
+
+import grpc
+
+from controlplane import metrics as m
+from controlplane._generated.weir.v1 import ca_pb2_grpc, registry_pb2_grpc
+from controlplane.auth import BootstrapTokenAuthenticator, NodeAuthenticator
+from controlplane.ca import CertificateAuthority
+from controlplane.mesh import MeshConfig
+from controlplane.services import CertificateService, RegistryService
+from controlplane.sources import ConfigSource
+from controlplane.state import MeshState
+from controlplane.xds_server import DistributionServer
+from node_agent.errors import NodeSetupError
+
+log = logging.getLogger(__name__)
+
+# gRPC (xDS, CA, registry). istiod's plaintext xDS port, so operators recognize it.
+DEFAULT_GRPC_LISTEN: Final = "127.0.0.1:15010"
+# HTTP: /healthz, /healthz/ready, /metrics, /debug/config_dump. Loopback only by default.
+DEFAULT_HTTP_LISTEN: Final = "127.0.0.1:15014"
+DUMP_TIMEOUT_SECONDS: Final = 5.0
+GRPC_OPTIONS: Final = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_concurrent_streams", 10_000),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    grpc_listen: str = DEFAULT_GRPC_LISTEN
+    http_listen: str | None = DEFAULT_HTTP_LISTEN
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        *,
+        source: ConfigSource,
+        mesh: MeshConfig,
+        ca: CertificateAuthority,
+        settings: Settings,
+        authenticator: NodeAuthenticator | None = None,
+        metrics: m.Metrics | None = None,
+    ) -> None:
+        self.metrics = metrics or m.Metrics()
+        self._source = source
+        self._ca = ca
+        self._settings = settings
+        self._authenticator = authenticator or BootstrapTokenAuthenticator(lambda: self.state.mesh)
+        self.distribution = DistributionServer(self._authenticator, self.metrics)
+        self.state = MeshState(mesh, ca.trust_bundle_pem, self.distribution.publish)
+        self._server = grpc.aio.server(options=GRPC_OPTIONS)
+        self._watch: asyncio.Task[None] | None = None
+        self._http: ThreadingHTTPServer | None = None
+        self._ready = False
+        self.grpc_port = 0
+        self.http_port = 0
+
+    async def start(self) -> None:
+        server = self._server
+        server.add_generic_rpc_handlers((self.distribution.handler(),))
+        ca_pb2_grpc.add_CertificateAuthorityServicer_to_server(
+            CertificateService(self._ca, self._authenticator, self.state, self.metrics), server
+        )
+        registry_pb2_grpc.add_WorkloadRegistryServicer_to_server(
+            RegistryService(self._authenticator, self.state, self.metrics), server
+        )
+        try:
+            self.grpc_port = server.add_insecure_port(self._settings.grpc_listen)
+        except RuntimeError as exc:
+            raise NodeSetupError(f"cannot listen on {self._settings.grpc_listen}: {exc}") from exc
+        await server.start()
+        self._watch = asyncio.create_task(self._source.watch(self.state.set_mesh))
+        if self._settings.http_listen is not None:
+            self._start_http(self._settings.http_listen, asyncio.get_running_loop())
+        self._ready = True
+        log.info("control plane serving gRPC on port %d", self.grpc_port)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop being ready, close streams (up to `grace` seconds), stop watching."""
+        self._ready = False
+        if self._watch is not None:
+            self._watch.cancel()
+        await self._server.stop(grace)
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def config_dump(self) -> dict[str, Any]:
+        return {
+            **self.state.dump(),
+            "trust_bundle_pem": self._ca.trust_bundle_pem,
+            "streams": self.distribution.dump(),
+        }
+
+    def _start_http(self, listen: str, loop: asyncio.AbstractEventLoop) -> None:
+        host, _, port = listen.rpartition(":")
+        plane = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/healthz":
+                    self._reply(200, "text/plain", "ok\n")
+                elif self.path == "/healthz/ready":
+                    if plane.ready:
+                        self._reply(200, "text/plain", "ready\n")
+                    else:
+                        self._reply(503, "text/plain", "not ready\n")
+                elif self.path == "/metrics":
+                    self._reply(200, "text/plain; version=0.0.4", plane.metrics.render())
+                elif self.path == "/debug/config_dump":
+                    dump = asyncio.run_coroutine_threadsafe(_dump(plane), loop)
+                    body = json.dumps(dump.result(DUMP_TIMEOUT_SECONDS), indent=1, sort_keys=True)
+                    self._reply(200, "application/json", body + "\n")
+                else:
+                    self._reply(404, "text/plain", "not found\n")
+
+            def _reply(self, status: int, content_type: str, body: str) -> None:
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: ANN401
+                log.debug("http: " + format, *args)
+
+        try:
+            self._http = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
+        except (OSError, ValueError) as exc:
+            raise NodeSetupError(f"cannot listen on {listen}: {exc}") from exc
+        self.http_port = self._http.server_address[1]
+        threading.Thread(
+            target=self._http.serve_forever, name="controlplane-http", daemon=True
+        ).start()
+
+
+async def _dump(plane: ControlPlane) -> dict[str, Any]:
+    return plane.config_dump()

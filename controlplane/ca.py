@@ -1,0 +1,269 @@
+"""The workload certificate authority: CSR in, X.509 SVID chain out.
+
+Nodes generate keys and send CSRs; the CA never sees a workload's private
+key. Who may ask for which identity is decided in controlplane.auth; this
+module checks the CSR itself and signs. The signing key is either a root
+generated on first start and kept in the state directory (local mode), or an
+operator-provided intermediate.
+"""
+
+import datetime
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from controlplane.auth import invalid_argument
+from controlplane.mesh import SpiffeId
+from node_agent.errors import InvalidInputError, NodeSetupError
+
+DEFAULT_TTL: Final = datetime.timedelta(hours=24)
+MAX_TTL: Final = datetime.timedelta(hours=48)
+ROOT_TTL: Final = datetime.timedelta(days=3650)
+# Issued certificates start slightly in the past so a node whose clock is a
+# little behind accepts them at once.
+BACKDATE: Final = datetime.timedelta(minutes=5)
+MAX_CSR_BYTES: Final = 16 * 1024
+ROOT_CERT_FILE: Final = "root-cert.pem"
+ROOT_KEY_FILE: Final = "root-key.pem"
+
+
+class CertificateAuthority:
+    def __init__(
+        self,
+        *,
+        signing_cert: x509.Certificate,
+        signing_key: ec.EllipticCurvePrivateKey,
+        intermediates: Sequence[x509.Certificate],
+        roots: Sequence[x509.Certificate],
+        default_ttl: datetime.timedelta = DEFAULT_TTL,
+        max_ttl: datetime.timedelta = MAX_TTL,
+    ) -> None:
+        self._signing_cert = signing_cert
+        self._signing_key = signing_key
+        # Sent after the leaf: the signing cert unless it is a root, then its parents.
+        self._chain = [c for c in (signing_cert, *intermediates) if c not in roots]
+        self._roots = list(roots)
+        self.default_ttl = default_ttl
+        self.max_ttl = max_ttl
+
+    @property
+    def trust_bundle_pem(self) -> list[str]:
+        return [_pem(root) for root in self._roots]
+
+    def sign(
+        self,
+        csr_pem: str,
+        identity: SpiffeId,
+        *,
+        ttl: datetime.timedelta | None,
+        now: datetime.datetime,
+    ) -> list[str]:
+        """PEM chain, leaf first, for a CSR whose only SAN is `identity`."""
+        if ttl is not None and ttl > self.max_ttl:
+            raise invalid_argument(
+                "bad_validity", f"validity {ttl} exceeds the maximum {self.max_ttl}"
+            )
+        csr = check_csr(csr_pem, identity)
+        not_after = min(now + (ttl or self.default_ttl), self._signing_cert.not_valid_after_utc)
+        issuer_ski = self._signing_cert.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier
+        ).value
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(self._signing_cert.subject)
+            .public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(not_after)
+            # An empty subject requires a critical SAN (RFC 5280 4.2.1.6).
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
+                critical=True,
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(digital_signature=True), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
+                critical=False,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False
+            )
+            .sign(self._signing_key, hashes.SHA256())
+        )
+        return [_pem(certificate), *(_pem(c) for c in self._chain)]
+
+
+def check_csr(csr_pem: str, identity: SpiffeId) -> x509.CertificateSigningRequest:
+    """The CSR, if it is well formed, self-signed, P-256, and names only `identity`."""
+    if len(csr_pem) > MAX_CSR_BYTES:
+        raise invalid_argument("malformed_csr", f"CSR larger than {MAX_CSR_BYTES} bytes")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+    except ValueError as exc:
+        raise invalid_argument("malformed_csr", f"CSR is not PEM PKCS#10: {exc}") from None
+    if not csr.is_signature_valid:
+        raise invalid_argument("malformed_csr", "CSR signature does not verify")
+    key = csr.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
+        raise invalid_argument("bad_key", "CSR key must be ECDSA P-256")
+    try:
+        sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise invalid_argument("san_mismatch", f"CSR has no SAN; expected URI {identity}") from None
+    names = [str(name.value) for name in sans]
+    uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(sans) != 1 or uris != [str(identity)]:
+        raise invalid_argument(
+            "san_mismatch", f"CSR SANs {names} are not exactly the requested URI {identity}"
+        )
+    return csr
+
+
+def load_or_create_root(
+    directory: Path, trust_domain: str, *, now: datetime.datetime
+) -> CertificateAuthority:
+    """The self-signed root kept in `directory`, created there on first start."""
+    cert_path, key_path = directory / ROOT_CERT_FILE, directory / ROOT_KEY_FILE
+    if cert_path.exists() != key_path.exists():
+        present = cert_path if cert_path.exists() else key_path
+        raise NodeSetupError(
+            f"{present} exists without its pair in {directory}; restore it or remove it "
+            "to create a new root (every workload certificate will change)"
+        )
+    if not cert_path.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _self_signed_root(key, trust_domain, now)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write_private(
+            key_path,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    cert = _load_certs(cert_path)[0]
+    return CertificateAuthority(
+        signing_cert=cert, signing_key=_load_key(key_path), intermediates=[], roots=[cert]
+    )
+
+
+def load_intermediate(cert_path: Path, key_path: Path, roots_path: Path) -> CertificateAuthority:
+    """An operator's intermediate: `cert_path` holds it (then its parents, if any)."""
+    chain = _load_certs(cert_path)
+    roots = _load_certs(roots_path)
+    key = _load_key(key_path)
+    signing = chain[0]
+    if signing.public_key() != key.public_key():
+        raise InvalidInputError(f"{key_path} is not the key of the certificate in {cert_path}")
+    constraints = signing.extensions.get_extension_for_class(x509.BasicConstraints).value
+    if not constraints.ca:
+        raise InvalidInputError(f"{cert_path}: first certificate is not a CA")
+    top = chain[-1]
+    if not any(_issued_by(top, root) for root in roots):
+        raise InvalidInputError(f"{cert_path}: chain does not lead to a root in {roots_path}")
+    return CertificateAuthority(
+        signing_cert=signing, signing_key=key, intermediates=chain[1:], roots=roots
+    )
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _self_signed_root(
+    key: ec.EllipticCurvePrivateKey, trust_domain: str, now: datetime.datetime
+) -> x509.Certificate:
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Weir"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"Weir root CA for {trust_domain}"),
+        ]
+    )
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + ROOT_TTL)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _key_usage(
+    *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _load_certs(path: Path) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"{path}: cannot load PEM certificates: {exc}") from exc
+    return certs
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InvalidInputError(f"{path}: cannot load private key: {exc}") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InvalidInputError(f"{path}: CA key must be ECDSA")
+    return key
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write atomically, readable by the owner only."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()

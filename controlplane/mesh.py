@@ -1,0 +1,107 @@
+"""The mesh as the control plane holds it: one immutable MeshConfig.
+
+A config source (the YAML file today, Kubernetes later) produces a whole
+MeshConfig; local registrations overlay what nodes report on top of it; the
+snapshot builder turns both into xDS resources. The protobuf messages held
+here are never mutated after construction.
+"""
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from controlplane._generated.weir.v1 import mesh_pb2
+
+TYPE_URL_PREFIX: Final = "type.googleapis.com/"
+WORKLOAD_TYPE: Final = TYPE_URL_PREFIX + "weir.v1.Workload"
+SERVICE_TYPE: Final = TYPE_URL_PREFIX + "weir.v1.Service"
+POLICY_TYPE: Final = TYPE_URL_PREFIX + "weir.v1.AuthorizationPolicy"
+TRUST_BUNDLE_TYPE: Final = TYPE_URL_PREFIX + "weir.v1.TrustBundle"
+# Order in which a node agent subscribes: what it needs to route before what
+# refers to it.
+RESOURCE_TYPES: Final = (TRUST_BUNDLE_TYPE, WORKLOAD_TYPE, SERVICE_TYPE, POLICY_TYPE)
+TRUST_BUNDLE_NAME: Final = "trust-bundle"
+
+_SPIFFE_RE: Final = re.compile(
+    r"spiffe://(?P<td>[a-z0-9.\-_]+)/ns/(?P<ns>[a-z0-9]([-a-z0-9]*[a-z0-9])?)"
+    r"/sa/(?P<sa>[a-z0-9]([-a-z0-9.]*[a-z0-9])?)"
+)
+
+
+def resource_name(namespace: str, name: str) -> str:
+    """Name of a namespaced resource (Workload, Service, AuthorizationPolicy)."""
+    return f"{namespace}/{name}"
+
+
+@dataclass(frozen=True)
+class SpiffeId:
+    trust_domain: str
+    namespace: str
+    service_account: str
+
+    @classmethod
+    def parse(cls, text: str) -> "SpiffeId | None":
+        """The workload identity `text` names, or None if it is not one."""
+        match = _SPIFFE_RE.fullmatch(text)
+        if match is None:
+            return None
+        return cls(match["td"], match["ns"], match["sa"])
+
+    def __str__(self) -> str:
+        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    # Local mode: the secret a node agent presents. Never logged or dumped.
+    bootstrap_token: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    service: mesh_pb2.Service  # endpoints resolved from `selector`
+    selector: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    trust_domain: str
+    nodes: Mapping[str, NodeConfig]
+    # Keyed by resource_name(namespace, name). Workloads carry their effective
+    # mTLS mode; uid and IPs may be empty until a node registers the pod.
+    workloads: Mapping[str, mesh_pb2.Workload]
+    services: Mapping[str, ServiceConfig]
+    policies: Mapping[str, mesh_pb2.AuthorizationPolicy]
+
+    def service_accounts_on(self, node: str) -> frozenset[tuple[str, str]]:
+        """(namespace, service account) of every workload the config puts on `node`."""
+        return frozenset(
+            (w.namespace, w.service_account) for w in self.workloads.values() if w.node == node
+        )
+
+    def dump(self) -> dict[str, Any]:
+        """Plain data for config_dump; bootstrap tokens are left out."""
+        return {
+            "trust_domain": self.trust_domain,
+            "nodes": sorted(self.nodes),
+            "workloads": {k: _plain(w) for k, w in sorted(self.workloads.items())},
+            "services": {
+                k: {**_plain(s.service), "selector": dict(s.selector)}
+                for k, s in sorted(self.services.items())
+            },
+            "policies": {k: _plain(p) for k, p in sorted(self.policies.items())},
+        }
+
+
+def _plain(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def selects(selector: Mapping[str, str], labels: Mapping[str, str]) -> bool:
+    """Whether a label selector (all pairs must be present) picks `labels`."""
+    return all(labels.get(key) == value for key, value in selector.items())

@@ -1,0 +1,206 @@
+"""Real control plane, real XdsClients, loopback gRPC."""
+
+import asyncio
+import contextlib
+
+import grpc
+import pytest
+from cp_testing import (
+    MESH_YAML,
+    TOKENS,
+    RecordingHandler,
+    running_plane,
+    subscribed,
+)
+
+from controlplane import metrics as m
+from controlplane import xds_transport
+from controlplane.client import XdsClient, register_workload
+from controlplane.mesh import POLICY_TYPE, SERVICE_TYPE, TRUST_BUNDLE_TYPE, WORKLOAD_TYPE
+
+pytestmark = pytest.mark.timeout(60)
+
+NEW_WORKLOAD = (
+    "  - {name: extra, namespace: default, serviceAccount: extra, node: node-2, "
+    "labels: {app: server}}\n"
+)
+
+
+def _with_extra_workload(text: str) -> str:
+    return text.replace("services:\n", NEW_WORKLOAD + "services:\n")
+
+
+def test_initial_sync_and_per_node_view(tmp_path):
+    async def scenario():
+        async with running_plane(tmp_path) as plane:
+            one, two = RecordingHandler(), RecordingHandler()
+            async with subscribed(plane, "node-1", one), subscribed(plane, "node-2", two):
+                for handler in (one, two):
+                    await handler.wait_for(lambda h=handler: len(h.states) == 4)
+                for handler in (one, two):
+                    assert set(handler.states[WORKLOAD_TYPE]) == {
+                        "default/client",
+                        "default/server",
+                    }
+                    assert set(handler.states[SERVICE_TYPE]) == {"default/server"}
+                    bundle = handler.states[TRUST_BUNDLE_TYPE]["trust-bundle"]
+                    assert bundle.trust_domain == "cluster.local"
+                    assert "BEGIN CERTIFICATE" in bundle.root_certificates_pem[0]
+                # The policy selects the server, which runs on node-2 only.
+                assert one.states[POLICY_TYPE] == {}
+                assert set(two.states[POLICY_TYPE]) == {"default/server-allow-client"}
+                assert plane.metrics.value(m.CONNECTED_NODES) == 2
+
+    asyncio.run(scenario())
+
+
+def test_add_update_remove_reach_nodes(tmp_path):
+    async def scenario():
+        async with running_plane(tmp_path) as plane:
+            handler = RecordingHandler()
+            async with subscribed(plane, "node-1", handler):
+                await handler.wait_for(lambda: len(handler.states) == 4)
+                config = tmp_path / "mesh.yaml"
+                # add
+                config.write_text(_with_extra_workload(MESH_YAML))
+                await handler.wait_for(
+                    lambda: (
+                        "default/extra" in handler.states[WORKLOAD_TYPE]
+                        and len(handler.states[SERVICE_TYPE]["default/server"].endpoints) == 2
+                    )
+                )
+                endpoints = handler.states[SERVICE_TYPE]["default/server"].endpoints
+                assert list(endpoints) == ["default/extra", "default/server"]
+                # update (local registration by the hosting node)
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.grpc_port}") as channel:
+                    await register_workload(
+                        channel,
+                        TOKENS["node-2"],
+                        namespace="default",
+                        name="extra",
+                        uid="uid-extra",
+                        ips=["10.1.0.7"],
+                    )
+                await handler.wait_for(
+                    lambda: list(handler.states[WORKLOAD_TYPE]["default/extra"].ips) == ["10.1.0.7"]
+                )
+                assert handler.states[WORKLOAD_TYPE]["default/extra"].uid == "uid-extra"
+                # remove
+                config.write_text(MESH_YAML)
+                await handler.wait_for(
+                    lambda: (
+                        "default/extra" not in handler.states[WORKLOAD_TYPE]
+                        and len(handler.states[SERVICE_TYPE]["default/server"].endpoints) == 1
+                    )
+                )
+                assert list(handler.states[SERVICE_TYPE]["default/server"].endpoints) == [
+                    "default/server"
+                ]
+                assert plane.state.registrations == {}
+
+    asyncio.run(scenario())
+
+
+def test_invalid_file_keeps_last_good_config(tmp_path):
+    async def scenario():
+        async with running_plane(tmp_path) as plane:
+            handler = RecordingHandler()
+            async with subscribed(plane, "node-1", handler):
+                await handler.wait_for(lambda: len(handler.states) == 4)
+                generation = plane.state.snapshot.generation
+                (tmp_path / "mesh.yaml").write_text(MESH_YAML + "bogus: 1\n")
+                async with asyncio.timeout(5):
+                    while plane.metrics.value(m.CONFIG_REJECTED) < 1:
+                        await asyncio.sleep(0.02)
+                assert plane.state.snapshot.generation == generation
+                assert len(handler.states[WORKLOAD_TYPE]) == 2
+
+    asyncio.run(scenario())
+
+
+def test_nack_keeps_old_config_and_is_reported(tmp_path):
+    def refuse_extra(type_url, resources):
+        return "extra is not welcome" if "default/extra" in resources else None
+
+    async def scenario():
+        async with running_plane(tmp_path) as plane:
+            handler = RecordingHandler(reject=refuse_extra)
+            async with subscribed(plane, "node-1", handler) as client:
+                await handler.wait_for(lambda: len(handler.states) == 4)
+                before = client.versions(WORKLOAD_TYPE)
+                (tmp_path / "mesh.yaml").write_text(_with_extra_workload(MESH_YAML))
+                async with asyncio.timeout(5):
+                    while plane.metrics.value(m.NACKS, type_url=WORKLOAD_TYPE) < 1:
+                        await asyncio.sleep(0.02)
+                assert client.versions(WORKLOAD_TYPE) == before
+                assert "default/extra" not in handler.states[WORKLOAD_TYPE]
+                # The service update (new endpoint) was accepted independently.
+                await handler.wait_for(
+                    lambda: len(handler.states[SERVICE_TYPE]["default/server"].endpoints) == 2
+                )
+                [stream] = plane.distribution.dump()
+                rejected = stream["subscriptions"][WORKLOAD_TYPE]["rejected"]
+                assert set(rejected) == {"default/extra"}
+                # A later change that the node accepts flows again.
+                (tmp_path / "mesh.yaml").write_text(MESH_YAML)
+                await asyncio.sleep(0.3)
+                assert client.versions(WORKLOAD_TYPE) == before
+                assert plane.metrics.value(m.NACKS, type_url=WORKLOAD_TYPE) == 1
+
+    asyncio.run(scenario())
+
+
+def test_reconnect_resumes_from_held_versions(tmp_path):
+    async def scenario():
+        handler = RecordingHandler()
+        async with running_plane(tmp_path) as first:
+            port = first.grpc_port
+            client = XdsClient(f"127.0.0.1:{port}", "node-1", TOKENS["node-1"], handler)
+            task = asyncio.create_task(client.run())
+            await handler.wait_for(lambda: len(handler.states) == 4)
+        try:
+            # The control plane went away; the node keeps its config meanwhile.
+            async with asyncio.timeout(5):
+                while client.connected.is_set():
+                    await asyncio.sleep(0.01)
+            assert len(handler.states[WORKLOAD_TYPE]) == 2
+            handler.updates.clear()
+            # A replacement comes back on the same address with one more workload.
+            changed = _with_extra_workload(MESH_YAML)
+            async with running_plane(tmp_path, changed, f"127.0.0.1:{port}"):
+                await handler.wait_for(lambda: "default/extra" in handler.states[WORKLOAD_TYPE])
+            # Resumed: only the difference was sent, not the two known workloads.
+            workload_updates = [u for u in handler.updates if u[0] == WORKLOAD_TYPE]
+            assert workload_updates == [(WORKLOAD_TYPE, ["default/extra"], [])]
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(scenario())
+
+
+def test_wrong_node_id_and_unknown_token_are_refused(tmp_path):
+    async def scenario():
+        async with running_plane(tmp_path) as plane:
+            target = f"127.0.0.1:{plane.grpc_port}"
+            async with grpc.aio.insecure_channel(target) as channel:
+                method = channel.stream_stream(
+                    xds_transport.DELTA_METHOD,
+                    request_serializer=xds_transport.passthrough,
+                    response_deserializer=xds_transport.decode_response,
+                )
+                for token, node, code in (
+                    ("not-a-token-at-all", "node-1", grpc.StatusCode.UNAUTHENTICATED),
+                    (TOKENS["node-1"], "node-2", grpc.StatusCode.PERMISSION_DENIED),
+                ):
+                    call = method(None, metadata=(("authorization", f"Bearer {token}"),))
+                    await call.write(
+                        xds_transport.encode_request(node_id=node, type_url=WORKLOAD_TYPE)
+                    )
+                    with pytest.raises(grpc.aio.AioRpcError) as failure:
+                        async with asyncio.timeout(5):
+                            await call.read()
+                    assert failure.value.code() == code
+
+    asyncio.run(scenario())

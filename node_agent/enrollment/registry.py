@@ -1,0 +1,141 @@
+"""The agent's memory of enrolled pods, kept on disk across restarts.
+
+Written atomically (temp file, fsync, rename) after every change, so a kill -9
+at any point leaves either the old or the new registry, never half of one.
+The file lives on the node (not tmpfs): after an agent restart it says which
+pods to re-check; after a reboot every recorded netns is gone and the records
+are dropped by reconcile, while the runtime re-runs CNI ADD for new sandboxes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from node_agent.errors import InvalidInputError
+from node_agent.redirect.config import CaptureConfig, parse_cidrs
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PodRecord:
+    uid: str
+    namespace: str
+    name: str
+    service_account: str
+    container_id: str
+    netns: str
+    # Identity of the namespace at enrollment: a reused path is not our pod.
+    netns_inode: int
+    ips: tuple[str, ...]
+    capture: CaptureConfig
+    mode: str
+
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["capture"] = {
+            "exclude_outbound_ports": list(self.capture.exclude_outbound_ports),
+            "exclude_inbound_ports": list(self.capture.exclude_inbound_ports),
+            "include_inbound_ports": list(self.capture.include_inbound_ports),
+            "exclude_outbound_cidrs": [str(n) for n in self.capture.exclude_outbound_cidrs],
+        }
+        data["ips"] = list(self.ips)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PodRecord:
+        capture = data["capture"]
+        return cls(
+            uid=str(data["uid"]),
+            namespace=str(data["namespace"]),
+            name=str(data["name"]),
+            service_account=str(data["service_account"]),
+            container_id=str(data["container_id"]),
+            netns=str(data["netns"]),
+            netns_inode=int(data["netns_inode"]),
+            ips=tuple(str(ip) for ip in data["ips"]),
+            capture=CaptureConfig(
+                exclude_outbound_ports=tuple(capture["exclude_outbound_ports"]),
+                exclude_inbound_ports=tuple(capture["exclude_inbound_ports"]),
+                include_inbound_ports=tuple(capture["include_inbound_ports"]),
+                exclude_outbound_cidrs=parse_cidrs(capture["exclude_outbound_cidrs"], "registry"),
+            ),
+            mode=str(data["mode"]),
+        )
+
+
+class PodRegistry:
+    """Enrolled pods by uid, mirrored to `path` on every change."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pods: dict[str, PodRecord] = {}
+
+    def load(self) -> None:
+        """Read the file if there is one; a corrupt file is an error, never silently empty."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            self._pods = {}
+            return
+        try:
+            pods = _parse(text)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise InvalidInputError(f"pod registry {self.path} is unreadable: {e!r}") from None
+        self._pods = {p.uid: p for p in pods}
+
+    def __iter__(self) -> Iterator[PodRecord]:
+        return iter(sorted(self._pods.values(), key=PodRecord.key))
+
+    def __len__(self) -> int:
+        return len(self._pods)
+
+    def get(self, uid: str) -> PodRecord | None:
+        return self._pods.get(uid)
+
+    def put(self, record: PodRecord) -> None:
+        self._save({**self._pods, record.uid: record})
+
+    def remove(self, uid: str) -> None:
+        if uid in self._pods:
+            self._save({k: v for k, v in self._pods.items() if k != uid})
+
+    def _save(self, pods: dict[str, PodRecord]) -> None:
+        # Memory changes only after the file did: a failed write leaves both as they were.
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        body = {
+            "version": FORMAT_VERSION,
+            "pods": [p.to_json() for p in sorted(pods.values(), key=PodRecord.key)],
+        }
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".pods-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(body, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            Path(tmp).replace(self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._pods = pods
+
+
+def _parse(text: str) -> list[PodRecord]:
+    data = json.loads(text)
+    if data.get("version") != FORMAT_VERSION:
+        raise ValueError(f"format version {data.get('version')!r}, expected {FORMAT_VERSION}")
+    return [PodRecord.from_json(p) for p in data["pods"]]

@@ -16,7 +16,7 @@ DEBIAN_PACKAGES := iptables iproute2 util-linux openssl tcpdump \
 BCC_KERNEL_SOURCE := build/bcc-kernel-source
 VENV_STAMP := $(VENV)/.weir-installed
 
-.PHONY: deps debian-packages venv test test-unit demo lint goldens protos clean
+.PHONY: deps debian-packages venv test test-unit demo lint goldens protos cni-plugin clean
 
 deps: debian-packages venv $(BCC_KERNEL_SOURCE)/.complete
 
@@ -59,6 +59,10 @@ lint: deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# The self-contained weir-cni bundle (no Python needed on the host); tests build it too.
+cni-plugin: deps
+	scripts/build-cni-plugin.sh
 
 # Regenerate the protobuf code after editing controlplane/protos/; `make test` fails if stale.
 protos: deps

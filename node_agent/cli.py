@@ -7,6 +7,7 @@ import logging
 import sys
 
 from node_agent import demo
+from node_agent.cni_install import cli as cni_cli
 from node_agent.errors import WeirError
 from node_agent.redirect import cli as redirect_cli
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     redirect_cli.register(subparsers)
     demo.register(subparsers)
+    cni_cli.register(subparsers)
     controlplane = subparsers.add_parser(
         "controlplane",
         help="run the control plane (config over delta xDS, workload CA)",

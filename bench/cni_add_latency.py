@@ -1,0 +1,159 @@
+"""CNI ADD latency with weir-cni in the chain (run by hand as root, not a test).
+
+    .venv/bin/python bench/cni_add_latency.py [--rounds 50] [--plugin-rounds 200]
+
+Builds the frozen plugin (scripts/build-cni-plugin.sh), serves a test agent
+(RecordingHandler) in this process, and measures inside a throwaway node netns:
+
+1. the whole chain's ADD as a runtime runs it (cni_runtime.invoke_chain), for
+   bridge + host-local alone and with weir-cni appended: the difference is
+   what weir costs a pod's start;
+2. weir-cni's ADD alone, frozen binary and `python -m cni_plugin`, given a
+   fixed prevResult.
+
+Each ADD is followed by an untimed DEL, so every round starts from the same state.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from node_agent.cni_events.server import CniEventServer
+from node_agent.cni_events.testing import RecordingHandler
+from node_agent.cni_install.conflist import PluginSettings
+from node_agent.cni_install.installer import install_plugin_binary
+from node_agent.localmesh.cni_runtime import invoke_chain
+from node_agent.localmesh.topology import CNI_BIN_DIR, LocalTopology, node_conflist
+from node_agent.netns import Netns
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def summary(samples: list[float]) -> str:
+    ms = sorted(s * 1000 for s in samples)
+    p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
+    return f"p50 {statistics.median(ms):6.1f} ms   p99 {p99:6.1f} ms   (n={len(ms)})"
+
+
+def chain_rounds(conflist, rounds, *, pod_netns, node, cni_path) -> list[float]:
+    args = {
+        "container_id": "bench",
+        "netns_path": pod_netns.path,
+        "ifname": "eth0",
+        "cni_path": cni_path,
+        "cni_args": {
+            "IgnoreUnknown": "1",
+            "K8S_POD_NAMESPACE": "bench",
+            "K8S_POD_NAME": "pod",
+            "K8S_POD_UID": "u",
+        },
+        "netns": node.netns,
+    }
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        result = invoke_chain(conflist, "ADD", **args)
+        samples.append(time.perf_counter() - started)
+        invoke_chain(conflist, "DEL", **args, prev_result=result)
+    return samples
+
+
+def plugin_rounds(argv, rounds, *, pod_netns, socket_path) -> list[float]:
+    stdin = json.dumps(
+        {
+            "cniVersion": "1.0.0",
+            "name": "bench",
+            "type": "weir-cni",
+            "agentSocket": socket_path,
+            "prevResult": {"cniVersion": "1.0.0", "ips": [{"address": "10.244.9.2/24"}]},
+        }
+    )
+    env = os.environ | {
+        "CNI_COMMAND": "ADD",
+        "CNI_CONTAINERID": "bench",
+        "CNI_NETNS": str(pod_netns.path),
+        "CNI_IFNAME": "eth0",
+        "CNI_PATH": str(CNI_BIN_DIR),
+        "CNI_ARGS": "K8S_POD_NAMESPACE=bench;K8S_POD_NAME=pod",
+    }
+    samples = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        proc = subprocess.run(
+            argv, input=stdin, env=env, capture_output=True, text=True, cwd=REPO, check=False
+        )
+        samples.append(time.perf_counter() - started)
+        if proc.returncode != 0:
+            sys.exit(f"weir-cni failed: {proc.stdout} {proc.stderr}")
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--plugin-rounds", type=int, default=200)
+    args = parser.parse_args()
+
+    subprocess.run(["scripts/build-cni-plugin.sh"], cwd=REPO, check=True)
+    bundle = REPO / "build" / "cni-plugin" / "weir-cni"
+    work = Path(tempfile.mkdtemp(prefix="weirbench-"))
+    try:
+        bin_dir = work / "bin"
+        bin_dir.mkdir()
+        install_plugin_binary(bundle, bin_dir)
+        cni_path = [CNI_BIN_DIR, bin_dir]
+        with (
+            CniEventServer(work / "cni.sock", RecordingHandler()) as server,
+            LocalTopology(cni_path=cni_path) as topology,
+        ):
+            node = topology.add_node("bench", "10.244.9.0/24")
+            pod_name = f"{topology.prefix}-pod-bench"
+            subprocess.run(["ip", "netns", "add", pod_name], check=True)
+            try:
+                pod_netns = Netns.validate(f"/var/run/netns/{pod_name}")
+                weir = PluginSettings(agent_socket=str(server.socket_path)).entry()
+                base = {
+                    "network": "bench",
+                    "bridge": node.bridge,
+                    "pod_cidr_v4": node.pod_cidr_v4,
+                    "pod_cidr_v6": None,
+                    "ipam_data_dir": topology.work_dir / "host-local",
+                }
+                plain = node_conflist(**base)
+                chained = node_conflist(**base, chained_plugins=[weir])
+                common = {"pod_netns": pod_netns, "node": node, "cni_path": cni_path}
+                chain_rounds(chained, 3, **common)  # warm the page cache
+                without = chain_rounds(plain, args.rounds, **common)
+                with_weir = chain_rounds(chained, args.rounds, **common)
+                frozen = plugin_rounds(
+                    [str(bin_dir / "weir-cni")],
+                    args.plugin_rounds,
+                    pod_netns=pod_netns,
+                    socket_path=str(server.socket_path),
+                )
+                interpreted = plugin_rounds(
+                    [sys.executable, "-m", "cni_plugin"],
+                    args.plugin_rounds // 4,
+                    pod_netns=pod_netns,
+                    socket_path=str(server.socket_path),
+                )
+            finally:
+                subprocess.run(["ip", "netns", "delete", pod_name], check=False)
+    finally:
+        shutil.rmtree(work)
+
+    print(f"chain ADD, bridge + host-local:            {summary(without)}")
+    print(f"chain ADD, bridge + host-local + weir-cni: {summary(with_weir)}")
+    print(f"weir-cni ADD alone, frozen binary:         {summary(frozen)}")
+    print(f"weir-cni ADD alone, python -m cni_plugin:  {summary(interpreted)}")
+
+
+if __name__ == "__main__":
+    main()

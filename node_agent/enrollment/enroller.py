@@ -1,0 +1,273 @@
+"""Enrolling a pod: capture, proxy handoff, registration; and undoing it.
+
+The order matters and each step is undone if a later one fails, so a failed
+ADD leaves the pod exactly as the primary CNI left it and the runtime's retry
+starts clean:
+
+    1. capture rules in the pod netns       (undo: remove them)
+    2. hand the pod to the proxy, acked     (undo: take it back)
+    3. register the workload                (undo: deregister)
+    4. record it on disk                    (the point of no return)
+
+Capture goes first so that no connection made after ADD returns can bypass
+the proxy; the handoff comes before ADD returns so that captured connections
+find the proxy listening. DEL never fails: every step is best effort and
+idempotent, because a runtime that cannot delete a sandbox retries forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cni_plugin.protocol import PodInfo
+from node_agent.enrollment.registry import PodRecord, PodRegistry
+from node_agent.errors import WeirError
+from node_agent.netns import Netns
+from node_agent.proxy_handoff.protocol import EnrolledPod
+from node_agent.redirect.config import CaptureConfig
+
+log = logging.getLogger(__name__)
+
+
+class CaptureEngine(Protocol):
+    """A redirect mode (iptables or eBPF); blocking calls, run off the event loop."""
+
+    def apply(self, ns: Netns, config: CaptureConfig) -> object: ...
+
+    def check(self, ns: Netns, config: CaptureConfig) -> list[str]: ...
+
+    def remove(self, ns: Netns) -> object: ...
+
+
+class ProxyHandoff(Protocol):
+    async def add(self, pod: EnrolledPod, netns: Netns) -> None: ...
+
+    async def remove(self, uid: str) -> None: ...
+
+
+class Registrar(Protocol):
+    """Reports enrolled workloads to the control plane (local mode)."""
+
+    async def register(self, record: PodRecord) -> None: ...
+
+    async def deregister(self, record: PodRecord) -> None: ...
+
+
+@dataclass(frozen=True)
+class MeshIntent:
+    """What the mesh config says about a pod: its identity and how to capture it."""
+
+    service_account: str
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+
+
+class WorkloadDirectory(Protocol):
+    def lookup(self, namespace: str, name: str) -> MeshIntent | str:
+        """The pod's intent, or the reason it stays out of the mesh."""
+        ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    captured: bool
+    reason: str = ""
+
+
+class EnrollmentError(WeirError):
+    """Enrollment failed and was rolled back; `retryable` comes from the failing step."""
+
+
+class Enroller:
+    def __init__(
+        self,
+        *,
+        capture: CaptureEngine,
+        mode: str,
+        proxy: ProxyHandoff,
+        registrar: Registrar,
+        directory: WorkloadDirectory,
+        registry: PodRegistry,
+    ) -> None:
+        self._capture = capture
+        self._mode = mode
+        self._proxy = proxy
+        self._registrar = registrar
+        self._directory = directory
+        self._registry = registry
+        # ADD/DEL/CHECK for one sandbox never interleave; different pods proceed in parallel.
+        self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        # Pods whose capture could not be restored after a restart: reported, not hidden.
+        self.unhealthy: dict[str, str] = {}
+
+    async def add(self, pod: PodInfo) -> Outcome:
+        async with self._locks[pod.container_id]:
+            intent = self._directory.lookup(pod.namespace, pod.name)
+            if isinstance(intent, str):
+                log.info("pod %s stays out of the mesh: %s", pod.describe(), intent)
+                return Outcome(captured=False, reason=intent)
+            ns = Netns.validate(pod.netns)
+            record = PodRecord(
+                uid=pod.uid,
+                namespace=pod.namespace,
+                name=pod.name,
+                service_account=intent.service_account,
+                container_id=pod.container_id,
+                netns=str(ns.path),
+                netns_inode=ns.inode,
+                ips=pod.ips,
+                capture=intent.capture,
+                mode=self._mode,
+            )
+            await self._enroll(record, ns, pod.describe())
+            return Outcome(captured=True)
+
+    async def _enroll(self, record: PodRecord, ns: Netns, what: str) -> None:
+        undo: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        steps: list[
+            tuple[str, Callable[[], Awaitable[object]], Callable[[], Awaitable[object]]]
+        ] = [
+            (
+                "capture",
+                lambda: asyncio.to_thread(self._capture.apply, ns, record.capture),
+                lambda: asyncio.to_thread(self._capture.remove, ns),
+            ),
+            (
+                "proxy handoff",
+                lambda: self._proxy.add(_enrolled(record), ns),
+                lambda: self._proxy.remove(record.uid),
+            ),
+            (
+                "registration",
+                lambda: self._registrar.register(record),
+                lambda: self._registrar.deregister(record),
+            ),
+        ]
+        try:
+            for name, do, undo_step in steps:
+                try:
+                    await do()
+                except WeirError as e:
+                    error = EnrollmentError(f"enrolling {what} failed at {name}: {e.message}")
+                    error.retryable = e.retryable
+                    raise error from e
+                undo.append((name, undo_step))
+            await asyncio.to_thread(self._registry.put, record)
+        except BaseException:
+            for name, undo_step in reversed(undo):
+                try:
+                    await undo_step()
+                except WeirError as e:
+                    log.error("rolling back %s of %s failed: %s", name, what, e.message)
+            raise
+        self.unhealthy.pop(record.uid, None)
+        log.info("enrolled %s (%s capture)", what, record.mode)
+
+    async def delete(self, container_id: str) -> None:
+        """Undo everything for a sandbox; never raises for a pod already gone."""
+        async with self._locks[container_id]:
+            record = next((r for r in self._registry if r.container_id == container_id), None)
+            if record is None:
+                return
+            await self._unenroll(record)
+        self._locks.pop(container_id, None)
+
+    async def _unenroll(self, record: PodRecord) -> None:
+        what = record.key()
+        try:
+            await self._proxy.remove(record.uid)
+        except WeirError as e:
+            # A proxy that is down gets the pod's absence in its next snapshot.
+            log.warning("proxy did not take back %s: %s", what, e.message)
+        try:
+            ns = Netns.validate(record.netns)
+        except WeirError:
+            ns = None  # the netns is gone, and its rules with it
+        if ns is not None and ns.inode == record.netns_inode:
+            try:
+                await asyncio.to_thread(self._capture.remove, ns)
+            except WeirError as e:
+                log.warning("removing capture from %s failed: %s", what, e.message)
+        try:
+            await self._registrar.deregister(record)
+        except WeirError as e:
+            log.warning("deregistering %s failed: %s", what, e.message)
+        await asyncio.to_thread(self._registry.remove, record.uid)
+        self.unhealthy.pop(record.uid, None)
+        log.info("unenrolled %s", what)
+
+    async def gc(self, keep: frozenset[str]) -> None:
+        """Unenroll every sandbox the runtime no longer has (CNI GC)."""
+        for record in list(self._registry):
+            if record.container_id not in keep:
+                async with self._locks[record.container_id]:
+                    await self._unenroll(record)
+
+    async def check(self, container_id: str) -> list[str]:
+        """Why the sandbox's capture is not as enrolled (empty when it is)."""
+        record = next((r for r in self._registry if r.container_id == container_id), None)
+        if record is None:
+            return []
+        ns = Netns.validate(record.netns)
+        return await asyncio.to_thread(self._capture.check, ns, record.capture)
+
+    async def converge(self) -> None:
+        """After a restart: forget pods that are gone, repair capture of the rest."""
+        for record in list(self._registry):
+            async with self._locks[record.container_id]:
+                await self._converge_one(record)
+
+    async def _converge_one(self, record: PodRecord) -> None:
+        try:
+            ns = Netns.validate(record.netns)
+        except WeirError:
+            ns = None
+        if ns is None or ns.inode != record.netns_inode:
+            log.info("pod %s went away while the agent was down", record.key())
+            await self._unenroll(record)
+            return
+        try:
+            drift = await asyncio.to_thread(self._capture.check, ns, record.capture)
+            if drift:
+                log.warning("capture of %s drifted (%s); re-applying", record.key(), drift[0])
+                await asyncio.to_thread(self._capture.apply, ns, record.capture)
+        except WeirError as e:
+            self.unhealthy[record.uid] = f"capture could not be restored: {e.message}"
+            log.error("pod %s is NOT captured: %s", record.key(), e.message)
+        else:
+            self.unhealthy.pop(record.uid, None)
+
+    def enrolled(self) -> list[tuple[EnrolledPod, Netns]]:
+        """The proxy handoff snapshot: every recorded pod whose netns still exists."""
+        out: list[tuple[EnrolledPod, Netns]] = []
+        for record in self._registry:
+            try:
+                ns = Netns.validate(record.netns)
+            except WeirError:
+                continue
+            if ns.inode == record.netns_inode:
+                out.append((_enrolled(record), ns))
+        return out
+
+    def dump(self) -> list[dict[str, object]]:
+        return [
+            {
+                **record.to_json(),
+                "status": self.unhealthy.get(record.uid, "captured"),
+            }
+            for record in self._registry
+        ]
+
+
+def _enrolled(record: PodRecord) -> EnrolledPod:
+    return EnrolledPod(
+        uid=record.uid,
+        name=record.name,
+        namespace=record.namespace,
+        service_account=record.service_account,
+        ips=tuple(ip.split("/")[0] for ip in record.ips),
+    )

@@ -1,0 +1,124 @@
+"""The node agent's copy of the mesh, as the control plane pushes it over xDS.
+
+It is the XdsClient's config handler: each push replaces the full state of
+one resource type, is validated first, and is rejected whole (NACK, the old
+state stays) if anything in it is unusable. Enrollment asks it who a pod is;
+the proxy's routing snapshot is rebuilt from it on every accepted change.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from cryptography import x509
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from controlplane._generated.weir.v1 import mesh_pb2
+from controlplane.mesh import (
+    POLICY_TYPE,
+    RESOURCE_TYPES,
+    SERVICE_TYPE,
+    TRUST_BUNDLE_TYPE,
+    WORKLOAD_TYPE,
+)
+from node_agent.enrollment.enroller import MeshIntent
+from node_agent.errors import InvalidInputError, TransientError
+
+log = logging.getLogger(__name__)
+
+
+class MeshView:
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self._state: dict[str, dict[str, Message]] = {}
+        self._listeners: list[Callable[[], None]] = []
+
+    @property
+    def synced(self) -> bool:
+        """Every resource type arrived at least once (readiness waits on this)."""
+        return all(t in self._state for t in RESOURCE_TYPES)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def apply(
+        self,
+        type_url: str,
+        resources: Mapping[str, Message],
+        updated: Sequence[str],
+        removed: Sequence[str],
+    ) -> None:
+        if type_url == TRUST_BUNDLE_TYPE:
+            for bundle in resources.values():
+                _check_bundle(bundle)
+        self._state[type_url] = dict(resources)
+        log.info(
+            "mesh config %s: %d resources (%d updated, %d removed)",
+            type_url.rsplit(".", 1)[-1],
+            len(resources),
+            len(updated),
+            len(removed),
+        )
+        for listener in self._listeners:
+            listener()
+
+    def workloads(self) -> list[mesh_pb2.Workload]:
+        return [
+            w
+            for w in self._state.get(WORKLOAD_TYPE, {}).values()
+            if isinstance(w, mesh_pb2.Workload)
+        ]
+
+    def services(self) -> list[mesh_pb2.Service]:
+        return [
+            s for s in self._state.get(SERVICE_TYPE, {}).values() if isinstance(s, mesh_pb2.Service)
+        ]
+
+    def policies(self) -> list[mesh_pb2.AuthorizationPolicy]:
+        values = self._state.get(POLICY_TYPE, {}).values()
+        return [p for p in values if isinstance(p, mesh_pb2.AuthorizationPolicy)]
+
+    def trust_bundle(self) -> mesh_pb2.TrustBundle | None:
+        bundles = [
+            b
+            for b in self._state.get(TRUST_BUNDLE_TYPE, {}).values()
+            if isinstance(b, mesh_pb2.TrustBundle)
+        ]
+        return bundles[0] if bundles else None
+
+    def lookup(self, namespace: str, name: str) -> MeshIntent | str:
+        """Enrollment's question: is this pod ours to capture, and who is it?"""
+        if not self.synced:
+            # Not an exclusion: the caller must retry once config has arrived.
+            raise TransientError("mesh config not received from the control plane yet")
+        found = next(
+            (w for w in self.workloads() if (w.namespace, w.name) == (namespace, name)), None
+        )
+        if found is None:
+            return f"{namespace}/{name} is not a workload of the mesh config"
+        if found.node != self.node:
+            return f"{namespace}/{name} belongs on node {found.node}, not {self.node}"
+        if not found.captured:
+            return f"{namespace}/{name} is configured as not captured"
+        return MeshIntent(service_account=found.service_account)
+
+    def dump(self) -> dict[str, Any]:
+        return {
+            type_url.rsplit(".", 1)[-1]: {
+                name: json_format.MessageToDict(message) for name, message in sorted(res.items())
+            }
+            for type_url, res in sorted(self._state.items())
+        }
+
+
+def _check_bundle(bundle: Message) -> None:
+    if not isinstance(bundle, mesh_pb2.TrustBundle) or not bundle.root_certificates_pem:
+        raise InvalidInputError("trust bundle without root certificates")
+    for pem in bundle.root_certificates_pem:
+        try:
+            x509.load_pem_x509_certificate(pem.encode())
+        except ValueError as e:
+            raise InvalidInputError(f"trust bundle holds an unparsable certificate: {e}") from None

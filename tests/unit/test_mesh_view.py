@@ -1,0 +1,89 @@
+"""The agent's copy of the mesh: lookups for enrollment, validation before accepting."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from controlplane._generated.weir.v1 import mesh_pb2
+from controlplane.mesh import POLICY_TYPE, SERVICE_TYPE, TRUST_BUNDLE_TYPE, WORKLOAD_TYPE
+from node_agent.enrollment.enroller import MeshIntent
+from node_agent.errors import InvalidInputError, TransientError
+from node_agent.mesh_view import MeshView
+
+
+def root_pem() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.ORGANIZATION_NAME, "test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def workload(name: str, node: str, captured: bool = True) -> mesh_pb2.Workload:
+    return mesh_pb2.Workload(
+        name=name, namespace="default", service_account=f"sa-{name}", node=node, captured=captured
+    )
+
+
+def synced_view() -> MeshView:
+    view = MeshView("node-1")
+    bundle = mesh_pb2.TrustBundle(trust_domain="cluster.local", root_certificates_pem=[root_pem()])
+    view.apply(TRUST_BUNDLE_TYPE, {"trust-bundle": bundle}, ["trust-bundle"], [])
+    pods = {
+        "default/a": workload("a", "node-1"),
+        "default/b": workload("b", "node-2"),
+        "default/c": workload("c", "node-1", captured=False),
+    }
+    view.apply(WORKLOAD_TYPE, pods, list(pods), [])
+    view.apply(SERVICE_TYPE, {}, [], [])
+    view.apply(POLICY_TYPE, {}, [], [])
+    return view
+
+
+def test_lookup_answers_who_a_pod_is_or_why_it_stays_out():
+    view = synced_view()
+    assert view.lookup("default", "a") == MeshIntent(service_account="sa-a")
+    assert view.lookup("default", "b") == "default/b belongs on node node-2, not node-1"
+    assert view.lookup("default", "c") == "default/c is configured as not captured"
+    assert view.lookup("default", "zz") == "default/zz is not a workload of the mesh config"
+
+
+def test_before_config_arrives_enrollment_must_retry():
+    view = MeshView("node-1")
+    with pytest.raises(TransientError, match="not received"):
+        view.lookup("default", "a")
+
+
+def test_a_bad_trust_bundle_is_rejected_and_the_old_one_kept():
+    view = synced_view()
+    before = view.trust_bundle()
+    bad = mesh_pb2.TrustBundle(trust_domain="x", root_certificates_pem=["-----BEGIN nonsense"])
+    with pytest.raises(InvalidInputError, match="unparsable certificate"):
+        view.apply(TRUST_BUNDLE_TYPE, {"trust-bundle": bad}, ["trust-bundle"], [])
+    assert view.trust_bundle() == before
+
+
+def test_listeners_hear_every_accepted_change_and_dump_is_plain_data():
+    view = synced_view()
+    heard: list[int] = []
+    view.on_change(lambda: heard.append(len(view.workloads())))
+    view.apply(
+        WORKLOAD_TYPE, {"default/a": workload("a", "node-1")}, [], ["default/b", "default/c"]
+    )
+    assert heard == [1]
+    dump = view.dump()
+    assert dump["Workload"]["default/a"]["serviceAccount"] == "sa-a"

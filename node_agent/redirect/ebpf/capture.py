@@ -1,0 +1,348 @@
+"""Per-pod eBPF capture: fill the maps, link sk_lookup into the pod, register the proxy.
+
+The node-wide programs are installed on first use (`loader.install`); after
+that, everything here works from the pins alone, so a restarted agent picks
+up where the last one stopped without reloading anything.
+
+Apply writes, for one pod netns (identified by its netns cookie): the port
+and CIDR exclusions and the pod's addresses, then the pod entry that turns
+capture on; links sk_lookup into the netns; and registers the proxy's 15006
+listeners in weir_listeners. Remove does the reverse, pod entry first, so
+capture stops before its exclusions go. A failure part-way leaves entries
+that the next apply or remove converges; nothing outside this pod's entries
+is touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from node_agent.constants import INBOUND_PLAINTEXT_CAPTURE_PORT
+from node_agent.errors import NodeSetupError, TransientError
+from node_agent.netns import Netns
+from node_agent.redirect.config import CaptureConfig
+from node_agent.redirect.ebpf import loader, sys_bpf
+from node_agent.redirect.ebpf.maps import (
+    POD_CONFIG_MAPS,
+    Entries,
+    MapName,
+    describe,
+    encode_listener_key,
+    key_cookie,
+    plan,
+    pod_entries,
+)
+from node_agent.redirect.ebpf.pins import PinLayout, cgroup2_root
+from node_agent.redirect.podnet import (
+    TCP_LISTEN,
+    TcpSocket,
+    netns_cookie,
+    pod_addresses,
+    tcp_sockets,
+)
+
+log = logging.getLogger(__name__)
+
+_SYS_PIDFD_GETFD: Final = 438
+_SOCKET_FAMILIES: Final = {4: socket.AF_INET, 6: socket.AF_INET6}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _socket_owners(inodes: set[int]) -> dict[int, tuple[int, int]]:
+    """inode -> (pid, fd) of a process holding that socket, scanning /proc like ss -p."""
+    owners: dict[int, tuple[int, int]] = {}
+    pids = [os.getpid()] + [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = str(Path(entry.path).readlink())
+                    if target.startswith("socket:["):
+                        inode = int(target[8:-1])
+                        if inode in inodes and inode not in owners:
+                            owners[inode] = (pid, int(entry.name))
+        if len(owners) == len(inodes):
+            break
+    return owners
+
+
+def _steal_fd(pid: int, fd: int) -> int:
+    """A duplicate, in this process, of fd `fd` of process `pid` (pidfd_getfd)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        ret = int(_libc.syscall(ctypes.c_long(_SYS_PIDFD_GETFD), pidfd, fd, 0))
+        if ret < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"pidfd_getfd({pid}, {fd}): {os.strerror(err)}")
+        return ret
+    finally:
+        os.close(pidfd)
+
+
+@dataclass(frozen=True)
+class EbpfApplyReport:
+    netns_cookie: int
+    install: str  # what installing the node-wide part did (or that it was there)
+    changed: bool
+    linked: bool  # sk_lookup was linked into the netns now
+    listeners: tuple[int, ...]  # families whose 15006 listener is registered
+    missing_listeners: tuple[int, ...]
+
+    def lines(self) -> list[str]:
+        out = [f"eBPF: {self.install}", f"netns cookie: {self.netns_cookie}"]
+        out.append("pod maps: " + ("updated" if self.changed else "already in place"))
+        out.append("inbound sk_lookup: " + ("linked" if self.linked else "already linked"))
+        out += [f"IPv{f}: proxy listener on 15006 registered" for f in self.listeners]
+        out += [
+            f"IPv{f}: no proxy listener on 15006 yet; inbound IPv{f} connections are refused "
+            "until apply runs again after the proxy listens"
+            for f in self.missing_listeners
+        ]
+        return out
+
+
+@dataclass
+class EbpfCapture:
+    """Capture through the programs pinned under `pins`; same contract as IptablesCapture."""
+
+    pins: PinLayout = field(default_factory=PinLayout)
+    # A compile done by a preflight, handed over so install does not compile again.
+    precompiled: loader.Compiled | None = None
+    _fds: dict[MapName, int] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Close our map fds (uninstall frees maps only once nobody holds one)."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        if self.precompiled is not None:
+            self.precompiled.close()
+            self.precompiled = None
+
+    def __enter__(self) -> EbpfCapture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- maps --------------------------------------------------------------
+
+    def _map(self, name: MapName) -> int:
+        if name not in self._fds:
+            try:
+                self._fds[name] = sys_bpf.obj_get(str(self.pins.map(name.value)))
+            except FileNotFoundError:
+                raise NodeSetupError(
+                    f"eBPF map {name} is not pinned at {self.pins.map(name.value)} "
+                    "(not installed, or removed by uninstall-ebpf)"
+                ) from None
+        return self._fds[name]
+
+    def _entries(self, name: MapName, cookie: int) -> Entries:
+        fd = self._map(name)
+        info = sys_bpf.map_info(fd)
+        out: Entries = {}
+        for key in list(sys_bpf.map_keys(fd, info.key_size)):
+            value = sys_bpf.map_lookup(fd, key, info.value_size)
+            if value is not None and key_cookie(name, key, value) == cookie:
+                out[key] = value
+        return out
+
+    # -- the CaptureMode interface -----------------------------------------
+
+    def install(self) -> loader.InstallReport:
+        compiled, self.precompiled = self.precompiled, None
+        return loader.install(self.pins, compiled)
+
+    def apply(self, ns: Netns, config: CaptureConfig) -> EbpfApplyReport:
+        installed = self.install()
+        cookie = netns_cookie(ns)
+        desired = pod_entries(cookie, config, pod_addresses(ns))
+        changed = False
+        for name in POD_CONFIG_MAPS:
+            p = plan(desired[name], self._entries(name, cookie))
+            fd = self._map(name)
+            for key, value in p.update.items():
+                try:
+                    sys_bpf.map_update(fd, key, value)
+                except OSError as e:
+                    raise TransientError(
+                        f"cannot write {name} for {ns.path}: {e.strerror} (map full?)"
+                    ) from None
+            for key in p.delete:
+                sys_bpf.map_delete(fd, key)
+            changed |= not p.empty
+        linked = self._link_sk_lookup(ns, cookie)
+        registered = self._register_listeners(ns, cookie)
+        families = {ip.version for ip in pod_addresses(ns)}
+        return EbpfApplyReport(
+            cookie,
+            installed.detail,
+            changed,
+            linked,
+            tuple(sorted(registered)),
+            tuple(sorted(families - registered)),
+        )
+
+    def remove(self, ns: Netns) -> bool:
+        """Stop capture for the pod and drop all its entries. Whether anything was removed."""
+        if loader.install_state(self.pins).absent:
+            return False
+        return self._forget(netns_cookie(ns))
+
+    def _forget(self, cookie: int) -> bool:
+        removed = False
+        for name in reversed(POD_CONFIG_MAPS):  # the pod entry first: capture stops at once
+            fd = self._map(name)
+            for key in self._entries(name, cookie):
+                removed |= sys_bpf.map_delete(fd, key)
+        listeners = self._map(MapName.LISTENERS)
+        for family in _SOCKET_FAMILIES.values():
+            removed |= sys_bpf.map_delete(listeners, encode_listener_key(cookie, family))
+        link = self.pins.pod_link(cookie)
+        if link.exists():
+            link.unlink()
+            removed = True
+        return removed
+
+    def prune(self) -> list[int]:
+        """Forget pods whose netns is gone (their sk_lookup link lost its target)."""
+        gone = []
+        for cookie, path in self.pins.pod_links().items():
+            fd = sys_bpf.obj_get(str(path))
+            try:
+                dead = sys_bpf.link_info(fd).target == 0
+            finally:
+                os.close(fd)
+            if dead:
+                self._forget(cookie)
+                gone.append(cookie)
+        return gone
+
+    def check(self, ns: Netns, config: CaptureConfig) -> list[str]:
+        """What differs from a fully working capture of this pod; empty when none."""
+        state = loader.install_state(self.pins)
+        if not state.installed:
+            missing = ", ".join(str(p.relative_to(self.pins.root)) for p in state.missing)
+            return [f"eBPF programs not installed at {self.pins.root} (missing: {missing})"]
+        problems = self._check_node_programs()
+        cookie = netns_cookie(ns)
+        addresses = pod_addresses(ns)
+        desired = pod_entries(cookie, config, addresses)
+        for name in POD_CONFIG_MAPS:
+            current = self._entries(name, cookie)
+            p = plan(desired[name], current)
+            problems += [f"missing: {describe(name, k, v)}" for k, v in p.update.items()]
+            problems += [f"unexpected: {describe(name, k, current[k])}" for k in p.delete]
+        problems += self._check_pod_link(ns, cookie)
+        listeners = self._map(MapName.LISTENERS)
+        for family in sorted({ip.version for ip in addresses}):
+            key = encode_listener_key(cookie, _SOCKET_FAMILIES[family])
+            dual = encode_listener_key(cookie, socket.AF_INET6)
+            if sys_bpf.map_lookup(listeners, key, 8) is None and (
+                family == 6 or sys_bpf.map_lookup(listeners, dual, 8) is None
+            ):
+                problems.append(
+                    f"IPv{family}: no proxy listener on {INBOUND_PLAINTEXT_CAPTURE_PORT} "
+                    "registered: inbound connections are refused (re-apply once the proxy listens)"
+                )
+        return problems
+
+    # -- pieces ------------------------------------------------------------
+
+    def _check_node_programs(self) -> list[str]:
+        problems = []
+        root = cgroup2_root()
+        cgroup_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for p in loader.PROGRAMS:
+                if not p.node_wide:
+                    continue
+                fd = sys_bpf.obj_get(str(self.pins.link(p.func)))
+                try:
+                    info = sys_bpf.link_info(fd)
+                finally:
+                    os.close(fd)
+                if info.prog_id not in sys_bpf.effective_prog_ids(cgroup_fd, p.attach_type):
+                    problems.append(
+                        f"{p.func} (prog id {info.prog_id}) is linked but not effective at {root}"
+                    )
+        finally:
+            os.close(cgroup_fd)
+        return problems
+
+    def _check_pod_link(self, ns: Netns, cookie: int) -> list[str]:
+        path = self.pins.pod_link(cookie)
+        if not path.exists():
+            return ["inbound sk_lookup is not linked into this netns"]
+        fd = sys_bpf.obj_get(str(path))
+        try:
+            info = sys_bpf.link_info(fd)
+        finally:
+            os.close(fd)
+        if info.target != ns.inode:
+            return [f"inbound sk_lookup link points at netns inode {info.target}, not {ns.inode}"]
+        return []
+
+    def _link_sk_lookup(self, ns: Netns, cookie: int) -> bool:
+        path = self.pins.pod_link(cookie)
+        if path.exists():
+            return False
+        prog_fd = sys_bpf.obj_get(str(self.pins.prog(loader.SK_LOOKUP.func)))
+        try:
+            ns_fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                link_fd = sys_bpf.link_create(prog_fd, ns_fd, sys_bpf.AttachType.SK_LOOKUP)
+            finally:
+                os.close(ns_fd)
+        finally:
+            os.close(prog_fd)
+        try:
+            sys_bpf.obj_pin(link_fd, str(path))
+        finally:
+            os.close(link_fd)
+        return True
+
+    def _register_listeners(self, ns: Netns, cookie: int) -> set[int]:
+        """Put the proxy's 15006 listeners of this netns in weir_listeners; families done."""
+        found = [
+            s
+            for s in tcp_sockets(ns)
+            if s.state == TCP_LISTEN and s.local[1] == INBOUND_PLAINTEXT_CAPTURE_PORT
+        ]
+        owners = _socket_owners({lst.inode for lst in found})
+        listeners = self._map(MapName.LISTENERS)
+        done: set[int] = set()
+        for lst in found:
+            if lst.family in done or lst.inode not in owners:
+                continue
+            fd = _steal_fd(*owners[lst.inode])
+            try:
+                key = encode_listener_key(cookie, _SOCKET_FAMILIES[lst.family])
+                sys_bpf.map_update(listeners, key, struct.pack("<Q", fd))
+            finally:
+                os.close(fd)
+            done.add(lst.family)
+        if 6 in done and 4 not in done:
+            # sk_lookup falls back to the IPv6 listener, which serves IPv4 unless v6only.
+            done |= {4} if self._dual_stack(found, owners) else set()
+        return done
+
+    @staticmethod
+    def _dual_stack(found: list[TcpSocket], owners: dict[int, tuple[int, int]]) -> bool:
+        for lst in found:
+            if lst.family == 6 and lst.inode in owners:
+                fd = _steal_fd(*owners[lst.inode])
+                with socket.socket(fileno=fd) as s:
+                    return s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+        return False

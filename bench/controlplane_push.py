@@ -2,16 +2,22 @@
 
     .venv/bin/python bench/controlplane_push.py [--nodes 1000] [--workloads 10000]
 
-Starts `weir controlplane` (controlplane.cli.main) in its own process on a
-generated mesh, opens one delta ADS subscription (Workload type, wildcard) per
-node from several client processes, waits for every initial sync, then
-changes one workload several times through the registration API (as its
-node) and reports, per change, how long it took to reach every subscriber
-(p50/p99/max over subscribers), plus the control plane's CPU time and memory.
+Starts `weir controlplane` (controlplane.cli.main, TLS as deployed) in its own
+process on a generated mesh, opens one delta ADS subscription (Workload type,
+wildcard) per node from several client processes, waits for every initial
+sync, then changes one workload several times through the registration API
+(as its node) and reports, per change, how long it took to reach every
+subscriber (p50/p99/max over subscribers), plus the control plane's CPU time
+and memory (sampled every 0.1 s: peak and steady RSS).
+
+Every wait is bounded. If subscriptions do not all sync, the run says how many
+are still waiting for their first push, how many failed (by gRPC status) and
+how many the server ended, then exits 1 instead of waiting forever.
 """
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -20,14 +26,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import grpc
 
 from controlplane import xds_transport
-from controlplane.client import auth_metadata, register_workload
+from controlplane.ca import ROOT_CERT_FILE
+from controlplane.client import ControlPlaneClient, ControlPlaneEndpoint, auth_metadata
 from controlplane.mesh import WORKLOAD_TYPE
 
 CHANGED = "bench/w-0"
@@ -72,63 +81,110 @@ def cpu_and_memory(pid: int) -> tuple[float, int, int]:
     return cpu, int(status["VmRSS"].split()[0]) // 1024, int(status["VmHWM"].split()[0]) // 1024
 
 
+class MemorySampler:
+    """RSS of the control plane every `interval` seconds, in a thread, until stopped."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
+        self._pid = pid
+        self._interval = interval
+        self._stop = threading.Event()
+        self.samples: list[tuple[float, int]] = []
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.samples.append((time.monotonic(), cpu_and_memory(self._pid)[1]))
+            except (OSError, ValueError):
+                return  # the control plane exited
+
+    def peak_since(self, start: float) -> int:
+        return max((rss for t, rss in self.samples if t >= start), default=0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def connected_nodes(http_port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=5) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith("weir_controlplane_connected_nodes "):
+                return int(float(line.split()[1]))
+    return -1
+
+
 # -- client processes -----------------------------------------------------------
 
+# What each subscription is doing, as reported back to the parent.
+WAITING, SYNCED, ENDED = "waiting for first push", "synced", "ended by server"
 
-def client_process(target: str, nodes: list[int], conn, channels: int) -> None:
-    asyncio.run(_client_main(target, nodes, conn, channels))
+
+def client_process(target, root_pem, nodes, conn, channels, sync_timeout) -> None:
+    asyncio.run(_client_main(target, root_pem, nodes, conn, channels, sync_timeout))
 
 
-async def _client_main(target, nodes, conn, channels) -> None:
-    chans = [grpc.aio.insecure_channel(target) for _ in range(channels)]
+async def _client_main(target, root_pem, nodes, conn, channels, sync_timeout) -> None:
+    credentials = grpc.ssl_channel_credentials(root_certificates=root_pem)
+    # A distinct argument per channel: otherwise gRPC shares one subchannel
+    # (one TCP connection) between channels to the same target.
+    chans = [
+        grpc.aio.secure_channel(target, credentials, options=[("weir.bench.channel", i)])
+        for i in range(channels)
+    ]
     arrivals: dict[int, list[float]] = {n: [] for n in nodes}
-    synced = 0
-    all_synced = asyncio.Event()
+    state = dict.fromkeys(nodes, WAITING)
+    settled = asyncio.Event()  # every subscription synced or failed
+
+    def note(node: int, what: str) -> None:
+        state[node] = what
+        if WAITING not in state.values():
+            settled.set()
 
     async def subscribe(index: int, node: int) -> None:
-        nonlocal synced
         method = chans[index % channels].stream_stream(
             xds_transport.DELTA_METHOD,
             request_serializer=xds_transport.passthrough,
             response_deserializer=xds_transport.decode_response,
         )
         call = method(None, metadata=auth_metadata(token(node)))
-        await call.write(
-            xds_transport.encode_request(node_id=f"node-{node}", type_url=WORKLOAD_TYPE)
-        )
-        first = True
-        async for response in call:
-            now = time.time()
-            if first:
-                first = False
-                synced += 1
-                if synced == len(nodes):
-                    all_synced.set()
-            elif any(r.name == CHANGED for r in response.resources):
-                arrivals[node].append(now)
-            await call.write(
-                xds_transport.encode_request(
-                    node_id=f"node-{node}",
-                    type_url=WORKLOAD_TYPE,
-                    response_nonce=response.nonce,
-                )
-            )
-
-    async def subscribe_reporting(index: int, node: int) -> None:
         try:
-            await subscribe(index, node)
+            await call.write(
+                xds_transport.encode_request(node_id=f"node-{node}", type_url=WORKLOAD_TYPE)
+            )
+            async for response in call:
+                now = time.time()
+                if state[node] == WAITING:
+                    note(node, SYNCED)
+                elif any(r.name == CHANGED for r in response.resources):
+                    arrivals[node].append(now)
+                await call.write(
+                    xds_transport.encode_request(
+                        node_id=f"node-{node}",
+                        type_url=WORKLOAD_TYPE,
+                        response_nonce=response.nonce,
+                    )
+                )
         except grpc.aio.AioRpcError as exc:
+            note(node, f"failed: {exc.code().name}")
             print(f"node-{node}: {exc.code().name} {exc.details()}", file=sys.stderr)
-            raise
+        else:
+            note(node, ENDED)
 
-    tasks = [asyncio.create_task(subscribe_reporting(i, n)) for i, n in enumerate(nodes)]
-    await asyncio.wait_for(all_synced.wait(), timeout=600)
-    conn.send("synced")
+    tasks = [asyncio.create_task(subscribe(i, n)) for i, n in enumerate(nodes)]
+    try:
+        async with asyncio.timeout(sync_timeout):
+            await settled.wait()
+    except TimeoutError:
+        pass
+    conn.send(Counter(state.values()))
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, conn.recv)  # "report"
-    conn.send(arrivals)
+    if await loop.run_in_executor(None, conn.recv) == "report":
+        conn.send(arrivals)
     for task in tasks:
         task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     for chan in chans:
         await chan.close()
 
@@ -141,7 +197,10 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--workloads", type=int, default=10000)
     parser.add_argument("--processes", type=int, default=4)
+    parser.add_argument("--channels", type=int, default=10, help="TCP connections per process")
     parser.add_argument("--changes", type=int, default=10)
+    parser.add_argument("--sync-timeout", type=float, default=300.0, help="seconds")
+    parser.add_argument("--change-timeout", type=float, default=30.0, help="seconds")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="weir-bench-"))
     config = workdir / "mesh.yaml"
@@ -166,13 +225,17 @@ def main() -> int:
         ],
     )
     try:
-        return run(args, plane, target, http_port)
+        return run(args, plane, target, http_port, workdir / "state" / ROOT_CERT_FILE)
     finally:
         plane.send_signal(signal.SIGTERM)
-        plane.wait(timeout=30)
+        try:
+            plane.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            plane.kill()
+            plane.wait(timeout=10)
 
 
-def run(args, plane, target, http_port) -> int:
+def run(args, plane, target, http_port, root_file) -> int:
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -183,56 +246,101 @@ def run(args, plane, target, http_port) -> int:
                 print("control plane did not become ready", file=sys.stderr)
                 return 1
             time.sleep(0.2)
+    sampler = MemorySampler(plane.pid)
+    try:
+        return measure(args, plane, target, http_port, root_file, sampler)
+    finally:
+        sampler.stop()
+
+
+def measure(args, plane, target, http_port, root_file, sampler) -> int:
     cpu0, rss0, _ = cpu_and_memory(plane.pid)
     print(f"control plane ready: {args.workloads} workloads, {args.nodes} nodes; RSS {rss0} MiB")
 
     ctx = multiprocessing.get_context("spawn")
     pipes, procs = [], []
     t0 = time.monotonic()
+    root_pem = root_file.read_bytes()
     for p in range(args.processes):
         parent, child = ctx.Pipe()
         nodes = list(range(p, args.nodes, args.processes))
-        proc = ctx.Process(target=client_process, args=(target, nodes, child, 10))
+        proc = ctx.Process(
+            target=client_process,
+            args=(target, root_pem, nodes, child, args.channels, args.sync_timeout),
+        )
         proc.start()
         pipes.append(parent)
         procs.append(proc)
-    for pipe in pipes:
-        if not pipe.poll(600):
-            print("initial sync timed out", file=sys.stderr)
+    try:
+        return _after_start(args, plane, target, root_pem, http_port, sampler, pipes, t0, cpu0)
+    finally:
+        for pipe in pipes:
+            with contextlib.suppress(OSError):
+                pipe.send("stop")
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+
+def _after_start(args, plane, target, root_pem, http_port, sampler, pipes, t0, cpu0) -> int:
+    states: Counter[str] = Counter()
+    deadline = t0 + args.sync_timeout + 30
+    pending = list(pipes)
+    while pending:
+        pending = [pipe for pipe in pending if not pipe.poll(5)]
+        for pipe in pipes:
+            if pipe not in pending and pipe.poll(0):
+                states.update(pipe.recv())
+        if pending:
+            print(
+                f"  {time.monotonic() - t0:5.0f} s: {connected_nodes(http_port)} streams open "
+                "on the control plane"
+            )
+        if time.monotonic() > deadline:
+            print("client processes did not report (crashed or hung)", file=sys.stderr)
             return 1
-        assert pipe.recv() == "synced"
     sync_seconds = time.monotonic() - t0
     cpu1, rss1, _ = cpu_and_memory(plane.pid)
+    sync_peak = sampler.peak_since(t0)
+    if states[SYNCED] != args.nodes:
+        print(
+            f"initial sync FAILED after {sync_seconds:.0f} s: "
+            + ", ".join(f"{n} {what}" for what, n in sorted(states.items())),
+            file=sys.stderr,
+        )
+        return 1
     print(
         f"initial sync of {args.nodes} subscriptions: {sync_seconds:.1f} s wall, "
-        f"control plane CPU {cpu1 - cpu0:.1f} s, RSS {rss1} MiB"
+        f"control plane CPU {cpu1 - cpu0:.1f} s, RSS {rss1} MiB (peak during sync {sync_peak} MiB)"
     )
 
     starts = []
 
     async def changes() -> None:
-        async with grpc.aio.insecure_channel(target) as channel:
+        endpoint = ControlPlaneEndpoint(target, root_pem)
+        async with ControlPlaneClient(endpoint, "node-0", token(0)) as client:
             for i in range(args.changes):
                 starts.append(time.time())
-                await register_workload(
-                    channel,
-                    token(0),
-                    namespace="bench",
-                    name="w-0",
-                    uid=f"uid-{i}",
-                    ips=[f"10.200.0.{i + 1}"],
+                await client.register_workload(
+                    namespace="bench", name="w-0", uid=f"uid-{i}", ips=[f"10.200.0.{i + 1}"]
                 )
                 await asyncio.sleep(1.5)
 
+    t1 = time.monotonic()
     asyncio.run(changes())
-    cpu2, rss2, peak = cpu_and_memory(plane.pid)
+    # Let the last change land everywhere before reading the arrivals.
+    time.sleep(min(args.change_timeout, 5.0))
+    cpu2, rss2, _ = cpu_and_memory(plane.pid)
+    steady_peak = sampler.peak_since(t1)
     for pipe in pipes:
         pipe.send("report")
     arrivals: dict[int, list[float]] = {}
     for pipe in pipes:
+        if not pipe.poll(args.change_timeout):
+            print("a client process did not report its arrivals", file=sys.stderr)
+            return 1
         arrivals.update(pipe.recv())
-    for proc in procs:
-        proc.join(timeout=30)
 
     per_change = []
     for i, start in enumerate(starts):
@@ -255,7 +363,8 @@ def run(args, plane, target, http_port) -> int:
     print(
         f"control plane CPU for {args.changes} changes: {cpu2 - cpu1:.2f} s "
         f"({(cpu2 - cpu1) / args.changes * 1000:.0f} ms per change incl. ACK handling); "
-        f"RSS {rss2} MiB, peak {peak} MiB"
+        f"steady RSS {rss2} MiB (peak while changing {steady_peak} MiB), "
+        f"peak overall {sampler.peak_since(0)} MiB"
     )
     return 0
 

@@ -8,7 +8,9 @@ operator-provided intermediate.
 """
 
 import datetime
+import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +20,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controlplane.auth import invalid_argument
@@ -33,6 +36,7 @@ BACKDATE: Final = datetime.timedelta(minutes=5)
 MAX_CSR_BYTES: Final = 16 * 1024
 ROOT_CERT_FILE: Final = "root-cert.pem"
 ROOT_KEY_FILE: Final = "root-key.pem"
+_DNS_LABEL_RE: Final = re.compile(r"[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?")
 
 
 class CertificateAuthority:
@@ -72,7 +76,46 @@ class CertificateAuthority:
                 "bad_validity", f"validity {ttl} exceeds the maximum {self.max_ttl}"
             )
         csr = check_csr(csr_pem, identity)
-        not_after = min(now + (ttl or self.default_ttl), self._signing_cert.not_valid_after_utc)
+        return self._issue(
+            csr.public_key(),
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+            not_after=now + (ttl or self.default_ttl),
+            now=now,
+        )
+
+    def issue_serving(
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        names: Sequence[str],
+        *,
+        ttl: datetime.timedelta,
+        now: datetime.datetime,
+    ) -> list[str]:
+        """PEM chain, leaf first, for the control plane's own TLS listener.
+
+        `names` are the DNS names and IP addresses clients dial; the key is the
+        control plane's own, generated in-process, so there is no CSR to check.
+        """
+        if not names:
+            raise InvalidInputError("a serving certificate needs at least one DNS name or IP")
+        return self._issue(
+            public_key,
+            x509.SubjectAlternativeName([_general_name(name) for name in names]),
+            [ExtendedKeyUsageOID.SERVER_AUTH],
+            not_after=now + ttl,
+            now=now,
+        )
+
+    def _issue(
+        self,
+        public_key: CertificatePublicKeyTypes,
+        sans: x509.SubjectAlternativeName,
+        usages: Sequence[x509.ObjectIdentifier],
+        *,
+        not_after: datetime.datetime,
+        now: datetime.datetime,
+    ) -> list[str]:
         issuer_ski = self._signing_cert.extensions.get_extension_for_class(
             x509.SubjectKeyIdentifier
         ).value
@@ -80,30 +123,21 @@ class CertificateAuthority:
             x509.CertificateBuilder()
             .subject_name(x509.Name([]))
             .issuer_name(self._signing_cert.subject)
-            .public_key(csr.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - BACKDATE)
-            .not_valid_after(not_after)
+            # Never outlive the signing certificate: the chain would not verify.
+            .not_valid_after(min(not_after, self._signing_cert.not_valid_after_utc))
             # An empty subject requires a critical SAN (RFC 5280 4.2.1.6).
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
-                critical=True,
-            )
+            .add_extension(sans, critical=True)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(digital_signature=True), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski),
                 critical=False,
             )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False
-            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .sign(self._signing_key, hashes.SHA256())
         )
         return [_pem(certificate), *(_pem(c) for c in self._chain)]
@@ -263,6 +297,18 @@ def _write_private(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    """An IP address SAN if `name` is one, else a DNS name SAN."""
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    labels = name.removesuffix(".").split(".")
+    if len(name) > 253 or not all(_DNS_LABEL_RE.fullmatch(label) for label in labels):
+        raise InvalidInputError(f"{name!r} is neither an IP address nor a DNS name")
+    return x509.DNSName(name)
 
 
 def _pem(cert: x509.Certificate) -> str:

@@ -25,7 +25,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--listen",
         default=DEFAULT_GRPC_LISTEN,
-        help=f"gRPC address: xDS, CA, registry (default {DEFAULT_GRPC_LISTEN})",
+        help=f"gRPC address, TLS: xDS, CA, registry (default {DEFAULT_GRPC_LISTEN})",
+    )
+    parser.add_argument(
+        "--serving-name",
+        action="append",
+        metavar="NAME",
+        help="DNS name or IP nodes dial, put in the TLS serving certificate (repeatable; "
+        "default: localhost, 127.0.0.1 and the --listen host)",
+    )
+    parser.add_argument(
+        "--insecure-listen",
+        action="store_true",
+        help="serve gRPC WITHOUT TLS (tokens in clear, server unauthenticated); debugging only",
     )
     parser.add_argument(
         "--http-listen",
@@ -36,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         "--state-dir",
         type=Path,
         default=DEFAULT_STATE_DIR,
-        help=f"where the generated root CA is kept (default {DEFAULT_STATE_DIR})",
+        help="where the generated root CA is kept; nodes verify the control plane "
+        f"against its root-cert.pem (default {DEFAULT_STATE_DIR})",
     )
     parser.add_argument("--ca-cert", type=Path, help="operator intermediate (then its parents)")
     parser.add_argument("--ca-key", type=Path, help="key of --ca-cert")
@@ -46,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     intermediate = (args.ca_cert, args.ca_key, args.ca_roots)
     if any(intermediate) and not all(intermediate):
         parser.error("--ca-cert, --ca-key and --ca-roots go together")
+    if args.insecure_listen and args.serving_name:
+        parser.error("--serving-name has no use with --insecure-listen")
     logging.basicConfig(
         level=args.log_level,
         stream=sys.stderr,
@@ -74,7 +89,12 @@ async def _serve(args: argparse.Namespace) -> None:
         source=source,
         mesh=mesh,
         ca=ca,
-        settings=Settings(grpc_listen=args.listen, http_listen=args.http_listen),
+        settings=Settings(
+            grpc_listen=args.listen,
+            http_listen=args.http_listen,
+            serving_names=tuple(args.serving_name) if args.serving_name else None,
+            insecure=args.insecure_listen,
+        ),
         metrics=metrics,
     )
     stop = asyncio.Event()

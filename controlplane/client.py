@@ -1,11 +1,21 @@
 """What a node agent uses to talk to the control plane.
 
+- ControlPlaneEndpoint: where the control plane is and how to check it is the
+  real one (TLS, verified against the mesh root; plaintext only to reach a
+  control plane started with --insecure-listen).
+- ControlPlaneClient: one node's connection. It presents the node's bearer
+  token on every call, signs certificates (the key is generated here, only the
+  CSR is sent), registers and deregisters enrolled workloads (local mode), and
+  opens the config subscription.
 - XdsClient: subscribes to the mesh over delta ADS, keeps the last good config,
   ACKs what its handler accepts and NACKs what it rejects (keeping the old
   config), reconnects with exponential backoff and resumes from the versions
   it holds.
-- request_certificate: generates the workload key here, sends only the CSR.
-- register_workload / deregister_workload: local-mode enrollment reports.
+
+The control plane keeps registrations in memory only (it has no state of its
+own, see ARCHITECTURE.md), so the client remembers what it registered and
+registers it again at the start of every xDS stream: after a control-plane
+restart, the node's workloads come back without the agent doing anything.
 """
 
 import asyncio
@@ -13,7 +23,9 @@ import logging
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Protocol, Self
 
 import grpc
 from cryptography import x509
@@ -36,6 +48,7 @@ from controlplane.mesh import (
     SERVICE_TYPE,
     TRUST_BUNDLE_TYPE,
     WORKLOAD_TYPE,
+    resource_name,
 )
 from node_agent.errors import InvalidInputError
 
@@ -48,10 +61,74 @@ MESSAGE_TYPES: Final[Mapping[str, type[Message]]] = {
     TRUST_BUNDLE_TYPE: mesh_pb2.TrustBundle,
 }
 RPC_TIMEOUT_SECONDS: Final = 10.0
+# Refusals that registering again cannot change (the config or another pod
+# says no): a remembered registration that meets one is dropped, not retried.
+PERMANENT_REFUSALS: Final = frozenset(
+    {
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    }
+)
 
 
 def auth_metadata(token: str) -> tuple[tuple[str, str]]:
     return ((AUTHORIZATION_METADATA, BEARER_PREFIX + token),)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial: float = 0.1
+    maximum: float = 30.0
+    multiplier: float = 2.0
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after `failures` consecutive failures, with full jitter."""
+        ceiling = min(self.maximum, self.initial * self.multiplier ** min(failures, 32))
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not crypto)
+
+
+@dataclass(frozen=True)
+class ControlPlaneEndpoint:
+    target: str  # "host:port" as gRPC dials it
+    # PEM roots the control plane's serving certificate must chain to (the mesh
+    # root); None means plaintext, for a control plane run with --insecure-listen.
+    trust_roots_pem: bytes | None = None
+    # The name checked against the serving certificate when it differs from
+    # the host in `target` (e.g. dialing an IP the certificate does not list).
+    server_name: str | None = None
+
+    @classmethod
+    def tls(cls, target: str, roots_file: Path, server_name: str | None = None) -> Self:
+        """Verify the control plane against the PEM roots in `roots_file`."""
+        try:
+            pem = roots_file.read_bytes()
+            x509.load_pem_x509_certificates(pem)
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(f"{roots_file}: cannot load mesh root PEM: {exc}") from exc
+        return cls(target, pem, server_name)
+
+    @classmethod
+    def insecure(cls, target: str) -> Self:
+        return cls(target, None)
+
+    def open_channel(self, backoff: Backoff) -> grpc.aio.Channel:
+        # gRPC's own reconnect backoff grows to 120 s; cap it at ours so a
+        # control plane that comes back is reached about as soon as we retry.
+        options: list[tuple[str, str | int]] = [
+            ("grpc.initial_reconnect_backoff_ms", int(backoff.initial * 1000)),
+            ("grpc.min_reconnect_backoff_ms", int(backoff.initial * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(backoff.maximum * 1000)),
+        ]
+        if self.trust_roots_pem is None:
+            log.warning("connecting to the control plane at %s WITHOUT TLS", self.target)
+            return grpc.aio.insecure_channel(self.target, options=options)
+        if self.server_name is not None:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        credentials = grpc.ssl_channel_credentials(root_certificates=self.trust_roots_pem)
+        return grpc.aio.secure_channel(self.target, credentials, options=options)
 
 
 class ConfigHandler(Protocol):
@@ -67,36 +144,182 @@ class ConfigHandler(Protocol):
 
 
 @dataclass(frozen=True)
-class Backoff:
-    initial: float = 0.1
-    maximum: float = 30.0
-    multiplier: float = 2.0
+class IssuedCertificate:
+    private_key_pem: bytes = b""  # stays on this node
+    chain_pem: tuple[str, ...] = ()  # leaf first
+    trust_bundle_pem: tuple[str, ...] = ()
 
-    def delay(self, failures: int) -> float:
-        """Seconds to wait after `failures` consecutive failures, with full jitter."""
-        ceiling = min(self.maximum, self.initial * self.multiplier ** min(failures, 32))
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not crypto)
+    def __repr__(self) -> str:
+        return f"IssuedCertificate(chain={len(self.chain_pem)} certs)"
+
+
+async def request_certificate(
+    channel: grpc.aio.Channel, token: str, spiffe_id: str, validity_seconds: int = 0
+) -> IssuedCertificate:
+    """Generate a P-256 key here and get it certified for `spiffe_id`.
+
+    `channel` should come from ControlPlaneEndpoint.open_channel, so the CA is
+    verified before the token is sent.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True
+        )
+        .sign(key, hashes.SHA256())
+    )
+    stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
+    response = await stub.SignCertificate(
+        ca_pb2.SignCertificateRequest(
+            csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode(),
+            spiffe_id=spiffe_id,
+            validity_seconds=validity_seconds,
+        ),
+        metadata=auth_metadata(token),
+        timeout=RPC_TIMEOUT_SECONDS,
+    )
+    return IssuedCertificate(
+        private_key_pem=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        chain_pem=tuple(response.certificate_chain_pem),
+        trust_bundle_pem=tuple(response.trust_bundle_pem),
+    )
+
+
+@dataclass(frozen=True)
+class WorkloadRegistration:
+    namespace: str
+    name: str
+    uid: str
+    ips: tuple[str, ...]
+
+
+class ControlPlaneClient:
+    """One node agent's connection to the control plane; use `async with`."""
+
+    def __init__(
+        self,
+        endpoint: ControlPlaneEndpoint,
+        node: str,
+        token: str,
+        *,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.node = node
+        self._token = token
+        self.backoff = backoff or Backoff()
+        self.channel = endpoint.open_channel(self.backoff)
+        # "<namespace>/<name>" -> what this node registered and has not removed.
+        self._registered: dict[str, WorkloadRegistration] = {}
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.channel.close(None)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str]]:
+        return auth_metadata(self._token)
+
+    @property
+    def registrations(self) -> Mapping[str, WorkloadRegistration]:
+        return self._registered
+
+    def subscribe(
+        self, handler: ConfigHandler, *, types: Sequence[str] = RESOURCE_TYPES
+    ) -> "XdsClient":
+        """The config subscription of this node; `await .run()` to keep it going."""
+        return XdsClient(self, handler, types=types)
+
+    async def request_certificate(
+        self, spiffe_id: str, validity_seconds: int = 0
+    ) -> IssuedCertificate:
+        return await request_certificate(self.channel, self._token, spiffe_id, validity_seconds)
+
+    async def register_workload(
+        self, *, namespace: str, name: str, uid: str, ips: Iterable[str]
+    ) -> None:
+        """Report an enrolled pod; it is reported again on every new xDS stream.
+
+        A refusal (grpc.aio.AioRpcError) that registering again cannot fix
+        forgets the pod; any other failure keeps it, to be sent on the next stream.
+        """
+        registration = WorkloadRegistration(namespace, name, uid, tuple(ips))
+        key = resource_name(namespace, name)
+        self._registered[key] = registration
+        try:
+            await self._send_registration(registration)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in PERMANENT_REFUSALS:
+                self._registered.pop(key, None)
+            raise
+
+    async def deregister_workload(self, *, namespace: str, name: str, uid: str) -> None:
+        self._registered.pop(resource_name(namespace, name), None)
+        await registry_pb2_grpc.WorkloadRegistryStub(self.channel).DeregisterWorkload(
+            registry_pb2.DeregisterWorkloadRequest(namespace=namespace, name=name, uid=uid),
+            metadata=self.metadata,
+            timeout=RPC_TIMEOUT_SECONDS,
+        )
+
+    async def restore_registrations(self) -> None:
+        """Send every remembered registration again (the control plane may have restarted).
+
+        Raises grpc.aio.AioRpcError when the control plane cannot be reached,
+        so the caller retries later; a permanent refusal drops that one pod.
+        """
+        for key, registration in list(self._registered.items()):
+            try:
+                await self._send_registration(registration)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in PERMANENT_REFUSALS:
+                    raise
+                if self._registered.get(key) is registration:
+                    del self._registered[key]
+                log.warning(
+                    "control plane refused to restore the registration of %s, forgetting it: %s %s",
+                    key,
+                    exc.code().name,
+                    exc.details(),
+                )
+
+    async def _send_registration(self, registration: WorkloadRegistration) -> None:
+        await registry_pb2_grpc.WorkloadRegistryStub(self.channel).RegisterWorkload(
+            registry_pb2.RegisterWorkloadRequest(
+                namespace=registration.namespace,
+                name=registration.name,
+                uid=registration.uid,
+                ips=registration.ips,
+            ),
+            metadata=self.metadata,
+            timeout=RPC_TIMEOUT_SECONDS,
+        )
 
 
 class XdsClient:
     def __init__(
         self,
-        target: str,
-        node: str,
-        token: str,
+        client: ControlPlaneClient,
         handler: ConfigHandler,
         *,
         types: Sequence[str] = RESOURCE_TYPES,
-        backoff: Backoff = Backoff(),
-        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        self._target = target
-        self._node = node
-        self._token = token
+        self._client = client
+        self._node = client.node
         self._handler = handler
         self._types = tuple(types)
-        self._backoff = backoff
-        self._credentials = credentials
         # type URL -> name -> (version, message): the last config the handler accepted.
         self._accepted: dict[str, dict[str, tuple[str, Message]]] = {t: {} for t in self._types}
         self.connected = asyncio.Event()
@@ -111,33 +334,32 @@ class XdsClient:
     async def run(self) -> None:
         """Stay subscribed until cancelled, reconnecting with backoff."""
         failures = 0
+        target = self._client.endpoint.target
         while True:
             self._delivered = False
             try:
                 await self._session()
             except grpc.aio.AioRpcError as exc:
                 log.warning(
-                    "xDS stream to %s failed: %s %s", self._target, exc.code().name, exc.details()
+                    "xDS stream to %s failed: %s %s", target, exc.code().name, exc.details()
                 )
             else:
-                log.info("xDS stream to %s closed by the server", self._target)
+                log.info("xDS stream to %s closed by the server", target)
             finally:
                 self.connected.clear()
             # A stream that delivered config was healthy: start backing off afresh.
             failures = 0 if self._delivered else failures + 1
-            await asyncio.sleep(self._backoff.delay(failures))
+            await asyncio.sleep(self._client.backoff.delay(failures))
 
     async def _session(self) -> None:
-        if self._credentials is None:
-            channel = grpc.aio.insecure_channel(self._target)
-        else:
-            channel = grpc.aio.secure_channel(self._target, self._credentials)
-        async with channel:
-            call = channel.stream_stream(
-                xds_transport.DELTA_METHOD,
-                request_serializer=xds_transport.passthrough,
-                response_deserializer=xds_transport.decode_response,
-            )(None, metadata=auth_metadata(self._token))
+        # Before subscribing, so the first push already carries this node's pods.
+        await self._client.restore_registrations()
+        call = self._client.channel.stream_stream(
+            xds_transport.DELTA_METHOD,
+            request_serializer=xds_transport.passthrough,
+            response_deserializer=xds_transport.decode_response,
+        )(None, metadata=self._client.metadata)
+        try:
             for type_url in self._types:
                 await call.write(
                     xds_transport.encode_request(
@@ -150,6 +372,8 @@ class XdsClient:
             async for response in call:
                 self._delivered = True
                 await call.write(self._apply(response))
+        finally:
+            call.cancel()
 
     def _apply(self, response: xds_transport.DeltaResponse) -> bytes:
         """Apply one push all or nothing; the ACK or NACK to send back."""
@@ -195,73 +419,3 @@ class XdsClient:
         for name in response.removed_resources:
             proposed.pop(name, None)
         return proposed
-
-
-@dataclass(frozen=True)
-class IssuedCertificate:
-    private_key_pem: bytes = b""  # stays on this node
-    chain_pem: tuple[str, ...] = ()  # leaf first
-    trust_bundle_pem: tuple[str, ...] = ()
-
-    def __repr__(self) -> str:
-        return f"IssuedCertificate(chain={len(self.chain_pem)} certs)"
-
-
-async def request_certificate(
-    channel: grpc.aio.Channel, token: str, spiffe_id: str, validity_seconds: int = 0
-) -> IssuedCertificate:
-    """Generate a P-256 key here and get it certified for `spiffe_id`."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True
-        )
-        .sign(key, hashes.SHA256())
-    )
-    stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
-    response = await stub.SignCertificate(
-        ca_pb2.SignCertificateRequest(
-            csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode(),
-            spiffe_id=spiffe_id,
-            validity_seconds=validity_seconds,
-        ),
-        metadata=auth_metadata(token),
-        timeout=RPC_TIMEOUT_SECONDS,
-    )
-    return IssuedCertificate(
-        private_key_pem=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-        chain_pem=tuple(response.certificate_chain_pem),
-        trust_bundle_pem=tuple(response.trust_bundle_pem),
-    )
-
-
-async def register_workload(
-    channel: grpc.aio.Channel,
-    token: str,
-    *,
-    namespace: str,
-    name: str,
-    uid: str,
-    ips: Iterable[str],
-) -> None:
-    await registry_pb2_grpc.WorkloadRegistryStub(channel).RegisterWorkload(
-        registry_pb2.RegisterWorkloadRequest(namespace=namespace, name=name, uid=uid, ips=ips),
-        metadata=auth_metadata(token),
-        timeout=RPC_TIMEOUT_SECONDS,
-    )
-
-
-async def deregister_workload(
-    channel: grpc.aio.Channel, token: str, *, namespace: str, name: str, uid: str
-) -> None:
-    await registry_pb2_grpc.WorkloadRegistryStub(channel).DeregisterWorkload(
-        registry_pb2.DeregisterWorkloadRequest(namespace=namespace, name=name, uid=uid),
-        metadata=auth_metadata(token),
-        timeout=RPC_TIMEOUT_SECONDS,
-    )

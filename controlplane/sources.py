@@ -60,7 +60,7 @@ class FileSource:
                 mesh = parse_bytes(data, source=str(self._path))
             except ConfigError as exc:
                 self._metrics.inc(m.CONFIG_REJECTED)
-                log.error("rejected new config, keeping the last good one: %s", exc)  # noqa: TRY400
+                log.error("rejected new config, keeping the last good one: %s", exc)
                 continue
             log.info("loaded new config from %s", self._path)
             publish(mesh)

@@ -32,6 +32,15 @@ log = logging.getLogger(__name__)
 
 # A node agent subscribes to a handful of types; more on one stream is abuse.
 MAX_TYPES_PER_STREAM: Final = 16
+# A full push (initial sync, resync) carries the whole mesh: ~1.7 MB at 10,000
+# workloads. gRPC accepts a message at once and buffers it until the node has
+# read it, so when 1,000 nodes connected together the control plane held all
+# their initial pushes at once (1.5 GB). At most this many full pushes are
+# unacknowledged at a time; the work is CPU-bound, so this costs no throughput.
+FULL_PUSH_SLOTS: Final = 16
+# A node that does not acknowledge its full push gives its slot up after this
+# long, so a few stuck clients cannot hold back every other node's sync.
+FULL_PUSH_SLOT_SECONDS: Final = 5.0
 
 
 @dataclass(eq=False)
@@ -41,8 +50,18 @@ class _Stream:
     # Per type URL: when the oldest change not yet pushed was made.
     changed_at: dict[str, float] = field(default_factory=dict)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Gives back the full-push slot this stream holds until its pushes are answered.
+    release_slot: Callable[[], None] | None = None
     failure: tuple[grpc.StatusCode, str] | None = None
     closed: bool = False
+
+    def resyncing(self) -> bool:
+        """Whether the next push of some type is a full one (initial sync or resync)."""
+        return any(sub.dirty is None and sub.pending is None for sub in self.subscriptions.values())
+
+    def answered(self) -> bool:
+        """Whether the node has ACKed or NACKed every push sent to it."""
+        return all(sub.pending is None for sub in self.subscriptions.values())
 
     def dump(self) -> dict[str, Any]:
         return {
@@ -51,7 +70,9 @@ class _Stream:
                 type_url: {
                     "wildcard": sub.wildcard,
                     "names": sorted(sub.names),
-                    "acked": len(sub.known),
+                    # Resources held as in the shared base, and where the node differs.
+                    "shares_base": len(sub.base),
+                    "overlay": len(sub.overlay),
                     "pending_nonce": sub.pending.nonce if sub.pending else None,
                     "rejected": dict(sub.rejected),
                 }
@@ -75,6 +96,7 @@ class DistributionServer:
         self._snapshot = EMPTY
         self._streams: set[_Stream] = set()
         self._nonces = itertools.count(1)
+        self._full_push_slots = asyncio.Semaphore(FULL_PUSH_SLOTS)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -118,7 +140,7 @@ class DistributionServer:
         self,
         requests: AsyncIterator[DeltaRequest],
         context: grpc.aio.ServicerContext[DeltaRequest, bytes],
-    ) -> AsyncIterator[bytes]:
+    ) -> None:
         try:
             node = self._authenticator.authenticate(context.invocation_metadata() or ())
         except RequestRefusedError as refusal:
@@ -136,20 +158,45 @@ class DistributionServer:
                     await context.abort(*stream.failure)
                 if stream.closed:
                     return
-                for response in self._pushes(stream):
-                    yield response
+                if stream.resyncing() and stream.release_slot is None:
+                    stream.release_slot = await self._full_push_slot()
+                # Written and dropped, never left in a variable (nor in gRPC's
+                # loop over an async generator): the last push of a stream,
+                # after an initial sync the whole mesh, would stay alive while
+                # the stream idles until the next change.
+                responses = self._pushes(stream)
+                while responses:
+                    await context.write(responses.pop(0))
         finally:
             reader.cancel()
+            if stream.release_slot is not None:
+                stream.release_slot()
             self._streams.discard(stream)
             self._metrics.set(m.CONNECTED_NODES, len(self._streams))
             log.info("node %s disconnected", node)
+
+    async def _full_push_slot(self) -> Callable[[], None]:
+        """Take a slot; the function returned gives it back (at most once)."""
+        await self._full_push_slots.acquire()
+        loop = asyncio.get_running_loop()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                timer.cancel()
+                self._full_push_slots.release()
+
+        timer = loop.call_later(FULL_PUSH_SLOT_SECONDS, release)
+        return release
 
     def _pushes(self, stream: _Stream) -> list[bytes]:
         responses = []
         for type_url, sub in stream.subscriptions.items():
             if sub.pending is not None:
                 continue
-            delta = sub.next_push(self._snapshot.view(type_url), stream.node)
+            delta = sub.next_push(self._snapshot.view(type_url))
             changed_at = stream.changed_at.pop(type_url, None)
             if delta is None:
                 continue
@@ -176,6 +223,9 @@ class DistributionServer:
                 if failure is not None:
                     stream.failure = failure
                     break
+                if stream.release_slot is not None and stream.answered():
+                    stream.release_slot()
+                    stream.release_slot = None
                 stream.wake.set()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
             log.debug("stream of node %s ended: %s", stream.node, exc)
@@ -200,7 +250,7 @@ class DistributionServer:
             if type_url not in RESOURCE_TYPES:
                 log.warning("node %s subscribed to unknown type %r", stream.node, type_url)
             stream.subscriptions[type_url] = Subscription.open(
-                request.resource_names_subscribe, request.initial_resource_versions
+                stream.node, request.resource_names_subscribe, request.initial_resource_versions
             )
             return None
         nonce = request.response_nonce

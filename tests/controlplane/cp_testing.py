@@ -9,8 +9,8 @@ from pathlib import Path
 from google.protobuf.message import Message
 
 from controlplane.app import ControlPlane, Settings
-from controlplane.ca import load_or_create_root
-from controlplane.client import XdsClient
+from controlplane.ca import ROOT_CERT_FILE, load_or_create_root
+from controlplane.client import Backoff, ControlPlaneClient, ControlPlaneEndpoint, XdsClient
 from controlplane.metrics import Metrics
 from controlplane.sources import FileSource
 from node_agent.errors import InvalidInputError
@@ -38,11 +38,36 @@ authorizationPolicies:
 """
 TOKENS = {"node-1": "token-node-1-0123456789", "node-2": "token-node-2-0123456789"}
 STEP_TIMEOUT = 5.0
+# Tests restart control planes; reconnect quickly.
+FAST_BACKOFF = Backoff(initial=0.05, maximum=0.5)
+
+
+def root_file(tmp_path: Path) -> Path:
+    """The mesh root the control plane of `running_plane(tmp_path)` generated."""
+    return tmp_path / "state" / ROOT_CERT_FILE
+
+
+def endpoint(plane: ControlPlane, tmp_path: Path) -> ControlPlaneEndpoint:
+    return ControlPlaneEndpoint.tls(f"127.0.0.1:{plane.grpc_port}", root_file(tmp_path))
+
+
+@contextlib.asynccontextmanager
+async def node_client(
+    plane: ControlPlane, tmp_path: Path, node: str
+) -> AsyncIterator[ControlPlaneClient]:
+    async with ControlPlaneClient(
+        endpoint(plane, tmp_path), node, TOKENS[node], backoff=FAST_BACKOFF
+    ) as client:
+        yield client
 
 
 @contextlib.asynccontextmanager
 async def running_plane(
-    tmp_path: Path, text: str = MESH_YAML, grpc_listen: str = "127.0.0.1:0"
+    tmp_path: Path,
+    text: str = MESH_YAML,
+    grpc_listen: str = "127.0.0.1:0",
+    settings: Settings | None = None,
+    clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
 ) -> AsyncIterator[ControlPlane]:
     config = tmp_path / "mesh.yaml"
     config.write_text(text)
@@ -56,8 +81,9 @@ async def running_plane(
         source=source,
         mesh=mesh,
         ca=ca,
-        settings=Settings(grpc_listen=grpc_listen, http_listen="127.0.0.1:0"),
+        settings=settings or Settings(grpc_listen=grpc_listen, http_listen="127.0.0.1:0"),
         metrics=metrics,
+        clock=clock,
     )
     await plane.start()
     try:
@@ -99,10 +125,7 @@ class RecordingHandler:
 
 
 @contextlib.asynccontextmanager
-async def subscribed(
-    plane: ControlPlane, node: str, handler: RecordingHandler
-) -> AsyncIterator[XdsClient]:
-    client = XdsClient(f"127.0.0.1:{plane.grpc_port}", node, TOKENS[node], handler)
+async def running(client: XdsClient) -> AsyncIterator[XdsClient]:
     task = asyncio.create_task(client.run())
     try:
         yield client
@@ -110,3 +133,14 @@ async def subscribed(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@contextlib.asynccontextmanager
+async def subscribed(
+    plane: ControlPlane, tmp_path: Path, node: str, handler: RecordingHandler
+) -> AsyncIterator[XdsClient]:
+    async with (
+        node_client(plane, tmp_path, node) as client,
+        running(client.subscribe(handler)) as xds,
+    ):
+        yield xds

@@ -5,14 +5,14 @@ import subprocess
 
 import grpc
 import pytest
-from cp_testing import TOKENS, running_plane
+from cp_testing import TOKENS, endpoint, node_client, running_plane
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from controlplane import metrics as m
 from controlplane._generated.weir.v1 import ca_pb2, ca_pb2_grpc
-from controlplane.client import auth_metadata, request_certificate
+from controlplane.client import Backoff, auth_metadata
 
 pytestmark = pytest.mark.timeout(60)
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
@@ -33,8 +33,8 @@ def _csr(uris, key=None):
 def test_signed_certificate_verifies_with_openssl(tmp_path):
     async def scenario():
         async with running_plane(tmp_path) as plane:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.grpc_port}") as channel:
-                issued = await request_certificate(channel, TOKENS["node-1"], CLIENT_ID)
+            async with node_client(plane, tmp_path, "node-1") as client:
+                issued = await client.request_certificate(CLIENT_ID)
             return plane.metrics.value(m.CERTS_SIGNED), issued
 
     signed, issued = asyncio.run(scenario())
@@ -110,7 +110,7 @@ def test_refusals_have_a_clear_status_and_are_counted(
 ):
     async def scenario():
         async with running_plane(tmp_path) as plane:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.grpc_port}") as channel:
+            async with endpoint(plane, tmp_path).open_channel(Backoff()) as channel:
                 stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
                 with pytest.raises(grpc.aio.AioRpcError) as failure:
                     await stub.SignCertificate(

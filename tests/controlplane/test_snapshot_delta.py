@@ -1,11 +1,14 @@
 """Pure logic: snapshot building, per-node filtering, deltas, ACK/NACK bookkeeping."""
 
+import random
+
 from cp_testing import MESH_YAML
 
+from controlplane._generated.weir.v1 import mesh_pb2
 from controlplane.config_file import parse
 from controlplane.delta import Subscription
 from controlplane.mesh import POLICY_TYPE, WORKLOAD_TYPE
-from controlplane.snapshot import EMPTY, Registration, build_snapshot, changed_names
+from controlplane.snapshot import EMPTY, Entry, Registration, build_snapshot, changed_names
 
 MESH = parse(MESH_YAML, source="test")
 
@@ -38,35 +41,35 @@ def test_rebuild_reuses_unchanged_entries_and_diff_is_exact():
 
 def test_initial_update_ack_remove():
     first = _snapshot()
-    sub = Subscription.open([], {})
-    delta = sub.next_push(first.view(WORKLOAD_TYPE), "node-1")
+    sub = Subscription.open("node-1", [], {})
+    delta = sub.next_push(first.view(WORKLOAD_TYPE))
     assert [e.name for e in delta.updated] == ["default/client", "default/server"]
     sub.sent("1", delta)
-    assert sub.next_push(first.view(WORKLOAD_TYPE), "node-1") is None  # one in flight
+    assert sub.next_push(first.view(WORKLOAD_TYPE)) is None  # one in flight
     assert sub.acknowledge("1")
     second = _snapshot({"default/server": Registration("node-2", "u1", ("10.0.0.5",))}, first)
     sub.mark_dirty(changed_names(first, second)[WORKLOAD_TYPE])
-    delta = sub.next_push(second.view(WORKLOAD_TYPE), "node-1")
+    delta = sub.next_push(second.view(WORKLOAD_TYPE))
     assert [e.name for e in delta.updated] == ["default/server"] and delta.removed == ()
     sub.sent("2", delta)
     sub.acknowledge("2")
     gone = {WORKLOAD_TYPE: {}}
     sub.mark_dirty(["default/client", "default/server"])
-    delta = sub.next_push(gone[WORKLOAD_TYPE], "node-1")
+    delta = sub.next_push(gone[WORKLOAD_TYPE])
     assert delta.updated == () and delta.removed == ("default/client", "default/server")
 
 
 def test_nack_is_not_retried_until_the_resource_changes():
     first = _snapshot()
-    sub = Subscription.open([], {})
-    sub.sent("1", sub.next_push(first.view(WORKLOAD_TYPE), "node-1"))
+    sub = Subscription.open("node-1", [], {})
+    sub.sent("1", sub.next_push(first.view(WORKLOAD_TYPE)))
     assert sub.reject("1")
-    assert sub.known == {}
+    assert sub.held_versions() == {}
     sub.mark_dirty(["default/client"])
-    assert sub.next_push(first.view(WORKLOAD_TYPE), "node-1") is None
+    assert sub.next_push(first.view(WORKLOAD_TYPE)) is None
     second = _snapshot({"default/client": Registration("node-1", "u", ("10.0.0.9",))}, first)
     sub.mark_dirty(changed_names(first, second)[WORKLOAD_TYPE])
-    delta = sub.next_push(second.view(WORKLOAD_TYPE), "node-1")
+    delta = sub.next_push(second.view(WORKLOAD_TYPE))
     assert [e.name for e in delta.updated] == ["default/client"]
 
 
@@ -74,13 +77,121 @@ def test_resume_sends_only_differences_and_removals():
     first = _snapshot()
     held = {name: e.version for name, e in first.view(WORKLOAD_TYPE).items()}
     held["default/vanished"] = "abc"
-    sub = Subscription.open(["*"], held)
-    delta = sub.next_push(first.view(WORKLOAD_TYPE), "node-1")
+    sub = Subscription.open("node-1", ["*"], held)
+    delta = sub.next_push(first.view(WORKLOAD_TYPE))
     assert delta.updated == () and delta.removed == ("default/vanished",)
 
 
 def test_explicit_subscription_gets_only_named_resources():
     first = _snapshot()
-    sub = Subscription.open(["default/server"], {})
-    delta = sub.next_push(first.view(WORKLOAD_TYPE), "node-1")
+    sub = Subscription.open("node-1", ["default/server"], {})
+    delta = sub.next_push(first.view(WORKLOAD_TYPE))
     assert [e.name for e in delta.updated] == ["default/server"]
+
+
+def test_in_sync_subscriptions_share_the_snapshot_view():
+    first = _snapshot()
+    subs = [Subscription.open(node, [], {}) for node in ("node-1", "node-2")]
+    for sub in subs:
+        sub.sent("1", sub.next_push(first.view(POLICY_TYPE)))
+        assert sub.acknowledge("1")
+        assert sub.base is first.view(POLICY_TYPE) and sub.overlay == {}
+    # One shared mapping, each node reading only what is meant for it.
+    assert subs[0].held_versions() == {}
+    assert set(subs[1].held_versions()) == {"default/server-allow-client"}
+
+
+def test_overlay_holds_only_differences_and_is_folded_back_when_in_sync():
+    first = _snapshot()
+    sub = Subscription.open("node-1", [], {})
+    sub.sent("1", sub.next_push(first.view(WORKLOAD_TYPE)))
+    sub.acknowledge("1")
+    second = _snapshot({"default/server": Registration("node-2", "u1", ("10.0.0.5",))}, first)
+    sub.mark_dirty(changed_names(first, second)[WORKLOAD_TYPE])
+    sub.sent("2", sub.next_push(second.view(WORKLOAD_TYPE)))
+    sub.acknowledge("2")
+    new_version = second.view(WORKLOAD_TYPE)["default/server"].version
+    assert sub.overlay == {"default/server": new_version}
+    assert sub.next_push(second.view(WORKLOAD_TYPE)) is None
+    assert sub.base is second.view(WORKLOAD_TYPE) and sub.overlay == {}
+    assert sub.held_versions()["default/server"] == new_version
+
+
+def test_rejected_version_survives_a_rebase():
+    first = _snapshot()
+    sub = Subscription.open("node-1", [], {})
+    sub.sent("1", sub.next_push(first.view(WORKLOAD_TYPE)))
+    sub.acknowledge("1")
+    old = first.view(WORKLOAD_TYPE)["default/client"].version
+    second = _snapshot({"default/client": Registration("node-1", "u", ("10.0.0.9",))}, first)
+    sub.mark_dirty(changed_names(first, second)[WORKLOAD_TYPE])
+    sub.sent("2", sub.next_push(second.view(WORKLOAD_TYPE)))
+    assert sub.reject("2")
+    assert sub.next_push(second.view(WORKLOAD_TYPE)) is None  # rebased
+    assert sub.base is second.view(WORKLOAD_TYPE)
+    assert sub.held_versions()["default/client"] == old
+
+
+def test_wildcard_to_explicit_keeps_what_the_client_holds():
+    first = _snapshot()
+    sub = Subscription.open("node-1", [], {})
+    sub.sent("1", sub.next_push(first.view(WORKLOAD_TYPE)))
+    sub.acknowledge("1")
+    held = sub.held_versions()
+    sub.update_interest(["default/client"], ["*"])
+    assert sub.base == {} and sub.held_versions() == held
+    delta = sub.next_push(first.view(WORKLOAD_TYPE))
+    assert delta.updated == () and delta.removed == ("default/server",)
+
+
+def test_random_pushes_acks_and_nacks_match_a_model_client():
+    """Whatever the order of changes, ACKs and NACKs, held() is what the client has."""
+    rng = random.Random(7)
+    names = [f"ns/w-{i}" for i in range(30)]
+    nodes = ("node-1", "node-2")
+    view: dict[str, Entry] = {}
+    sub = Subscription.open("node-1", [], {})
+    client: dict[str, str] = {}
+    for step in range(400):
+        action = rng.random()
+        if action < 0.5:
+            name = rng.choice(names)
+            view = dict(view)  # snapshots are immutable: each change is a new view
+            if name in view and rng.random() < 0.3:
+                del view[name]
+            else:
+                audience = None if rng.random() < 0.7 else frozenset({rng.choice(nodes)})
+                view[name] = _entry(name, f"v{step}", audience)
+            sub.mark_dirty([name])
+        elif sub.pending is None:
+            delta = sub.next_push(view)
+            if delta is not None:
+                sub.sent(str(step), delta)
+        else:
+            delta = sub.pending.delta
+            if rng.random() < 0.8:
+                assert sub.acknowledge(sub.pending.nonce)
+                client.update({e.name: e.version for e in delta.updated})
+                for name in delta.removed:
+                    client.pop(name, None)
+            else:
+                assert sub.reject(sub.pending.nonce)
+        assert sub.held_versions() == client, step
+    # Quiescent: in sync with the view except for what was rejected.
+    while sub.pending is not None or (delta := sub.next_push(view)) is not None:
+        if sub.pending is None:
+            sub.sent("last", delta)
+        client.update({e.name: e.version for e in sub.pending.delta.updated})
+        for name in sub.pending.delta.removed:
+            client.pop(name, None)
+        sub.acknowledge(sub.pending.nonce)
+    expected = {n: e.version for n, e in view.items() if e.visible_to("node-1")}
+    for name in set(expected) | set(client):
+        if name not in sub.rejected:
+            assert client.get(name) == expected.get(name), name
+    assert sub.held_versions() == client
+    assert set(sub.overlay) <= set(sub.rejected)
+
+
+def _entry(name, version, audience):
+    return Entry(name, version, b"", b"", audience, mesh_pb2.Workload())

@@ -6,16 +6,20 @@ import contextlib
 import grpc
 import pytest
 from cp_testing import (
+    FAST_BACKOFF,
     MESH_YAML,
     TOKENS,
     RecordingHandler,
+    endpoint,
+    node_client,
+    running,
     running_plane,
     subscribed,
 )
 
 from controlplane import metrics as m
 from controlplane import xds_transport
-from controlplane.client import XdsClient, register_workload
+from controlplane.client import ControlPlaneClient
 from controlplane.mesh import POLICY_TYPE, SERVICE_TYPE, TRUST_BUNDLE_TYPE, WORKLOAD_TYPE
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,7 +38,10 @@ def test_initial_sync_and_per_node_view(tmp_path):
     async def scenario():
         async with running_plane(tmp_path) as plane:
             one, two = RecordingHandler(), RecordingHandler()
-            async with subscribed(plane, "node-1", one), subscribed(plane, "node-2", two):
+            async with (
+                subscribed(plane, tmp_path, "node-1", one),
+                subscribed(plane, tmp_path, "node-2", two),
+            ):
                 for handler in (one, two):
                     await handler.wait_for(lambda h=handler: len(h.states) == 4)
                 for handler in (one, two):
@@ -58,7 +65,7 @@ def test_add_update_remove_reach_nodes(tmp_path):
     async def scenario():
         async with running_plane(tmp_path) as plane:
             handler = RecordingHandler()
-            async with subscribed(plane, "node-1", handler):
+            async with subscribed(plane, tmp_path, "node-1", handler):
                 await handler.wait_for(lambda: len(handler.states) == 4)
                 config = tmp_path / "mesh.yaml"
                 # add
@@ -72,10 +79,8 @@ def test_add_update_remove_reach_nodes(tmp_path):
                 endpoints = handler.states[SERVICE_TYPE]["default/server"].endpoints
                 assert list(endpoints) == ["default/extra", "default/server"]
                 # update (local registration by the hosting node)
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{plane.grpc_port}") as channel:
-                    await register_workload(
-                        channel,
-                        TOKENS["node-2"],
+                async with node_client(plane, tmp_path, "node-2") as node_2:
+                    await node_2.register_workload(
                         namespace="default",
                         name="extra",
                         uid="uid-extra",
@@ -105,7 +110,7 @@ def test_invalid_file_keeps_last_good_config(tmp_path):
     async def scenario():
         async with running_plane(tmp_path) as plane:
             handler = RecordingHandler()
-            async with subscribed(plane, "node-1", handler):
+            async with subscribed(plane, tmp_path, "node-1", handler):
                 await handler.wait_for(lambda: len(handler.states) == 4)
                 generation = plane.state.snapshot.generation
                 (tmp_path / "mesh.yaml").write_text(MESH_YAML + "bogus: 1\n")
@@ -125,7 +130,7 @@ def test_nack_keeps_old_config_and_is_reported(tmp_path):
     async def scenario():
         async with running_plane(tmp_path) as plane:
             handler = RecordingHandler(reject=refuse_extra)
-            async with subscribed(plane, "node-1", handler) as client:
+            async with subscribed(plane, tmp_path, "node-1", handler) as client:
                 await handler.wait_for(lambda: len(handler.states) == 4)
                 before = client.versions(WORKLOAD_TYPE)
                 (tmp_path / "mesh.yaml").write_text(_with_extra_workload(MESH_YAML))
@@ -155,13 +160,16 @@ def test_reconnect_resumes_from_held_versions(tmp_path):
         handler = RecordingHandler()
         async with running_plane(tmp_path) as first:
             port = first.grpc_port
-            client = XdsClient(f"127.0.0.1:{port}", "node-1", TOKENS["node-1"], handler)
-            task = asyncio.create_task(client.run())
+            client = ControlPlaneClient(
+                endpoint(first, tmp_path), "node-1", TOKENS["node-1"], backoff=FAST_BACKOFF
+            )
+            xds = client.subscribe(handler)
+            task = asyncio.create_task(xds.run())
             await handler.wait_for(lambda: len(handler.states) == 4)
-        try:
+        async with client:
             # The control plane went away; the node keeps its config meanwhile.
             async with asyncio.timeout(5):
-                while client.connected.is_set():
+                while xds.connected.is_set():
                     await asyncio.sleep(0.01)
             assert len(handler.states[WORKLOAD_TYPE]) == 2
             handler.updates.clear()
@@ -172,7 +180,6 @@ def test_reconnect_resumes_from_held_versions(tmp_path):
             # Resumed: only the difference was sent, not the two known workloads.
             workload_updates = [u for u in handler.updates if u[0] == WORKLOAD_TYPE]
             assert workload_updates == [(WORKLOAD_TYPE, ["default/extra"], [])]
-        finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -180,27 +187,94 @@ def test_reconnect_resumes_from_held_versions(tmp_path):
     asyncio.run(scenario())
 
 
+def test_registrations_come_back_after_a_control_plane_restart(tmp_path):
+    """The control plane keeps no state: the client registers its pods again on reconnect."""
+
+    async def scenario():
+        watcher = RecordingHandler()
+        async with running_plane(tmp_path) as first:
+            port = first.grpc_port
+            # node-1's agent outlives this control plane.
+            agent = ControlPlaneClient(
+                endpoint(first, tmp_path), "node-1", TOKENS["node-1"], backoff=FAST_BACKOFF
+            )
+            await agent.register_workload(
+                namespace="default", name="client", uid="uid-c", ips=["10.1.0.5"]
+            )
+            assert set(first.state.registrations) == {"default/client"}
+        async with (
+            agent,
+            running(agent.subscribe(RecordingHandler())),
+            running_plane(tmp_path, grpc_listen=f"127.0.0.1:{port}") as second,
+        ):
+            assert second.state.registrations == {}
+            # Another node sees the pod's address again, with no re-registration by hand.
+            async with subscribed(second, tmp_path, "node-2", watcher):
+                await watcher.wait_for(
+                    lambda: (
+                        WORKLOAD_TYPE in watcher.states
+                        and list(watcher.states[WORKLOAD_TYPE]["default/client"].ips)
+                        == ["10.1.0.5"]
+                    )
+                )
+            assert second.state.registrations["default/client"].uid == "uid-c"
+
+    asyncio.run(scenario())
+
+
+def test_refused_registration_is_forgotten_not_replayed(tmp_path):
+    async def scenario():
+        async with (
+            running_plane(tmp_path) as plane,
+            node_client(plane, tmp_path, "node-1") as node_1,
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                # The server is declared on node-2.
+                await node_1.register_workload(
+                    namespace="default", name="server", uid="u", ips=["10.1.0.6"]
+                )
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert node_1.registrations == {}
+            await node_1.register_workload(
+                namespace="default", name="client", uid="u", ips=["10.1.0.5"]
+            )
+            # The config drops the pod; replaying it is refused and it is forgotten.
+            (tmp_path / "mesh.yaml").write_text(
+                MESH_YAML.replace(
+                    "  - {name: client, namespace: default, serviceAccount: client, node: node-1, "
+                    "labels: {app: client}}\n",
+                    "",
+                )
+            )
+            async with asyncio.timeout(5):
+                while "default/client" in plane.state.mesh.workloads:
+                    await asyncio.sleep(0.02)
+            await node_1.restore_registrations()
+            assert node_1.registrations == {}
+
+    asyncio.run(scenario())
+
+
 def test_wrong_node_id_and_unknown_token_are_refused(tmp_path):
     async def scenario():
-        async with running_plane(tmp_path) as plane:
-            target = f"127.0.0.1:{plane.grpc_port}"
-            async with grpc.aio.insecure_channel(target) as channel:
-                method = channel.stream_stream(
-                    xds_transport.DELTA_METHOD,
-                    request_serializer=xds_transport.passthrough,
-                    response_deserializer=xds_transport.decode_response,
-                )
-                for token, node, code in (
-                    ("not-a-token-at-all", "node-1", grpc.StatusCode.UNAUTHENTICATED),
-                    (TOKENS["node-1"], "node-2", grpc.StatusCode.PERMISSION_DENIED),
-                ):
-                    call = method(None, metadata=(("authorization", f"Bearer {token}"),))
-                    await call.write(
-                        xds_transport.encode_request(node_id=node, type_url=WORKLOAD_TYPE)
-                    )
-                    with pytest.raises(grpc.aio.AioRpcError) as failure:
-                        async with asyncio.timeout(5):
-                            await call.read()
-                    assert failure.value.code() == code
+        async with (
+            running_plane(tmp_path) as plane,
+            endpoint(plane, tmp_path).open_channel(FAST_BACKOFF) as channel,
+        ):
+            method = channel.stream_stream(
+                xds_transport.DELTA_METHOD,
+                request_serializer=xds_transport.passthrough,
+                response_deserializer=xds_transport.decode_response,
+            )
+            for token, node, code in (
+                ("not-a-token-at-all", "node-1", grpc.StatusCode.UNAUTHENTICATED),
+                (TOKENS["node-1"], "node-2", grpc.StatusCode.PERMISSION_DENIED),
+            ):
+                call = method(None, metadata=(("authorization", f"Bearer {token}"),))
+                await call.write(xds_transport.encode_request(node_id=node, type_url=WORKLOAD_TYPE))
+                with pytest.raises(grpc.aio.AioRpcError) as failure:
+                    async with asyncio.timeout(5):
+                        await call.read()
+                assert failure.value.code() == code
 
     asyncio.run(scenario())

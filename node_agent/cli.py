@@ -7,6 +7,7 @@ import logging
 import sys
 
 from node_agent import demo
+from node_agent.agent import cli as agent_cli
 from node_agent.cni_install import cli as cni_cli
 from node_agent.errors import WeirError
 from node_agent.redirect import cli as redirect_cli
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     redirect_cli.register(subparsers)
     demo.register(subparsers)
     cni_cli.register(subparsers)
+    agent_cli.register(subparsers)
     controlplane = subparsers.add_parser(
         "controlplane",
         help="run the control plane (config over delta xDS, workload CA)",

@@ -4,15 +4,17 @@ The order matters and each step is undone if a later one fails, so a failed
 ADD leaves the pod exactly as the primary CNI left it and the runtime's retry
 starts clean:
 
-    1. capture rules in the pod netns       (undo: remove them)
-    2. hand the pod to the proxy, acked     (undo: take it back)
+    1. hand the pod to the proxy, acked     (undo: take it back)
+    2. capture in the pod netns             (undo: remove it)
     3. register the workload                (undo: deregister)
     4. record it on disk                    (the point of no return)
 
-Capture goes first so that no connection made after ADD returns can bypass
-the proxy; the handoff comes before ADD returns so that captured connections
-find the proxy listening. DEL never fails: every step is best effort and
-idempotent, because a runtime that cannot delete a sandbox retries forever.
+Both 1 and 2 finish before ADD returns, so no process of the pod ever runs
+uncaptured or meets a proxy that is not listening yet. The proxy goes first
+because eBPF inbound capture steers to the proxy's listening socket, which
+must exist when capture is applied. DEL never fails: every step is best
+effort and idempotent, because a runtime that cannot delete a sandbox
+retries forever.
 """
 
 from __future__ import annotations
@@ -132,14 +134,14 @@ class Enroller:
             tuple[str, Callable[[], Awaitable[object]], Callable[[], Awaitable[object]]]
         ] = [
             (
-                "capture",
-                lambda: asyncio.to_thread(self._capture.apply, ns, record.capture),
-                lambda: asyncio.to_thread(self._capture.remove, ns),
-            ),
-            (
                 "proxy handoff",
                 lambda: self._proxy.add(_enrolled(record), ns),
                 lambda: self._proxy.remove(record.uid),
+            ),
+            (
+                "capture",
+                lambda: asyncio.to_thread(self._capture.apply, ns, record.capture),
+                lambda: asyncio.to_thread(self._capture.remove, ns),
             ),
             (
                 "registration",
@@ -216,7 +218,11 @@ class Enroller:
         return await asyncio.to_thread(self._capture.check, ns, record.capture)
 
     async def converge(self) -> None:
-        """After a restart: forget pods that are gone, repair capture of the rest."""
+        """After an agent restart or a new proxy: forget pods gone, repair the rest.
+
+        A new proxy process opens new listening sockets; eBPF capture refers to
+        them, so capture is re-checked (and re-applied) whenever a proxy synced.
+        """
         for record in list(self._registry):
             async with self._locks[record.container_id]:
                 await self._converge_one(record)

@@ -422,8 +422,8 @@ class LocalTopology:
                     "link set lo up",
                     f"link add {bridge} type bridge",
                     f"link set {bridge} up",
-                    f"addr add {self._router_v4}/{self.underlay_v4.prefixlen} dev {bridge}",
-                    f"addr add {self._router_v6}/{self.underlay_v6.prefixlen} dev {bridge} nodad",
+                    f"addr add {self.router_v4}/{self.underlay_v4.prefixlen} dev {bridge}",
+                    f"addr add {self.router_v6}/{self.underlay_v6.prefixlen} dev {bridge} nodad",
                 ],
             )
         except BaseException:
@@ -489,11 +489,12 @@ class LocalTopology:
         return f"{self.prefix}ul"
 
     @property
-    def _router_v4(self) -> IPv4Address:
+    def router_v4(self) -> IPv4Address:
+        """The underlay's own address: where shared services (the control plane) listen."""
         return self.underlay_v4.network_address + 1
 
     @property
-    def _router_v6(self) -> IPv6Address:
+    def router_v6(self) -> IPv6Address:
         return self.underlay_v6.network_address + 1
 
     def _require_open(self) -> Netns:
@@ -578,8 +579,8 @@ class LocalTopology:
                     f"addr add {ul_v4}/{self.underlay_v4.prefixlen} dev {node_if}",
                     f"addr add {ul_v6}/{self.underlay_v6.prefixlen} dev {node_if} nodad",
                     # Anything not a pod goes to the underlay, which has no way on.
-                    f"route add default via {self._router_v4}",
-                    f"route add default via {self._router_v6}",
+                    f"route add default via {self.router_v4}",
+                    f"route add default via {self.router_v6}",
                     *(f"route add {c} via {gw}" for o in others for c, gw in _pod_routes(o)),
                 ],
             )

@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,9 +52,16 @@ class _ProxyConnection:
 class ProxyHandoffServer:
     """Serves a snapshot then every change to each proxy, one acked message at a time."""
 
-    def __init__(self, path: Path, snapshot: Snapshot, ack_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        snapshot: Snapshot,
+        ack_timeout: float = 5.0,
+        on_synced: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.path = path
         self._snapshot = snapshot
+        self._on_synced = on_synced
         self._ack_timeout = ack_timeout
         self._connections: list[_ProxyConnection] = []
         self._lock = asyncio.Lock()
@@ -167,6 +174,8 @@ class ProxyHandoffServer:
         with contextlib.suppress(Exception):
             await snapshot_done.done
             conn.synced = True
+        if conn.synced and self._on_synced is not None:
+            await self._on_synced()
 
     async def _pump(self, conn: _ProxyConnection) -> None:
         while True:

@@ -112,7 +112,7 @@ def test_add_runs_every_step_in_order_and_records_the_pod(tmp_path, sandbox):
     outcome = asyncio.run(enroller.add(pod(sandbox)))
     ns = Path(sandbox).name
     assert outcome.captured
-    assert journal.events == [f"capture.apply {ns}", "proxy.add uid-1 10.244.1.5", "register uid-1"]
+    assert journal.events == ["proxy.add uid-1 10.244.1.5", f"capture.apply {ns}", "register uid-1"]
     [record] = list(registry)
     assert (record.service_account, record.mode) == ("sa-app", "fake")
 
@@ -128,9 +128,9 @@ def test_excluded_pods_are_not_touched(tmp_path, sandbox):
 @pytest.mark.parametrize(
     ("failing", "undone", "retryable"),
     [
-        ("capture.apply", [], False),
-        ("proxy.add uid-1 10.244.1.5", ["capture.remove"], True),
-        ("register uid-1", ["proxy.remove uid-1", "capture.remove"], True),
+        ("proxy.add uid-1 10.244.1.5", [], True),
+        ("capture.apply", ["proxy.remove uid-1"], False),
+        ("register uid-1", ["capture.remove", "proxy.remove uid-1"], True),
     ],
 )
 def test_a_failed_step_undoes_the_earlier_ones(tmp_path, sandbox, failing, undone, retryable):

@@ -1,0 +1,91 @@
+"""`weir agent`: run the node agent (one per node)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from controlplane.client import ControlPlaneEndpoint
+from node_agent.agent.app import Agent, AgentSettings
+from node_agent.enrollment.enroller import CaptureEngine
+from node_agent.errors import InvalidInputError
+from node_agent.redirect.backend import Backend, choose_backend, probe_host
+from node_agent.redirect.ebpf.capture import EbpfCapture
+from node_agent.redirect.ebpf.pins import DEFAULT_PIN_ROOT, PinLayout
+from node_agent.redirect.iptables import IptablesCapture
+from node_agent.redirect.modes import Mode, select_mode
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("agent", help="run the node agent")
+    p.add_argument("--node", required=True, help="this node's name in the mesh")
+    p.add_argument("--controlplane", default="127.0.0.1:15012", help="control plane host:port")
+    trust = p.add_mutually_exclusive_group(required=True)
+    trust.add_argument(
+        "--controlplane-ca", type=Path, help="mesh root PEM the control plane's TLS chains to"
+    )
+    trust.add_argument(
+        "--controlplane-insecure",
+        action="store_true",
+        help="plaintext to the control plane (debugging only)",
+    )
+    p.add_argument("--token-file", type=Path, required=True, help="file holding this node's token")
+    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/weir/agent"))
+    p.add_argument(
+        "--run-dir", type=Path, default=Path("/var/run/weir"), help="CNI and proxy sockets"
+    )
+    p.add_argument(
+        "--redirect-mode",
+        choices=list(Mode),
+        default=os.environ.get("WEIR_REDIRECT_MODE", "iptables"),
+    )
+    p.add_argument("--iptables-backend", choices=["auto", *Backend], default="auto")
+    p.add_argument("--bpf-pin-root", type=Path, default=DEFAULT_PIN_ROOT)
+    p.add_argument("--admin-port", type=int, default=15000, help="admin endpoint on 127.0.0.1")
+    p.add_argument("--health-port", type=int, default=15021, help="readiness endpoint")
+    p.set_defaults(func=_run)
+
+
+@contextlib.contextmanager
+def capture_engine(args: argparse.Namespace) -> Iterator[tuple[CaptureEngine, str]]:
+    choice, preflight = select_mode(Mode(args.redirect_mode), PinLayout(args.bpf_pin_root))
+    if choice.mode == Mode.EBPF:
+        compiled = preflight.compiled if preflight is not None else None
+        with EbpfCapture(PinLayout(args.bpf_pin_root), precompiled=compiled) as ebpf:
+            yield ebpf, "ebpf"
+        return
+    requested = None if args.iptables_backend == "auto" else Backend(args.iptables_backend)
+    backend = choose_backend(requested, probe_host())
+    yield IptablesCapture(backend.backend), f"iptables-{backend.backend}"
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        token = args.token_file.read_text().strip()
+    except OSError as e:
+        raise InvalidInputError(f"cannot read token file {args.token_file}: {e.strerror}") from None
+    endpoint = (
+        ControlPlaneEndpoint.insecure(args.controlplane)
+        if args.controlplane_insecure
+        else ControlPlaneEndpoint.tls(args.controlplane, args.controlplane_ca)
+    )
+    with capture_engine(args) as (capture, mode):
+        settings = AgentSettings(
+            node=args.node,
+            controlplane=endpoint,
+            token=token,
+            state_dir=args.state_dir,
+            run_dir=args.run_dir,
+            admin_port=args.admin_port,
+            health_port=args.health_port,
+        )
+
+        async def main() -> None:
+            await Agent(settings, capture, mode).run()
+
+        asyncio.run(main())
+    return 0

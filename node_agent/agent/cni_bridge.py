@@ -1,0 +1,54 @@
+"""The CNI event server's handler, run on its threads, answered by the agent's loop.
+
+The server serves each plugin request on its own thread; enrollment lives on
+the agent's asyncio loop (the proxy handoff and the control plane client are
+asyncio). Each request is submitted to the loop and waited for with a bound,
+so a stuck step turns into a retryable CNI error, not a hung runtime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from cni_plugin.protocol import PodInfo
+from node_agent.cni_events.handler import AddDecision, Attachment
+from node_agent.enrollment.enroller import Enroller
+from node_agent.errors import TransientError
+
+T = TypeVar("T")
+
+
+class EnrollmentCniHandler:
+    def __init__(
+        self, enroller: Enroller, loop: asyncio.AbstractEventLoop, timeout_s: float = 20.0
+    ) -> None:
+        self._enroller = enroller
+        self._loop = loop
+        self._timeout_s = timeout_s
+
+    def _run(self, what: str, coro: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(self._timeout_s)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TransientError(f"{what} did not finish within {self._timeout_s:.0f}s") from None
+
+    def on_add(self, pod: PodInfo) -> AddDecision:
+        outcome = self._run(f"enrolling {pod.describe()}", self._enroller.add(pod))
+        return AddDecision(captured=outcome.captured, reason=outcome.reason)
+
+    def on_del(self, pod: PodInfo) -> None:
+        self._run(f"removing {pod.describe()}", self._enroller.delete(pod.container_id))
+
+    def on_check(self, pod: PodInfo) -> None:
+        drift = self._run(f"checking {pod.describe()}", self._enroller.check(pod.container_id))
+        if drift:
+            raise TransientError(f"capture of {pod.describe()} is not in place: {drift[0]}")
+
+    def on_gc(self, valid: frozenset[Attachment]) -> None:
+        keep = frozenset(container_id for container_id, _ in valid)
+        self._run("garbage collection", self._enroller.gc(keep))

@@ -1,0 +1,316 @@
+"""The local mesh: a control plane and, per node, a node agent and a proxy, as processes.
+
+Everything runs as it would on real nodes, only in network namespaces: the
+control plane listens in the underlay (TLS, its own CA), each agent and proxy
+run inside their node's netns, and pods are created by running the node's
+CNI chain (bridge, host-local, then the frozen weir-cni) exactly as a
+container runtime does. What a node's proxy is comes from the caller, so the
+same harness serves the real `weir proxy` and test stand-ins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+import yaml
+
+from node_agent import netns as netns_mod
+from node_agent.cni_install.conflist import PluginSettings
+from node_agent.cni_install.installer import install_plugin_binary
+from node_agent.errors import NodeSetupError, TransientError
+from node_agent.localmesh.topology import CNI_BIN_DIR, LocalTopology, Node, Pod
+from node_agent.netns import Netns
+
+CONTROLPLANE_GRPC_PORT = 15012
+CONTROLPLANE_HTTP_PORT = 15014
+REPO = Path(__file__).resolve().parents[2]
+PLUGIN_BUNDLE = REPO / "build" / "cni-plugin" / "weir-cni"
+_STARTUP_TIMEOUT_S = 30.0
+
+
+def weir_command() -> list[str]:
+    """How to run `weir` from this environment (the venv's console script)."""
+    return [str(Path(sys.executable).with_name("weir"))]
+
+
+@dataclass
+class Process:
+    """A child process started inside a netns, with its output in a log file."""
+
+    name: str
+    argv: list[str]
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, timeout_s: float = 10.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash or an OOM kill looks like to everyone else."""
+        self.popen.kill()
+        self.popen.wait()
+
+    def tail(self, lines: int = 40) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+
+def spawn(ns: Netns, name: str, argv: Sequence[str], log_dir: Path) -> Process:
+    log = log_dir / f"{name}.log"
+    out: IO[bytes]
+    with log.open("ab") as out, netns_mod.entered(ns):
+        popen = subprocess.Popen(
+            list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+    return Process(name, list(argv), popen, log)
+
+
+def http_get(
+    ns: Netns, host: str, port: int, path: str, timeout_s: float = 2.0
+) -> tuple[int, bytes]:
+    """One GET from inside `ns`; raises OSError when nothing answers."""
+    with netns_mod.entered(ns):
+        sock = socket.create_connection((host, port), timeout=timeout_s)
+    with sock:
+        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def wait_http_ok(
+    ns: Netns,
+    address: tuple[str, int],
+    path: str,
+    *,
+    process: Process,
+    timeout_s: float = _STARTUP_TIMEOUT_S,
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if process.popen.poll() is not None:
+            raise NodeSetupError(
+                f"{process.name} exited ({process.popen.returncode}):\n{process.tail()}"
+            )
+        try:
+            status, body = http_get(ns, *address, path)
+        except OSError as e:
+            last = str(e)
+        else:
+            if status == 200:
+                return
+            last = f"{status} {body[:300]!r}"
+        time.sleep(0.1)
+    raise TransientError(
+        f"{process.name} not ready at {path} after {timeout_s:.0f}s: {last}\n{process.tail()}"
+    )
+
+
+ProxyStarter = Callable[["MeshNode"], Callable[[], None]]
+
+
+@dataclass
+class MeshNode:
+    node: Node
+    dir: Path
+    agent: Process | None = None
+    stop_proxy: Callable[[], None] | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.dir / "run"
+
+    @property
+    def handoff_socket(self) -> Path:
+        return self.run_dir / "proxy.sock"
+
+    @property
+    def cni_socket(self) -> Path:
+        return self.run_dir / "cni.sock"
+
+
+@dataclass
+class LocalMesh:
+    config: Path
+    start_proxy: ProxyStarter
+    topology: LocalTopology = field(default_factory=LocalTopology)
+    nodes: dict[str, MeshNode] = field(default_factory=dict)
+    controlplane: Process | None = None
+    _work: Path | None = None
+
+    def __enter__(self) -> LocalMesh:
+        self.topology.open()
+        try:
+            self._start_controlplane()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def work(self) -> Path:
+        if self._work is None:
+            self._work = Path(tempfile.mkdtemp(prefix=f"{self.topology.prefix}-mesh-"))
+            # The proxy runs as UID 1337 and must reach its node's handoff socket.
+            self._work.chmod(0o755)
+        return self._work
+
+    @property
+    def controlplane_address(self) -> str:
+        return f"{self.topology.router_v4}:{CONTROLPLANE_GRPC_PORT}"
+
+    @property
+    def mesh_root(self) -> Path:
+        return self.work / "controlplane" / "root-cert.pem"
+
+    def _start_controlplane(self) -> None:
+        host = str(self.topology.router_v4)
+        self.controlplane = spawn(
+            self.topology.underlay,
+            "controlplane",
+            [
+                *weir_command(),
+                "controlplane",
+                "--config",
+                str(self.config),
+                "--listen",
+                self.controlplane_address,
+                "--http-listen",
+                f"{host}:{CONTROLPLANE_HTTP_PORT}",
+                "--state-dir",
+                str(self.work / "controlplane"),
+            ],
+            self.work,
+        )
+        wait_http_ok(
+            self.topology.underlay,
+            (host, CONTROLPLANE_HTTP_PORT),
+            "/healthz/ready",
+            process=self.controlplane,
+        )
+
+    def _token(self, node: str) -> str:
+        doc = yaml.safe_load(self.config.read_text())
+        for entry in doc.get("nodes", []):
+            if entry.get("name") == node:
+                return str(entry["bootstrapToken"])
+        raise NodeSetupError(f"node {node} is not in {self.config}")
+
+    def add_node(self, name: str, pod_cidr_v4: str, pod_cidr_v6: str | None = None) -> MeshNode:
+        node_dir = self.work / name
+        (node_dir / "run").mkdir(parents=True)
+        bin_dir = self.work / "cni-bin"
+        if not (bin_dir / "weir-cni").exists():
+            if not (PLUGIN_BUNDLE / "weir-cni").exists():
+                raise NodeSetupError(
+                    f"{PLUGIN_BUNDLE} missing: build it with scripts/build-cni-plugin.sh"
+                )
+            bin_dir.mkdir(exist_ok=True)
+            install_plugin_binary(PLUGIN_BUNDLE, bin_dir)
+            self.topology.cni_path = [CNI_BIN_DIR, bin_dir]
+        weir = PluginSettings(agent_socket=str(node_dir / "run" / "cni.sock"), agent_timeout_s=10)
+        node = self.topology.add_node(
+            name, pod_cidr_v4, pod_cidr_v6, chained_plugins=[weir.entry()]
+        )
+        mesh_node = MeshNode(node, node_dir)
+        self.nodes[name] = mesh_node
+        token_file = node_dir / "token"
+        token_file.write_text(self._token(name))
+        token_file.chmod(0o600)
+        mesh_node.agent = spawn(
+            node.netns,
+            f"agent-{name}",
+            [
+                *weir_command(),
+                "--log-level",
+                "info",
+                "agent",
+                "--node",
+                name,
+                "--controlplane",
+                self.controlplane_address,
+                "--controlplane-ca",
+                str(self.mesh_root),
+                "--token-file",
+                str(token_file),
+                "--state-dir",
+                str(node_dir / "state"),
+                "--run-dir",
+                str(node_dir / "run"),
+            ],
+            self.work,
+        )
+        mesh_node.stop_proxy = self.start_proxy(mesh_node)
+        wait_http_ok(node.netns, ("127.0.0.1", 15021), "/healthz/ready", process=mesh_node.agent)
+        return mesh_node
+
+    def restart_agent(self, name: str, *, kill: bool = False) -> None:
+        mesh_node = self.nodes[name]
+        assert mesh_node.agent is not None
+        if kill:
+            mesh_node.agent.kill()
+        else:
+            mesh_node.agent.stop()
+        mesh_node.agent = spawn(
+            mesh_node.node.netns, f"agent-{name}", mesh_node.agent.argv, self.work
+        )
+
+    def wait_agent_ready(self, name: str) -> None:
+        mesh_node = self.nodes[name]
+        assert mesh_node.agent is not None
+        wait_http_ok(
+            mesh_node.node.netns, ("127.0.0.1", 15021), "/healthz/ready", process=mesh_node.agent
+        )
+
+    def add_pod(self, node: str, name: str, namespace: str = "default") -> Pod:
+        return self.topology.add_pod(self.nodes[node].node, name, namespace)
+
+    def close(self) -> None:
+        try:
+            for mesh_node in self.nodes.values():
+                if mesh_node.stop_proxy is not None:
+                    mesh_node.stop_proxy()
+            # Pods go first, while agents still answer their CNI DEL.
+            for pod in reversed(self.topology.pods):
+                with contextlib.suppress(Exception):
+                    self.topology.remove_pod(pod)
+            for mesh_node in self.nodes.values():
+                if mesh_node.agent is not None:
+                    mesh_node.agent.stop()
+            if self.controlplane is not None:
+                self.controlplane.stop()
+        finally:
+            self.topology.close()
+            if self._work is not None:
+                subprocess.run(["rm", "-rf", str(self._work)], check=False)
+                self._work = None

@@ -28,6 +28,7 @@ import yaml
 from node_agent import netns as netns_mod
 from node_agent.cni_install.conflist import PluginSettings
 from node_agent.cni_install.installer import install_plugin_binary
+from node_agent.constants import PROXY_UID
 from node_agent.errors import NodeSetupError, TransientError
 from node_agent.localmesh.topology import CNI_BIN_DIR, LocalTopology, Node, Pod
 from node_agent.netns import Netns
@@ -128,7 +129,8 @@ def wait_http_ok(
     )
 
 
-ProxyStarter = Callable[["MeshNode"], Callable[[], None]]
+# Starts a node's proxy once its agent runs; returns how to stop it.
+ProxyStarter = Callable[["LocalMesh", "MeshNode"], Callable[[], object]]
 
 
 @dataclass
@@ -136,7 +138,8 @@ class MeshNode:
     node: Node
     dir: Path
     agent: Process | None = None
-    stop_proxy: Callable[[], None] | None = None
+    proxy: Process | None = None
+    stop_proxy: Callable[[], object] | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -270,7 +273,7 @@ class LocalMesh:
             ],
             self.work,
         )
-        mesh_node.stop_proxy = self.start_proxy(mesh_node)
+        mesh_node.stop_proxy = self.start_proxy(self, mesh_node)
         wait_http_ok(node.netns, ("127.0.0.1", 15021), "/healthz/ready", process=mesh_node.agent)
         return mesh_node
 
@@ -314,3 +317,34 @@ class LocalMesh:
             if self._work is not None:
                 subprocess.run(["rm", "-rf", str(self._work)], check=False)
                 self._work = None
+
+
+def real_proxy(mesh: LocalMesh, node: MeshNode) -> Callable[[], object]:
+    """The real `weir proxy run`, in the node's netns, as UID 1337, following its agent."""
+    node.proxy = spawn(
+        node.node.netns,
+        f"proxy-{node.node.name}",
+        [
+            *weir_command(),
+            "proxy",
+            "run",
+            "--control-plane",
+            mesh.controlplane_address,
+            "--control-plane-roots",
+            str(mesh.mesh_root),
+            "--node",
+            node.node.name,
+            "--token-file",
+            str(node.dir / "token"),
+            "--agent-socket",
+            str(node.handoff_socket),
+            "--metrics-listen",
+            "127.0.0.1:15020",
+            "--drop-to-uid",
+            str(PROXY_UID),
+            "--drain-seconds",
+            "1",
+        ],
+        mesh.work,
+    )
+    return node.proxy.stop

@@ -58,8 +58,12 @@ class StandInProxy:
     async def remove_pod(self, uid: str) -> None:
         self.pods.pop(uid, None)
 
+    async def _shutdown(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
     def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._task.cancel)
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self.seen.close()
@@ -74,7 +78,7 @@ def plugin_bundle() -> None:
 def mesh(plugin_bundle) -> Iterator[tuple[LocalMesh, dict[str, StandInProxy]]]:
     proxies: dict[str, StandInProxy] = {}
 
-    def start(node: MeshNode) -> Callable[[], None]:
+    def start(_mesh: LocalMesh, node: MeshNode) -> Callable[[], None]:
         proxies[node.node.name] = StandInProxy(node)
         return proxies[node.node.name].stop
 

@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # is packaged for it, and it is what a fresh Debian 12 machine has.
 SYSTEM_PYTHON := /usr/bin/python3
 DEBIAN_PACKAGES := iptables iproute2 util-linux openssl tcpdump \
-	python3 python3-venv python3-dev gcc \
+	python3 python3-venv python3-dev gcc libc6-dev \
 	python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 \
 	containernetworking-plugins containerd runc busybox-static
 BCC_KERNEL_SOURCE := build/bcc-kernel-source

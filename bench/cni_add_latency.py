@@ -2,14 +2,16 @@
 
     .venv/bin/python bench/cni_add_latency.py [--rounds 50] [--plugin-rounds 200]
 
-Builds the frozen plugin (scripts/build-cni-plugin.sh), serves a test agent
+Builds the bundle (scripts/build-cni-plugin.sh), serves a test agent
 (RecordingHandler) in this process, and measures inside a throwaway node netns:
 
 1. the whole chain's ADD as a runtime runs it (cni_runtime.invoke_chain), for
-   bridge + host-local alone and with weir-cni appended: the difference is
-   what weir costs a pod's start;
-2. weir-cni's ADD alone, frozen binary and `python -m cni_plugin`, given a
-   fixed prevResult.
+   bridge + host-local alone, with weir-cni appended (the bundle's C front end),
+   and with the frozen Python plugin alone in its place (`weir-cni-py`, what
+   weir-cni was before the front end): the differences are what weir costs a
+   pod's start;
+2. VERSION and ADD of the plugin alone, given a fixed prevResult: the front
+   end, the frozen Python plugin, and `python -m cni_plugin`.
 
 Each ADD is followed by an untimed DEL, so every round starts from the same state.
 """
@@ -65,7 +67,7 @@ def chain_rounds(conflist, rounds, *, pod_netns, node, cni_path) -> list[float]:
     return samples
 
 
-def plugin_rounds(argv, rounds, *, pod_netns, socket_path) -> list[float]:
+def plugin_rounds(argv, command, rounds, *, pod_netns, socket_path) -> list[float]:
     stdin = json.dumps(
         {
             "cniVersion": "1.0.0",
@@ -76,7 +78,7 @@ def plugin_rounds(argv, rounds, *, pod_netns, socket_path) -> list[float]:
         }
     )
     env = os.environ | {
-        "CNI_COMMAND": "ADD",
+        "CNI_COMMAND": command,
         "CNI_CONTAINERID": "bench",
         "CNI_NETNS": str(pod_netns.path),
         "CNI_IFNAME": "eth0",
@@ -108,6 +110,12 @@ def main() -> None:
         bin_dir = work / "bin"
         bin_dir.mkdir()
         install_plugin_binary(bundle, bin_dir)
+        # The same bundle with the frozen Python plugin as weir-cni: the baseline.
+        py_bin_dir = work / "py-bin"
+        py_bin_dir.mkdir()
+        (py_bin_dir / "weir-cni").symlink_to(
+            (bin_dir / "weir-cni").resolve().parent / "weir-cni-py"
+        )
         cni_path = [CNI_BIN_DIR, bin_dir]
         with (
             CniEventServer(work / "cni.sock", RecordingHandler()) as server,
@@ -128,31 +136,45 @@ def main() -> None:
                 }
                 plain = node_conflist(**base)
                 chained = node_conflist(**base, chained_plugins=[weir])
-                common = {"pod_netns": pod_netns, "node": node, "cni_path": cni_path}
-                chain_rounds(chained, 3, **common)  # warm the page cache
-                without = chain_rounds(plain, args.rounds, **common)
-                with_weir = chain_rounds(chained, args.rounds, **common)
-                frozen = plugin_rounds(
-                    [str(bin_dir / "weir-cni")],
-                    args.plugin_rounds,
-                    pod_netns=pod_netns,
-                    socket_path=str(server.socket_path),
-                )
-                interpreted = plugin_rounds(
-                    [sys.executable, "-m", "cni_plugin"],
-                    args.plugin_rounds // 4,
-                    pod_netns=pod_netns,
-                    socket_path=str(server.socket_path),
-                )
+                common = {"pod_netns": pod_netns, "node": node}
+                py_path = {"cni_path": [CNI_BIN_DIR, py_bin_dir]}
+                chain_rounds(chained, 3, **common, cni_path=cni_path)  # warm the page cache
+                chain_rounds(chained, 3, **common, **py_path)
+                chains = {
+                    "bridge + host-local": chain_rounds(
+                        plain, args.rounds, **common, cni_path=cni_path
+                    ),
+                    "... + weir-cni (front end)": chain_rounds(
+                        chained, args.rounds, **common, cni_path=cni_path
+                    ),
+                    "... + weir-cni-py (frozen Python)": chain_rounds(
+                        chained, args.rounds, **common, **py_path
+                    ),
+                }
+                plugin = {"pod_netns": pod_netns, "socket_path": str(server.socket_path)}
+                alone = {}
+                for command in ("VERSION", "ADD"):
+                    alone[f"{command}, weir-cni (front end)"] = plugin_rounds(
+                        [str(bin_dir / "weir-cni")], command, args.plugin_rounds, **plugin
+                    )
+                    alone[f"{command}, weir-cni-py (frozen Python)"] = plugin_rounds(
+                        [str(py_bin_dir / "weir-cni")], command, args.plugin_rounds // 4, **plugin
+                    )
+                    alone[f"{command}, python -m cni_plugin"] = plugin_rounds(
+                        [sys.executable, "-m", "cni_plugin"],
+                        command,
+                        args.plugin_rounds // 4,
+                        **plugin,
+                    )
             finally:
                 subprocess.run(["ip", "netns", "delete", pod_name], check=False)
     finally:
         shutil.rmtree(work)
 
-    print(f"chain ADD, bridge + host-local:            {summary(without)}")
-    print(f"chain ADD, bridge + host-local + weir-cni: {summary(with_weir)}")
-    print(f"weir-cni ADD alone, frozen binary:         {summary(frozen)}")
-    print(f"weir-cni ADD alone, python -m cni_plugin:  {summary(interpreted)}")
+    for name, samples in chains.items():
+        print(f"chain ADD, {name:36} {summary(samples)}")
+    for name, samples in alone.items():
+        print(f"alone, {name:40} {summary(samples)}")
 
 
 if __name__ == "__main__":

@@ -213,7 +213,7 @@ def _unmount_under(root: Path) -> None:
 
 @pytest.fixture(scope="session")
 def plugin_bundle() -> Path:
-    """The PyInstaller build of weir-cni (rebuilt only when its sources changed)."""
+    """The weir-cni bundle: C front end + frozen Python plugin (rebuilt when its sources change)."""
     subprocess.run(["scripts/build-cni-plugin.sh"], cwd=REPO, check=True, timeout=300)
     return REPO / "build" / "cni-plugin" / "weir-cni"
 

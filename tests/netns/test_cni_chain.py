@@ -1,4 +1,4 @@
-"""The frozen weir-cni binary chained after the reference plugins (bridge + host-local)."""
+"""The weir-cni bundle (C front end + frozen plugin) chained after bridge + host-local."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ if os.environ["CNI_COMMAND"] == "ADD":
 
 @pytest.fixture(scope="module")
 def bundle() -> Path:
-    """The PyInstaller build of weir-cni (rebuilt only when its sources changed)."""
+    """The weir-cni bundle: C front end + frozen Python plugin (rebuilt when its sources change)."""
     subprocess.run(["scripts/build-cni-plugin.sh"], cwd=REPO, check=True, timeout=300)
     return REPO / "build" / "cni-plugin" / "weir-cni"
 

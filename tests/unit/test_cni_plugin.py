@@ -1,7 +1,13 @@
-"""weir-cni through its real entry point (`python -m cni_plugin`), against a test agent."""
+"""weir-cni against a test agent, through both of its entry points.
+
+Every test runs `python -m cni_plugin` and the built bundle's `weir-cni` (the C
+front end, which hands what it does not handle to the frozen Python plugin):
+both must behave the same.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -65,7 +71,24 @@ def config(socket_path: str, version: str = "1.0.0", **extra) -> dict:
     return {k: v for k, v in conf.items() if v is not None}
 
 
-def run_plugin(command, stdin, *, netns="/var/run/netns/p", pod=("default", "web"), **env):
+@pytest.fixture(scope="module")
+def bundle() -> Path:
+    """The built weir-cni bundle (rebuilt only when its sources changed)."""
+    subprocess.run(["scripts/build-cni-plugin.sh"], cwd=REPO, check=True, timeout=300)
+    return REPO / "build" / "cni-plugin" / "weir-cni"
+
+
+@pytest.fixture(params=["python", "bundle"])
+def run_plugin(request):
+    """run(command, stdin, ...) with one of the plugin's two entry points."""
+    if request.param == "python":
+        argv = [sys.executable, "-m", "cni_plugin"]
+    else:
+        argv = [str(request.getfixturevalue("bundle") / "weir-cni")]
+    return functools.partial(run, argv)
+
+
+def run(argv, command, stdin, *, netns="/var/run/netns/p", pod=("default", "web"), **env):
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("CNI_")} | {
         "CNI_COMMAND": command,
         "CNI_CONTAINERID": "c0ffee",
@@ -82,7 +105,7 @@ def run_plugin(command, stdin, *, netns="/var/run/netns/p", pod=("default", "web
             full_env[key] = value
     data = stdin if isinstance(stdin, bytes) else json.dumps(stdin).encode()
     return subprocess.run(
-        [sys.executable, "-m", "cni_plugin"],
+        argv,
         input=data,
         capture_output=True,
         cwd=REPO,
@@ -102,7 +125,7 @@ def cni_error(proc) -> dict:
 
 @pytest.mark.parametrize("version", ["1.0.0", "1.1.0", "0.4.0"])
 def test_add_hands_the_pod_to_the_agent_and_returns_prev_result_unchanged(
-    agent, netns_file, version
+    run_plugin, agent, netns_file, version
 ):
     handler, sock = agent
     conf = config(sock, version)
@@ -124,7 +147,7 @@ def test_add_hands_the_pod_to_the_agent_and_returns_prev_result_unchanged(
     assert handler.captured() == {"c0ffee"}
 
 
-def test_add_of_an_excluded_namespace_never_asks_the_agent(agent, netns_file):
+def test_add_of_an_excluded_namespace_never_asks_the_agent(run_plugin, agent, netns_file):
     handler, sock = agent
     for pod in (("kube-system", "coredns"), ("weir-system", "weir-node-x1")):
         proc = run_plugin("ADD", config(sock), netns=netns_file, pod=pod)
@@ -134,7 +157,7 @@ def test_add_of_an_excluded_namespace_never_asks_the_agent(agent, netns_file):
     assert handler.events() == []
 
 
-def test_an_opted_out_pod_starts_uncaptured(agent, netns_file):
+def test_an_opted_out_pod_starts_uncaptured(run_plugin, agent, netns_file):
     handler, sock = agent
     handler.opt_out.add(("default", "web"))
 
@@ -146,7 +169,7 @@ def test_an_opted_out_pod_starts_uncaptured(agent, netns_file):
     assert handler.captured() == set()
 
 
-def test_plugin_log_lines_reach_the_agent(agent, netns_file, caplog):
+def test_plugin_log_lines_reach_the_agent(run_plugin, agent, netns_file, caplog):
     _, sock = agent
     with caplog.at_level("INFO", logger="weir.cni_plugin"):
         proc = run_plugin("ADD", config(sock), netns=netns_file)
@@ -158,14 +181,14 @@ def test_plugin_log_lines_reach_the_agent(agent, netns_file, caplog):
     ]
 
 
-def test_an_agent_refusing_a_missing_netns_is_a_permanent_error(agent):
+def test_an_agent_refusing_a_missing_netns_is_a_permanent_error(run_plugin, agent):
     _, sock = agent
     err = cni_error(run_plugin("ADD", config(sock), netns="/nonexistent/netns"))
     assert err["code"] == 100
     assert "netns of default/web" in err["msg"]
 
 
-def test_add_fails_closed_when_the_agent_is_down(netns_file, tmp_path):
+def test_add_fails_closed_when_the_agent_is_down(run_plugin, netns_file, tmp_path):
     proc = run_plugin("ADD", config(str(tmp_path / "absent.sock")), netns=netns_file)
 
     err = cni_error(proc)
@@ -179,7 +202,7 @@ def test_add_fails_closed_when_the_agent_is_down(netns_file, tmp_path):
     ("refusal", "code"),
     [(TransientError("proxy not ready"), 11), (InvalidInputError("pod has hostNetwork"), 100)],
 )
-def test_add_fails_closed_when_the_agent_refuses(agent, netns_file, refusal, code):
+def test_add_fails_closed_when_the_agent_refuses(run_plugin, agent, netns_file, refusal, code):
     handler, sock = agent
     handler.refuse = refusal
 
@@ -189,7 +212,7 @@ def test_add_fails_closed_when_the_agent_refuses(agent, netns_file, refusal, cod
     assert err["msg"] == f"weir node agent could not capture default/web: {refusal.message}"
 
 
-def test_add_gives_up_at_its_deadline_when_the_agent_hangs(tmp_path, netns_file):
+def test_add_gives_up_at_its_deadline_when_the_agent_hangs(run_plugin, tmp_path, netns_file):
     work = Path(tempfile.mkdtemp(prefix="weircni-"))
     sock_path = work / "hang.sock"
     listener = socket.socket(socket.AF_UNIX)
@@ -205,7 +228,7 @@ def test_add_gives_up_at_its_deadline_when_the_agent_hangs(tmp_path, netns_file)
     assert "no answer within 0.5 s" in err["msg"]
 
 
-def test_del_is_delivered_and_always_succeeds(agent, netns_file, tmp_path):
+def test_del_is_delivered_and_always_succeeds(run_plugin, agent, netns_file, tmp_path):
     handler, sock = agent
     assert run_plugin("ADD", config(sock), netns=netns_file).returncode == 0
 
@@ -224,7 +247,7 @@ def test_del_is_delivered_and_always_succeeds(agent, netns_file, tmp_path):
     assert "not delivered" in agent_down.stderr.decode()
 
 
-def test_check_passes_while_captured_and_fails_once_capture_is_lost(agent, netns_file):
+def test_check_passes_while_captured_and_fails_once_capture_is_lost(run_plugin, agent, netns_file):
     handler, sock = agent
     assert run_plugin("ADD", config(sock), netns=netns_file).returncode == 0
 
@@ -237,13 +260,13 @@ def test_check_passes_while_captured_and_fails_once_capture_is_lost(agent, netns
     assert err["msg"] == "capture of default/web is not in place: default/web is not captured"
 
 
-def test_check_needs_prev_result_and_a_version_that_has_check(agent, netns_file):
+def test_check_needs_prev_result_and_a_version_that_has_check(run_plugin, agent, netns_file):
     _, sock = agent
     assert cni_error(run_plugin("CHECK", config(sock, prevResult=None)))["code"] == 7
     assert cni_error(run_plugin("CHECK", config(sock, "0.3.1")))["code"] == 1
 
 
-def test_status_reports_whether_the_agent_answers(agent, tmp_path):
+def test_status_reports_whether_the_agent_answers(run_plugin, agent, tmp_path):
     _, sock = agent
     up = run_plugin("STATUS", config(sock, "1.1.0", prevResult=None))
     assert (up.returncode, up.stdout) == (0, b"")
@@ -252,7 +275,7 @@ def test_status_reports_whether_the_agent_answers(agent, tmp_path):
     assert down["code"] == 50
 
 
-def test_gc_passes_the_valid_attachments_to_the_agent(agent, netns_file):
+def test_gc_passes_the_valid_attachments_to_the_agent(run_plugin, agent, netns_file):
     handler, sock = agent
     assert run_plugin("ADD", config(sock), netns=netns_file).returncode == 0
     valid = [{"containerID": "other", "ifname": "eth0"}]
@@ -267,7 +290,7 @@ def test_gc_passes_the_valid_attachments_to_the_agent(agent, netns_file):
     assert handler.captured() == set()  # c0ffee was not listed: stale
 
 
-def test_version_lists_what_we_speak():
+def test_version_lists_what_we_speak(run_plugin):
     proc = run_plugin("VERSION", {"cniVersion": "1.1.0"})
     assert proc.returncode == 0
     assert json.loads(proc.stdout) == {
@@ -312,7 +335,7 @@ def test_version_lists_what_we_speak():
         ),
     ],
 )
-def test_bad_input_gives_a_cni_error_and_never_a_traceback(env, stdin, code, message):
+def test_bad_input_gives_a_cni_error_and_never_a_traceback(run_plugin, env, stdin, code, message):
     proc = run_plugin("ADD", stdin if stdin is not None else config("/nonexistent.sock"), **env)
 
     err = cni_error(proc)
@@ -321,7 +344,7 @@ def test_bad_input_gives_a_cni_error_and_never_a_traceback(env, stdin, code, mes
     assert b"Traceback" not in proc.stderr
 
 
-def test_many_concurrent_adds_are_all_answered(agent, netns_file):
+def test_many_concurrent_adds_are_all_answered(run_plugin, agent, netns_file):
     handler, sock = agent
     results: list[int] = []
 

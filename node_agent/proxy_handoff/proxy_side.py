@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 
 
 class PodHandler(Protocol):
-    """What the proxy does with pods. Both calls must be idempotent."""
+    """What the proxy does with pods. Both calls must be idempotent.
+
+    The Netns handed to add_pod stays valid until remove_pod for that uid, or
+    an add_pod for it with another namespace.
+    """
 
     async def add_pod(self, pod: EnrolledPod, netns: Netns) -> None: ...
 
@@ -110,14 +114,20 @@ class ProxyHandoffClient:
         return in_snapshot
 
     async def _add(self, pod: EnrolledPod, fd: int) -> None:
+        old = self._fds.get(pod.uid)
+        if old is not None and os.fstat(old).st_ino == os.fstat(fd).st_ino:
+            # The same pod re-sent (a snapshot after a reconnect): keep the fd
+            # the handler already holds a Netns for, so that Netns stays valid.
+            os.close(fd)
+            await self._handler.add_pod(pod, Netns.validate(f"/proc/self/fd/{old}"))
+            return
         try:
             netns = Netns.validate(f"/proc/self/fd/{fd}")
             await self._handler.add_pod(pod, netns)
         except BaseException:
             os.close(fd)
             raise
-        # A re-sent pod (snapshot after reconnect) replaces the fd we held.
-        old = self._fds.pop(pod.uid, None)
+        # A new netns for a known uid (the sandbox was recreated) replaces the old one.
         self._fds[pod.uid] = fd
         if old is not None:
             os.close(old)

@@ -35,6 +35,7 @@ class RecordingProxy:
 
     def __init__(self, refuse: set[str] | None = None) -> None:
         self.pods: dict[str, int] = {}
+        self.netns: dict[str, Netns] = {}
         self.refuse = refuse or set()
 
     async def add_pod(self, p: EnrolledPod, netns: Netns) -> None:
@@ -42,6 +43,7 @@ class RecordingProxy:
             raise InvalidInputError(f"cannot listen in pod {p.uid}")
         with entered(netns):
             self.pods[p.uid] = Path("/proc/thread-self/ns/net").stat().st_ino
+        self.netns.setdefault(p.uid, netns)
 
     async def remove_pod(self, uid: str) -> None:
         self.pods.pop(uid, None)
@@ -135,6 +137,7 @@ def test_agent_restart_resyncs_and_drops_what_went_away(tmp_path, namespaces):
         client = ProxyHandoffClient(path, proxy)
         async with running(client):
             await asyncio.wait_for(client.synced.wait(), 5)
+            held_b = proxy.netns["b"]
             await first.close()
             # While the agent was away, pod a was deleted and pod c created.
             second = ProxyHandoffServer(path, lambda: [(pod("b"), b), (pod("c"), c)])
@@ -142,6 +145,9 @@ def test_agent_restart_resyncs_and_drops_what_went_away(tmp_path, namespaces):
             await until(lambda: set(proxy.pods) == {"b", "c"})
             await until(lambda: second.synced_proxies == 1)
             assert client.pods == ["b", "c"]
+            # b was re-sent: the Netns the proxy already held must still work.
+            with entered(held_b):
+                assert Path("/proc/thread-self/ns/net").stat().st_ino == b.inode
             await second.close()
 
     asyncio.run(scenario())

@@ -43,7 +43,7 @@ $(VENV_STAMP): pyproject.toml | debian-packages
 $(BCC_KERNEL_SOURCE)/.complete: | debian-packages
 	scripts/merge-kernel-headers.sh $(BCC_KERNEL_SOURCE)
 
-test: deps
+test: deps cni-plugin
 	scripts/gen-protos.sh --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
@@ -52,7 +52,7 @@ test: deps
 test-unit: deps
 	$(VENV)/bin/pytest -q -m 'not netns'
 
-demo: deps
+demo: deps cni-plugin
 	$(VENV)/bin/weir demo
 
 lint: deps

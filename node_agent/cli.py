@@ -10,6 +10,7 @@ from node_agent import demo
 from node_agent.agent import cli as agent_cli
 from node_agent.cni_install import cli as cni_cli
 from node_agent.errors import WeirError
+from node_agent.proxy import cli as proxy_cli
 from node_agent.redirect import cli as redirect_cli
 
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(subparsers)
     cni_cli.register(subparsers)
     agent_cli.register(subparsers)
+    proxy_cli.register(subparsers)
     controlplane = subparsers.add_parser(
         "controlplane",
         help="run the control plane (config over delta xDS, workload CA)",

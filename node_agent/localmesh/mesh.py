@@ -340,6 +340,9 @@ def real_proxy(mesh: LocalMesh, node: MeshNode) -> Callable[[], object]:
             str(node.handoff_socket),
             "--metrics-listen",
             "127.0.0.1:15020",
+            # The agent's readiness owns 15021 in the node's netns.
+            "--readiness-listen",
+            "127.0.0.1:15022",
             "--drop-to-uid",
             str(PROXY_UID),
             "--drain-seconds",

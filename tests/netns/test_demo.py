@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,24 @@ import pytest
 
 from node_agent.localmesh.topology import PREFIX_ROOT
 
-pytestmark = pytest.mark.netns
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(240)]
+
+WEIR = Path(sys.executable).with_name("weir")
+# What examples/mesh.yaml's policies say, pair by pair.
+EXPECTED = {
+    ("default/client", "legacy/intruder:8080"): "allowed",
+    ("default/client", "default/server:8080"): "allowed",
+    ("default/client", "default/db:5432"): "denied",
+    ("legacy/intruder", "default/client:8080"): "allowed",
+    ("legacy/intruder", "default/server:8080"): "denied",
+    ("legacy/intruder", "default/db:5432"): "denied",
+    ("default/server", "default/client:8080"): "allowed",
+    ("default/server", "legacy/intruder:8080"): "allowed",
+    ("default/server", "default/db:5432"): "allowed",
+    ("default/db", "default/client:8080"): "allowed",
+    ("default/db", "legacy/intruder:8080"): "allowed",
+    ("default/db", "default/server:8080"): "denied",
+}
 
 
 def _host_state() -> dict[str, list[str]]:
@@ -23,13 +41,40 @@ def _host_state() -> dict[str, list[str]]:
         "routes": lines("ip", "route") + lines("ip", "-6", "route"),
         # Counters in chain headers move with host traffic; rules must not.
         "host nat rules": [r for r in lines("iptables-nft-save", "-t", "nat") if r[:1] == "-"],
+        "processes": [
+            p for p in lines("ps", "-eo", "args") if "weir agent" in p or "weir proxy" in p
+        ],
     }
 
 
-def test_demo_shows_capture_and_cleans_up():
+def test_mesh_demo_every_pair_as_the_policy_says_over_mtls_only():
     before = _host_state()
-    weir = Path(sys.executable).with_name("weir")
-    proc = subprocess.run([weir, "demo"], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run([WEIR, "demo"], capture_output=True, text=True, timeout=200, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    seen = {}
+    for line in out.splitlines():
+        m = re.match(
+            r"^(\S+/\S+)\s+(\S+/\S+:\d+)\s+(allowed|denied)\S*(?: \(\S+\))?\s+(\S+)\s+(.*)$", line
+        )
+        if m:
+            seen[(m[1], m[2])] = m[3]
+            assert m[4] == "mutual_tls", line
+            src_ns, src_name = m[1].split("/")
+            assert m[5].startswith(f"spiffe://cluster.local/ns/{src_ns}/sa/{src_name} -> "), line
+    assert seen == EXPECTED
+    assert re.search(
+        r"\d+ TCP packets captured on the underlay; 0 of 12 payloads seen in clear", out
+    )
+    assert out.rstrip().endswith("demo: OK")
+    assert _host_state() == before
+
+
+def test_capture_demo_shows_capture_and_cleans_up():
+    before = _host_state()
+    proc = subprocess.run(
+        [WEIR, "demo", "--capture-only"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "app -> backend:8080" in out

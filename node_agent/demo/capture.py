@@ -1,4 +1,4 @@
-"""`weir demo`: capture on a throwaway local node, shown connection by connection.
+"""`weir demo --capture-only`: capture on a throwaway node, shown connection by connection.
 
 Builds a node and two pods in network namespaces (wired by the reference CNI
 plugins, as a runtime would), captures pod `app`, and sends real connections
@@ -11,7 +11,6 @@ Everything is removed at the end, also on Ctrl-C.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 
@@ -40,11 +39,6 @@ class Case:
     port: int
     who: dict[str, int]
     expect: str
-
-
-def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("demo", help="show capture at work on a throwaway local node")
-    parser.set_defaults(func=run)
 
 
 def _cases(app: Pod, backend: Pod) -> list[Case]:
@@ -98,7 +92,7 @@ def _attempt(seen: TrafficObserver, src: Pod, dst: str, port: int, **who: int) -
     return arrival.listener, f"{original[0]}:{original[1]}" if original else "-"
 
 
-def run(_args: argparse.Namespace) -> int:
+def run() -> int:
     started = time.monotonic()
     choice = choose_backend(None, probe_host())
     capture = IptablesCapture(choice.backend)

@@ -1,0 +1,25 @@
+"""`weir demo`: the embedded default, a local mesh in network namespaces."""
+
+from __future__ import annotations
+
+import argparse
+
+from node_agent.demo import capture, mesh
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run a throwaway local mesh (two nodes, four pods) and show what it does",
+        description="Everything runs in network namespaces and is removed at the end.",
+    )
+    parser.add_argument(
+        "--capture-only",
+        action="store_true",
+        help="one node, no proxy: show only where capture sends each connection",
+    )
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    return capture.run() if args.capture_only else mesh.run()

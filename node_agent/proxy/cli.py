@@ -1,0 +1,199 @@
+"""`weir proxy run`: the node proxy as a process.
+
+Config and certificates come from the control plane (delta xDS and its CA,
+authenticated with the node's token). Pods normally arrive from the node
+agent; until it drives the proxy, `--pod NAMESPACE/NAME=NETNS` serves a pod
+by hand once the control plane knows it (registered, with IPs).
+
+Started as root with `--drop-to-uid 1337`, the process switches to the proxy
+user keeping only CAP_SYS_ADMIN and CAP_NET_ADMIN before it starts any thread.
+SIGTERM or SIGINT: stop accepting, drain for `--drain-seconds`, exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from dataclasses import replace
+from pathlib import Path
+from typing import Final
+
+import uvloop
+
+from controlplane.client import ControlPlaneClient, ControlPlaneEndpoint
+from controlplane.mesh import resource_name
+from node_agent.constants import METRICS_PORT, PROXY_GID, PROXY_UID, READINESS_PORT
+from node_agent.errors import InvalidInputError, TransientError
+from node_agent.netns import Netns
+from node_agent.proxy import privileges
+from node_agent.proxy.agent_pods import AgentPods
+from node_agent.proxy.identity import CaCertificateProvider
+from node_agent.proxy.model import Workload
+from node_agent.proxy.proxy import Proxy, ProxySettings, build
+from node_agent.proxy.routing import Balancing
+from node_agent.proxy.xds_source import XdsConfigSource
+from node_agent.proxy_handoff.proxy_side import ProxyHandoffClient
+
+log = logging.getLogger(__name__)
+
+POD_WAIT_SECONDS: Final = 30.0
+POD_POLL_SECONDS: Final = 0.2
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("proxy", help="the node proxy (HBONE, mTLS, L4 authorization)")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    run = verbs.add_parser("run", help="run the node proxy until SIGTERM", description=__doc__)
+    run.add_argument("--control-plane", required=True, metavar="HOST:PORT")
+    trust = run.add_mutually_exclusive_group(required=True)
+    trust.add_argument(
+        "--control-plane-roots", type=Path, metavar="PEM", help="mesh roots to verify it with"
+    )
+    trust.add_argument(
+        "--insecure", action="store_true", help="plaintext to the control plane (local mode)"
+    )
+    run.add_argument("--node", required=True, help="this node's name in the mesh")
+    run.add_argument("--token-file", required=True, type=Path, help="the node's bootstrap token")
+    run.add_argument(
+        "--pod",
+        action="append",
+        default=[],
+        type=parse_pod,
+        metavar="NAMESPACE/NAME=NETNS",
+        help="serve this pod (repeatable), until the node agent hands pods over",
+    )
+    run.add_argument(
+        "--agent-socket",
+        type=Path,
+        metavar="PATH",
+        help="follow the node agent's pod handoff on this Unix socket (how pods normally arrive)",
+    )
+    run.add_argument(
+        "--drop-to-uid",
+        type=int,
+        metavar="UID",
+        help=f"switch to this user keeping only the needed capabilities (use {PROXY_UID})",
+    )
+    run.add_argument("--drop-to-gid", type=int, default=PROXY_GID, metavar="GID")
+    run.add_argument(
+        "--metrics-listen",
+        type=parse_listen,
+        default=("0.0.0.0", METRICS_PORT),  # noqa: S104 - Prometheus scrapes the node
+        metavar="HOST:PORT",
+    )
+    run.add_argument(
+        "--readiness-listen",
+        type=parse_listen,
+        default=("0.0.0.0", READINESS_PORT),  # noqa: S104 - the kubelet probes the pod IP
+        metavar="HOST:PORT",
+    )
+    run.add_argument("--drain-seconds", type=float, default=5.0)
+    run.add_argument(
+        "--balancing", choices=[b.value for b in Balancing], default=Balancing.ROUND_ROBIN.value
+    )
+    run.set_defaults(func=_run)
+
+
+def parse_pod(text: str) -> tuple[str, Netns]:
+    key, sep, path = text.partition("=")
+    namespace, slash, name = key.partition("/")
+    if not sep or not slash or not namespace or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAMESPACE/NAME=NETNS")
+    try:
+        return resource_name(namespace, name), Netns.validate(path)
+    except InvalidInputError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Read what only root may read (the token, the roots) before dropping privileges.
+    token = args.token_file.read_text().strip()
+    if args.insecure:
+        endpoint = ControlPlaneEndpoint.insecure(args.control_plane)
+    else:
+        endpoint = ControlPlaneEndpoint.tls(args.control_plane, args.control_plane_roots)
+    if args.drop_to_uid is not None:
+        privileges.drop_to(args.drop_to_uid, args.drop_to_gid)
+        log.info(
+            "running as uid %d gid %d, ambient capabilities %#x",
+            args.drop_to_uid,
+            args.drop_to_gid,
+            privileges.ambient_capabilities(),
+        )
+    settings = replace(
+        ProxySettings(),
+        metrics_address=args.metrics_listen,
+        readiness_address=args.readiness_listen,
+        balancing=Balancing(args.balancing),
+    )
+    uvloop.run(
+        _serve(
+            settings,
+            endpoint,
+            node=args.node,
+            token=token,
+            pods=args.pod,
+            agent_socket=args.agent_socket,
+            drain_seconds=args.drain_seconds,
+        )
+    )
+    return 0
+
+
+async def _serve(
+    settings: ProxySettings,
+    endpoint: ControlPlaneEndpoint,
+    *,
+    node: str,
+    token: str,
+    pods: list[tuple[str, Netns]],
+    agent_socket: Path | None,
+    drain_seconds: float,
+) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with ControlPlaneClient(endpoint, node, token) as client:
+        proxy = build(
+            settings, config=XdsConfigSource(client), certificates=CaCertificateProvider(client)
+        )
+        await proxy.start()
+        handoff = None
+        if agent_socket is not None:
+            follower = ProxyHandoffClient(agent_socket, AgentPods(proxy, node))
+            handoff = loop.create_task(follower.run())
+        try:
+            for key, netns in pods:
+                await proxy.add_pod(netns, await _registered_workload(proxy, key))
+            log.info(
+                "proxy ready (metrics port %s, readiness port %s)",
+                proxy.metrics_port,
+                proxy.readiness_port,
+            )
+            await stop.wait()
+        finally:
+            if handoff is not None:
+                # Stop taking pods first; the agent hands them to the next proxy.
+                handoff.cancel()
+                await asyncio.gather(handoff, return_exceptions=True)
+            await proxy.shutdown(drain_seconds)
+
+
+async def _registered_workload(proxy: Proxy, key: str) -> Workload:
+    """The workload once the control plane has its uid and IPs (the agent registers them)."""
+    for _ in range(int(POD_WAIT_SECONDS / POD_POLL_SECONDS)):
+        workload = proxy.snapshot.workloads.get(key)
+        if workload is not None and workload.uid and workload.ips:
+            return workload
+        await asyncio.sleep(POD_POLL_SECONDS)
+    raise TransientError(f"the control plane does not know pod {key} (uid and IPs) yet")

@@ -1,0 +1,644 @@
+"""HBONE: TCP connections carried as HTTP/2 CONNECT streams over one mTLS connection.
+
+`H2Protocol` is one HTTP/2 connection (either side) driven by the pure-Python
+h2 state machine. Each CONNECT stream is an `HboneStream`, bridged to one
+plain TCP connection (`TcpPeer`). Flow control is end to end: bytes from
+HTTP/2 are acknowledged (window handed back) only once the TCP side has
+taken them, and a TCP side is paused while its stream has no window. Windows
+start large (4 MiB per stream, 16 MiB per connection) so a single stream can
+fill a fast link.
+
+`Relay` is the same bridge for TCP to TCP (pass-through, inbound plaintext).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Final, Protocol, cast
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import hyperframe.frame
+
+from controlplane.mesh import SpiffeId
+
+STREAM_WINDOW: Final = 4 * 1024 * 1024
+CONNECTION_WINDOW: Final = 16 * 1024 * 1024
+DEFAULT_CONNECTION_WINDOW: Final = 65_535  # RFC 9113 6.9.2
+# Frames we accept; fewer, larger frames cost less Python per byte.
+MAX_FRAME_SIZE: Final = 1024 * 1024
+# A TCP side is paused when this much of its data waits for HTTP/2 window.
+PENDING_HIGH: Final = 1024 * 1024
+PENDING_LOW: Final = 256 * 1024
+MAX_CONCURRENT_STREAMS: Final = 1000
+
+Headers = dict[bytes, bytes]
+
+
+def _data_frame_summary(frame: hyperframe.frame.DataFrame) -> str:
+    return f"<{len(frame.data)} bytes>"
+
+
+# h2 builds repr(frame) for every frame it receives, logging on or off, and
+# hyperframe's DataFrame repr hex-encodes the whole payload (up to a MiB here)
+# only to cut it to 20 characters: a summary keeps HBONE's per-byte cost sane.
+hyperframe.frame.DataFrame._body_repr = _data_frame_summary  # type: ignore[method-assign,assignment]
+
+
+class Pipe(Protocol):
+    """Where a TcpPeer's events go."""
+
+    def on_data(self, data: bytes) -> None: ...
+    def on_eof(self) -> None: ...
+    def on_lost(self, exc: Exception | None) -> None: ...
+    def on_write_paused(self) -> None: ...
+    def on_write_resumed(self) -> None: ...
+
+
+class TcpPeer(asyncio.Protocol):
+    """One plain TCP connection. Reading stays paused until a pipe is attached."""
+
+    def __init__(self, on_connected: Callable[[TcpPeer], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.pipe: Pipe | None = None
+        self.lost = False
+        self._on_connected = on_connected
+        self._early = bytearray()
+        self._early_eof = False
+        self._lost_error: Exception | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()
+        if self._on_connected is not None:
+            self._on_connected(self)
+
+    def attach(self, pipe: Pipe) -> None:
+        self.pipe = pipe
+        early, self._early = self._early, bytearray()
+        if early:
+            pipe.on_data(bytes(early))
+        if self._early_eof:
+            pipe.on_eof()
+        if self.lost:
+            pipe.on_lost(self._lost_error)
+        elif self.transport is not None:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.pipe is not None:
+            self.pipe.on_data(data)
+            return
+        # uvloop may deliver a first read even when connection_made paused reading.
+        self._early += data
+        self.pause_reading()
+
+    def eof_received(self) -> bool:
+        if self.pipe is not None:
+            self.pipe.on_eof()
+        else:
+            self._early_eof = True
+        return True  # keep the write side open: TCP half-close is carried through
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._lost_error = exc
+        if self.pipe is not None:
+            self.pipe.on_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.pipe is not None:
+            self.pipe.on_write_paused()
+
+    def resume_writing(self) -> None:
+        if self.pipe is not None:
+            self.pipe.on_write_resumed()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.lost and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if self.transport is not None and not self.lost and not self.transport.is_closing():
+            self.transport.write_eof()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Flow:
+    """Completion and byte counts of one bridged connection.
+
+    `up` is bytes from the side that opened the connection towards the other
+    side, `down` the reverse. `done` resolves to None on a clean end (both
+    directions closed), or to why it ended otherwise.
+    """
+
+    def __init__(self) -> None:
+        self.up = 0
+        self.down = 0
+        self.done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+
+    def finish(self, error: str | None) -> None:
+        if not self.done.done():
+            self.done.set_result(error)
+
+
+class Relay:
+    """TCP to TCP, both directions, with half-close and backpressure."""
+
+    def __init__(self, downstream: TcpPeer, upstream: TcpPeer) -> None:
+        self.flow = Flow()
+        self._eofs = 0
+        downstream.attach(_RelayHalf(self, downstream, upstream, upward=True))
+        upstream.attach(_RelayHalf(self, upstream, downstream, upward=False))
+        self._peers = (downstream, upstream)
+
+    def _eof(self) -> None:
+        self._eofs += 1
+        if self._eofs == 2:
+            self._end(None)
+
+    def _end(self, error: str | None) -> None:
+        for peer in self._peers:
+            if error is None:
+                peer.close()
+            else:
+                peer.abort()
+        self.flow.finish(error)
+
+
+class _RelayHalf:
+    def __init__(self, relay: Relay, src: TcpPeer, dst: TcpPeer, *, upward: bool) -> None:
+        self._relay = relay
+        self._src = src
+        self._dst = dst
+        self._upward = upward
+        self._eof = False
+
+    def on_data(self, data: bytes) -> None:
+        if self._upward:
+            self._relay.flow.up += len(data)
+        else:
+            self._relay.flow.down += len(data)
+        self._dst.write(data)
+
+    def on_eof(self) -> None:
+        self._eof = True
+        self._dst.write_eof()
+        self._relay._eof()
+
+    def on_lost(self, exc: Exception | None) -> None:
+        if exc is not None or not self._eof:
+            side = "client" if self._upward else "upstream"
+            self._relay._end(f"{side} connection lost: {exc or 'closed before EOF'}")
+
+    def on_write_paused(self) -> None:
+        self._dst.pause_reading()
+
+    def on_write_resumed(self) -> None:
+        self._dst.resume_reading()
+
+
+class HboneStream:
+    """One CONNECT stream, bridged to a TcpPeer once the tunnel is up.
+
+    `upward` says which way `flow.up` counts: on the client side (outbound
+    proxy) the TCP peer is the one that opened the connection; on the server
+    side (inbound proxy) the HTTP/2 side did.
+    """
+
+    def __init__(self, conn: H2Protocol, stream_id: int) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.flow = Flow()
+        self.response: asyncio.Future[Headers] = asyncio.get_running_loop().create_future()
+        self._peer: TcpPeer | None = None
+        self._pending = bytearray()  # from TCP, waiting for HTTP/2 window
+        self._early: list[tuple[bytes, int]] = []  # from HTTP/2 before a peer was attached
+        self._held_acks = 0  # delivered to TCP while its write buffer was full
+        self._peer_congested = False
+        self._reading_paused = False
+        self._tcp_eof = False
+        self._sent_end = False
+        self._remote_end = False
+
+    @property
+    def _tcp_to_h2_is_up(self) -> bool:
+        return self.conn.client_side
+
+    def _count(self, *, from_tcp: int = 0, to_tcp: int = 0) -> None:
+        if self._tcp_to_h2_is_up:
+            self.flow.up += from_tcp
+            self.flow.down += to_tcp
+        else:
+            self.flow.down += from_tcp
+            self.flow.up += to_tcp
+
+    def attach(self, peer: TcpPeer) -> None:
+        """Start bridging: deliver what arrived early, then let the TCP side read."""
+        self._peer = peer
+        for data, size in self._early:
+            self._deliver(data, size)
+        self._early.clear()
+        if self._remote_end:
+            peer.write_eof()
+        peer.attach(self)
+        self._maybe_finish()
+
+    def reset(self, reason: str, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """Abort both sides."""
+        self.conn.reset_stream(self.id, code)
+        if self._peer is not None:
+            self._peer.abort()
+        self._finish(reason)
+
+    # -- Pipe: events from the TCP side -----------------------------------
+
+    def on_data(self, data: bytes) -> None:
+        self._count(from_tcp=len(data))
+        if not self._pending and self._send_now(data):
+            return
+        self._pending += data
+        self._flush()
+        if len(self._pending) > PENDING_HIGH and self._peer is not None:
+            self._reading_paused = True
+            self._peer.pause_reading()
+
+    def on_eof(self) -> None:
+        self._tcp_eof = True
+        self._flush()
+
+    def on_lost(self, exc: Exception | None) -> None:
+        if exc is not None or not (self._tcp_eof and self._remote_end):
+            self.reset(f"TCP side lost: {exc or 'closed before the stream ended'}")
+
+    def on_write_paused(self) -> None:
+        self._peer_congested = True
+
+    def on_write_resumed(self) -> None:
+        self._peer_congested = False
+        if self._held_acks:
+            self.conn.ack(self.id, self._held_acks)
+            self._held_acks = 0
+
+    # -- events from the HTTP/2 connection ---------------------------------
+
+    def _on_h2_data(self, data: bytes, flow_controlled: int) -> None:
+        if self._peer is None:
+            self._early.append((data, flow_controlled))
+            return
+        self._deliver(data, flow_controlled)
+
+    def _deliver(self, data: bytes, flow_controlled: int) -> None:
+        assert self._peer is not None
+        self._count(to_tcp=len(data))
+        self._peer.write(data)
+        if self._peer_congested:
+            self._held_acks += flow_controlled
+        else:
+            self.conn.ack(self.id, flow_controlled)
+
+    def _on_h2_end(self) -> None:
+        self._remote_end = True
+        if self._peer is not None:
+            self._peer.write_eof()
+            self._maybe_finish()
+
+    def _refuse_response(self, why: str) -> None:
+        if not self.response.done():
+            self.response.set_exception(StreamRefusedError(why))
+            # Marked as seen: whoever awaits it still gets the error, and a
+            # stream nobody was waiting on does not log "never retrieved".
+            self.response.exception()
+
+    def _on_h2_reset(self, code: int) -> None:
+        self._refuse_response(f"stream reset (code {code})")
+        if self._peer is not None:
+            self._peer.abort()
+        self._finish(f"stream reset by peer (HTTP/2 error {code})")
+
+    def _on_connection_lost(self, why: str) -> None:
+        self._refuse_response(why)
+        if self._peer is not None:
+            self._peer.abort()
+        self._finish(why)
+
+    def _send_now(self, data: bytes) -> bool:
+        """The common case, without copying through the pending buffer: it all fits."""
+        conn = self.conn
+        h2conn = conn.h2
+        if (
+            conn.write_paused
+            or conn.closed
+            or len(data) > h2conn.max_outbound_frame_size
+            or len(data) > h2conn.local_flow_control_window(self.id)
+        ):
+            return False
+        try:
+            h2conn.send_data(self.id, data)
+        except h2.exceptions.ProtocolError:
+            return False  # _flush meets the same error and ends the stream
+        conn.flush()
+        return True
+
+    def _flush(self) -> None:
+        h2conn = self.conn.h2
+        try:
+            while self._pending and not self.conn.write_paused and not self.conn.closed:
+                window = h2conn.local_flow_control_window(self.id)
+                if window <= 0:
+                    break
+                size = min(len(self._pending), window, h2conn.max_outbound_frame_size)
+                h2conn.send_data(self.id, bytes(self._pending[:size]))
+                del self._pending[:size]
+            if self._tcp_eof and not self._pending and not self._sent_end and not self.conn.closed:
+                h2conn.end_stream(self.id)
+                self._sent_end = True
+        except h2.exceptions.ProtocolError as e:
+            # The stream or the whole connection ended under us (a reset, a GOAWAY).
+            if self._peer is not None:
+                self._peer.abort()
+            self._finish(f"HTTP/2 stream can no longer carry data: {e}")
+            return
+        self.conn.flush()
+        if self._reading_paused and len(self._pending) < PENDING_LOW and self._peer is not None:
+            self._reading_paused = False
+            self._peer.resume_reading()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if self._sent_end and self._remote_end and self._peer is not None:
+            self._peer.close()
+            self._finish(None)
+
+    def _finish(self, error: str | None) -> None:
+        if self.flow.done.done():
+            return
+        self.flow.finish(error)
+        self.conn.stream_finished(self)
+
+
+class StreamRefusedError(Exception):
+    """The peer would not (or could no longer) carry a stream."""
+
+
+class H2Protocol(asyncio.Protocol):
+    """One HTTP/2 connection over an established TLS transport."""
+
+    def __init__(
+        self,
+        *,
+        client_side: bool,
+        on_request: Callable[[HboneStream, Headers], None] | None = None,
+        on_idle: Callable[[H2Protocol], None] | None = None,
+        on_closed: Callable[[H2Protocol, str | None], None] | None = None,
+    ) -> None:
+        self.client_side = client_side
+        self.h2 = h2.connection.H2Connection(
+            h2.config.H2Configuration(
+                client_side=client_side,
+                header_encoding=None,
+                # We write every header we send ourselves; checking them again costs
+                # a third of opening a stream. What peers send is still validated.
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
+        )
+        self.streams: dict[int, HboneStream] = {}
+        self.transport: asyncio.Transport | None = None
+        self.write_paused = False
+        self.closed = False
+        self.goaway = False  # the peer said it takes no new streams
+        self.draining = False  # we take and open no new streams; closed once idle
+        self.last_active = time.monotonic()
+        self.peer_identity: SpiffeId | None = None  # verified, set once TLS is up
+        # While handling received bytes, writes are gathered and sent once at the
+        # end: one TLS record and one syscall instead of one per frame handled.
+        self._receiving = False
+        self.protocol_error: str | None = None
+        self._on_request = on_request
+        self._on_idle = on_idle
+        self._on_closed = on_closed
+        self._close_reason: str | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.h2.local_settings = h2.settings.Settings(
+            client=self.client_side,
+            initial_values={
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        # Settings given at construction count as already in force, but h2 sized
+        # its frame parser from the defaults before we replaced them.
+        self.h2.max_inbound_frame_size = MAX_FRAME_SIZE
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - DEFAULT_CONNECTION_WINDOW)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            self.protocol_error = f"HTTP/2 protocol error: {e}"
+            self._close_reason = self.protocol_error
+            self.flush()  # h2 queued a GOAWAY saying why
+            self.close()
+            return
+        self._receiving = True
+        try:
+            for event in events:
+                self._dispatch(event)
+        finally:
+            self._receiving = False
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        reason = self._close_reason or (f"connection lost: {exc}" if exc else "connection closed")
+        for stream in list(self.streams.values()):
+            stream._on_connection_lost(reason)
+        self.streams.clear()
+        if self._on_closed is not None:
+            self._on_closed(self, self._close_reason or (str(exc) if exc else None))
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for stream in list(self.streams.values()):
+            stream._flush()
+
+    # -- used by streams, the pool and the listeners --------------------------
+
+    def flush(self) -> None:
+        if self._receiving:
+            return  # data_received sends everything once it is done
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def ack(self, stream_id: int, size: int) -> None:
+        if not self.closed:
+            self.h2.acknowledge_received_data(size, stream_id)
+            self.flush()
+
+    def reset_stream(self, stream_id: int, code: int) -> None:
+        if self.closed:
+            return
+        try:
+            self.h2.reset_stream(stream_id, code)
+        except h2.exceptions.ProtocolError:
+            return  # stream or connection already closed at the HTTP/2 level
+        self.flush()
+
+    @property
+    def capacity(self) -> int:
+        """How many more streams the peer lets us open now."""
+        if self.closed or self.goaway or self.draining:
+            return 0
+        limit = self.h2.remote_settings.max_concurrent_streams
+        return max(0, limit - self.h2.open_outbound_streams)
+
+    def open_stream(self, authority: str) -> HboneStream:
+        """Send a CONNECT request; await the stream's `response` for the answer."""
+        stream_id = self.h2.get_next_available_stream_id()
+        stream = HboneStream(self, stream_id)
+        self.streams[stream_id] = stream
+        self.h2.send_headers(
+            stream_id, [(b":method", b"CONNECT"), (b":authority", authority.encode())]
+        )
+        self.flush()
+        self.last_active = time.monotonic()
+        return stream
+
+    def respond(self, stream: HboneStream, status: int) -> None:
+        """Answer a CONNECT; anything but 200 also ends the stream."""
+        if self.closed:
+            return
+        end = status != 200
+        try:
+            self.h2.send_headers(stream.id, [(b":status", str(status).encode())], end_stream=end)
+        except h2.exceptions.ProtocolError:
+            stream._on_h2_reset(h2.errors.ErrorCodes.STREAM_CLOSED)
+            return
+        self.flush()
+        if end:
+            stream._finish(f"refused with HTTP {status}")
+
+    def stream_finished(self, stream: HboneStream) -> None:
+        self.streams.pop(stream.id, None)
+        self.last_active = time.monotonic()
+        if self.streams or self.closed:
+            return
+        if self.draining:
+            self.close("drained")
+        elif self._on_idle is not None:
+            self._on_idle(self)
+
+    def shutdown(self) -> None:
+        """Drain: no new streams either way, open ones go on; closed once the last ends.
+
+        Not a GOAWAY: h2 (ours, and so a Weir peer's) treats a GOAWAY as the end
+        of the connection and would refuse the open streams' remaining data.
+        New streams the peer tries are refused (REFUSED_STREAM: safe to retry).
+        """
+        self.draining = True
+        if not self.streams:
+            self.close("drained")
+
+    def close(self, reason: str | None = None) -> None:
+        if reason is not None and self._close_reason is None:
+            self._close_reason = reason
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- HTTP/2 events --------------------------------------------------------
+
+    def _dispatch(self, event: h2.events.Event) -> None:
+        if isinstance(event, h2.events.RequestReceived):
+            if self.draining:
+                self.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return
+            stream = HboneStream(self, event.stream_id)
+            self.streams[event.stream_id] = stream
+            self.last_active = time.monotonic()
+            if self._on_request is not None:
+                self._on_request(stream, dict(_header_pairs(event.headers)))
+            return
+        if isinstance(event, h2.events.ConnectionTerminated):
+            self.goaway = True
+            if not self.streams:
+                self.close()
+            return
+        if isinstance(event, h2.events.RemoteSettingsChanged) or (
+            isinstance(event, h2.events.WindowUpdated) and not event.stream_id
+        ):
+            for stream in list(self.streams.values()):
+                stream._flush()
+            return
+        self._stream_event(event)
+
+    def _stream_event(self, event: h2.events.Event) -> None:
+        stream_id = getattr(event, "stream_id", None)
+        known = self.streams.get(stream_id) if stream_id else None
+        if isinstance(event, h2.events.DataReceived):
+            size = event.flow_controlled_length or 0
+            if known is None:
+                self.ack(event.stream_id, size)  # a stream we dropped: hand the window back
+            else:
+                known._on_h2_data(event.data or b"", size)
+        elif known is None:
+            return
+        elif isinstance(event, h2.events.ResponseReceived):
+            if not known.response.done():
+                known.response.set_result(dict(_header_pairs(event.headers)))
+        elif isinstance(event, h2.events.StreamEnded):
+            known._on_h2_end()
+        elif isinstance(event, h2.events.StreamReset):
+            if event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM and self.client_side:
+                # The peer takes no new streams here (draining, overloaded): open
+                # none; close once the ones it already carries end.
+                self.draining = True
+            known._on_h2_reset(int(event.error_code or 0))
+        elif isinstance(event, h2.events.WindowUpdated):
+            known._flush()
+
+
+def _header_pairs(headers: object) -> list[tuple[bytes, bytes]]:
+    pairs: list[tuple[bytes, bytes]] = []
+    for name, value in headers or []:  # type: ignore[attr-defined]
+        pairs.append((_as_bytes(name), _as_bytes(value)))
+    return pairs
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()

@@ -1,0 +1,174 @@
+"""Workload certificates: fetched per local identity, rotated before they expire.
+
+The proxy holds a certificate for each identity that has a pod on this node.
+`IdentityManager.acquire` fetches it (the key is made here, only a CSR leaves
+the node), then a task renews it at half life. Renewal failures are retried
+with backoff until the certificate expires; connections already established
+are untouched by a renewal, new handshakes use the new certificate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+import grpc
+from cryptography import x509
+
+from controlplane.client import IssuedCertificate
+from controlplane.mesh import SpiffeId
+from node_agent.errors import TransientError
+
+log = logging.getLogger(__name__)
+
+RETRY_INITIAL_SECONDS: Final = 1.0
+RETRY_MAX_SECONDS: Final = 30.0
+# Never renew more often than this, whatever a short-lived certificate asks for.
+MIN_RENEW_INTERVAL_SECONDS: Final = 0.5
+
+
+@dataclass(frozen=True)
+class WorkloadCertificate:
+    chain_pem: tuple[str, ...]  # leaf first
+    private_key_pem: bytes = field(repr=False)
+    not_before: datetime.datetime
+    not_after: datetime.datetime
+
+    @classmethod
+    def from_pem(cls, chain_pem: tuple[str, ...], private_key_pem: bytes) -> WorkloadCertificate:
+        leaf = x509.load_pem_x509_certificate(chain_pem[0].encode())
+        return cls(chain_pem, private_key_pem, leaf.not_valid_before_utc, leaf.not_valid_after_utc)
+
+    def refresh_at(self, received: datetime.datetime) -> datetime.datetime:
+        """Half the life left when it arrived (the CA backdates not_before, so not from there)."""
+        return received + (self.not_after - received) / 2
+
+
+class CertificateProvider(Protocol):
+    async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
+        """A fresh certificate for `identity`; raises on failure."""
+        ...
+
+
+class CertificateSigner(Protocol):
+    """What signs CSRs: the control plane client (controlplane.client.ControlPlaneClient)."""
+
+    async def request_certificate(
+        self, spiffe_id: str, validity_seconds: int = 0
+    ) -> IssuedCertificate: ...
+
+
+class CaCertificateProvider:
+    """CSRs to the control plane's CA, authenticated as this node by its client."""
+
+    def __init__(self, signer: CertificateSigner, validity_seconds: int = 0) -> None:
+        self._signer = signer
+        self._validity_seconds = validity_seconds
+
+    async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
+        try:
+            issued = await self._signer.request_certificate(str(identity), self._validity_seconds)
+        except grpc.aio.AioRpcError as e:
+            raise TransientError(f"CA refused {identity}: {e.code().name}: {e.details()}") from e
+        return WorkloadCertificate.from_pem(issued.chain_pem, issued.private_key_pem)
+
+
+class IdentityManager:
+    """Certificates of local identities, each held while some pod uses it."""
+
+    def __init__(
+        self,
+        provider: CertificateProvider,
+        on_rotated: Callable[[SpiffeId], None],
+        clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+    ) -> None:
+        self._provider = provider
+        self._on_rotated = on_rotated
+        self._clock = clock
+        self._certs: dict[SpiffeId, WorkloadCertificate] = {}
+        self._refresh_at: dict[SpiffeId, datetime.datetime] = {}
+        self._users: dict[SpiffeId, int] = {}
+        self._renewals: dict[SpiffeId, asyncio.Task[None]] = {}
+
+    def current(self, identity: SpiffeId) -> WorkloadCertificate | None:
+        return self._certs.get(identity)
+
+    async def acquire(self, identity: SpiffeId) -> WorkloadCertificate:
+        """The certificate for `identity`, fetched on first use; pair with `release`."""
+        cert = self._certs.get(identity)
+        if cert is None:
+            fetched = await self._provider.fetch(identity)
+            # Another pod of the same identity may have fetched meanwhile; keep the first.
+            cert = self._certs.get(identity) or self._store(identity, fetched)
+        self._users[identity] = self._users.get(identity, 0) + 1
+        if identity not in self._renewals:
+            self._renewals[identity] = asyncio.create_task(
+                self._renew_forever(identity), name=f"renew {identity}"
+            )
+        return cert
+
+    def release(self, identity: SpiffeId) -> None:
+        left = self._users.get(identity, 0) - 1
+        if left > 0:
+            self._users[identity] = left
+            return
+        self._users.pop(identity, None)
+        self._certs.pop(identity, None)
+        self._refresh_at.pop(identity, None)
+        task = self._renewals.pop(identity, None)
+        if task is not None:
+            task.cancel()
+
+    async def close(self) -> None:
+        tasks = list(self._renewals.values())
+        self._renewals.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def dump(self) -> dict[str, dict[str, str | int]]:
+        return {
+            str(identity): {
+                "not_before": cert.not_before.isoformat(),
+                "not_after": cert.not_after.isoformat(),
+                "refresh_at": self._refresh_at[identity].isoformat(),
+                "pods": self._users.get(identity, 0),
+            }
+            for identity, cert in sorted(self._certs.items(), key=lambda kv: str(kv[0]))
+        }
+
+    def _store(self, identity: SpiffeId, cert: WorkloadCertificate) -> WorkloadCertificate:
+        self._certs[identity] = cert
+        self._refresh_at[identity] = cert.refresh_at(self._clock())
+        return cert
+
+    async def _renew_forever(self, identity: SpiffeId) -> None:
+        delay = RETRY_INITIAL_SECONDS
+        while identity in self._certs:
+            cert = self._certs[identity]
+            wait = (self._refresh_at[identity] - self._clock()).total_seconds()
+            await asyncio.sleep(max(wait, MIN_RENEW_INTERVAL_SECONDS))
+            try:
+                fresh = await self._provider.fetch(identity)
+            except Exception as e:
+                expires_in = (cert.not_after - self._clock()).total_seconds()
+                log.warning(
+                    "renewing %s failed (%s); current one expires in %.0f s; retry in %.0f s",
+                    identity,
+                    e,
+                    expires_in,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                continue
+            delay = RETRY_INITIAL_SECONDS
+            if identity not in self._certs:
+                return
+            self._store(identity, fresh)
+            log.info("rotated certificate of %s, valid until %s", identity, fresh.not_after)
+            self._on_rotated(identity)

@@ -1,0 +1,301 @@
+"""Inbound: HBONE on 15008 (mTLS, CONNECT streams) and plaintext on 15006.
+
+Both end the same way: authorize, then connect to the target port from
+inside the destination pod's netns, with the proxy mark so capture lets the
+connection through. A CONNECT may only name an address of the pod whose
+15008 it arrived on: one pod's tunnel port is never a way into another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import socket
+import ssl
+from typing import TYPE_CHECKING, Final, cast
+
+from node_agent.constants import (
+    INBOUND_PLAINTEXT_CAPTURE_PORT,
+    INBOUND_TUNNEL_PORT,
+    OUTBOUND_CAPTURE_PORT,
+)
+from node_agent.proxy.authz import Request, authorize
+from node_agent.proxy.hbone import H2Protocol, HboneStream, Headers, Relay, TcpPeer
+from node_agent.proxy.model import MtlsMode
+from node_agent.proxy.original_dst import original_destination
+from node_agent.proxy.outbound import UpstreamError, format_authority
+from node_agent.proxy.telemetry import ConnectionRecord
+from node_agent.proxy.tls import ALPN_H2, peer_identity
+
+if TYPE_CHECKING:
+    from node_agent.proxy.proxy import PodState, Proxy
+
+log = logging.getLogger(__name__)
+
+TUNNEL: Final = "tunnel"
+ACCEPT_ERROR_PAUSE_SECONDS: Final = 0.1
+PLAINTEXT: Final = "plaintext"
+_AUTHORITY: Final = re.compile(
+    r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<v4>[0-9.]+)):(?P<port>[0-9]{1,5})$"
+)
+# Never a CONNECT target: forwarding there would loop back into a proxy listener.
+_PROXY_PORTS: Final = frozenset(
+    {OUTBOUND_CAPTURE_PORT, INBOUND_PLAINTEXT_CAPTURE_PORT, INBOUND_TUNNEL_PORT}
+)
+
+
+def parse_authority(value: bytes | None) -> tuple[str, int] | None:
+    """(ip, port) from `ip:port` or `[ipv6]:port`; None for anything else (names included)."""
+    if value is None:
+        return None
+    match = _AUTHORITY.match(value.decode("ascii", "replace"))
+    if match is None:
+        return None
+    port = int(match["port"])
+    try:
+        address = ipaddress.ip_address(match["v6"] or match["v4"])
+    except ValueError:
+        return None
+    if not 0 < port < 65536 or (match["v6"] is not None) != (address.version == 6):
+        return None
+    return str(address), port
+
+
+class TunnelListener:
+    """Accepts on a pod's 15008 and hands each socket to a TLS handshake task.
+
+    Sockets are accepted by hand, not by create_server: a handshake must own
+    the socket from its first byte, and a protocol given a fresh connection
+    can already have been handed data.
+    """
+
+    def __init__(self, inbound: Inbound, pod: PodState, sock: socket.socket) -> None:
+        self._inbound = inbound
+        self._pod = pod
+        self._sock = sock
+        self._task = asyncio.get_running_loop().create_task(self._accept_forever())
+
+    async def _accept_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(self._sock)
+            except OSError as e:
+                # Out of file descriptors and the like: the listener stays, this
+                # client is lost; pause so a persistent error cannot spin.
+                log.warning("accepting on %s:15008 failed: %s", self._pod.workload.key, e)
+                await asyncio.sleep(ACCEPT_ERROR_PAUSE_SECONDS)
+                continue
+            conn.setblocking(False)
+            # Frames are small and latency-bound (a CONNECT, a window update).
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._inbound.proxy.spawn(self._inbound.handshake(self._pod, conn))
+
+    def close(self) -> None:
+        self._task.cancel()
+        self._sock.close()
+
+
+class _TlsGate(asyncio.Protocol):
+    """Holds a fresh TLS connection until its peer is checked; keeps any early bytes."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.early = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.early += data
+
+
+class Inbound:
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    # -- 15008 ------------------------------------------------------------
+
+    async def handshake(self, pod: PodState, sock: socket.socket) -> None:
+        proxy = self.proxy
+        try:
+            peer = sock.getpeername()
+        except OSError:  # gone between accept and now: nothing to refuse or count
+            sock.close()
+            return
+        gate = _TlsGate()
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: gate,
+                sock,
+                ssl=proxy.server_tls(pod.identity).context,
+                ssl_handshake_timeout=proxy.settings.handshake_timeout,
+            )
+        except (OSError, TimeoutError, ssl.SSLError) as e:
+            sock.close()
+            proxy.refuse(TUNNEL, _handshake_failure(e), f"TLS handshake from {peer}: {e}", None)
+            return
+        tls = gate.transport
+        assert tls is not None
+        ssl_object = tls.get_extra_info("ssl_object")
+        identity = peer_identity(ssl_object)
+        if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN_H2:
+            tls.abort()
+            proxy.refuse(TUNNEL, "no_alpn_h2", f"{peer} did not negotiate ALPN h2", None)
+            return
+        if identity is None or identity.trust_domain != proxy.snapshot.trust_domain:
+            tls.abort()
+            proxy.refuse(TUNNEL, "bad_peer_identity", f"{peer} presented no mesh identity", None)
+            return
+        conn = H2Protocol(
+            client_side=False,
+            on_request=lambda stream, headers: self._request(pod, conn, stream, headers),
+            on_closed=lambda c, _reason: self._tunnel_closed(pod, c),
+        )
+        conn.peer_identity = identity
+        pod.tunnels.add(conn)
+        tls.set_protocol(conn)
+        conn.connection_made(tls)
+        if gate.early:
+            conn.data_received(bytes(gate.early))
+        tls.resume_reading()
+
+    def _tunnel_closed(self, pod: PodState, conn: H2Protocol) -> None:
+        pod.tunnels.discard(conn)
+        if conn.protocol_error is not None:
+            self.proxy.refuse(TUNNEL, "http2_protocol_error", conn.protocol_error, None)
+
+    def _request(
+        self, pod: PodState, conn: H2Protocol, stream: HboneStream, headers: Headers
+    ) -> None:
+        self.proxy.spawn(self._serve_stream(pod, conn, stream, headers))
+
+    async def _serve_stream(
+        self, pod: PodState, conn: H2Protocol, stream: HboneStream, headers: Headers
+    ) -> None:
+        proxy = self.proxy
+        assert conn.transport is not None
+        peer = conn.transport.get_extra_info("peername")
+        source_ip = str(peer[0]) if peer else ""
+        if headers.get(b":method") != b"CONNECT":
+            conn.respond(stream, 405)
+            proxy.refuse(TUNNEL, "not_connect", f"{source_ip}: {headers.get(b':method')!r}", None)
+            return
+        target = parse_authority(headers.get(b":authority"))
+        if target is None:
+            conn.respond(stream, 400)
+            proxy.refuse(
+                TUNNEL, "malformed_authority", f"{source_ip}: {headers.get(b':authority')!r}", None
+            )
+            return
+        address, port = target
+        workload = proxy.snapshot.workloads.get(pod.workload.key, pod.workload)
+        if address not in pod.addresses or port in _PROXY_PORTS:
+            conn.respond(stream, 400)
+            proxy.refuse(
+                TUNNEL,
+                "non_local_authority",
+                f"{source_ip} asked {pod.workload.key} for {address}:{port}",
+                None,
+            )
+            return
+        snapshot = proxy.snapshot
+        source_workload = snapshot.workload_by_ip(source_ip)
+        identity = conn.peer_identity
+        if (
+            source_workload is not None
+            and source_workload.identity(snapshot.trust_domain) != identity
+        ):
+            source_workload = None  # the address is not who the certificate says: trust the cert
+        record = ConnectionRecord(
+            reporter="destination",
+            source_addr=source_ip,
+            destination_addr=format_authority(address, port),
+            source_workload=source_workload,
+            source_identity=identity,
+            destination_workload=workload,
+            destination_identity=pod.identity,
+            mtls=True,
+        )
+        decision = authorize(snapshot, Request(identity, source_ip, workload, port))
+        if not decision.allowed:
+            conn.respond(stream, 403)
+            proxy.telemetry.failed(record, "denied", decision.reason)
+            log.info("denied %s -> %s: %s", identity, record.destination_addr, decision.reason)
+            return
+        try:
+            upstream = await proxy.connect_tcp(pod, address, port)
+        except UpstreamError as e:
+            conn.respond(stream, 503)
+            proxy.telemetry.failed(record, "upstream_unreachable", str(e))
+            return
+        if stream.flow.done.done():  # the client gave up while we connected
+            upstream.abort()
+            proxy.telemetry.failed(
+                record, "client_gone", "stream ended before the upstream answered"
+            )
+            return
+        conn.respond(stream, 200)
+        stream.attach(upstream)
+        await proxy.carry(record, stream.flow, (upstream,), stream=stream)
+
+    # -- 15006 ------------------------------------------------------------
+
+    def plaintext_accepted(self, pod: PodState, peer: TcpPeer) -> None:
+        self.proxy.spawn(self._plaintext(pod, peer))
+
+    async def _plaintext(self, pod: PodState, peer: TcpPeer) -> None:
+        proxy = self.proxy
+        assert peer.transport is not None
+        client = peer.transport.get_extra_info("peername")
+        source_ip = str(client[0]) if client else ""
+        try:
+            address, port = original_destination(peer.transport.get_extra_info("socket"))
+        except OSError as e:
+            proxy.refuse(PLAINTEXT, "no_original_destination", f"from {client}: {e}", peer)
+            return
+        if port in _PROXY_PORTS:
+            proxy.refuse(PLAINTEXT, "loop", f"{client} dialed {address}:{port} directly", peer)
+            return
+        snapshot = proxy.snapshot
+        workload = snapshot.workloads.get(pod.workload.key, pod.workload)
+        record = ConnectionRecord(
+            reporter="destination",
+            source_addr=source_ip,
+            destination_addr=format_authority(address, port),
+            source_workload=snapshot.workload_by_ip(source_ip),
+            destination_workload=workload,
+            destination_identity=pod.identity,
+        )
+        if workload.mtls_mode is MtlsMode.STRICT:
+            proxy.metrics.refused(PLAINTEXT, "strict_mtls")
+            proxy.telemetry.failed(record, "denied", "plaintext refused: mTLS mode is STRICT")
+            peer.abort()
+            return
+        decision = authorize(snapshot, Request(None, source_ip, workload, port))
+        if not decision.allowed:
+            proxy.telemetry.failed(record, "denied", decision.reason)
+            peer.abort()
+            return
+        try:
+            upstream = await proxy.connect_tcp(pod, address, port)
+        except UpstreamError as e:
+            proxy.telemetry.failed(record, "upstream_unreachable", str(e))
+            peer.abort()
+            return
+        await proxy.carry(record, Relay(peer, upstream).flow, (peer, upstream))
+
+
+def _handshake_failure(error: BaseException) -> str:
+    """A bounded label for why a TLS handshake failed."""
+    if isinstance(error, ssl.SSLError):
+        return f"tls_{(error.reason or 'error').lower()}"
+    if isinstance(error, TimeoutError | ConnectionAbortedError):
+        return "tls_handshake_timeout"
+    if isinstance(error, ConnectionResetError | BrokenPipeError):
+        return "tls_reset"
+    return "tls_io_error"

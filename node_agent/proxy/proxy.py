@@ -1,0 +1,443 @@
+"""The node proxy: pods in, listeners up, connections carried, and one assembly point.
+
+`build()` is where real and fake parts meet: a ConfigSource (the xDS client,
+or a static snapshot in tests), a CertificateProvider (the control plane CA,
+or a local CA in tests) and a SocketFactory (netns sockets). The node agent
+drives the proxy through two calls only: `add_pod(netns, workload)` and
+`remove_pod(uid)`; each either completes or raises, which is the ack the
+agent's protocol sends back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+from controlplane.mesh import SpiffeId
+from node_agent.constants import (
+    INBOUND_PLAINTEXT_CAPTURE_PORT,
+    INBOUND_TUNNEL_PORT,
+    METRICS_PORT,
+    OUTBOUND_CAPTURE_PORT,
+    READINESS_PORT,
+)
+from node_agent.errors import InvalidInputError, TransientError
+from node_agent.netns import Netns
+from node_agent.proxy import tls as tls_mod
+from node_agent.proxy.hbone import Flow, H2Protocol, HboneStream, TcpPeer
+from node_agent.proxy.identity import CertificateProvider, IdentityManager
+from node_agent.proxy.inbound import Inbound, TunnelListener
+from node_agent.proxy.model import MeshSnapshot, Workload
+from node_agent.proxy.outbound import Outbound, UpstreamError
+from node_agent.proxy.pool import ConnectionPool
+from node_agent.proxy.routing import Balancing, EndpointPicker
+from node_agent.proxy.sockets import NetnsSocketFactory, SocketFactory
+from node_agent.proxy.telemetry import (
+    AccessLog,
+    ConnectionRecord,
+    MetricsServer,
+    ProxyMetrics,
+    Telemetry,
+)
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_SECONDS: Final = 1.0
+
+
+class ConfigSource(Protocol):
+    async def run(self, apply: Callable[[MeshSnapshot], None]) -> None:
+        """Call `apply` with each new snapshot (the first as soon as there is one); runs
+        until cancelled."""
+        ...
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    connect_timeout: float = 5.0
+    handshake_timeout: float = 10.0
+    # An inbound HBONE connection with no stream for this long is closed (also
+    # the fate of a client that completes TLS and then says nothing).
+    tunnel_idle_timeout: float = 300.0
+    pool_max_streams: int = 100
+    pool_max_connections: int = 16
+    pool_idle_timeout: float = 60.0
+    balancing: Balancing = Balancing.ROUND_ROBIN
+    endpoint_eject_seconds: float = 5.0
+    # None: no metrics listener. Port 0 picks a free one (tests).
+    metrics_address: tuple[str, int] | None = ("0.0.0.0", METRICS_PORT)  # noqa: S104
+    # /healthz/ready for the kubelet's probe (the same answer is also on the metrics port).
+    readiness_address: tuple[str, int] | None = ("0.0.0.0", READINESS_PORT)  # noqa: S104
+    first_config_timeout: float = 30.0
+
+
+class Listener(Protocol):
+    def close(self) -> None:
+        """Stop accepting; connections already accepted go on."""
+        ...
+
+
+@dataclass(frozen=True)
+class TlsContext:
+    context: ssl.SSLContext
+    generation: int  # bumped on rotation or trust bundle change; part of the pool key
+
+
+@dataclass(eq=False)
+class PodState:
+    netns: Netns
+    workload: Workload
+    identity: SpiffeId
+    servers: list[Listener] = field(default_factory=list)
+    tunnels: set[H2Protocol] = field(default_factory=set)
+
+    @property
+    def uid(self) -> str:
+        return self.workload.uid
+
+    @functools.cached_property
+    def addresses(self) -> frozenset[str]:
+        """The pod's IPs in canonical form: the only CONNECT targets its 15008 takes."""
+        return frozenset(str(ipaddress.ip_address(ip)) for ip in self.workload.ips)
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: ProxySettings,
+        *,
+        config: ConfigSource,
+        certificates: CertificateProvider,
+        sockets: SocketFactory,
+        telemetry: Telemetry,
+    ) -> None:
+        self.settings = settings
+        self.sockets = sockets
+        self.telemetry = telemetry
+        self.metrics = telemetry.metrics
+        self.identities = IdentityManager(certificates, self._rotated)
+        self.pool = ConnectionPool(
+            max_streams=settings.pool_max_streams,
+            max_connections=settings.pool_max_connections,
+            idle_seconds=settings.pool_idle_timeout,
+        )
+        self.picker = EndpointPicker(
+            settings.balancing, eject_seconds=settings.endpoint_eject_seconds
+        )
+        self.metrics_port: int | None = None
+        self.readiness_port: int | None = None
+        self._config = config
+        self._snapshot: MeshSnapshot | None = None
+        self._first_snapshot = asyncio.Event()
+        self._pods: dict[str, PodState] = {}
+        self._tls_generation = 0
+        self._server_tls: dict[SpiffeId, TlsContext] = {}
+        self._client_tls: dict[SpiffeId, TlsContext] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
+        self._metrics_server = MetricsServer(self.metrics, lambda: self.ready)
+        self._readiness_server = MetricsServer(self.metrics, lambda: self.ready)
+        self._outbound = Outbound(self)
+        self._inbound = Inbound(self)
+        self._accepting = False
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Subscribe to config (waiting for a first snapshot) and serve metrics."""
+        self._background.append(asyncio.create_task(self._config.run(self.apply_snapshot)))
+        try:
+            async with asyncio.timeout(self.settings.first_config_timeout):
+                await self._first_snapshot.wait()
+        except TimeoutError:
+            await self._stop_background()
+            raise TransientError(
+                f"no mesh config within {self.settings.first_config_timeout:.0f} s"
+            ) from None
+        self._background.append(asyncio.create_task(self._sweep_idle_tunnels()))
+        if self.settings.metrics_address is not None:
+            host, port = self.settings.metrics_address
+            self.metrics_port = await self._metrics_server.start(host, port)
+        if self.settings.readiness_address is not None:
+            host, port = self.settings.readiness_address
+            self.readiness_port = await self._readiness_server.start(host, port)
+        self._accepting = True
+
+    @property
+    def ready(self) -> bool:
+        return self._accepting
+
+    async def shutdown(self, deadline: float) -> None:
+        """Stop accepting, let connections finish for up to `deadline` seconds, then close.
+
+        Peers are told (GOAWAY) to open no new streams on our connections; the
+        streams they have go on until they end or the deadline passes.
+        """
+        self._accepting = False
+        for pod in self._pods.values():
+            for server in pod.servers:
+                server.close()
+            for conn in pod.tunnels:
+                conn.shutdown()
+        self.pool.retire(lambda _key: True)
+        pending = {t for t in self._tasks if not t.done()}
+        if pending:
+            log.info("draining %d connections for up to %.1f s", len(pending), deadline)
+            _, still = await asyncio.wait(pending, timeout=deadline)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        for pod in list(self._pods.values()):
+            for conn in list(pod.tunnels):
+                conn.close("proxy shutting down")
+        self.pool.close_all()
+        self._pods.clear()
+        await self.identities.close()
+        await self._metrics_server.close()
+        await self._readiness_server.close()
+        await self._stop_background()
+
+    async def _stop_background(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background.clear()
+
+    # -- config and certificates -------------------------------------------------
+
+    @property
+    def snapshot(self) -> MeshSnapshot:
+        if self._snapshot is None:
+            raise TransientError("the proxy has no mesh config yet")
+        return self._snapshot
+
+    def apply_snapshot(self, snapshot: MeshSnapshot) -> None:
+        old = self._snapshot
+        self._snapshot = snapshot
+        self._first_snapshot.set()
+        if old is not None and old.trust_bundle_pem != snapshot.trust_bundle_pem:
+            log.info("trust bundle changed: rebuilding TLS contexts")
+            for identity in {p.identity for p in self._pods.values()}:
+                self._rebuild_tls(identity)
+
+    def _rotated(self, identity: SpiffeId) -> None:
+        self._rebuild_tls(identity)
+
+    def _rebuild_tls(self, identity: SpiffeId) -> None:
+        """New handshakes use the new contexts; open connections keep theirs until idle."""
+        cert = self.identities.current(identity)
+        if cert is None:
+            return
+        bundle = self.snapshot.trust_bundle_pem
+        self._tls_generation += 1
+        gen = self._tls_generation
+        self._server_tls[identity] = TlsContext(tls_mod.server_context(cert, bundle), gen)
+        self._client_tls[identity] = TlsContext(tls_mod.client_context(cert, bundle), gen)
+        self.pool.retire(
+            lambda key: (
+                isinstance(key, tuple)
+                and key[-1] != gen
+                and any(p.uid == key[0] and p.identity == identity for p in self._pods.values())
+            )
+        )
+
+    def server_tls(self, identity: SpiffeId) -> TlsContext:
+        return self._server_tls[identity]
+
+    def client_tls(self, identity: SpiffeId) -> TlsContext:
+        return self._client_tls[identity]
+
+    # -- pods (the node agent's interface) -------------------------------------------
+
+    async def add_pod(self, netns: Netns, workload: Workload) -> None:
+        """Serve `workload`'s pod: certificate ready, listeners open inside `netns`.
+
+        Idempotent for the same pod and netns. On failure nothing of this pod
+        is left open and the error says whether retrying can help.
+        """
+        if not self._accepting:
+            raise TransientError("proxy is not accepting pods (starting or shutting down)")
+        existing = self._pods.get(workload.uid)
+        if existing is not None:
+            if existing.netns.inode == netns.inode and existing.workload == workload:
+                return
+            await self.remove_pod(workload.uid)
+        if not workload.ips:
+            raise InvalidInputError(f"pod {workload.key} has no IP address")
+        identity = workload.identity(self.snapshot.trust_domain)
+        try:
+            await self.identities.acquire(identity)
+        except Exception as e:
+            raise TransientError(f"no certificate for {identity}: {e}") from e
+        pod = PodState(netns, workload, identity)
+        try:
+            if identity not in self._server_tls:
+                self._rebuild_tls(identity)
+            await self._open_listeners(pod)
+        except BaseException:
+            for server in pod.servers:
+                server.close()
+            self.identities.release(identity)
+            raise
+        self._pods[workload.uid] = pod
+        log.info("serving pod %s (%s) in %s", workload.key, identity, netns.path)
+
+    def pod(self, uid: str) -> PodState | None:
+        """What the proxy holds for a pod it serves."""
+        return self._pods.get(uid)
+
+    async def remove_pod(self, uid: str) -> None:
+        """Stop serving a pod: listeners closed, tunnels told to go away, certificate released.
+
+        Connections already carried go on until they end (the pod's netns
+        going away ends them). Removing an unknown pod is not an error.
+        """
+        pod = self._pods.pop(uid, None)
+        if pod is None:
+            return
+        for server in pod.servers:
+            server.close()
+        for conn in pod.tunnels:
+            conn.shutdown()
+        self.pool.retire(lambda key: isinstance(key, tuple) and key[0] == uid)
+        if not any(p.identity == pod.identity for p in self._pods.values()):
+            self._server_tls.pop(pod.identity, None)
+            self._client_tls.pop(pod.identity, None)
+        self.identities.release(pod.identity)
+        log.info("stopped serving pod %s", pod.workload.key)
+
+    async def _open_listeners(self, pod: PodState) -> None:
+        loop = asyncio.get_running_loop()
+        families = sorted(
+            {socket.AF_INET6 if ":" in ip else socket.AF_INET for ip in pod.workload.ips}
+        )
+        plain: list[tuple[int, Callable[[TcpPeer], None]]] = [
+            (OUTBOUND_CAPTURE_PORT, lambda peer: self._outbound.accepted(pod, peer)),
+            (
+                INBOUND_PLAINTEXT_CAPTURE_PORT,
+                lambda peer: self._inbound.plaintext_accepted(pod, peer),
+            ),
+        ]
+        for family in families:
+            for port, accepted in plain:
+                sock = self.sockets.listener(pod.netns, family, port)
+                try:
+                    server = await loop.create_server(
+                        functools.partial(TcpPeer, accepted), sock=sock
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
+                pod.servers.append(server)
+            tunnel = self.sockets.listener(pod.netns, family, INBOUND_TUNNEL_PORT)
+            pod.servers.append(TunnelListener(self._inbound, pod, tunnel))
+
+    # -- shared by the data paths -------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("connection handler failed", exc_info=task.exception())
+
+    def refuse(self, listener: str, reason: str, detail: str, peer: TcpPeer | None) -> None:
+        """Bad input: counted, logged once, connection dropped; nothing else is affected."""
+        log.warning("%s: refused (%s): %s", listener, reason, detail)
+        self.metrics.refused(listener, reason)
+        if peer is not None:
+            peer.abort()
+
+    async def connect_tcp(self, pod: PodState, address: str, port: int) -> TcpPeer:
+        """A plain TCP connection from inside `pod`'s netns, marked so capture skips it."""
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = self.sockets.stream(pod.netns, family)
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                await loop.sock_connect(sock, (address, port))
+            _, peer = await loop.create_connection(TcpPeer, sock=sock)
+        except (OSError, TimeoutError) as e:
+            sock.close()
+            raise UpstreamError(f"cannot connect to {address}:{port}: {e or 'timeout'}") from e
+        return peer
+
+    async def carry(
+        self,
+        record: ConnectionRecord,
+        flow: Flow,
+        peers: Sequence[TcpPeer],
+        stream: HboneStream | None = None,
+    ) -> None:
+        """Report the connection open, wait for it to end, report it closed."""
+        self.telemetry.opened(record)
+        try:
+            error = await flow.done
+        except asyncio.CancelledError:
+            # Shutdown deadline passed: cut it, and still account for it.
+            if stream is not None:
+                stream.reset("proxy shutting down")
+            for peer in peers:
+                peer.abort()
+            self.telemetry.closed(record, up=flow.up, down=flow.down, error="proxy shut down")
+            raise
+        self.telemetry.closed(record, up=flow.up, down=flow.down, error=error)
+
+    async def _sweep_idle_tunnels(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_SECONDS)
+            cutoff = time.monotonic() - self.settings.tunnel_idle_timeout
+            for pod in list(self._pods.values()):
+                for conn in list(pod.tunnels):
+                    if not conn.streams and conn.last_active < cutoff:
+                        conn.close("idle")
+
+    # -- operator surface ---------------------------------------------------------
+
+    def dump(self) -> dict[str, Any]:
+        """This proxy's section of config_dump: plain data only."""
+        return {
+            "ready": self.ready,
+            "pods": {
+                uid: {
+                    "workload": pod.workload.key,
+                    "identity": str(pod.identity),
+                    "netns": str(pod.netns.path),
+                    "inbound_tunnels": len(pod.tunnels),
+                }
+                for uid, pod in sorted(self._pods.items())
+            },
+            "certificates": self.identities.dump(),
+            "pool": self.pool.dump(),
+            "active_connections": len(self._tasks),
+            "mesh": self._snapshot.dump() if self._snapshot is not None else None,
+        }
+
+
+def build(
+    settings: ProxySettings,
+    *,
+    config: ConfigSource,
+    certificates: CertificateProvider,
+    sockets: SocketFactory | None = None,
+    access_log: AccessLog | None = None,
+) -> Proxy:
+    """The one place a proxy is put together; call `start()` on the result."""
+    return Proxy(
+        settings,
+        config=config,
+        certificates=certificates,
+        sockets=sockets or NetnsSocketFactory(),
+        telemetry=Telemetry(ProxyMetrics(), access_log or AccessLog()),
+    )

@@ -1,0 +1,65 @@
+"""Sockets in pod network namespaces, the proxy's only way into a pod.
+
+As in ztunnel, the proxy never enters a namespace itself: it asks a
+SocketFactory for a socket that belongs to a pod's netns and carries the
+proxy mark, and from then on uses it from the event loop like any other. A
+socket belongs for life to the netns it was created in, so only creation
+needs the calling thread inside (node_agent.netns does that, briefly).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Final, Protocol
+
+from node_agent.constants import PROXY_MARK
+from node_agent.netns import Netns, entered
+
+LISTEN_BACKLOG: Final = 1024
+
+
+class SocketFactory(Protocol):
+    def listener(self, netns: Netns, family: socket.AddressFamily, port: int) -> socket.socket:
+        """A non-blocking listening socket on the wildcard address of `netns`."""
+        ...
+
+    def stream(self, netns: Netns, family: socket.AddressFamily) -> socket.socket:
+        """A non-blocking, unconnected TCP socket of `netns`, ready for sock_connect."""
+        ...
+
+
+class NetnsSocketFactory:
+    """Sockets created inside the pod's netns, marked so capture lets them through."""
+
+    def __init__(self, mark: int = PROXY_MARK) -> None:
+        self._mark = mark
+
+    def listener(self, netns: Netns, family: socket.AddressFamily, port: int) -> socket.socket:
+        sock = self._create(netns, family)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # IPv4 gets its own listener: SO_ORIGINAL_DST needs a real AF_INET socket.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port))  # noqa: S104
+            sock.listen(LISTEN_BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def stream(self, netns: Netns, family: socket.AddressFamily) -> socket.socket:
+        sock = self._create(netns, family)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def _create(self, netns: Netns, family: socket.AddressFamily) -> socket.socket:
+        with entered(netns):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock

@@ -1,0 +1,248 @@
+"""What operators see of each connection: istio_tcp_* metrics and a JSON access log.
+
+Metric names and labels follow Istio's standard TCP metrics, so existing
+dashboards work: `reporter` is "source" on the outbound proxy and
+"destination" on the inbound one; `connection_security_policy` is
+"mutual_tls" for HBONE and "none" for plaintext. Label values come from the
+mesh snapshot and verified certificates, never from what a client sent, so
+cardinality is bounded by the mesh itself. Bad input that never became a
+connection (failed handshakes, malformed requests) is counted in
+weir_proxy_refused_total by listener and reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final
+
+from controlplane.mesh import SpiffeId
+from node_agent.proxy.model import Service, Workload
+
+log = logging.getLogger(__name__)
+
+OPENED: Final = "istio_tcp_connections_opened_total"
+CLOSED: Final = "istio_tcp_connections_closed_total"
+FAILED: Final = "istio_tcp_connections_failed_total"
+SENT: Final = "istio_tcp_sent_bytes_total"
+RECEIVED: Final = "istio_tcp_received_bytes_total"
+REFUSED: Final = "weir_proxy_refused_total"
+HELP: Final = {
+    OPENED: "TCP connections opened",
+    CLOSED: "TCP connections closed",
+    FAILED: "TCP connections that failed (refused by policy, upstream unreachable, reset)",
+    SENT: "bytes sent back to the client (response direction)",
+    RECEIVED: "bytes received from the client (request direction)",
+    REFUSED: "inbound input refused before it became a connection, by listener and reason",
+}
+UNKNOWN: Final = "unknown"
+HTTP_READ_TIMEOUT_SECONDS: Final = 5.0
+HTTP_MAX_REQUEST: Final = 8192
+
+Labels = tuple[tuple[str, str], ...]
+
+
+@dataclass
+class ConnectionRecord:
+    """One proxied TCP connection, from either proxy's point of view."""
+
+    reporter: str  # "source" (outbound) or "destination" (inbound)
+    source_addr: str
+    destination_addr: str
+    source_workload: Workload | None = None
+    source_identity: SpiffeId | None = None
+    destination_workload: Workload | None = None
+    destination_identity: SpiffeId | None = None
+    destination_service: Service | None = None
+    mtls: bool = False
+    started: float = field(default_factory=time.time)
+
+    def labels(self) -> Labels:
+        src, dst = self.source_workload, self.destination_workload
+        service = self.destination_service
+        return (
+            ("reporter", self.reporter),
+            ("source_workload", src.name if src else UNKNOWN),
+            ("source_workload_namespace", src.namespace if src else UNKNOWN),
+            ("source_principal", str(self.source_identity) if self.source_identity else UNKNOWN),
+            ("destination_workload", dst.name if dst else UNKNOWN),
+            ("destination_workload_namespace", dst.namespace if dst else UNKNOWN),
+            (
+                "destination_principal",
+                str(self.destination_identity) if self.destination_identity else UNKNOWN,
+            ),
+            ("destination_service", service.key if service else UNKNOWN),
+            ("request_protocol", "tcp"),
+            ("connection_security_policy", "mutual_tls" if self.mtls else "none"),
+        )
+
+
+class ProxyMetrics:
+    """Counters, updated on the event loop, rendered in Prometheus text format."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, dict[Labels, float]] = {name: {} for name in HELP}
+
+    def inc(self, name: str, labels: Labels, amount: float = 1.0) -> None:
+        series = self._values[name]
+        series[labels] = series.get(labels, 0.0) + amount
+
+    def value(self, name: str, **labels: str) -> float:
+        """Sum of every series of `name` whose labels include `labels` (for tests, status)."""
+        return sum(
+            v
+            for key, v in self._values[name].items()
+            if all(dict(key).get(k) == want for k, want in labels.items())
+        )
+
+    def refused(self, listener: str, reason: str) -> None:
+        self.inc(REFUSED, (("listener", listener), ("reason", reason)))
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for name, series in self._values.items():
+            lines.append(f"# HELP {name} {HELP[name]}")
+            lines.append(f"# TYPE {name} counter")
+            for labels, value in sorted(series.items()):
+                text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+                lines.append(f"{name}{{{text}}} {value:g}")
+        return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class AccessLog:
+    """One JSON line per connection, written when it ends."""
+
+    def __init__(self, write: Callable[[str], None] | None = None) -> None:
+        self._write = write or _stdout_line
+
+    def record(
+        self,
+        record: ConnectionRecord,
+        *,
+        sent: int,
+        received: int,
+        outcome: str,
+        reason: str | None,
+    ) -> None:
+        entry = {
+            "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.started)),
+            "duration_ms": round((time.time() - record.started) * 1000, 3),
+            "reporter": record.reporter,
+            "src": {
+                "addr": record.source_addr,
+                "workload": record.source_workload.key if record.source_workload else None,
+                "identity": str(record.source_identity) if record.source_identity else None,
+            },
+            "dst": {
+                "addr": record.destination_addr,
+                "workload": (
+                    record.destination_workload.key if record.destination_workload else None
+                ),
+                "identity": (
+                    str(record.destination_identity) if record.destination_identity else None
+                ),
+                "service": record.destination_service.key if record.destination_service else None,
+            },
+            "security_policy": "mutual_tls" if record.mtls else "none",
+            "bytes_sent": sent,
+            "bytes_received": received,
+            "outcome": outcome,
+            "reason": reason,
+        }
+        self._write(json.dumps(entry, separators=(",", ":")))
+
+
+def _stdout_line(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+class Telemetry:
+    """Metrics and access log together: what every connection reports, once."""
+
+    def __init__(self, metrics: ProxyMetrics, access_log: AccessLog) -> None:
+        self.metrics = metrics
+        self.access_log = access_log
+
+    def opened(self, record: ConnectionRecord) -> None:
+        self.metrics.inc(OPENED, record.labels())
+
+    def closed(self, record: ConnectionRecord, *, up: int, down: int, error: str | None) -> None:
+        labels = record.labels()
+        self.metrics.inc(CLOSED, labels)
+        self.metrics.inc(RECEIVED, labels, up)
+        self.metrics.inc(SENT, labels, down)
+        outcome = "ok" if error is None else "error"
+        self.access_log.record(record, sent=down, received=up, outcome=outcome, reason=error)
+
+    def failed(self, record: ConnectionRecord, outcome: str, reason: str) -> None:
+        """Never got through: denied, refused, upstream unreachable."""
+        self.metrics.inc(FAILED, record.labels())
+        self.access_log.record(record, sent=0, received=0, outcome=outcome, reason=reason)
+
+
+class MetricsServer:
+    """GET /metrics (Prometheus) and /healthz/ready, HTTP/1.0, one request per connection."""
+
+    def __init__(self, metrics: ProxyMetrics, ready: Callable[[], bool]) -> None:
+        self._metrics = metrics
+        self._ready = ready
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self._server = await asyncio.start_server(self._serve, host, port, limit=HTTP_MAX_REQUEST)
+        sockname: tuple[str, int] = self._server.sockets[0].getsockname()
+        return sockname[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(HTTP_READ_TIMEOUT_SECONDS):
+                # The reader's limit bounds the request head (LimitOverrunError past it).
+                head = await reader.readuntil(b"\r\n\r\n")
+            request_line = head.split(b"\r\n", 1)[0].decode("ascii", "replace").split()
+            path = request_line[1] if len(request_line) >= 2 else ""
+            if path == "/metrics":
+                status, body, kind = 200, self._metrics.render(), "text/plain; version=0.0.4"
+            elif path == "/healthz/ready":
+                ok = self._ready()
+                status, body, kind = (
+                    (200 if ok else 503),
+                    ("ready\n" if ok else "not ready\n"),
+                    "text/plain",
+                )
+            else:
+                status, body, kind = 404, "not found\n", "text/plain"
+            payload = body.encode()
+            writer.write(
+                f"HTTP/1.0 {status} {'OK' if status == 200 else 'Error'}\r\n"
+                f"Content-Type: {kind}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
+            await writer.drain()
+        except (
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ValueError,
+            ConnectionError,
+        ) as e:
+            log.debug("metrics request dropped: %s", e)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()

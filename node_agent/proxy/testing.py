@@ -1,0 +1,113 @@
+"""Fakes that plug into `proxy.build()` for tests, the benchmark and local runs.
+
+- StaticConfigSource: a snapshot you set by hand, pushed like the xDS client would.
+- LocalCaCertificates: certificates signed in-process by the control plane's own
+  CertificateAuthority (real X.509 SVIDs, no gRPC).
+- AccessLogRecorder: keeps access log entries as dicts.
+- LoopThread: an event loop in a thread, so blocking test code can drive proxies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from controlplane.ca import CertificateAuthority
+from controlplane.mesh import SpiffeId
+from node_agent.proxy.identity import WorkloadCertificate
+from node_agent.proxy.model import MeshSnapshot
+from node_agent.proxy.telemetry import AccessLog
+
+T = TypeVar("T")
+
+
+class StaticConfigSource:
+    """Pushes the snapshot given, then every one passed to `set`."""
+
+    def __init__(self, snapshot: MeshSnapshot) -> None:
+        self._snapshot = snapshot
+        self._changed = asyncio.Event()
+
+    def set(self, snapshot: MeshSnapshot) -> None:
+        self._snapshot = snapshot
+        self._changed.set()
+
+    async def run(self, apply: Callable[[MeshSnapshot], None]) -> None:
+        while True:
+            self._changed.clear()
+            apply(self._snapshot)
+            await self._changed.wait()
+
+
+def make_csr(identity: SpiffeId) -> tuple[str, bytes]:
+    """(CSR PEM, private key PEM) for `identity`, as the identity manager makes them."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
+            critical=True,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode(), key_pem
+
+
+class LocalCaCertificates:
+    """A CertificateProvider signing with an in-process CertificateAuthority."""
+
+    def __init__(self, ca: CertificateAuthority, ttl: datetime.timedelta | None = None) -> None:
+        self.ca = ca
+        self.ttl = ttl
+        self.issued: list[SpiffeId] = []
+        self.fail_next = 0  # how many upcoming fetches fail (renewal-failure tests)
+
+    async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            raise ConnectionError("CA unavailable (test)")
+        return self.issue(identity)
+
+    def issue(self, identity: SpiffeId) -> WorkloadCertificate:
+        csr, key_pem = make_csr(identity)
+        chain = self.ca.sign(csr, identity, ttl=self.ttl, now=datetime.datetime.now(datetime.UTC))
+        self.issued.append(identity)
+        return WorkloadCertificate.from_pem(tuple(chain), key_pem)
+
+
+class AccessLogRecorder(AccessLog):
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+        super().__init__(lambda line: self.entries.append(json.loads(line)))
+
+
+class LoopThread:
+    """A uvloop event loop running in a daemon thread until `close()`."""
+
+    def __init__(self) -> None:
+        self.loop = uvloop.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
+        """Run `coro` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()

@@ -1,0 +1,63 @@
+"""TLS for HBONE: contexts built from a workload's SVID, and the peer's SPIFFE ID.
+
+Keys never touch a filesystem: Python's ssl module only loads a certificate
+chain from a path, so the PEM goes into an anonymous memfd that is read back
+through /proc/self/fd and closed at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+from collections.abc import Sequence
+from typing import Final
+
+from controlplane.mesh import SpiffeId
+from node_agent.errors import InvalidInputError
+from node_agent.proxy.identity import WorkloadCertificate
+
+ALPN_H2: Final = "h2"
+
+
+def server_context(cert: WorkloadCertificate, trust_bundle: Sequence[str]) -> ssl.SSLContext:
+    """Presents `cert`; requires a client certificate chaining to `trust_bundle`."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _configure(ctx, cert, trust_bundle)
+    return ctx
+
+
+def client_context(cert: WorkloadCertificate, trust_bundle: Sequence[str]) -> ssl.SSLContext:
+    """Presents `cert`; the caller checks the server's SPIFFE ID (no hostnames in the mesh)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    _configure(ctx, cert, trust_bundle)
+    return ctx
+
+
+def _configure(ctx: ssl.SSLContext, cert: WorkloadCertificate, trust_bundle: Sequence[str]) -> None:
+    if not trust_bundle:
+        raise InvalidInputError("empty trust bundle: no peer could be verified")
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata="".join(trust_bundle))
+    ctx.set_alpn_protocols([ALPN_H2])
+    fd = os.memfd_create("weir-svid", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, "".join(cert.chain_pem).encode() + cert.private_key_pem)
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> SpiffeId | None:
+    """The verified peer's SPIFFE ID: its one URI SAN, if that is a workload identity."""
+    if ssl_object is None:
+        return None
+    with contextlib.suppress(ValueError):
+        cert = ssl_object.getpeercert()
+        sans = cert.get("subjectAltName", ()) if cert else ()
+        uris = [value for kind, value in sans if kind == "URI"]  # type: ignore[str-unpack]
+        if len(uris) == 1 and isinstance(uris[0], str):
+            return SpiffeId.parse(uris[0])
+    return None

@@ -1,0 +1,147 @@
+"""The mesh snapshot fed by the control plane's delta xDS subscription.
+
+The xDS client hands over the full state of one resource type at a time;
+this keeps the latest of each type and publishes a new MeshSnapshot after
+every accepted change, once a trust bundle has arrived (without one no peer
+could be verified, so there is nothing useful to publish before).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final
+
+from google.protobuf.message import Message
+
+from controlplane._generated.weir.v1 import mesh_pb2
+from controlplane.client import ControlPlaneClient
+from controlplane.mesh import (
+    POLICY_TYPE,
+    SERVICE_TYPE,
+    TRUST_BUNDLE_NAME,
+    TRUST_BUNDLE_TYPE,
+    WORKLOAD_TYPE,
+)
+from node_agent.errors import InvalidInputError
+from node_agent.proxy.model import (
+    Action,
+    AuthorizationPolicy,
+    MeshSnapshot,
+    MtlsMode,
+    Rule,
+    Service,
+    ServicePort,
+    Workload,
+)
+
+_MTLS: Final = {mesh_pb2.PERMISSIVE: MtlsMode.PERMISSIVE}  # anything else: STRICT
+_ACTIONS: Final = {mesh_pb2.ALLOW: Action.ALLOW, mesh_pb2.DENY: Action.DENY}
+
+
+def workload_from_proto(w: mesh_pb2.Workload) -> Workload:
+    return Workload(
+        uid=w.uid,
+        name=w.name,
+        namespace=w.namespace,
+        service_account=w.service_account,
+        node=w.node,
+        ips=tuple(w.ips),
+        labels=dict(w.labels),
+        captured=w.captured,
+        mtls_mode=_MTLS.get(w.mtls_mode, MtlsMode.STRICT),
+    )
+
+
+def service_from_proto(s: mesh_pb2.Service) -> Service:
+    return Service(
+        name=s.name,
+        namespace=s.namespace,
+        vips=tuple(s.vips),
+        ports=tuple(ServicePort(p.port, p.target_port, p.name) for p in s.ports),
+        endpoints=tuple(s.endpoints),
+    )
+
+
+def policy_from_proto(p: mesh_pb2.AuthorizationPolicy) -> AuthorizationPolicy:
+    action = _ACTIONS.get(p.action)
+    if action is None:
+        raise InvalidInputError(f"policy {p.namespace}/{p.name} has no action")
+    return AuthorizationPolicy(
+        name=p.name,
+        namespace=p.namespace,
+        action=action,
+        rules=tuple(
+            Rule(
+                source_principals=tuple(r.source_principals),
+                source_namespaces=tuple(r.source_namespaces),
+                source_ip_blocks=tuple(r.source_ip_blocks),
+                destination_ports=tuple(r.destination_ports),
+            )
+            for r in p.rules
+        ),
+        selector=dict(p.selector),
+    )
+
+
+class SnapshotHandler:
+    """An xDS ConfigHandler that turns accepted resources into MeshSnapshots."""
+
+    def __init__(self, publish: Callable[[MeshSnapshot], None]) -> None:
+        self._publish = publish
+        self._state: dict[str, Mapping[str, Message]] = {}
+
+    def apply(
+        self,
+        type_url: str,
+        resources: Mapping[str, Message],
+        updated: Sequence[str],  # noqa: ARG002 - the full state is enough here
+        removed: Sequence[str],  # noqa: ARG002
+    ) -> None:
+        proposed = {**self._state, type_url: dict(resources)}
+        snapshot = _build(proposed)  # raises InvalidInputError: the xDS client NACKs
+        self._state = proposed
+        if snapshot is not None:
+            self._publish(snapshot)
+
+
+def _build(state: Mapping[str, Mapping[str, Message]]) -> MeshSnapshot | None:
+    bundle = state.get(TRUST_BUNDLE_TYPE, {}).get(TRUST_BUNDLE_NAME)
+    if not isinstance(bundle, mesh_pb2.TrustBundle):
+        return None
+    try:
+        workloads = {
+            k: workload_from_proto(m)
+            for k, m in state.get(WORKLOAD_TYPE, {}).items()
+            if isinstance(m, mesh_pb2.Workload)
+        }
+        services = {
+            k: service_from_proto(m)
+            for k, m in state.get(SERVICE_TYPE, {}).items()
+            if isinstance(m, mesh_pb2.Service)
+        }
+        policies = {
+            k: policy_from_proto(m)
+            for k, m in state.get(POLICY_TYPE, {}).items()
+            if isinstance(m, mesh_pb2.AuthorizationPolicy)
+        }
+        snapshot = MeshSnapshot(
+            trust_domain=bundle.trust_domain,
+            trust_bundle_pem=tuple(bundle.root_certificates_pem),
+            workloads=workloads,
+            services=services,
+            policies=policies,
+        )
+        snapshot.check()
+    except ValueError as e:
+        raise InvalidInputError(f"mesh config rejected: {e}") from e
+    return snapshot
+
+
+class XdsConfigSource:
+    """ConfigSource: the node's xDS subscription to the control plane."""
+
+    def __init__(self, client: ControlPlaneClient) -> None:
+        self._client = client
+
+    async def run(self, apply: Callable[[MeshSnapshot], None]) -> None:
+        await self._client.subscribe(SnapshotHandler(apply)).run()

@@ -1,0 +1,185 @@
+"""`weir proxy run` end to end: a real control plane (TLS, delta xDS, CA), two proxy
+processes dropped to UID 1337, pods served by hand, A reaching B through both."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from controlplane.client import ControlPlaneClient, ControlPlaneEndpoint
+from node_agent.localmesh.topology import LocalTopology, Pod
+from node_agent.netns import entered
+from node_agent.proxy.lab import EchoServer
+from node_agent.redirect.backend import Backend
+from node_agent.redirect.config import CaptureConfig
+from node_agent.redirect.iptables import IptablesCapture
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
+
+APP_PORT = 8080
+TOKENS = {"node-1": "token-node-1-0123456789", "node-2": "token-node-2-0123456789"}
+MESH = """
+trustDomain: cluster.local
+nodes:
+  - {name: node-1, bootstrapToken: token-node-1-0123456789}
+  - {name: node-2, bootstrapToken: token-node-2-0123456789}
+workloads:
+  - {name: a, namespace: default, serviceAccount: a, node: node-1, labels: {app: a}}
+  - {name: b, namespace: default, serviceAccount: b, node: node-2, labels: {app: b}}
+"""
+CONTROL_PLANE = "import sys; from controlplane.cli import main; sys.exit(main(sys.argv[1:]))"
+# What `weir proxy ...` runs once node_agent/cli.py registers the subcommand.
+PROXY = """
+import argparse, logging, sys
+from node_agent.proxy import cli
+parser = argparse.ArgumentParser()
+cli.register(parser.add_subparsers(dest="command", required=True))
+logging.basicConfig(level=logging.INFO)
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def http_get(port: int, path: str) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as reply:
+            return reply.read().decode()
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+
+
+async def register(endpoint: ControlPlaneEndpoint, pods: list[Pod]) -> None:
+    for pod in pods:
+        async with ControlPlaneClient(endpoint, pod.node.name, TOKENS[pod.node.name]) as client:
+            await client.register_workload(
+                namespace=pod.namespace, name=pod.name, uid=pod.uid, ips=[str(pod.ipv4)]
+            )
+
+
+def echo(pod: Pod, dst: Pod) -> bytes:
+    with entered(pod.netns):
+        sock = socket.socket()
+    with sock:
+        sock.settimeout(5)
+        sock.connect((str(dst.ipv4), APP_PORT))
+        sock.sendall(b"through weir proxy run")
+        sock.shutdown(socket.SHUT_WR)
+        return sock.recv(64)
+
+
+def test_weir_proxy_run_end_to_end(tmp_path):
+    (tmp_path / "mesh.yaml").write_text(MESH)
+    grpc_port = free_port()
+    root = tmp_path / "state" / "root-cert.pem"
+    capture = IptablesCapture(Backend.NFT)
+    with (
+        process(
+            [
+                sys.executable, "-c", CONTROL_PLANE,
+                "--config", str(tmp_path / "mesh.yaml"),
+                "--listen", f"127.0.0.1:{grpc_port}",
+                "--http-listen", f"127.0.0.1:{free_port()}",
+                "--state-dir", str(tmp_path / "state"),
+            ],
+            tmp_path / "controlplane.log",
+        ),
+        LocalTopology() as topo,
+    ):  # fmt: skip
+        wait_until(root.exists, "the control plane's root certificate")
+        node1 = topo.add_node("node-1", "10.244.1.0/24")
+        node2 = topo.add_node("node-2", "10.244.2.0/24")
+        a, b = topo.add_pod(node1, "a"), topo.add_pod(node2, "b")
+        server = EchoServer(b, APP_PORT)
+        try:
+            for pod in (a, b):
+                capture.apply(pod.netns, CaptureConfig())
+            endpoint = ControlPlaneEndpoint.tls(f"127.0.0.1:{grpc_port}", root)
+            asyncio.run(register(endpoint, [a, b]))
+            metrics = {"node-1": free_port(), "node-2": free_port()}
+            readiness = {"node-1": free_port(), "node-2": free_port()}
+            token_files = {}
+            for node, token in TOKENS.items():
+                token_files[node] = tmp_path / f"{node}.token"
+                token_files[node].write_text(token)
+            with contextlib.ExitStack() as stack:
+                proxies = {
+                    pod.node.name: stack.enter_context(
+                        process(
+                            [
+                                sys.executable, "-c", PROXY, "proxy", "run",
+                                "--control-plane", f"127.0.0.1:{grpc_port}",
+                                "--control-plane-roots", str(root),
+                                "--node", pod.node.name,
+                                "--token-file", str(token_files[pod.node.name]),
+                                "--pod", f"default/{pod.name}={pod.netns.path}",
+                                "--drop-to-uid", "1337",
+                                "--metrics-listen", f"127.0.0.1:{metrics[pod.node.name]}",
+                                "--readiness-listen", f"127.0.0.1:{readiness[pod.node.name]}",
+                            ],
+                            tmp_path / f"proxy-{pod.node.name}.log",
+                        )
+                    )
+                    for pod in (a, b)
+                }  # fmt: skip
+                for node, port in readiness.items():
+                    wait_until(
+                        lambda p=port: http_get(p, "/healthz/ready") == "ready\n",
+                        f"{node}'s proxy to be ready",
+                    )
+                    status = Path(f"/proc/{proxies[node].pid}/status").read_text()
+                    assert "Uid:\t1337\t1337\t1337\t1337" in status
+                    assert "CapAmb:\t0000000000201000" in status
+
+                def pod_served() -> bool:
+                    with contextlib.suppress(OSError):
+                        return echo(a, b) == b"through weir proxy run"
+                    return False
+
+                wait_until(pod_served, "a to reach b through both proxies")
+                text = http_get(metrics["node-2"], "/metrics") or ""
+                assert 'source_principal="spiffe://cluster.local/ns/default/sa/a"' in text
+                assert 'connection_security_policy="mutual_tls"' in text
+                for proc in proxies.values():
+                    proc.send_signal(signal.SIGTERM)
+                for proc in proxies.values():
+                    assert proc.wait(timeout=15) == 0
+        finally:
+            server.close()
+            for pod in (a, b):
+                with contextlib.suppress(Exception):
+                    capture.remove(pod.netns)

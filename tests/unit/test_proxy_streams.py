@@ -1,0 +1,279 @@
+"""HBONE streams over loopback: flow control, half-close, resets, many streams, pooling.
+
+A miniature two-proxy path runs in one event loop: app -> client listener ->
+CONNECT stream -> server side -> echo server. HTTP/2 runs over plain TCP
+here; TLS is the same transport interface (tested in the netns tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+import uvloop
+
+from node_agent.proxy.hbone import (
+    PENDING_HIGH,
+    STREAM_WINDOW,
+    H2Protocol,
+    HboneStream,
+    Headers,
+    TcpPeer,
+)
+from node_agent.proxy.pool import ConnectionPool, PoolExhaustedError
+
+LOCAL = "127.0.0.1"
+
+
+@pytest.fixture
+def run():
+    def runner(coro):
+        return uvloop.run(asyncio.wait_for(coro, timeout=20))
+
+    return runner
+
+
+@dataclass
+class Path:
+    """The pieces of one miniature path, for assertions."""
+
+    pool: ConnectionPool
+    app_port: int
+    server_streams: list[HboneStream] = field(default_factory=list)
+    client_streams: list[HboneStream] = field(default_factory=list)
+    server_conns: list[H2Protocol] = field(default_factory=list)
+    echo_closed: list[bytes] = field(default_factory=list)  # what each echo connection got
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: Path) -> None:
+    got = bytearray()
+    with contextlib.suppress(ConnectionError):
+        while chunk := await reader.read(65536):
+            got += chunk
+            writer.write(chunk)
+            await writer.drain()
+        writer.write_eof()
+    path.echo_closed.append(bytes(got))
+    writer.close()
+
+
+@contextlib.asynccontextmanager
+async def mini_path(max_streams: int = 100, idle: float = 60.0) -> AsyncIterator[Path]:
+    loop = asyncio.get_running_loop()
+    pool = ConnectionPool(max_streams=max_streams, idle_seconds=idle)
+    path = Path(pool, 0)
+    echo = await asyncio.start_server(lambda r, w: _echo(r, w, path), LOCAL, 0)
+    echo_port = echo.sockets[0].getsockname()[1]
+
+    def on_request(stream: HboneStream, headers: Headers) -> None:
+        async def serve() -> None:
+            assert headers[b":method"] == b"CONNECT"
+            _, upstream = await loop.create_connection(TcpPeer, LOCAL, echo_port)
+            stream.conn.respond(stream, 200)
+            stream.attach(upstream)
+            path.server_streams.append(stream)
+
+        path.tasks.add(loop.create_task(serve()))
+
+    def server_conn() -> H2Protocol:
+        conn = H2Protocol(client_side=False, on_request=on_request)
+        path.server_conns.append(conn)
+        return conn
+
+    tunnel = await loop.create_server(server_conn, LOCAL, 0)
+    tunnel_port = tunnel.sockets[0].getsockname()[1]
+
+    async def dial() -> H2Protocol:
+        conn = H2Protocol(
+            client_side=True,
+            on_idle=pool.connection_idle,
+            on_closed=lambda c, _r: pool.connection_closed(c),
+        )
+        await loop.create_connection(lambda: conn, LOCAL, tunnel_port)
+        return conn
+
+    def accepted(peer: TcpPeer) -> None:
+        async def carry() -> None:
+            stream = await pool.open_stream("peer", f"{LOCAL}:{echo_port}", dial)
+            path.client_streams.append(stream)
+            headers = await stream.response
+            assert headers[b":status"] == b"200"
+            stream.attach(peer)
+
+        path.tasks.add(loop.create_task(carry()))
+
+    app = await loop.create_server(lambda: TcpPeer(accepted), LOCAL, 0)
+    path.app_port = app.sockets[0].getsockname()[1]
+    try:
+        yield path
+    finally:
+        pool.close_all()
+        for server in (app, tunnel, echo):
+            server.close()
+
+
+async def roundtrip(port: int, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+
+    async def send() -> None:
+        for i in range(0, len(payload), 1 << 20):
+            writer.write(payload[i : i + (1 << 20)])
+            await writer.drain()
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    received = await reader.read(-1)
+    await sender
+    writer.close()
+    return received
+
+
+def test_bulk_transfer_larger_than_every_window(run):
+    payload = os.urandom(24 * 1024 * 1024)  # > 16 MiB connection window, > 4 MiB stream window
+
+    async def main():
+        async with mini_path() as path:
+            assert await roundtrip(path.app_port, payload) == payload
+            flow = path.client_streams[0].flow
+            assert await flow.done is None
+            assert (flow.up, flow.down) == (len(payload), len(payload))
+            server_flow = path.server_streams[0].flow
+            assert await server_flow.done is None
+            assert (server_flow.up, server_flow.down) == (len(payload), len(payload))
+
+    run(main())
+
+
+def test_half_close_carries_through(run):
+    async def main():
+        async with mini_path() as path:
+            reader, writer = await asyncio.open_connection(LOCAL, path.app_port)
+            writer.write(b"question")
+            writer.write_eof()  # we are done sending, but still listening
+            assert await reader.read(-1) == b"question"
+            writer.close()
+
+    run(main())
+
+
+def test_many_concurrent_streams_share_one_connection(run):
+    async def main():
+        async with mini_path() as path:
+            payloads = [os.urandom(50_000) for _ in range(60)]
+            results = await asyncio.gather(*(roundtrip(path.app_port, p) for p in payloads))
+            assert results == payloads
+            assert path.pool.dials == 1
+            assert len(path.server_conns) == 1
+
+    run(main())
+
+
+def test_stream_limit_opens_another_connection(run):
+    async def main():
+        async with mini_path(max_streams=2) as path:
+            conns = [await asyncio.open_connection(LOCAL, path.app_port) for _ in range(5)]
+            for _, writer in conns:
+                writer.write(b"x")
+            for reader, _ in conns:
+                assert await reader.readexactly(1) == b"x"
+            assert path.pool.dials == 3
+            for _, writer in conns:
+                writer.close()
+
+    run(main())
+
+
+def test_pool_refuses_past_its_bound(run):
+    async def main():
+        loop = asyncio.get_running_loop()
+        pool = ConnectionPool(max_streams=1, max_connections=1)
+        server = await loop.create_server(lambda: H2Protocol(client_side=False), LOCAL, 0)
+        port = server.sockets[0].getsockname()[1]
+
+        async def dial() -> H2Protocol:
+            conn = H2Protocol(client_side=True, on_idle=pool.connection_idle)
+            await loop.create_connection(lambda: conn, LOCAL, port)
+            return conn
+
+        try:
+            await pool.open_stream("k", "10.0.0.1:80", dial)
+            with pytest.raises(PoolExhaustedError):
+                await pool.open_stream("k", "10.0.0.1:80", dial)
+            assert pool.dials == 1
+        finally:
+            pool.close_all()
+            server.close()
+
+    run(main())
+
+
+def test_client_reset_mid_stream_closes_the_upstream(run):
+    async def main():
+        async with mini_path() as path:
+            reader, writer = await asyncio.open_connection(LOCAL, path.app_port)
+            writer.write(b"partial")
+            assert await reader.readexactly(7) == b"partial"
+            # Linger 0: close sends RST, not FIN.
+            linger = struct.pack("ii", 1, 0)
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            writer.transport.abort()
+            server_flow = path.server_streams[0].flow
+            error = await asyncio.wait_for(server_flow.done, 5)
+            assert error is not None and "reset" in error
+            for _ in range(100):
+                if path.echo_closed:
+                    break
+                await asyncio.sleep(0.02)
+            assert path.echo_closed == [b"partial"]
+            # The connection itself survives for the next stream.
+            assert await roundtrip(path.app_port, b"next") == b"next"
+            assert path.pool.dials == 1
+
+    run(main())
+
+
+def test_idle_connection_is_closed(run):
+    async def main():
+        async with mini_path(idle=0.2) as path:
+            assert await roundtrip(path.app_port, b"once") == b"once"
+            await asyncio.sleep(0.6)
+            assert path.server_conns[0].closed
+            assert await roundtrip(path.app_port, b"again") == b"again"
+            assert path.pool.dials == 2
+
+    run(main())
+
+
+def test_a_client_that_stops_reading_is_held_back_not_buffered(run):
+    """Backpressure end to end: the echo's replies pile up nowhere in the proxies."""
+
+    async def main():
+        async with mini_path() as path:
+            reader, writer = await asyncio.open_connection(LOCAL, path.app_port)
+            chunk = b"z" * (1 << 20)
+            written = 0
+            with contextlib.suppress(TimeoutError):
+                for _ in range(256):  # far more than every window and buffer together
+                    writer.write(chunk)
+                    written += len(chunk)
+                    await asyncio.wait_for(writer.drain(), 1.0)
+            assert written < 128 << 20, "the path never pushed back"
+            for stream in path.client_streams + path.server_streams:
+                assert len(stream._pending) <= PENDING_HIGH + (1 << 20)
+                assert sum(len(d) for d, _ in stream._early) <= STREAM_WINDOW
+            # Reading again drains everything that was accepted, intact.
+            writer.write_eof()
+            received = 0
+            while data := await reader.read(1 << 20):
+                received += len(data)
+            assert received == written
+            writer.close()
+
+    run(main())

@@ -105,6 +105,18 @@ class MeshView:
             return f"{namespace}/{name} is configured as not captured"
         return MeshIntent(service_account=found.service_account)
 
+    def container_workload(self, container_id: str) -> tuple[str, str] | None:
+        """(namespace, name) of the workload a bare container runtime started.
+
+        A runtime without Kubernetes (`ctr run --cni`) passes no K8S_POD_*
+        arguments; in local mode its CNI container id "<namespace>-<name>"
+        (containerd namespace and container name) names the workload.
+        """
+        for w in self.workloads():
+            if f"{w.namespace}-{w.name}" == container_id:
+                return w.namespace, w.name
+        return None
+
     def dump(self) -> dict[str, Any]:
         return {
             type_url.rsplit(".", 1)[-1]: {

@@ -107,7 +107,9 @@ class Agent:
         subscription = loop.create_task(self.client.subscribe(self.mesh).run())
         await self.handoff.start()
         await self.enroller.converge()
-        cni = CniEventServer(self.settings.cni_socket, EnrollmentCniHandler(self.enroller, loop))
+        cni = CniEventServer(
+            self.settings.cni_socket, EnrollmentCniHandler(self.enroller, loop, self.mesh)
+        )
         await asyncio.to_thread(cni.start)
         log.info("node agent for %s up: %d pods enrolled", self.settings.node, len(self.registry))
         try:

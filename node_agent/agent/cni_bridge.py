@@ -17,15 +17,21 @@ from cni_plugin.protocol import PodInfo
 from node_agent.cni_events.handler import AddDecision, Attachment
 from node_agent.enrollment.enroller import Enroller
 from node_agent.errors import TransientError
+from node_agent.mesh_view import MeshView
 
 T = TypeVar("T")
 
 
 class EnrollmentCniHandler:
     def __init__(
-        self, enroller: Enroller, loop: asyncio.AbstractEventLoop, timeout_s: float = 20.0
+        self,
+        enroller: Enroller,
+        loop: asyncio.AbstractEventLoop,
+        mesh: MeshView,
+        timeout_s: float = 20.0,
     ) -> None:
         self._enroller = enroller
+        self._mesh = mesh
         self._loop = loop
         self._timeout_s = timeout_s
 
@@ -37,7 +43,17 @@ class EnrollmentCniHandler:
             future.cancel()
             raise TransientError(f"{what} did not finish within {self._timeout_s:.0f}s") from None
 
+    def _identified(self, pod: PodInfo) -> PodInfo:
+        if pod.namespace or pod.name:
+            return pod
+        found = self._mesh.container_workload(pod.container_id)
+        if found is None:
+            return pod
+        # No pod uid without Kubernetes: the container id is unique per sandbox.
+        return pod._replace(namespace=found[0], name=found[1], uid=pod.uid or pod.container_id)
+
     def on_add(self, pod: PodInfo) -> AddDecision:
+        pod = self._identified(pod)
         outcome = self._run(f"enrolling {pod.describe()}", self._enroller.add(pod))
         return AddDecision(captured=outcome.captured, reason=outcome.reason)
 

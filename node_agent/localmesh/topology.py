@@ -602,6 +602,17 @@ class LocalTopology:
 
     # -- pods ------------------------------------------------------------
 
+    def conflist(self, node: Node, *, dual_stack: bool = False) -> dict[str, Any]:
+        """What this node's runtime finds in /etc/cni/net.d (also for a real runtime's conf dir)."""
+        return node_conflist(
+            network=f"localmesh-{node.name}",
+            bridge=node.bridge,
+            pod_cidr_v4=node.pod_cidr_v4,
+            pod_cidr_v6=node.pod_cidr_v6 if dual_stack else None,
+            ipam_data_dir=self.work_dir / "host-local" / node.name,
+            chained_plugins=node.chained_plugins,
+        )
+
     def add_pod(
         self, node: Node, name: str, namespace: str = "default", *, dual_stack: bool = False
     ) -> Pod:
@@ -630,14 +641,7 @@ class LocalTopology:
             "K8S_POD_INFRA_CONTAINER_ID": container_id,
             "K8S_POD_UID": uid,
         }
-        conflist = node_conflist(
-            network=f"localmesh-{node.name}",
-            bridge=node.bridge,
-            pod_cidr_v4=node.pod_cidr_v4,
-            pod_cidr_v6=node.pod_cidr_v6 if dual_stack else None,
-            ipam_data_dir=self.work_dir / "host-local" / node.name,
-            chained_plugins=node.chained_plugins,
-        )
+        conflist = self.conflist(node, dual_stack=dual_stack)
         netns_name = f"{self.prefix}-pod-{namespace}-{name}"
         ns = _create_netns(netns_name)
         try:

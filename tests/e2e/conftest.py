@@ -132,14 +132,14 @@ class Containerd:
             check=False,
         )
 
-    def run(
+    def argv(
         self, node: Node, name: str, command: str, *, conf_dir: Path, bin_dir: Path
-    ) -> subprocess.CompletedProcess[str]:
+    ) -> list[str]:
         """`ctr run --cni --rm` in the node's netns with conf/bin dirs at the standard paths.
 
         The CNI container id the plugins see is `<namespace>-<name>`.
         """
-        overlay = self.work / f"etc-overlay-{name}"
+        overlay = self.work / f"etc-overlay-{self.namespace}-{name}"
         (overlay / "upper").mkdir(parents=True)
         (overlay / "work").mkdir()
         ctr = [
@@ -173,8 +173,14 @@ class Containerd:
                 'exec "$@"',
             ]
         )
+        return ["ip", "netns", "exec", node.netns_name, "sh", "-c", setup, "sh", *ctr]
+
+    def run(
+        self, node: Node, name: str, command: str, *, conf_dir: Path, bin_dir: Path
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a container to completion (see `argv`)."""
         return subprocess.run(
-            ["ip", "netns", "exec", node.netns_name, "sh", "-c", setup, "sh", *ctr],
+            self.argv(node, name, command, conf_dir=conf_dir, bin_dir=bin_dir),
             capture_output=True,
             text=True,
             timeout=60,

@@ -104,7 +104,7 @@ def echo(pod: Pod, dst: Pod) -> bytes:
 
 def test_weir_proxy_run_end_to_end(tmp_path):
     (tmp_path / "mesh.yaml").write_text(MESH)
-    grpc_port = free_port()
+    grpc_port, http_port = free_port(), free_port()
     root = tmp_path / "state" / "root-cert.pem"
     capture = IptablesCapture(Backend.NFT)
     with (
@@ -113,14 +113,18 @@ def test_weir_proxy_run_end_to_end(tmp_path):
                 sys.executable, "-c", CONTROL_PLANE,
                 "--config", str(tmp_path / "mesh.yaml"),
                 "--listen", f"127.0.0.1:{grpc_port}",
-                "--http-listen", f"127.0.0.1:{free_port()}",
+                "--http-listen", f"127.0.0.1:{http_port}",
                 "--state-dir", str(tmp_path / "state"),
             ],
             tmp_path / "controlplane.log",
         ),
         LocalTopology() as topo,
     ):  # fmt: skip
-        wait_until(root.exists, "the control plane's root certificate")
+        # Ready means serving: the root file alone is written before the listener opens.
+        wait_until(
+            lambda: http_get(http_port, "/healthz/ready") is not None and root.exists(),
+            "the control plane to be ready",
+        )
         node1 = topo.add_node("node-1", "10.244.1.0/24")
         node2 = topo.add_node("node-2", "10.244.2.0/24")
         a, b = topo.add_pod(node1, "a"), topo.add_pod(node2, "b")

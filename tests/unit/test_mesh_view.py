@@ -87,3 +87,10 @@ def test_listeners_hear_every_accepted_change_and_dump_is_plain_data():
     assert heard == [1]
     dump = view.dump()
     assert dump["Workload"]["default/a"]["serviceAccount"] == "sa-a"
+
+
+def test_a_bare_runtime_container_is_named_by_its_cni_container_id():
+    view = synced_view()
+    assert view.container_workload("default-a") == ("default", "a")
+    assert view.container_workload("default-zz") is None
+    assert view.container_workload("a") is None

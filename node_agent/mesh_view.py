@@ -2,14 +2,14 @@
 
 It is the XdsClient's config handler: each push replaces the full state of
 one resource type, is validated first, and is rejected whole (NACK, the old
-state stays) if anything in it is unusable. Enrollment asks it who a pod is;
-the proxy's routing snapshot is rebuilt from it on every accepted change.
+state stays) if anything in it is unusable. Enrollment asks it who a pod is.
+(The proxy keeps its own subscription for routing.)
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -34,15 +34,11 @@ class MeshView:
     def __init__(self, node: str) -> None:
         self.node = node
         self._state: dict[str, dict[str, Message]] = {}
-        self._listeners: list[Callable[[], None]] = []
 
     @property
     def synced(self) -> bool:
         """Every resource type arrived at least once (readiness waits on this)."""
         return all(t in self._state for t in RESOURCE_TYPES)
-
-    def on_change(self, listener: Callable[[], None]) -> None:
-        self._listeners.append(listener)
 
     def apply(
         self,
@@ -62,8 +58,6 @@ class MeshView:
             len(updated),
             len(removed),
         )
-        for listener in self._listeners:
-            listener()
 
     def workloads(self) -> list[mesh_pb2.Workload]:
         return [

@@ -23,6 +23,7 @@ from node_agent.admin.server import AdminRegistry, HttpEndpoint
 from node_agent.agent.cni_bridge import EnrollmentCniHandler
 from node_agent.agent.registrar import ControlPlaneRegistrar
 from node_agent.cni_events.server import CniEventServer
+from node_agent.constants import ADMIN_PORT, READINESS_PORT
 from node_agent.enrollment.enroller import CaptureEngine, Enroller
 from node_agent.enrollment.registry import PodRegistry
 from node_agent.mesh_view import MeshView
@@ -39,9 +40,9 @@ class AgentSettings:
     state_dir: Path
     run_dir: Path
     admin_host: str = "127.0.0.1"
-    admin_port: int = 15000
+    admin_port: int = ADMIN_PORT
     health_host: str = "0.0.0.0"  # noqa: S104 - kubelet probes readiness from outside the pod
-    health_port: int = 15021
+    health_port: int = READINESS_PORT
 
     @property
     def cni_socket(self) -> Path:

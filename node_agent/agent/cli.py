@@ -11,6 +11,7 @@ from pathlib import Path
 
 from controlplane.client import ControlPlaneEndpoint
 from node_agent.agent.app import Agent, AgentSettings
+from node_agent.constants import ADMIN_PORT, READINESS_PORT
 from node_agent.enrollment.enroller import CaptureEngine
 from node_agent.errors import InvalidInputError
 from node_agent.redirect.backend import Backend, choose_backend, probe_host
@@ -45,8 +46,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--iptables-backend", choices=["auto", *Backend], default="auto")
     p.add_argument("--bpf-pin-root", type=Path, default=DEFAULT_PIN_ROOT)
-    p.add_argument("--admin-port", type=int, default=15000, help="admin endpoint on 127.0.0.1")
-    p.add_argument("--health-port", type=int, default=15021, help="readiness endpoint")
+    p.add_argument("--admin-port", type=int, default=ADMIN_PORT, help="admin endpoint on 127.0.0.1")
+    p.add_argument("--health-port", type=int, default=READINESS_PORT, help="readiness endpoint")
     p.set_defaults(func=_run)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from controlplane.client import ControlPlaneClient, ControlPlaneEndpoint
 from node_agent.admin.server import AdminRegistry, HttpEndpoint
 from node_agent.agent.cni_bridge import EnrollmentCniHandler
+from node_agent.agent.cni_setup import CniSetup, CniSetupSettings
 from node_agent.agent.registrar import ControlPlaneRegistrar
 from node_agent.cni_events.server import CniEventServer
 from node_agent.constants import ADMIN_PORT, READINESS_PORT
@@ -30,6 +31,9 @@ from node_agent.mesh_view import MeshView
 from node_agent.proxy_handoff.agent_side import ProxyHandoffServer
 
 log = logging.getLogger(__name__)
+
+# In the run dir; weir-cni's config names the same path (see CniSetupSettings).
+CNI_SOCKET_NAME = "cni.sock"
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,12 @@ class AgentSettings:
     admin_port: int = ADMIN_PORT
     health_host: str = "0.0.0.0"  # noqa: S104 - kubelet probes readiness from outside the pod
     health_port: int = READINESS_PORT
+    # None in local mode, where the node's conflist comes with the topology.
+    cni_setup: CniSetupSettings | None = None
 
     @property
     def cni_socket(self) -> Path:
-        return self.run_dir / "cni.sock"
+        return self.run_dir / CNI_SOCKET_NAME
 
     @property
     def handoff_socket(self) -> Path:
@@ -79,6 +85,9 @@ class Agent:
         self.admin.add_section("mesh", self.mesh.dump)
         self.admin.add_section("capture", lambda: {"mode": mode})
         self.admin.add_readiness("proxy", self._proxy_ready)
+        self.cni_setup = CniSetup(settings.cni_setup) if settings.cni_setup else None
+        if self.cni_setup is not None:
+            self.admin.add_readiness("cni", self.cni_setup.not_ready)
         self.admin.add_readiness(
             "config", lambda: None if self.mesh.synced else "mesh config not received yet"
         )
@@ -105,6 +114,8 @@ class Agent:
         ]
         for endpoint in endpoints:
             await endpoint.start()
+        if self.cni_setup is not None:
+            self.cni_setup.start()
         subscription = loop.create_task(self.client.subscribe(self.mesh).run())
         await self.handoff.start()
         await self.enroller.converge()
@@ -117,6 +128,8 @@ class Agent:
             await self._stop.wait()
         finally:
             await asyncio.to_thread(cni.stop)
+            if self.cni_setup is not None:
+                await asyncio.to_thread(self.cni_setup.stop)
             subscription.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await subscription

@@ -10,7 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from controlplane.client import ControlPlaneEndpoint
-from node_agent.agent.app import Agent, AgentSettings
+from node_agent.agent.app import CNI_SOCKET_NAME, Agent, AgentSettings
+from node_agent.agent.cni_setup import CniSetupSettings
+from node_agent.cni_install.cli import DEFAULT_BIN_DIR, DEFAULT_PLUGIN_BUNDLE
+from node_agent.cni_install.conflist import PluginSettings
 from node_agent.constants import ADMIN_PORT, READINESS_PORT
 from node_agent.enrollment.enroller import CaptureEngine
 from node_agent.errors import InvalidInputError
@@ -48,6 +51,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--bpf-pin-root", type=Path, default=DEFAULT_PIN_ROOT)
     p.add_argument("--admin-port", type=int, default=ADMIN_PORT, help="admin endpoint on 127.0.0.1")
     p.add_argument("--health-port", type=int, default=READINESS_PORT, help="readiness endpoint")
+    cni = p.add_argument_group(
+        "CNI installation (Kubernetes nodes; omit in local mode, where the topology has the chain)"
+    )
+    cni.add_argument("--cni-conf-dir", type=Path, help="e.g. /etc/cni/net.d: keep weir-cni in it")
+    cni.add_argument("--cni-bin-dir", type=Path, default=Path(DEFAULT_BIN_DIR))
+    cni.add_argument("--cni-plugin-bundle", type=Path, default=Path(DEFAULT_PLUGIN_BUNDLE))
     p.set_defaults(func=_run)
 
 
@@ -62,6 +71,17 @@ def capture_engine(args: argparse.Namespace) -> Iterator[tuple[CaptureEngine, st
     requested = None if args.iptables_backend == "auto" else Backend(args.iptables_backend)
     backend = choose_backend(requested, probe_host())
     yield IptablesCapture(backend.backend), f"iptables-{backend.backend}"
+
+
+def _cni_setup(args: argparse.Namespace) -> CniSetupSettings | None:
+    if args.cni_conf_dir is None:
+        return None
+    return CniSetupSettings(
+        conf_dir=args.cni_conf_dir,
+        bin_dir=args.cni_bin_dir,
+        bundle=args.cni_plugin_bundle,
+        plugin=PluginSettings(agent_socket=str(args.run_dir / CNI_SOCKET_NAME)),
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -83,6 +103,7 @@ def _run(args: argparse.Namespace) -> int:
             run_dir=args.run_dir,
             admin_port=args.admin_port,
             health_port=args.health_port,
+            cni_setup=_cni_setup(args),
         )
 
         async def main() -> None:

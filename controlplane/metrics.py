@@ -10,6 +10,8 @@ import threading
 from collections import defaultdict
 from typing import Final, Literal
 
+from node_agent import prometheus
+
 Kind = Literal["counter", "gauge", "histogram"]
 
 CONNECTED_NODES: Final = "weir_controlplane_connected_nodes"
@@ -37,7 +39,7 @@ METRICS: Final[dict[str, tuple[Kind, str]]] = {
 }
 LATENCY_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-Labels = tuple[tuple[str, str], ...]
+Labels = prometheus.Labels
 
 
 class Metrics:
@@ -74,13 +76,12 @@ class Metrics:
         lines = []
         with self._lock:
             for name, (kind, help_text) in METRICS.items():
-                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+                lines += prometheus.header(name, kind, help_text)
                 if kind == "histogram":
                     lines += self._render_histogram(name)
                     continue
                 series = self._values.get(name) or {(): 0.0}
-                for labels, value in sorted(series.items()):
-                    lines.append(f"{name}{_labels(labels)} {value:g}")
+                lines += [prometheus.sample(name, k, v) for k, v in sorted(series.items())]
         return "\n".join(lines) + "\n"
 
     def _render_histogram(self, name: str) -> list[str]:
@@ -92,9 +93,3 @@ class Metrics:
             lines.append(f'{name}_bucket{{le="{le}"}} {cumulative}')
         lines += [f"{name}_sum {total[0]:g}", f"{name}_count {cumulative}"]
         return lines
-
-
-def _labels(labels: Labels) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{key}="{value}"' for key, value in labels) + "}"

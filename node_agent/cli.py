@@ -3,18 +3,37 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+from collections.abc import Sequence
 
-from node_agent import demo
-from node_agent.agent import cli as agent_cli
-from node_agent.cni_install import cli as cni_cli
 from node_agent.errors import WeirError
-from node_agent.proxy import cli as proxy_cli
-from node_agent.redirect import cli as redirect_cli
+
+# Each subcommand's module, imported only when that subcommand runs (or for
+# --help): the proxy and agent pull in grpc, uvloop and h2, half a second of
+# start-up that `weir redirect` and `weir cni` have no use for.
+SUBCOMMANDS = {
+    "redirect": "node_agent.redirect.cli",
+    "demo": "node_agent.demo",
+    "cni": "node_agent.cni_install.cli",
+    "agent": "node_agent.agent.cli",
+    "proxy": "node_agent.proxy.cli",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen(argv: Sequence[str]) -> str | None:
+    """The subcommand named in argv, skipping the global --log-level and its value."""
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="weir", description=__doc__)
     parser.add_argument(
         "--log-level",
@@ -23,11 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="log verbosity on stderr (default: warning)",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    redirect_cli.register(subparsers)
-    demo.register(subparsers)
-    cni_cli.register(subparsers)
-    agent_cli.register(subparsers)
-    proxy_cli.register(subparsers)
+    chosen = _chosen(argv)
+    # Unknown or no subcommand (--help, a typo): register all, so argparse lists them.
+    everything = chosen not in {*SUBCOMMANDS, "controlplane"}
+    for name, module in SUBCOMMANDS.items():
+        if everything or chosen == name:
+            importlib.import_module(module).register(subparsers)
     controlplane = subparsers.add_parser(
         "controlplane",
         help="run the control plane (config over delta xDS, workload CA)",
@@ -46,7 +66,8 @@ def _controlplane(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     # `weir controlplane` owns its flags; everything after it is passed through.
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "passthrough", False):

@@ -172,7 +172,7 @@ class Enroller:
     async def delete(self, container_id: str) -> None:
         """Undo everything for a sandbox; never raises for a pod already gone."""
         async with self._locks[container_id]:
-            record = next((r for r in self._registry if r.container_id == container_id), None)
+            record = self._registry.by_container(container_id)
             if record is None:
                 return
             await self._unenroll(record)
@@ -211,7 +211,7 @@ class Enroller:
 
     async def check(self, container_id: str) -> list[str]:
         """Why the sandbox's capture is not as enrolled (empty when it is)."""
-        record = next((r for r in self._registry if r.container_id == container_id), None)
+        record = self._registry.by_container(container_id)
         if record is None:
             return []
         ns = Netns.validate(record.netns)

@@ -99,8 +99,9 @@ class PodRegistry:
     def __len__(self) -> int:
         return len(self._pods)
 
-    def get(self, uid: str) -> PodRecord | None:
-        return self._pods.get(uid)
+    def by_container(self, container_id: str) -> PodRecord | None:
+        """The record of a sandbox, by the id the runtime gives it in CNI calls."""
+        return next((r for r in self._pods.values() if r.container_id == container_id), None)
 
     def put(self, record: PodRecord) -> None:
         self._save({**self._pods, record.uid: record})

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 import yaml
 
@@ -164,6 +164,7 @@ class LocalMesh:
     _work: Path | None = None
 
     def __enter__(self) -> LocalMesh:
+        self._config_doc: dict[str, Any] = yaml.safe_load(self.config.read_text())
         self.topology.open()
         try:
             self._start_controlplane()
@@ -223,8 +224,7 @@ class LocalMesh:
         )
 
     def _token(self, node: str) -> str:
-        doc = yaml.safe_load(self.config.read_text())
-        for entry in doc.get("nodes", []):
+        for entry in self._config_doc.get("nodes", []):
             if entry.get("name") == node:
                 return str(entry["bootstrapToken"])
         raise NodeSetupError(f"node {node} is not in {self.config}")
@@ -340,9 +340,6 @@ def real_proxy(mesh: LocalMesh, node: MeshNode) -> Callable[[], object]:
             str(node.handoff_socket),
             "--metrics-listen",
             "127.0.0.1:15020",
-            # The agent's readiness owns 15021 in the node's netns.
-            "--readiness-listen",
-            "127.0.0.1:15022",
             "--drop-to-uid",
             str(PROXY_UID),
             "--drain-seconds",

@@ -86,8 +86,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument(
         "--readiness-listen",
         type=parse_listen,
-        default=("0.0.0.0", READINESS_PORT),  # noqa: S104 - the kubelet probes the pod IP
         metavar="HOST:PORT",
+        help=f"a separate /healthz/ready listener (default: none; the metrics port serves it, "
+        f"and {READINESS_PORT} belongs to the node agent, which shares the pod's netns)",
     )
     run.add_argument("--drain-seconds", type=float, default=5.0)
     run.add_argument(

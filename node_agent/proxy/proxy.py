@@ -27,7 +27,6 @@ from node_agent.constants import (
     INBOUND_TUNNEL_PORT,
     METRICS_PORT,
     OUTBOUND_CAPTURE_PORT,
-    READINESS_PORT,
 )
 from node_agent.errors import InvalidInputError, TransientError
 from node_agent.netns import Netns
@@ -74,8 +73,9 @@ class ProxySettings:
     endpoint_eject_seconds: float = 5.0
     # None: no metrics listener. Port 0 picks a free one (tests).
     metrics_address: tuple[str, int] | None = ("0.0.0.0", METRICS_PORT)  # noqa: S104
-    # /healthz/ready for the kubelet's probe (the same answer is also on the metrics port).
-    readiness_address: tuple[str, int] | None = ("0.0.0.0", READINESS_PORT)  # noqa: S104
+    # An extra /healthz/ready listener. None by default: the metrics port answers
+    # it too, and READINESS_PORT is the node agent's (they share the pod netns).
+    readiness_address: tuple[str, int] | None = None
     first_config_timeout: float = 30.0
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from controlplane.mesh import SpiffeId
+from node_agent import prometheus
 from node_agent.proxy.model import Service, Workload
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ UNKNOWN: Final = "unknown"
 HTTP_READ_TIMEOUT_SECONDS: Final = 5.0
 HTTP_MAX_REQUEST: Final = 8192
 
-Labels = tuple[tuple[str, str], ...]
+Labels = prometheus.Labels
 
 
 @dataclass
@@ -107,16 +108,11 @@ class ProxyMetrics:
     def render(self) -> str:
         lines: list[str] = []
         for name, series in self._values.items():
-            lines.append(f"# HELP {name} {HELP[name]}")
-            lines.append(f"# TYPE {name} counter")
-            for labels, value in sorted(series.items()):
-                text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-                lines.append(f"{name}{{{text}}} {value:g}")
+            lines += prometheus.header(name, "counter", HELP[name])
+            lines += [
+                prometheus.sample(name, labels, value) for labels, value in sorted(series.items())
+            ]
         return "\n".join(lines) + "\n"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 class AccessLog:

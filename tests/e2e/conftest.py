@@ -1,7 +1,7 @@
 """A real container runtime for end-to-end tests: containerd + runc, fully private.
 
 containerd gets its own root, state, socket and config (no CRI plugin) in a
-temp directory; the test image is built here from Debian's busybox-static
+temp directory; the test image is built by testbed.images from Debian's busybox-static
 (no registry is reachable) and imported. `ctr run --cni` reads only
 /etc/cni/net.d and /opt/cni/bin, so each `ctr` runs under `ip netns exec NODE`
 (its plugins then build the bridge inside the node's netns, never the host's)
@@ -18,16 +18,12 @@ not there before.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
-import json
 import os
 import secrets
 import shlex
 import shutil
 import signal
 import subprocess
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,81 +33,11 @@ from pathlib import Path
 import pytest
 
 from node_agent.localmesh.topology import LocalTopology, Node
+from testbed.images import build_busybox_image
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = "weir.test/busybox:e2e"
 RUN_CONTAINERD = Path("/run/containerd")
-_APPLETS = ("sh", "ip", "readlink", "echo", "cat", "sleep")
-
-
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def build_busybox_image(out: Path) -> None:
-    """An OCI image layout tar: one layer with /bin/busybox and a few applet links."""
-    layer = io.BytesIO()
-    with tarfile.open(fileobj=layer, mode="w") as tar:
-        for directory in ("bin", "proc", "sys", "dev", "etc", "tmp"):
-            info = tarfile.TarInfo(directory)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            tar.addfile(info)
-        busybox = Path("/bin/busybox").read_bytes()
-        info = tarfile.TarInfo("bin/busybox")
-        info.size, info.mode = len(busybox), 0o755
-        tar.addfile(info, io.BytesIO(busybox))
-        for applet in _APPLETS:
-            info = tarfile.TarInfo(f"bin/{applet}")
-            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
-            tar.addfile(info)
-    layer_blob = layer.getvalue()
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
-            "rootfs": {"type": "layers", "diff_ids": [_digest(layer_blob)]},
-        }
-    ).encode()
-    manifest = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {
-                "mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": _digest(config),
-                "size": len(config),
-            },
-            "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": _digest(layer_blob),
-                    "size": len(layer_blob),
-                }
-            ],
-        }
-    ).encode()
-    index = json.dumps(
-        {
-            "schemaVersion": 2,
-            "manifests": [
-                {
-                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "digest": _digest(manifest),
-                    "size": len(manifest),
-                    "platform": {"architecture": "amd64", "os": "linux"},
-                    "annotations": {"io.containerd.image.name": IMAGE},
-                }
-            ],
-        }
-    ).encode()
-    with tarfile.open(out, "w") as tar:
-        entries = [("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'), ("index.json", index)]
-        entries += [(f"blobs/sha256/{_digest(b)[7:]}", b) for b in (layer_blob, config, manifest)]
-        for name, data in entries:
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
 
 
 @dataclass
@@ -255,7 +181,7 @@ def containerd() -> Iterator[Containerd]:
     runtime = Containerd(work, address, f"weir-e2e-{secrets.token_hex(3)}", process)
     try:
         _wait_for_socket(address, process, 20)
-        build_busybox_image(work / "image.tar")
+        build_busybox_image(work / "image.tar", IMAGE)
         imported = runtime.ctr("images", "import", str(work / "image.tar"))
         assert imported.returncode == 0, imported.stderr
         yield runtime

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Builds the Kubernetes binaries the test cluster (testbed/k8s_cluster) runs, at the
+# version pinned in tools/k8s-build/go.mod, into a per-user cache so that another
+# clone on the same machine (CI's) finds them instead of compiling for half an hour.
+# Prints the bin directory on its last line. A second run does nothing.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+module="$here/tools/k8s-build"
+version=$(cd "$module" && go list -m -f '{{.Version}}' k8s.io/kubernetes)
+[ -n "$version" ] || { echo "no k8s.io/kubernetes version in $module/go.mod" >&2; exit 1; }
+bin="${XDG_CACHE_HOME:-$HOME/.cache}/weir/k8s-$version/bin"
+tools=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
+
+missing=0
+for t in "${tools[@]}"; do [ -x "$bin/$t" ] || missing=1; done
+if [ "$missing" = 0 ]; then
+    echo "$bin"
+    exit 0
+fi
+
+# The release's own build stamps these; without them every binary says v0.0.0-master
+# and kubectl warns about version skew against the server.
+minor=${version#v1.}; minor=${minor%%.*}
+ldflags="-s -w"
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ldflags+=" -X $pkg.gitTreeState=clean"
+done
+
+mkdir -p "$(dirname "$bin")"
+staging=$(mktemp -d "$(dirname "$bin")/.bin.XXXXXX")
+trap 'rm -rf "$staging"' EXIT
+start=$(date +%s)
+# One invocation for all six, so the packages they share compile once.
+(cd "$module" && go build -trimpath -ldflags="$ldflags" -o "$staging/" \
+    $(printf 'k8s.io/kubernetes/cmd/%s ' "${tools[@]}"))
+echo "built Kubernetes $version in $(( $(date +%s) - start )) s" >&2
+rm -rf "$bin"
+mv "$staging" "$bin"
+trap - EXIT
+echo "$bin"

@@ -1,0 +1,107 @@
+"""OCI images built without an engine or a registry: Debian's busybox-static, one layer.
+
+No Docker engine runs on the test machines and no registry is reachable, so
+the images tests run are written here as OCI image layout tars, which
+`ctr images import` takes as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+BUSYBOX: Final = Path("/bin/busybox")
+# What the tests' containers call; each is a link to the one static binary.
+APPLETS: Final = (
+    "sh", "ip", "readlink", "echo", "cat", "sleep", "nc", "httpd", "wget", "hostname",
+    "ls", "ps", "grep", "kill", "env",
+)  # fmt: skip
+
+
+def _digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _layer(applets: Sequence[str]) -> bytes:
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        for directory in ("bin", "proc", "sys", "dev", "etc", "tmp", "var", "var/run"):
+            info = tarfile.TarInfo(directory)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        busybox = BUSYBOX.read_bytes()
+        info = tarfile.TarInfo("bin/busybox")
+        info.size, info.mode = len(busybox), 0o755
+        tar.addfile(info, io.BytesIO(busybox))
+        for applet in applets:
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type, info.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(info)
+    return layer.getvalue()
+
+
+def build_busybox_image(
+    out: Path,
+    name: str,
+    *,
+    entrypoint: Sequence[str] = (),
+    cmd: Sequence[str] = ("/bin/sh",),
+    applets: Sequence[str] = APPLETS,
+) -> None:
+    """Write an OCI image layout tar named `name`: /bin/busybox and links for `applets`."""
+    layer_blob = _layer(applets)
+    image_config: dict[str, object] = {"Env": ["PATH=/bin"], "Cmd": list(cmd)}
+    if entrypoint:
+        image_config["Entrypoint"] = list(entrypoint)
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": image_config,
+            "rootfs": {"type": "layers", "diff_ids": [_digest(layer_blob)]},
+        }
+    ).encode()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": _digest(config),
+                "size": len(config),
+            },
+            "layers": [
+                {
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": _digest(layer_blob),
+                    "size": len(layer_blob),
+                }
+            ],
+        }
+    ).encode()
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": _digest(manifest),
+                    "size": len(manifest),
+                    "platform": {"architecture": "amd64", "os": "linux"},
+                    "annotations": {"io.containerd.image.name": name},
+                }
+            ],
+        }
+    ).encode()
+    with tarfile.open(out, "w") as tar:
+        entries = [("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'), ("index.json", index)]
+        entries += [(f"blobs/sha256/{_digest(b)[7:]}", b) for b in (layer_blob, config, manifest)]
+        for entry, data in entries:
+            info = tarfile.TarInfo(entry)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))

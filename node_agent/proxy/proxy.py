@@ -328,7 +328,7 @@ class Proxy:
         ]
         for family in families:
             for port, accepted in plain:
-                sock = self.sockets.listener(pod.netns, family, port)
+                sock = self._listener(pod, family, port)
                 try:
                     server = await loop.create_server(
                         functools.partial(TcpPeer, accepted), sock=sock
@@ -337,8 +337,20 @@ class Proxy:
                     sock.close()
                     raise
                 pod.servers.append(server)
-            tunnel = self.sockets.listener(pod.netns, family, INBOUND_TUNNEL_PORT)
+            tunnel = self._listener(pod, family, INBOUND_TUNNEL_PORT)
             pod.servers.append(TunnelListener(self._inbound, pod, tunnel))
+
+    def _listener(self, pod: PodState, family: socket.AddressFamily, port: int) -> socket.socket:
+        try:
+            return self.sockets.listener(pod.netns, family, port)
+        except OSError as e:
+            # EADDRINUSE is the usual one: another proxy (a rollout overlap) or
+            # the app itself holds the port. It may go away, so retrying can help.
+            ip = "IPv6" if family == socket.AF_INET6 else "IPv4"
+            raise TransientError(
+                f"cannot listen on {ip} port {port} in the netns of pod {pod.workload.key}: "
+                f"{e.strerror or e}"
+            ) from e
 
     # -- shared by the data paths -------------------------------------------------
 

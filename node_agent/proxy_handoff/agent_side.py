@@ -24,6 +24,7 @@ from node_agent.errors import TransientError
 from node_agent.netns import Netns
 from node_agent.proxy_handoff import protocol
 from node_agent.proxy_handoff.protocol import EnrolledPod
+from node_agent.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -74,24 +75,27 @@ class ProxyHandoffServer:
         """Proxies that hold the full snapshot (what readiness reports)."""
         return sum(c.synced for c in self._connections)
 
-    async def start(self) -> None:
+    async def start(self, supervisor: Supervisor | None = None) -> None:
+        """Listen; the accept loop runs under `supervisor` when given (see supervision)."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.setblocking(False)
-        # Bind under a restrictive umask so there is no moment where others can connect.
-        old = os.umask(0o177)
-        try:
-            sock.bind(str(self.path))
-        finally:
-            os.umask(old)
+        # Linux creates the socket file with the mode of the unbound socket's
+        # inode (less the umask), so there is no moment where others can
+        # connect; the process-wide umask stays untouched for other threads.
+        os.fchmod(sock.fileno(), 0o600)
+        sock.bind(str(self.path))
         # Root and the proxy's UID only: the proxy connects as 1337.
         os.chown(self.path, PROXY_UID, PROXY_GID)
         self.path.parent.chmod(0o711)
         sock.listen(8)
         self._listener = sock
-        self._spawn(self._accept_loop(sock))
+        if supervisor is None:
+            self._spawn(self._accept_loop(sock))
+        else:
+            supervisor.start("proxy handoff", lambda: self._accept_loop(sock))
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -189,7 +193,14 @@ class ProxyHandoffServer:
                 raise
 
     async def _deliver(self, conn: _ProxyConnection, item: _Pending) -> None:
-        fd = os.open(item.netns.path, os.O_RDONLY | os.O_CLOEXEC) if item.netns else None
+        try:
+            fd = os.open(item.netns.path, os.O_RDONLY | os.O_CLOEXEC) if item.netns else None
+        except OSError as e:
+            # This pod's netns is gone (or unreadable): fail it alone. Raising would
+            # end the connection, and the proxy's reconnect would meet it again.
+            uid = item.message["pod"]["uid"]
+            item.done.set_exception(HandoffError(f"cannot open the netns of pod {uid}: {e}"))
+            return
         try:
             await protocol.send(conn.sock, item.message, [fd] if fd is not None else None)
         finally:

@@ -5,6 +5,11 @@ so the namespace stays reachable (as /proc/self/fd/N) even after the runtime
 unmounts it. On every (re)connect the agent resends its whole snapshot; pods
 the proxy still holds but the snapshot no longer lists were removed while
 the connection was down, and are removed here when `snapshot_done` arrives.
+
+A pod the handler cannot take is nacked, with the reason, and the session goes
+on: ending it would make the agent replay its snapshot, which fails on the same
+pod again, so one bad pod would keep every other pod from being handed over.
+Only the protocol or the socket failing ends a session.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,7 +35,8 @@ class PodHandler(Protocol):
     """What the proxy does with pods. Both calls must be idempotent.
 
     The Netns handed to add_pod stays valid until remove_pod for that uid, or
-    an add_pod for it with another namespace.
+    an add_pod for it with another namespace. A call that raises (a WeirError
+    saying why, ideally) refuses that one pod and leaves the others alone.
     """
 
     async def add_pod(self, pod: EnrolledPod, netns: Netns) -> None: ...
@@ -82,8 +89,8 @@ class ProxyHandoffClient:
                 reply: dict[str, Any] = {"seq": message.get("seq"), "type": "ack"}
                 try:
                     in_snapshot = await self._apply(message, fds, in_snapshot)
-                except WeirError as e:
-                    reply = {"seq": message.get("seq"), "type": "nack", "error": e.message}
+                except _PodRefusedError as e:
+                    reply = {"seq": message.get("seq"), "type": "nack", "error": e.reason}
                 await protocol.send(sock, reply)
         finally:
             sock.close()
@@ -91,22 +98,31 @@ class ProxyHandoffClient:
     async def _apply(
         self, message: dict[str, Any], fds: list[int], in_snapshot: set[str] | None
     ) -> set[str] | None:
+        """Raises ProtocolError for a message that is not the protocol, _PodRefusedError for a pod
+        the handler would not take."""
         kind = message["type"]
         if kind == "add":
             if len(fds) != 1:
                 for fd in fds:
                     os.close(fd)
                 raise protocol.ProtocolError(f"add message with {len(fds)} fds instead of 1")
-            pod = EnrolledPod.from_json(message.get("pod"))
-            await self._add(pod, fds[0])
+            try:
+                pod = EnrolledPod.from_json(message.get("pod"))
+            except protocol.ProtocolError:
+                os.close(fds[0])
+                raise
+            await _refusable(f"pod {pod.uid}", self._add(pod, fds[0]))
             if in_snapshot is not None:
                 in_snapshot.add(pod.uid)
         elif kind == "remove":
-            await self._remove(str(message.get("uid")))
+            uid = message.get("uid")
+            if not isinstance(uid, str) or not uid:
+                raise protocol.ProtocolError(f"remove message without a uid: {message}")
+            await _refusable(f"removal of pod {uid}", self._remove(uid))
         elif kind == "snapshot_done":
             for uid in set(self._fds) - (in_snapshot or set()):
                 log.info("pod %s is gone from the agent's snapshot; removing", uid)
-                await self._remove(uid)
+                await _refusable(f"removal of pod {uid}", self._remove(uid))
             self.synced.set()
             return None
         else:
@@ -138,3 +154,24 @@ class ProxyHandoffClient:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class _PodRefusedError(Exception):
+    """The handler would not take one pod: nack it, keep the session."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def _refusable(what: str, step: Awaitable[None]) -> None:
+    try:
+        await step
+    except WeirError as e:
+        raise _PodRefusedError(f"{what}: {e.message}") from e
+    except Exception as e:
+        # An OSError (a port taken in the pod's netns) or a bug in the handler:
+        # either way it concerns this pod only.
+        if not isinstance(e, OSError):
+            log.exception("handoff: %s failed unexpectedly", what)
+        raise _PodRefusedError(f"{what}: {type(e).__name__}: {e}") from e

@@ -406,14 +406,30 @@ def main() -> None:
                 load(rest[0], rest[1], int(rest[2]), float(rest[3]), int(rest[4]), int(rest[5]))
             )
         return
+    run_benchmark(parse_args(sys.argv[1:]))
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per rate measurement")
     parser.add_argument("--bulk-mib", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument(
-        "--profile", type=Path, help="write each proxy's cProfile stats into this directory"
+        "--profile",
+        type=profile_dir,
+        help="write each proxy's cProfile stats into this directory (created if missing)",
     )
-    run_benchmark(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+def profile_dir(value: str) -> Path:
+    """Created now: the proxies write their stats only when they exit, after the run."""
+    path = Path(value)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot create {path}: {e.strerror}") from None
+    return path
 
 
 if __name__ == "__main__":

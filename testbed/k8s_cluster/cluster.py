@@ -1,0 +1,530 @@
+"""Start and stop a Kubernetes cluster of network namespaces on this machine.
+
+```
+  host netns: only the admin relay, a listener on 127.0.0.1:<port>
+  underlay netns (LocalTopology's, forwards, no way off the machine)
+    |-- cp netns:  etcd, kube-apiserver :6443, controller-manager, scheduler
+    |-- n1 netns + own mount ns: containerd (CRI), kubelet, kube-proxy, pods on cni0
+    `-- n2 ...
+```
+
+The cluster outlives the process that started it: every process is started
+detached (setsid), put into the cluster's cgroup and given a pid file, and
+`state.json` records what teardown needs. `down()` works from that state
+alone: it kills everything in the cluster's cgroups (daemons, shims,
+containers), removes the cgroups, the mount namespaces and the netns, and
+deletes the state directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any, Final
+
+from node_agent.errors import WeirError
+from node_agent.localmesh.topology import NETNS_DIR, LocalTopology, sweep
+from testbed.images import build_busybox_image
+from testbed.k8s_cluster import config
+from testbed.k8s_cluster.config import ClusterSpec, NodeSpec
+from testbed.k8s_cluster.pki import write_pki
+
+REPO: Final = Path(__file__).resolve().parents[2]
+CGROUP_FS: Final = Path("/sys/fs/cgroup")
+# The daemons' cgroup only needs a hierarchy that every process can join.
+DAEMON_HIERARCHY: Final = CGROUP_FS / "pids"
+STATE_FILE: Final = "state.json"
+CONTROL_PLANE_POD_CIDR: Final = IPv4Network("10.243.0.0/24")
+_START_TIMEOUT_S: Final = 120.0
+_STEP_TIMEOUT_S: Final = 60.0
+
+
+class ClusterError(WeirError):
+    """The cluster could not be started or fully removed; the message says what and why."""
+
+
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """A running cluster: its spec, and kubectl pointed at it."""
+
+    spec: ClusterSpec
+
+    def kubectl(
+        self, *args: str, stdin: str | None = None, timeout: float = _STEP_TIMEOUT_S
+    ) -> subprocess.CompletedProcess[str]:
+        """kubectl with the admin kubeconfig (never raises on exit code)."""
+        return subprocess.run(
+            [
+                str(self.spec.bin_dir / "kubectl"),
+                f"--kubeconfig={self.spec.admin_kubeconfig}",
+                *args,
+            ],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+
+def ensure_binaries(python: Path = Path(sys.executable)) -> Path:
+    """Build whatever Kubernetes binary is missing (scripts/build-k8s.sh); their directory."""
+    proc = subprocess.run(
+        [str(REPO / "scripts" / "build-k8s.sh"), str(python)],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode != 0:
+        raise ClusterError(f"scripts/build-k8s.sh failed with exit code {proc.returncode}")
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+# -- the pieces of `up` ------------------------------------------------------
+
+
+def _hierarchies() -> list[Path]:
+    return sorted(p for p in CGROUP_FS.iterdir() if (p / "cgroup.procs").exists())
+
+
+def _make_cgroups(spec: ClusterSpec) -> None:
+    """The cluster's cgroup and each node's cgroup root, in every hierarchy.
+
+    A kubelet refuses a --cgroup-root that does not exist. A new cpuset
+    cgroup starts with no CPUs and no memory nodes, so it gets its parent's.
+    """
+    paths = [f"/{spec.name}", spec.daemon_cgroup, *(spec.cgroup(n) for n in spec.nodes)]
+    for hierarchy in _hierarchies():
+        for path in paths:
+            directory = hierarchy / path.lstrip("/")
+            directory.mkdir(exist_ok=True)
+            for name in ("cpuset.cpus", "cpuset.mems"):
+                if (directory / name).exists():
+                    (directory / name).write_text((directory.parent / name).read_text())
+
+
+def _start(
+    spec: ClusterSpec,
+    name: str,
+    argv: Sequence[str],
+    *,
+    netns: str | None,
+    mount_ns: Path | None = None,
+    pass_fds: Sequence[int] = (),
+) -> None:
+    """Start a detached daemon in the cluster's cgroup; pid file and log in run/."""
+    enter: list[str] = []
+    if netns is not None:
+        enter = ["nsenter", f"--net={NETNS_DIR / netns}"]
+        if mount_ns is not None:
+            enter.append(f"--mount={mount_ns}")
+        enter.append("--")
+    procs = DAEMON_HIERARCHY / spec.daemon_cgroup.lstrip("/") / "cgroup.procs"
+    pid_file = spec.run_dir / f"{name}.pid"
+    # Into the cgroup before anything else runs, so that teardown finds the
+    # process and all it forks (containerd's shims) even if it dies at once.
+    wrapper = 'echo $$ >"$1" && echo $$ >"$2" && shift 2 && exec "$@"'
+    with (spec.run_dir / f"{name}.log").open("ab") as log:
+        subprocess.run(
+            [
+                "setsid",
+                "--fork",
+                "sh",
+                "-c",
+                wrapper,
+                "sh",
+                str(procs),
+                str(pid_file),
+                *enter,
+                *argv,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=pass_fds,
+            check=True,
+            timeout=_STEP_TIMEOUT_S,
+            cwd=spec.state_dir,
+            # testbed is not installed (it is not in the wheel): the relay finds it here.
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+
+
+def _log_tail(spec: ClusterSpec, name: str, lines: int = 15) -> str:
+    path = spec.run_dir / f"{name}.log"
+    if not path.exists():
+        return f"({path} does not exist)"
+    tail = path.read_text(errors="replace").splitlines()[-lines:]
+    return f"last lines of {path}:\n" + "\n".join(tail)
+
+
+def _wait(
+    spec: ClusterSpec, what: str, ready: Callable[[], bool], logs: Sequence[str], timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            details = "\n".join(_log_tail(spec, name) for name in logs)
+            raise ClusterError(f"{what} not ready within {timeout_s:g} s\n{details}")
+        time.sleep(0.5)
+
+
+def _run(argv: Sequence[str], what: str, *, stdin: str | None = None) -> str:
+    proc = subprocess.run(
+        list(argv),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=_STEP_TIMEOUT_S,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise ClusterError(f"{what}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _write_files(spec: ClusterSpec) -> None:
+    for path, text in config.kubeconfigs(spec).items():
+        _write(path, text)
+    for node in spec.nodes:
+        directory = spec.node_dir(node)
+        for sub in config.node_dirs(spec, node):
+            sub.mkdir(parents=True, exist_ok=True)
+        _write(directory / "kubelet.yaml", config.kubelet_config(spec, node))
+        _write(directory / "kube-proxy.yaml", config.kube_proxy_config(spec, node))
+        _write(directory / "containerd.toml", config.containerd_config(spec, node))
+        _write(directory / "cni-conf" / "10-k8s-pod-network.conflist", config.cni_conflist(node))
+        for plugin in config.CNI_PLUGINS:
+            (directory / "cni-bin" / plugin).symlink_to(config.HOST_CNI_DIR / plugin)
+
+
+def _make_mount_namespace(spec: ClusterSpec, node: NodeSpec) -> None:
+    """A persistent mount namespace (bind-mounted in ns/) laid out as a node's filesystem."""
+    ns_dir = spec.mount_ns_dir
+    if not ns_dir.is_mount():
+        # A namespace file can only be bind-mounted under a private mount.
+        ns_dir.mkdir(parents=True, exist_ok=True)
+        _run(["mount", "--bind", str(ns_dir), str(ns_dir)], "bind ns/")
+        _run(["mount", "--make-private", str(ns_dir)], "make ns/ private")
+    target = spec.mount_ns(node)
+    target.touch()
+    _run(
+        ["unshare", f"--mount={target}", "--propagation", "private", "true"],
+        f"mount namespace of {node.name}",
+    )
+    _run(
+        ["nsenter", f"--mount={target}", f"--net={NETNS_DIR / node.netns}", "--", "sh", "-s"],
+        f"mounts of {node.name}",
+        stdin=config.mount_setup_script(spec, node),
+    )
+
+
+def _in_node(spec: ClusterSpec, node: NodeSpec, argv: Sequence[str]) -> list[str]:
+    return [
+        "nsenter",
+        f"--mount={spec.mount_ns(node)}",
+        f"--net={NETNS_DIR / node.netns}",
+        "--",
+        *argv,
+    ]
+
+
+def _ctr(spec: ClusterSpec, node: NodeSpec, *args: str) -> list[str]:
+    return _in_node(
+        spec, node, ["ctr", "--address", config.CONTAINERD_SOCKET, "--namespace", "k8s.io", *args]
+    )
+
+
+def _succeeds(argv: Sequence[str]) -> bool:
+    try:
+        done = subprocess.run(list(argv), capture_output=True, timeout=10, check=False)
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
+
+
+def _start_node(spec: ClusterSpec, node: NodeSpec, images: Sequence[Path]) -> None:
+    _make_mount_namespace(spec, node)
+    mount_ns = spec.mount_ns(node)
+    _start(
+        spec,
+        f"containerd-{node.name}",
+        config.containerd_argv(spec, node),
+        netns=node.netns,
+        mount_ns=mount_ns,
+    )
+    _wait(
+        spec,
+        f"containerd of {node.name}",
+        lambda: _succeeds(_ctr(spec, node, "version")),
+        [f"containerd-{node.name}"],
+        _STEP_TIMEOUT_S,
+    )
+    for image in images:
+        _run(_ctr(spec, node, "images", "import", str(image)), f"import {image.name}")
+    _start(
+        spec,
+        f"kubelet-{node.name}",
+        config.kubelet_argv(spec, node),
+        netns=node.netns,
+        mount_ns=mount_ns,
+    )
+    _start(
+        spec,
+        f"kube-proxy-{node.name}",
+        config.kube_proxy_argv(spec, node),
+        netns=node.netns,
+        mount_ns=mount_ns,
+    )
+
+
+def _ready_nodes(cluster: Cluster) -> set[str]:
+    got = cluster.kubectl("get", "nodes", "-o", "json", timeout=10)
+    if got.returncode != 0:
+        return set()
+    ready = set()
+    for item in json.loads(got.stdout)["items"]:
+        conditions = item["status"].get("conditions", [])
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions):
+            ready.add(item["metadata"]["name"])
+    return ready
+
+
+def memory_bytes(spec: ClusterSpec) -> tuple[int, int]:
+    """Proportional set size of every process in the cluster's cgroups, and how many."""
+    pids = _cgroup_pids(spec.name)
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+    return total, len(pids)
+
+
+def _save_state(state_dir: Path, state: dict[str, Any]) -> None:
+    _write(state_dir / STATE_FILE, json.dumps(state, indent=2) + "\n")
+
+
+def _images(spec: ClusterSpec) -> list[Path]:
+    """The test image and the sandbox image, as OCI archives to import into every node."""
+    busybox, pause = (
+        spec.state_dir / "images" / "busybox.tar",
+        spec.state_dir / "images" / "pause.tar",
+    )
+    busybox.parent.mkdir(exist_ok=True)
+    build_busybox_image(busybox, config.TEST_IMAGE)
+    # The sandbox only has to hold the pod's namespaces open until it is killed.
+    build_busybox_image(pause, config.SANDBOX_IMAGE, entrypoint=["/bin/sleep", "infinity"])
+    return [busybox, pause]
+
+
+def _start_control_plane(cluster: Cluster, listener: socket.socket) -> None:
+    spec = cluster.spec
+    netns = spec.control_plane_netns
+    relay = [sys.executable, "-m", "testbed.k8s_cluster", "relay"]
+    relay += [f"--listen-fd={listener.fileno()}", f"--netns={NETNS_DIR / netns}"]
+    relay.append(f"--target={spec.control_plane_address}:{config.APISERVER_PORT}")
+    _start(spec, "apiserver-relay", relay, netns=None, pass_fds=[listener.fileno()])
+    _start(spec, "etcd", config.etcd_argv(spec), netns=netns)
+    _start(spec, "kube-apiserver", config.apiserver_argv(spec), netns=netns)
+    _wait(
+        spec,
+        "kube-apiserver",
+        lambda: cluster.kubectl("get", "--raw", "/readyz", timeout=10).returncode == 0,
+        ["etcd", "kube-apiserver", "apiserver-relay"],
+        _START_TIMEOUT_S,
+    )
+    _start(spec, "kube-controller-manager", config.controller_manager_argv(spec), netns=netns)
+    _start(spec, "kube-scheduler", config.scheduler_argv(spec), netns=netns)
+
+
+def _wait_until_usable(cluster: Cluster) -> None:
+    spec = cluster.spec
+    want = {n.name for n in spec.nodes}
+    _wait(
+        spec,
+        "nodes",
+        lambda: _ready_nodes(cluster) >= want,
+        [f"kubelet-{n.name}" for n in spec.nodes],
+        _START_TIMEOUT_S,
+    )
+    # Pods are refused until the controller-manager has made this account.
+    _wait(
+        spec,
+        "default ServiceAccount",
+        lambda: cluster.kubectl("get", "serviceaccount", "default", timeout=10).returncode == 0,
+        ["kube-controller-manager"],
+        _START_TIMEOUT_S,
+    )
+
+
+def up(state_dir: Path, node_count: int = 2, *, log: Log = _stderr) -> Cluster:
+    """Start a cluster whose state lives in `state_dir`; on any failure remove all of it."""
+    state_dir = state_dir.resolve()
+    if (state_dir / STATE_FILE).exists():
+        raise ClusterError(f"{state_dir} holds a cluster already: take it down first")
+    if not 1 <= node_count <= 200:
+        raise ClusterError(f"node count {node_count} is not between 1 and 200")
+    started = time.monotonic()
+    bin_dir = ensure_binaries()
+    state: dict[str, Any] = {"name": f"wk8s-{secrets.token_hex(3)}", "topology": None}
+    _save_state(state_dir, state)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        topology = LocalTopology()
+        topology.open()
+        state["topology"] = topology.prefix
+        _save_state(state_dir, state)
+        cp = topology.add_node("cp", CONTROL_PLANE_POD_CIDR)
+        nodes = []
+        for index in range(1, node_count + 1):
+            made = topology.add_node(f"n{index}", config.node_pod_cidr(index))
+            nodes.append(NodeSpec(made.name, made.underlay_ipv4, made.pod_cidr_v4, made.netns_name))
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        spec = ClusterSpec(
+            name=state["name"],
+            state_dir=state_dir,
+            bin_dir=bin_dir,
+            control_plane_address=cp.underlay_ipv4,
+            control_plane_netns=cp.netns_name,
+            nodes=tuple(nodes),
+            host_port=listener.getsockname()[1],
+        )
+        cluster = Cluster(spec)
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        _write_files(spec)
+        write_pki(spec)
+        images = _images(spec)
+        _make_cgroups(spec)
+        _start_control_plane(cluster, listener)
+        log(f"control plane up after {time.monotonic() - started:.1f} s")
+        for node in spec.nodes:
+            _start_node(spec, node, images)
+        _wait_until_usable(cluster)
+        used, processes = memory_bytes(spec)
+        log(
+            f"started in {time.monotonic() - started:.1f} s; "
+            f"{used / 2**20:.0f} MiB (PSS) in {processes} processes"
+        )
+    except BaseException:
+        try:
+            down(state_dir, log=log)
+        except ClusterError as e:
+            log(f"cleanup after the failed start: {e.message}")
+        raise
+    finally:
+        listener.close()
+    return cluster
+
+
+# -- teardown -----------------------------------------------------------------
+
+
+def _cgroup_pids(name: str) -> set[int]:
+    pids: set[int] = set()
+    for hierarchy in _hierarchies():
+        root = hierarchy / name
+        if not root.is_dir():
+            continue
+        for procs in root.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError):
+                pids.update(int(p) for p in procs.read_text().split())
+    return pids
+
+
+def _kill_cgroups(name: str, timeout_s: float = 30.0) -> None:
+    """SIGKILL everything in the cluster's cgroups until they are empty, then remove them.
+
+    Killing by cgroup, not by pid file, also catches the shims and the
+    containers, which no pid file names, and anything forked meanwhile.
+    """
+    deadline = time.monotonic() + timeout_s
+    while pids := _cgroup_pids(name):
+        if time.monotonic() > deadline:
+            raise ClusterError(f"processes {sorted(pids)} in cgroup {name} would not die")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    for hierarchy in _hierarchies():
+        root = hierarchy / name
+        if not root.is_dir():
+            continue
+        directories = [d for d in root.rglob("*") if d.is_dir()]
+        for directory in [*sorted(directories, key=lambda d: len(d.parts), reverse=True), root]:
+            # A cgroup whose last task just exited can stay busy for a moment.
+            for _ in range(50):
+                try:
+                    directory.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                raise ClusterError(f"cgroup {directory} could not be removed")
+
+
+def _unmount_namespaces(state_dir: Path) -> None:
+    ns_dir = state_dir / "ns"
+    if not ns_dir.is_dir():
+        return
+    for target in sorted(ns_dir.iterdir()):
+        if target.is_mount():
+            _run(["umount", str(target)], f"unmount {target}")
+    if ns_dir.is_mount():
+        _run(["umount", str(ns_dir)], f"unmount {ns_dir}")
+
+
+def down(state_dir: Path, *, log: Log = _stderr) -> None:
+    """Remove everything the cluster in `state_dir` made; nothing to do if there is none."""
+    state_dir = state_dir.resolve()
+    state_path = state_dir / STATE_FILE
+    if not state_path.exists():
+        log(f"no cluster in {state_dir} (no {STATE_FILE})")
+        return
+    state = json.loads(state_path.read_text())
+    failures: list[str] = []
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("processes and cgroups", lambda: _kill_cgroups(state["name"])),
+        ("mount namespaces", lambda: _unmount_namespaces(state_dir)),
+    ]
+    if state["topology"] is not None:
+        steps.append(("network namespaces", lambda: sweep(state["topology"])))
+    for what, step in steps:
+        try:
+            step()
+        except WeirError as e:
+            failures.append(f"{what}: {e.message}")
+    if failures:
+        # The state stays, so that another `down` can finish the job.
+        raise ClusterError("could not remove: " + "; ".join(failures))
+    shutil.rmtree(state_dir)
+    log(f"cluster {state['name']} removed")

@@ -816,9 +816,9 @@ static bool agent_recv(struct exchange *x, char *into, size_t size)
 			return false;
 		ssize_t n = recv(x->fd, into + got, size - got, 0);
 		if (n == 0) {
-			x->outcome = NONSENSE;
-			buf_fmt(&x->problem, "peer closed the connection after %zu of %zu bytes", got,
-				size);
+			/* An agent dying mid-request: retryable, as protocol.ConnectionClosedError. */
+			x->outcome = UNREACHABLE;
+			buf_fmt(&x->problem, "connection closed after %zu of %zu bytes", got, size);
 			return false;
 		}
 		if (n < 0 && errno != EAGAIN && errno != EINTR) {

@@ -183,7 +183,7 @@ def _version(raw: bytes) -> str:
     """Supported versions; the requested one is echoed when we speak it."""
     try:
         requested = json.loads(raw).get("cniVersion")
-    except (AttributeError, UnicodeDecodeError, ValueError):
+    except (AttributeError, UnicodeDecodeError, ValueError, RecursionError):
         requested = None
     version = requested if requested in SUPPORTED_VERSIONS else LATEST_VERSION
     return json.dumps({"cniVersion": version, "supportedVersions": list(SUPPORTED_VERSIONS)})

@@ -64,6 +64,15 @@ class ProtocolError(Exception):
     """The peer sent something that is not a valid message of this protocol."""
 
 
+class ConnectionClosedError(ConnectionError):
+    """The peer hung up before a whole frame arrived.
+
+    A transport failure, not nonsense: an agent that dies or restarts in the
+    middle of a request looks exactly like this, and the plugin must then
+    report a retryable error, whichever byte the connection ended at.
+    """
+
+
 class PodInfo(NamedTuple):
     """What the runtime told the plugin about one pod sandbox."""
 
@@ -114,7 +123,9 @@ def encode_request(request: Request) -> bytes:
         pod = request.pod._asdict()
         pod["ips"] = list(request.pod.ips)
         body["pod"] = pod
-    if request.attachments:
+    if request.op == "gc":
+        # Always present, even empty: "no attachments left" and "field missing"
+        # must never look alike, since the first unenrolls every pod.
         body["attachments"] = [list(a) for a in request.attachments]
     if request.plugin_log:
         body["plugin_log"] = list(request.plugin_log)
@@ -146,11 +157,22 @@ def decode_request(payload: bytes) -> Request:
     pod = None
     if op in ("add", "del", "check"):
         pod = _pod(body.get("pod"))
+        if op != "del" and not pod.netns:
+            raise ProtocolError(f"a {op} request needs the pod's netns")
+    elif "pod" in body:
+        raise ProtocolError(f"op {op!r} takes no 'pod'")
     attachments: list[tuple[str, str]] = []
-    for entry in _list(body, "attachments"):
-        if not (isinstance(entry, list) and len(entry) == 2 and all(_is_str(x) for x in entry)):
-            raise ProtocolError(f"attachment {entry!r} is not [container_id, ifname]")
-        attachments.append((entry[0], entry[1]))
+    if op == "gc":
+        if "attachments" not in body:
+            raise ProtocolError("a gc request needs 'attachments' (the attachments still valid)")
+        for entry in _list(body, "attachments"):
+            if not (
+                isinstance(entry, list) and len(entry) == 2 and all(_is_str(x) and x for x in entry)
+            ):
+                raise ProtocolError(f"attachment {_excerpt(entry)} is not [container_id, ifname]")
+            attachments.append((entry[0], entry[1]))
+    elif "attachments" in body:
+        raise ProtocolError(f"op {op!r} takes no 'attachments'")
     log = _list(body, "plugin_log")
     if not all(_is_str(line) for line in log):
         raise ProtocolError("plugin_log must be a list of strings")
@@ -176,7 +198,8 @@ def decode_reply(payload: bytes) -> Reply:
 def _body(payload: bytes) -> dict[str, Any]:
     try:
         body = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # RecursionError: nesting deep enough to exhaust the decoder's stack.
         raise ProtocolError(f"message is not UTF-8 JSON: {e}") from None
     if not isinstance(body, dict):
         raise ProtocolError("message is not a JSON object")
@@ -189,20 +212,33 @@ def _body(payload: bytes) -> dict[str, Any]:
 
 
 def _pod(value: object) -> PodInfo:
+    """Every field must be present: both plugins always send all of them, so a
+    missing one means a sender that is not ours, and guessing a default could
+    act on the wrong pod."""
     if not isinstance(value, dict):
         raise ProtocolError("request needs a 'pod' object")
     fields: dict[str, str] = {}
     for key in ("container_id", "netns", "ifname", "namespace", "name", "uid"):
-        field = value.get(key, "")
+        if key not in value:
+            raise ProtocolError(f"pod field {key!r} is missing")
+        field = value[key]
         if not _is_str(field):
             raise ProtocolError(f"pod field {key!r} must be a string")
         fields[key] = field
     if not fields["container_id"]:
         raise ProtocolError("pod has no container_id")
-    ips = value.get("ips", [])
+    if "ips" not in value:
+        raise ProtocolError("pod field 'ips' is missing")
+    ips = value["ips"]
     if not isinstance(ips, list) or not all(_is_str(ip) for ip in ips):
         raise ProtocolError("pod field 'ips' must be a list of strings")
     return PodInfo(ips=tuple(ips), **fields)
+
+
+def _excerpt(value: object) -> str:
+    """A bounded rendering of a bad value for an error message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _list(body: dict[str, Any], key: str) -> list[Any]:
@@ -226,7 +262,10 @@ def send_message(sock: socket.socket, frame: bytes, deadline: float) -> None:
 
 
 def recv_message(sock: socket.socket, deadline: float) -> bytes:
-    """Read one frame's payload; ProtocolError if the peer closes early or lies about size."""
+    """Read one frame's payload.
+
+    ConnectionClosedError if the peer hangs up first, ProtocolError if it lies about the size.
+    """
     (size,) = _HEADER.unpack(_recv_exactly(sock, _HEADER.size, deadline))
     if not 0 < size <= MAX_FRAME:
         raise ProtocolError(f"frame length {size} is outside 1..{MAX_FRAME}")
@@ -241,7 +280,7 @@ def _recv_exactly(sock: socket.socket, size: int, deadline: float) -> bytes:
         sock.settimeout(_remaining(deadline))
         chunk = sock.recv(size - got)
         if not chunk:
-            raise ProtocolError(f"peer closed the connection after {got} of {size} bytes")
+            raise ConnectionClosedError(f"connection closed after {got} of {size} bytes")
         chunks.append(chunk)
         got += len(chunk)
     return b"".join(chunks)

@@ -105,7 +105,7 @@ def read_config(raw: bytes, command: str) -> PluginConfig:
         raise CniError(ERR_DECODE, f"network config on stdin exceeds {MAX_STDIN} bytes")
     try:
         doc = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CniError(ERR_DECODE, "network config on stdin is not valid JSON", str(e)) from None
     if not isinstance(doc, dict):
         raise CniError(ERR_DECODE, "network config on stdin is not a JSON object")
@@ -182,7 +182,10 @@ def _timeout(doc: Mapping[str, Any]) -> float:
 
 
 def _attachments(doc: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-    value = doc.get(_GC_ATTACHMENTS_KEY, [])
+    # Required by the spec for GC; taking a missing list as empty would unenroll every pod.
+    if _GC_ATTACHMENTS_KEY not in doc:
+        raise CniError(ERR_INVALID_CONFIG, f"GC needs {_GC_ATTACHMENTS_KEY}")
+    value = doc[_GC_ATTACHMENTS_KEY]
     if not isinstance(value, list):
         raise CniError(ERR_INVALID_CONFIG, f"{_GC_ATTACHMENTS_KEY} must be a list")
     found: list[tuple[str, str]] = []

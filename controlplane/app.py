@@ -27,6 +27,7 @@ from controlplane.sources import ConfigSource
 from controlplane.state import MeshState
 from controlplane.xds_server import DistributionServer
 from node_agent.errors import NodeSetupError
+from node_agent.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,11 @@ class ControlPlane:
                 ttl=settings.serving_ttl,
                 clock=clock,
             )
-        self._watch: asyncio.Task[None] | None = None
+        # The config source's watch: if it dies, the mesh silently stops following the file.
+        self.supervisor = Supervisor(self._give_up)
+        # Set when the control plane cannot go on; whoever runs it stops it and exits non-zero.
+        self.failed = asyncio.Event()
+        self.failure = ""
         self._http: ThreadingHTTPServer | None = None
         self._ready = False
         self.grpc_port = 0
@@ -112,7 +117,7 @@ class ControlPlane:
         except RuntimeError as exc:
             raise NodeSetupError(f"cannot listen on {listen}: {exc}") from exc
         await server.start()
-        self._watch = asyncio.create_task(self._source.watch(self.state.set_mesh))
+        self.supervisor.start("config watch", lambda: self._source.watch(self.state.set_mesh))
         if self._settings.http_listen is not None:
             self._start_http(self._settings.http_listen, asyncio.get_running_loop())
         self._ready = True
@@ -134,8 +139,7 @@ class ControlPlane:
     async def stop(self, grace: float = 5.0) -> None:
         """Stop being ready, close streams (up to `grace` seconds), stop watching."""
         self._ready = False
-        if self._watch is not None:
-            self._watch.cancel()
+        await self.supervisor.close()
         await self._server.stop(grace)
         if self._http is not None:
             self._http.shutdown()
@@ -143,7 +147,12 @@ class ControlPlane:
 
     @property
     def ready(self) -> bool:
-        return self._ready
+        return self._ready and self.supervisor.not_ready() is None
+
+    def _give_up(self, reason: str) -> None:
+        log.critical("control plane stopping: %s", reason)
+        self.failure = reason
+        self.failed.set()
 
     def config_dump(self) -> dict[str, Any]:
         return {

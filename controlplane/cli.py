@@ -13,7 +13,8 @@ from controlplane.app import DEFAULT_GRPC_LISTEN, DEFAULT_HTTP_LISTEN, ControlPl
 from controlplane.ca import CertificateAuthority, load_intermediate, load_or_create_root
 from controlplane.metrics import Metrics
 from controlplane.sources import FileSource
-from node_agent.errors import WeirError
+from node_agent.errors import NodeSetupError, WeirError
+from node_agent.supervision import wait_any
 
 DEFAULT_STATE_DIR: Final = Path("/var/lib/weir/controlplane")
 SHUTDOWN_GRACE_SECONDS: Final = 5.0
@@ -103,6 +104,8 @@ async def _serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(signum, stop.set)
     await plane.start()
     try:
-        await stop.wait()
+        await wait_any(stop, plane.failed)
     finally:
         await plane.stop(SHUTDOWN_GRACE_SECONDS)
+    if plane.failure:
+        raise NodeSetupError(f"stopped: {plane.failure}")

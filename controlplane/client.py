@@ -217,6 +217,9 @@ class ControlPlaneClient:
         self.channel = endpoint.open_channel(self.backoff)
         # "<namespace>/<name>" -> what this node registered and has not removed.
         self._registered: dict[str, WorkloadRegistration] = {}
+        # uid -> a removal the control plane has not confirmed. Until it does,
+        # the pod's IPs stay taken there and would refuse a new pod reusing them.
+        self._unconfirmed_removals: dict[str, WorkloadRegistration] = {}
 
     async def __aenter__(self) -> Self:
         return self
@@ -248,6 +251,17 @@ class ControlPlaneClient:
     ) -> IssuedCertificate:
         return await request_certificate(self.channel, self._token, spiffe_id, validity_seconds)
 
+    def remember(self, registrations: Iterable[WorkloadRegistration]) -> None:
+        """Take over what an earlier agent process registered, without sending it now.
+
+        The next xDS stream sends them (restore_registrations), so a control
+        plane that restarts after the agent did still gets every pod back.
+        """
+        for registration in registrations:
+            self._registered[resource_name(registration.namespace, registration.name)] = (
+                registration
+            )
+
     async def register_workload(
         self, *, namespace: str, name: str, uid: str, ips: Iterable[str]
     ) -> None:
@@ -256,6 +270,8 @@ class ControlPlaneClient:
         A refusal (grpc.aio.AioRpcError) that registering again cannot fix
         forgets the pod; any other failure keeps it, to be sent on the next stream.
         """
+        # A pod that left may still hold these IPs at the control plane.
+        await self._confirm_removals()
         registration = WorkloadRegistration(namespace, name, uid, tuple(ips))
         key = resource_name(namespace, name)
         self._registered[key] = registration
@@ -267,12 +283,37 @@ class ControlPlaneClient:
             raise
 
     async def deregister_workload(self, *, namespace: str, name: str, uid: str) -> None:
-        self._registered.pop(resource_name(namespace, name), None)
-        await registry_pb2_grpc.WorkloadRegistryStub(self.channel).DeregisterWorkload(
-            registry_pb2.DeregisterWorkloadRequest(namespace=namespace, name=name, uid=uid),
-            metadata=self.metadata,
-            timeout=RPC_TIMEOUT_SECONDS,
-        )
+        """Report a pod gone; if the control plane cannot be told now, it is told later.
+
+        An unconfirmed removal is sent again before the next registration and
+        at the start of every xDS stream, until the control plane confirms it.
+        """
+        key = resource_name(namespace, name)
+        registered = self._registered.get(key)
+        if registered is not None and registered.uid == uid:
+            del self._registered[key]
+        self._unconfirmed_removals[uid] = WorkloadRegistration(namespace, name, uid, ())
+        await self._confirm_removals()
+
+    @property
+    def unconfirmed_removals(self) -> Mapping[str, WorkloadRegistration]:
+        return self._unconfirmed_removals
+
+    async def _confirm_removals(self) -> None:
+        for uid, removal in list(self._unconfirmed_removals.items()):
+            try:
+                await registry_pb2_grpc.WorkloadRegistryStub(self.channel).DeregisterWorkload(
+                    registry_pb2.DeregisterWorkloadRequest(
+                        namespace=removal.namespace, name=removal.name, uid=uid
+                    ),
+                    metadata=self.metadata,
+                    timeout=RPC_TIMEOUT_SECONDS,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in PERMANENT_REFUSALS:
+                    raise
+                # NOT_FOUND and the like: the control plane holds nothing of it.
+            self._unconfirmed_removals.pop(uid, None)
 
     async def restore_registrations(self) -> None:
         """Send every remembered registration again (the control plane may have restarted).
@@ -280,6 +321,7 @@ class ControlPlaneClient:
         Raises grpc.aio.AioRpcError when the control plane cannot be reached,
         so the caller retries later; a permanent refusal drops that one pod.
         """
+        await self._confirm_removals()
         for key, registration in list(self._registered.items()):
             try:
                 await self._send_registration(registration)
@@ -324,6 +366,14 @@ class XdsClient:
         self._accepted: dict[str, dict[str, tuple[str, Message]]] = {t: {} for t in self._types}
         self.connected = asyncio.Event()
         self._delivered = False
+        self._last_failure = "not connected yet"
+
+    def not_connected(self) -> str | None:
+        """A readiness check: None while the stream is up, else why it is not."""
+        if self.connected.is_set():
+            return None
+        target = self._client.endpoint.target
+        return f"no config stream to the control plane at {target}: {self._last_failure}"
 
     def versions(self, type_url: str) -> dict[str, str]:
         return {name: version for name, (version, _) in self._accepted[type_url].items()}
@@ -340,10 +390,10 @@ class XdsClient:
             try:
                 await self._session()
             except grpc.aio.AioRpcError as exc:
-                log.warning(
-                    "xDS stream to %s failed: %s %s", target, exc.code().name, exc.details()
-                )
+                self._last_failure = f"{exc.code().name}: {exc.details()}"
+                log.warning("xDS stream to %s failed: %s", target, self._last_failure)
             else:
+                self._last_failure = "closed by the server"
                 log.info("xDS stream to %s closed by the server", target)
             finally:
                 self.connected.clear()

@@ -7,12 +7,16 @@ stop failing closed) opens last, once the agent can really enroll pods.
 Shutdown closes the CNI socket first (new pods fail closed and are retried
 by the runtime) and never removes capture: pods stay captured across agent
 restarts and upgrades.
+
+The long-lived parts (the config subscription, the proxy handoff's accept
+loop, the CNI socket) run under a Supervisor: one that dies takes readiness
+down at once and is restarted; one that keeps dying stops the agent with a
+failure, so that the DaemonSet restarts it where an operator can see it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -27,8 +31,10 @@ from node_agent.cni_events.server import CniEventServer
 from node_agent.constants import ADMIN_PORT, READINESS_PORT
 from node_agent.enrollment.enroller import CaptureEngine, Enroller
 from node_agent.enrollment.registry import PodRegistry
+from node_agent.errors import NodeSetupError, WeirError
 from node_agent.mesh_view import MeshView
 from node_agent.proxy_handoff.agent_side import ProxyHandoffServer
+from node_agent.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +78,25 @@ class Agent:
             lambda: self.enroller.enrolled(),  # noqa: PLW0108 - enroller is built next
             on_synced=lambda: self.enroller.converge(),  # noqa: PLW0108
         )
+        self.registrar = ControlPlaneRegistrar(self.client)
         self.enroller = Enroller(
             capture=capture,
             mode=mode,
             proxy=self.handoff,
-            registrar=ControlPlaneRegistrar(self.client),
+            registrar=self.registrar,
             directory=self.mesh,
             registry=self.registry,
         )
+        self.subscription = self.client.subscribe(self.mesh)
+        self.supervisor = Supervisor(self._give_up)
+        self.failure: str | None = None
         self.admin = AdminRegistry()
         self.admin.add_section("pods", self.enroller.dump)
         self.admin.add_section("mesh", self.mesh.dump)
         self.admin.add_section("capture", lambda: {"mode": mode})
+        self.admin.add_section("tasks", self.supervisor.dump)
+        self.admin.add_readiness("tasks", self.supervisor.not_ready)
+        self.admin.add_readiness("controlplane", self.subscription.not_connected)
         self.admin.add_readiness("proxy", self._proxy_ready)
         self.cni_setup = CniSetup(settings.cni_setup) if settings.cni_setup else None
         if self.cni_setup is not None:
@@ -99,11 +112,20 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
 
-    async def run(self) -> None:
+    def _give_up(self, reason: str) -> None:
+        log.critical("node agent stopping: %s", reason)
+        self.failure = reason
+        self.stop()
+
+    async def run(self) -> int:
+        """Serve until stopped; 0 after a requested stop, 1 after a failure."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         self.registry.load()
+        # Enrolled pods are registered again on every new xDS stream; after a
+        # restart the registry file is the only memory of which pods those are.
+        self.registrar.remember(record for record in self.registry if record.enrolled)
         endpoints = [
             HttpEndpoint(
                 self.admin, self.settings.admin_host, self.settings.admin_port, admin=True
@@ -116,25 +138,57 @@ class Agent:
             await endpoint.start()
         if self.cni_setup is not None:
             self.cni_setup.start()
-        subscription = loop.create_task(self.client.subscribe(self.mesh).run())
-        await self.handoff.start()
+        self.supervisor.start("config subscription", self.subscription.run)
+        await self.handoff.start(self.supervisor)
         await self.enroller.converge()
-        cni = CniEventServer(
-            self.settings.cni_socket, EnrollmentCniHandler(self.enroller, loop, self.mesh)
-        )
-        await asyncio.to_thread(cni.start)
-        log.info("node agent for %s up: %d pods enrolled", self.settings.node, len(self.registry))
+        cni_started = loop.create_future()
+        self.supervisor.start("CNI socket", lambda: self._serve_cni(cni_started))
         try:
+            # A socket that cannot be served at all (another agent has it) stops the agent.
+            await cni_started
+            log.info(
+                "node agent for %s up: %d pods enrolled", self.settings.node, len(self.registry)
+            )
             await self._stop.wait()
         finally:
-            await asyncio.to_thread(cni.stop)
+            await self.supervisor.stop("CNI socket")
             if self.cni_setup is not None:
                 await asyncio.to_thread(self.cni_setup.stop)
-            subscription.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await subscription
+            await self.supervisor.close()
             await self.handoff.close()
             for endpoint in endpoints:
                 await endpoint.close()
             await self.client.__aexit__(None, None, None)
             log.info("node agent for %s stopped; pods stay captured", self.settings.node)
+        return 0 if self.failure is None else 1
+
+    async def _serve_cni(self, started: asyncio.Future[None]) -> None:
+        """Serve weir-cni until cancelled; raises if the socket stops serving on its own."""
+        loop = asyncio.get_running_loop()
+        failed: asyncio.Future[str] = loop.create_future()
+
+        def settle(why: str) -> None:
+            if not failed.done():
+                failed.set_result(why)
+
+        def report(why: str) -> None:  # called on the server's accept thread
+            loop.call_soon_threadsafe(settle, why)
+
+        server = CniEventServer(
+            self.settings.cni_socket,
+            EnrollmentCniHandler(self.enroller, loop, self.mesh),
+            on_failure=report,
+        )
+        try:
+            await asyncio.to_thread(server.start)
+        except WeirError as e:
+            if not started.done():
+                started.set_exception(e)
+            raise
+        if not started.done():
+            started.set_result(None)
+        try:
+            why = await failed
+        finally:
+            await asyncio.to_thread(server.stop)
+        raise NodeSetupError(f"CNI socket {self.settings.cni_socket} stopped serving: {why}")

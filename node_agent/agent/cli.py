@@ -106,8 +106,7 @@ def _run(args: argparse.Namespace) -> int:
             cni_setup=_cni_setup(args),
         )
 
-        async def main() -> None:
-            await Agent(settings, capture, mode).run()
+        async def main() -> int:
+            return await Agent(settings, capture, mode).run()
 
-        asyncio.run(main())
-    return 0
+        return asyncio.run(main())

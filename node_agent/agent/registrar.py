@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import grpc
 
-from controlplane.client import ControlPlaneClient
+from controlplane.client import ControlPlaneClient, WorkloadRegistration
 from node_agent.enrollment.registry import PodRecord
 from node_agent.errors import InvalidInputError, TransientError, WeirError
 
@@ -31,13 +33,18 @@ class ControlPlaneRegistrar:
     def __init__(self, client: ControlPlaneClient) -> None:
         self._client = client
 
+    def remember(self, records: Iterable[PodRecord]) -> None:
+        """Pods enrolled by an earlier agent process: registered again on the next stream."""
+        self._client.remember(_registration(record) for record in records)
+
     async def register(self, record: PodRecord) -> None:
+        registration = _registration(record)
         try:
             await self._client.register_workload(
-                namespace=record.namespace,
-                name=record.name,
-                uid=record.uid,
-                ips=[ip.split("/")[0] for ip in record.ips],
+                namespace=registration.namespace,
+                name=registration.name,
+                uid=registration.uid,
+                ips=registration.ips,
             )
         except grpc.aio.AioRpcError as e:
             raise _translate(f"refused to register {record.key()}", e) from None
@@ -49,3 +56,12 @@ class ControlPlaneRegistrar:
             )
         except grpc.aio.AioRpcError as e:
             raise _translate(f"refused to deregister {record.key()}", e) from None
+
+
+def _registration(record: PodRecord) -> WorkloadRegistration:
+    return WorkloadRegistration(
+        namespace=record.namespace,
+        name=record.name,
+        uid=record.uid,
+        ips=tuple(ip.split("/")[0] for ip in record.ips),
+    )

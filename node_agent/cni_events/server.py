@@ -12,6 +12,7 @@ ours) and waits, up to a deadline, for requests in flight.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -19,6 +20,7 @@ import stat
 import struct
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -43,6 +45,9 @@ _MAX_SOCKET_PATH: Final = 107
 _UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # How often the accept loop looks at the stop flag; bounds how long stop() waits for it.
 _ACCEPT_POLL_S: Final = 0.2
+_ACCEPT_TRANSIENT: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
+)
 
 
 class CniEventServer:
@@ -56,6 +61,7 @@ class CniEventServer:
         max_in_flight: int = 32,
         io_timeout_s: float = 5.0,
         allowed_uids: frozenset[int] = frozenset({0}),
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.socket_path = Path(socket_path)
         if len(os.fsencode(self.socket_path)) > _MAX_SOCKET_PATH:
@@ -66,6 +72,8 @@ class CniEventServer:
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._io_timeout_s = io_timeout_s
         self._allowed_uids = allowed_uids
+        # Told (on the accept thread) when the socket stops serving without stop().
+        self._on_failure = on_failure
         self._stopping = threading.Event()
         self._listener: socket.socket | None = None
         self._socket_inode = 0
@@ -143,15 +151,29 @@ class CniEventServer:
         return sock
 
     def _accept_loop(self, listener: socket.socket) -> None:
+        try:
+            self._accept_until_stopped(listener)
+        except Exception as e:
+            if not self._stopping.is_set():
+                log.exception("CNI event socket %s stopped serving", self.socket_path)
+                if self._on_failure is not None:
+                    self._on_failure(repr(e))
+
+    def _accept_until_stopped(self, listener: socket.socket) -> None:
         while not self._stopping.is_set():
             try:
                 conn, _ = listener.accept()
             except TimeoutError:
                 continue
             except OSError as e:
-                if not self._stopping.is_set():
-                    log.error("CNI event socket %s failed: %s", self.socket_path, e)
-                return
+                if self._stopping.is_set():
+                    return
+                if e.errno not in _ACCEPT_TRANSIENT:
+                    raise
+                # Out of descriptors or memory: this client is lost, the socket stays.
+                log.warning("accepting on CNI event socket %s failed: %s", self.socket_path, e)
+                time.sleep(_ACCEPT_POLL_S)
+                continue
             if not self._slots.acquire(blocking=False):
                 # Answered inline: a full server must not make the plugin wait for a slot.
                 self._answer(conn, Reply.failure("node agent is busy", retryable=True))
@@ -178,6 +200,13 @@ class CniEventServer:
             except OSError as e:
                 log.warning("CNI request not received: %s", e)
                 conn.close()
+                return
+            except Exception as e:
+                # A decoder bug must still get the plugin an answer, not a timeout.
+                log.exception("decoding a CNI request crashed")
+                self._answer(
+                    conn, Reply.failure(f"node agent internal error: {e!r}", retryable=False)
+                )
                 return
             self._answer(conn, self._dispatch(request))
         finally:

@@ -133,7 +133,7 @@ def remove(conf_dir: ConfDir) -> Change | None:
         text = conf_dir[name]
         try:
             doc = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue  # not ours to judge: we only ever write valid JSON
         if not isinstance(doc, dict) or not _ours(doc):
             continue
@@ -159,7 +159,7 @@ def remove(conf_dir: ConfDir) -> Change | None:
 def _parse(name: str, text: str) -> dict[str, Any]:
     try:
         doc = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise InvalidInputError(f"{name} is not valid JSON ({e}); still being written?") from None
     if not isinstance(doc, dict):
         raise InvalidInputError(f"{name} is not a JSON object")

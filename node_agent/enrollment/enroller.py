@@ -4,10 +4,15 @@ The order matters and each step is undone if a later one fails, so a failed
 ADD leaves the pod exactly as the primary CNI left it and the runtime's retry
 starts clean:
 
+    0. record it on disk as in flight       (undo: forget it)
     1. hand the pod to the proxy, acked     (undo: take it back)
     2. capture in the pod netns             (undo: remove it)
     3. register the workload                (undo: deregister)
-    4. record it on disk                    (the point of no return)
+    4. record it on disk as enrolled        (the point of no return)
+
+If the agent dies between 0 and 4, nothing is left to undo those steps in
+this process; the next agent finds the in-flight record at start and undoes
+them all (`converge`), while the runtime, told to retry, re-runs the ADD.
 
 Both 1 and 2 finish before ADD returns, so no process of the pod ever runs
 uncaptured or meets a proxy that is not listening yet. The proxy goes first
@@ -20,6 +25,7 @@ retries forever.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -124,6 +130,7 @@ class Enroller:
                 ips=pod.ips,
                 capture=intent.capture,
                 mode=self._mode,
+                enrolled=False,
             )
             await self._enroll(record, ns, pod.describe())
             return Outcome(captured=True)
@@ -149,6 +156,7 @@ class Enroller:
                 lambda: self._registrar.deregister(record),
             ),
         ]
+        await asyncio.to_thread(self._registry.put, record)
         try:
             for name, do, undo_step in steps:
                 try:
@@ -158,13 +166,20 @@ class Enroller:
                     error.retryable = e.retryable
                     raise error from e
                 undo.append((name, undo_step))
-            await asyncio.to_thread(self._registry.put, record)
+            await asyncio.to_thread(self._registry.put, dataclasses.replace(record, enrolled=True))
         except BaseException:
+            rolled_back = True
             for name, undo_step in reversed(undo):
                 try:
                     await undo_step()
                 except WeirError as e:
+                    rolled_back = False
                     log.error("rolling back %s of %s failed: %s", name, what, e.message)
+            if rolled_back:
+                await asyncio.to_thread(self._registry.remove, record.uid)
+            else:
+                # Kept as in flight, so the next converge retries the undo.
+                self.unhealthy[record.uid] = "a failed enrollment could not be fully undone"
             raise
         self.unhealthy.pop(record.uid, None)
         log.info("enrolled %s (%s capture)", what, record.mode)
@@ -223,11 +238,20 @@ class Enroller:
         A new proxy process opens new listening sockets; eBPF capture refers to
         them, so capture is re-checked (and re-applied) whenever a proxy synced.
         """
-        for record in list(self._registry):
-            async with self._locks[record.container_id]:
-                await self._converge_one(record)
+        for listed in list(self._registry):
+            async with self._locks[listed.container_id]:
+                # Re-read under the lock: an ADD or DEL may have changed it meanwhile.
+                record = self._registry.get(listed.uid)
+                if record is not None:
+                    await self._converge_one(record)
 
     async def _converge_one(self, record: PodRecord) -> None:
+        if not record.enrolled:
+            # ADD holds this pod's lock until its record is final, so an in-flight
+            # record seen here belongs to an agent that died during that ADD.
+            log.warning("undoing the half-done enrollment of %s", record.key())
+            await self._unenroll(record)
+            return
         try:
             ns = Netns.validate(record.netns)
         except WeirError:
@@ -263,7 +287,9 @@ class Enroller:
         return [
             {
                 **record.to_json(),
-                "status": self.unhealthy.get(record.uid, "captured"),
+                "status": self.unhealthy.get(
+                    record.uid, "captured" if record.enrolled else "enrolling"
+                ),
             }
             for record in self._registry
         ]

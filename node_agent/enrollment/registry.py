@@ -5,6 +5,15 @@ at any point leaves either the old or the new registry, never half of one.
 The file lives on the node (not tmpfs): after an agent restart it says which
 pods to re-check; after a reboot every recorded netns is gone and the records
 are dropped by reconcile, while the runtime re-runs CNI ADD for new sandboxes.
+
+A pod is recorded twice during its ADD: first as `enrolled=False`, before any
+step touches the node, then as `enrolled=True` once every step is done. A
+record still `enrolled=False` when an agent starts is an ADD whose agent died
+half-way (the plugin reported a retryable error): the new agent undoes what
+that ADD may have applied, so no pod stays captured without a proxy.
+
+Changes are serialised: the CNI server runs requests on several threads, and
+each change rewrites the whole file from the in-memory state.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +46,8 @@ class PodRecord:
     ips: tuple[str, ...]
     capture: CaptureConfig
     mode: str
+    # False from the start of the pod's ADD until its last step succeeded.
+    enrolled: bool = True
 
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
@@ -70,6 +82,8 @@ class PodRecord:
                 exclude_outbound_cidrs=parse_cidrs(capture["exclude_outbound_cidrs"], "registry"),
             ),
             mode=str(data["mode"]),
+            # Written by agents that recorded only finished enrollments.
+            enrolled=bool(data.get("enrolled", True)),
         )
 
 
@@ -79,6 +93,9 @@ class PodRegistry:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._pods: dict[str, PodRecord] = {}
+        # Held from reading the current pods to publishing the new ones, so two
+        # concurrent changes cannot each write a file that lacks the other's pod.
+        self._write_lock = threading.Lock()
 
     def load(self) -> None:
         """Read the file if there is one; a corrupt file is an error, never silently empty."""
@@ -103,12 +120,17 @@ class PodRegistry:
         """The record of a sandbox, by the id the runtime gives it in CNI calls."""
         return next((r for r in self._pods.values() if r.container_id == container_id), None)
 
+    def get(self, uid: str) -> PodRecord | None:
+        return self._pods.get(uid)
+
     def put(self, record: PodRecord) -> None:
-        self._save({**self._pods, record.uid: record})
+        with self._write_lock:
+            self._save({**self._pods, record.uid: record})
 
     def remove(self, uid: str) -> None:
-        if uid in self._pods:
-            self._save({k: v for k, v in self._pods.items() if k != uid})
+        with self._write_lock:
+            if uid in self._pods:
+                self._save({k: v for k, v in self._pods.items() if k != uid})
 
     def _save(self, pods: dict[str, PodRecord]) -> None:
         # Memory changes only after the file did: a failed write leaves both as they were.

@@ -25,7 +25,7 @@ import uvloop
 from controlplane.client import ControlPlaneClient, ControlPlaneEndpoint
 from controlplane.mesh import resource_name
 from node_agent.constants import METRICS_PORT, PROXY_GID, PROXY_UID, READINESS_PORT
-from node_agent.errors import InvalidInputError, TransientError
+from node_agent.errors import InvalidInputError, NodeSetupError, TransientError
 from node_agent.netns import Netns
 from node_agent.proxy import privileges
 from node_agent.proxy.agent_pods import AgentPods
@@ -35,11 +35,13 @@ from node_agent.proxy.proxy import Proxy, ProxySettings, build
 from node_agent.proxy.routing import Balancing
 from node_agent.proxy.xds_source import XdsConfigSource
 from node_agent.proxy_handoff.proxy_side import ProxyHandoffClient
+from node_agent.supervision import wait_any
 
 log = logging.getLogger(__name__)
 
 POD_WAIT_SECONDS: Final = 30.0
 POD_POLL_SECONDS: Final = 0.2
+HANDOFF_TASK: Final = "agent handoff"
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -169,10 +171,9 @@ async def _serve(
             settings, config=XdsConfigSource(client), certificates=CaCertificateProvider(client)
         )
         await proxy.start()
-        handoff = None
         if agent_socket is not None:
             follower = ProxyHandoffClient(agent_socket, AgentPods(proxy, node))
-            handoff = loop.create_task(follower.run())
+            proxy.supervisor.start(HANDOFF_TASK, follower.run)
         try:
             for key, netns in pods:
                 await proxy.add_pod(netns, await _registered_workload(proxy, key))
@@ -181,13 +182,14 @@ async def _serve(
                 proxy.metrics_port,
                 proxy.readiness_port,
             )
-            await stop.wait()
+            await wait_any(stop, proxy.failed)
         finally:
-            if handoff is not None:
+            if agent_socket is not None:
                 # Stop taking pods first; the agent hands them to the next proxy.
-                handoff.cancel()
-                await asyncio.gather(handoff, return_exceptions=True)
+                await proxy.supervisor.stop(HANDOFF_TASK)
             await proxy.shutdown(drain_seconds)
+        if proxy.failure:
+            raise NodeSetupError(f"proxy stopped: {proxy.failure}")
 
 
 async def _registered_workload(proxy: Proxy, key: str) -> Workload:

@@ -46,6 +46,7 @@ from node_agent.proxy.telemetry import (
     ProxyMetrics,
     Telemetry,
 )
+from node_agent.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,11 @@ class Proxy:
         self._server_tls: dict[SpiffeId, TlsContext] = {}
         self._client_tls: dict[SpiffeId, TlsContext] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._background: list[asyncio.Task[None]] = []
+        # The config subscription, the idle-tunnel sweep and the agent handoff.
+        self.supervisor = Supervisor(self._give_up)
+        # Set when the proxy cannot go on; whoever runs it stops it and exits non-zero.
+        self.failed = asyncio.Event()
+        self.failure = ""
         self._metrics_server = MetricsServer(self.metrics, lambda: self.ready)
         self._readiness_server = MetricsServer(self.metrics, lambda: self.ready)
         self._outbound = Outbound(self)
@@ -153,16 +158,16 @@ class Proxy:
 
     async def start(self) -> None:
         """Subscribe to config (waiting for a first snapshot) and serve metrics."""
-        self._background.append(asyncio.create_task(self._config.run(self.apply_snapshot)))
+        self.supervisor.start("config subscription", lambda: self._config.run(self.apply_snapshot))
         try:
             async with asyncio.timeout(self.settings.first_config_timeout):
                 await self._first_snapshot.wait()
         except TimeoutError:
-            await self._stop_background()
+            await self.supervisor.close()
             raise TransientError(
                 f"no mesh config within {self.settings.first_config_timeout:.0f} s"
             ) from None
-        self._background.append(asyncio.create_task(self._sweep_idle_tunnels()))
+        self.supervisor.start("idle tunnel sweep", self._sweep_idle_tunnels)
         if self.settings.metrics_address is not None:
             host, port = self.settings.metrics_address
             self.metrics_port = await self._metrics_server.start(host, port)
@@ -173,7 +178,12 @@ class Proxy:
 
     @property
     def ready(self) -> bool:
-        return self._accepting
+        return self._accepting and self.supervisor.not_ready() is None
+
+    def _give_up(self, reason: str) -> None:
+        log.critical("proxy stopping: %s", reason)
+        self.failure = reason
+        self.failed.set()
 
     async def shutdown(self, deadline: float) -> None:
         """Stop accepting, let connections finish for up to `deadline` seconds, then close.
@@ -203,13 +213,7 @@ class Proxy:
         await self.identities.close()
         await self._metrics_server.close()
         await self._readiness_server.close()
-        await self._stop_background()
-
-    async def _stop_background(self) -> None:
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        self._background.clear()
+        await self.supervisor.close()
 
     # -- config and certificates -------------------------------------------------
 

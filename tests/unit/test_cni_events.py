@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import stat
@@ -18,6 +19,7 @@ import pytest
 from cni_plugin.agent_client import AgentUnreachableError, ask_agent
 from cni_plugin.protocol import (
     MAX_FRAME,
+    ConnectionClosedError,
     PodInfo,
     ProtocolError,
     Reply,
@@ -34,6 +36,13 @@ from node_agent.cni_events.testing import RecordingHandler
 from node_agent.errors import NodeSetupError
 
 POD = PodInfo("c1", "/var/run/netns/p", "eth0", ("10.0.0.5/24",), "default", "web", "u-1")
+
+
+def pod_json(op: str = "add", drop: str = "", **fields: object) -> bytes:
+    """A request whose pod is POD with `fields` changed and `drop` left out."""
+    pod: dict[str, object] = {**POD._asdict(), "ips": list(POD.ips), **fields}
+    pod.pop(drop, None)
+    return json.dumps({"v": 1, "op": op, "pod": pod}).encode()
 
 
 def payload(frame: bytes) -> bytes:
@@ -86,10 +95,21 @@ def test_replies_round_trip(reply):
         (b'{"op": "add"}', "protocol version None"),
         (b'{"v": 1, "op": "frob"}', "unknown op 'frob'"),
         (b'{"v": 1, "op": "add"}', "needs a 'pod' object"),
-        (b'{"v": 1, "op": "add", "pod": {"netns": "/x"}}', "no container_id"),
-        (b'{"v": 1, "op": "add", "pod": {"container_id": "c", "ips": "10.0.0.1"}}', "'ips'"),
-        (b'{"v": 1, "op": "add", "pod": {"container_id": 7}}', "'container_id' must be"),
+        (b'{"v": 1, "op": "add", "pod": {"netns": "/x"}}', "'container_id' is missing"),
+        (pod_json(container_id=""), "no container_id"),
+        (pod_json(ips="10.0.0.1"), "'ips' must be a list"),
+        (pod_json(container_id=7), "'container_id' must be"),
+        (pod_json(drop="uid"), "'uid' is missing"),
+        (pod_json(drop="ips"), "'ips' is missing"),
+        (pod_json(netns=""), "add request needs the pod's netns"),
+        (b'{"v": 1, "op": "gc"}', "gc request needs 'attachments'"),
+        (b'{"v": 1, "op": "gc", "attachments": {}}', "'attachments' must be a list"),
         (b'{"v": 1, "op": "gc", "attachments": [["c1"]]}', r"not \[container_id, ifname\]"),
+        (b'{"v": 1, "op": "gc", "attachments": [["", "eth0"]]}', r"not \[container_id"),
+        (b'{"v": 1, "op": "status", "attachments": []}', "takes no 'attachments'"),
+        (b'{"v": 1, "op": "gc", "attachments": [], "pod": {}}', "takes no 'pod'"),
+        (b"[" * 200_000, "not UTF-8 JSON"),
+        (b'{"v": 1, "op": "gc", "attachments": ' + b"[" * 200_000, "not UTF-8 JSON"),
         (b'{"v": 1, "op": "status", "plugin_log": [1]}', "plugin_log"),
         (b"\xff", "not UTF-8 JSON"),
         (b"[]", "not a JSON object"),
@@ -115,13 +135,19 @@ def test_an_oversized_frame_is_refused_on_both_ends():
             recv_message(b, time.monotonic() + 1)
 
 
-def test_a_truncated_frame_is_a_protocol_error():
+def test_a_frame_cut_short_is_a_closed_connection_not_nonsense():
     a, b = socket.socketpair()
     with a, b:
         a.sendall(struct.pack(">I", 10) + b"{}")
         a.shutdown(socket.SHUT_WR)
-        with pytest.raises(ProtocolError, match="after 2 of 10 bytes"):
+        with pytest.raises(ConnectionClosedError, match="after 2 of 10 bytes"):
             recv_message(b, time.monotonic() + 1)
+
+
+def test_an_empty_attachment_list_still_says_gc_explicitly():
+    frame = payload(encode_request(Request("gc")))
+    assert json.loads(frame)["attachments"] == []
+    assert decode_request(frame) == Request("gc")
 
 
 # -- server ----------------------------------------------------------------------
@@ -202,6 +228,58 @@ def test_garbage_gets_an_answer_and_does_not_hurt_the_server(work):
         assert not reply.ok
         assert reply.error.startswith("malformed request: message is not UTF-8 JSON")
         assert ask_agent(path, Request("status"), 5) == Reply.success()
+
+
+def test_a_malformed_gc_changes_nothing_and_says_why(work):
+    path = str(work / "cni.sock")
+    handler = RecordingHandler()
+    with CniEventServer(path, handler):
+        for body in (b'{"v":1,"op":"gc"}', b'{"v":1,"op":"gc","attachments":null}'):
+            with socket.socket(socket.AF_UNIX) as raw:
+                raw.connect(path)
+                raw.sendall(struct.pack(">I", len(body)) + body)
+                reply = decode_reply(recv_message(raw, time.monotonic() + 5))
+            assert not reply.ok
+            assert not reply.retryable
+            assert "attachments" in reply.error
+    assert handler.events() == []
+
+
+def test_deeply_nested_json_gets_an_error_reply(work):
+    path = str(work / "cni.sock")
+    with CniEventServer(path, RecordingHandler()):
+        body = b'{"v": 1, "op": "status", "plugin_log": ' + b"[" * 200_000
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.connect(path)
+            raw.sendall(struct.pack(">I", len(body)) + body)
+            reply = decode_reply(recv_message(raw, time.monotonic() + 5))
+        assert not reply.ok
+        assert reply.error.startswith("malformed request: message is not UTF-8 JSON")
+        assert ask_agent(path, Request("status"), 5) == Reply.success()
+
+
+@pytest.mark.parametrize("sent", [b"", struct.pack(">I", 40), struct.pack(">I", 40) + b'{"v"'])
+def test_an_agent_dying_mid_request_is_unreachable_not_nonsense(work, sent):
+    """Whatever part of its reply an agent sent before dying, the plugin may retry."""
+    path = str(work / "cni.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+
+    def die_after_reading() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            recv_message(conn, time.monotonic() + 5)
+            conn.sendall(sent)
+
+    agent = threading.Thread(target=die_after_reading)
+    agent.start()
+    try:
+        with pytest.raises(AgentUnreachableError, match="connection closed after"):
+            ask_agent(path, Request("add", POD), 5)
+    finally:
+        agent.join(timeout=5)
+        listener.close()
 
 
 def test_a_full_server_tells_the_plugin_to_retry(work):

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any, Final
@@ -64,9 +64,15 @@ def _stderr(message: str) -> None:
 
 @dataclass(frozen=True)
 class Cluster:
-    """A running cluster: its spec, and kubectl pointed at it."""
+    """A running cluster: its spec, and kubectl pointed at it.
+
+    `topology` is the prefix of its network namespaces; `namespaces` the
+    inodes of those and of the nodes' mount namespaces (see `leftovers`).
+    """
 
     spec: ClusterSpec
+    topology: str
+    namespaces: frozenset[int]
 
     def kubectl(
         self, *args: str, stdin: str | None = None, timeout: float = _STEP_TIMEOUT_S
@@ -417,7 +423,8 @@ def up(state_dir: Path, node_count: int = 2, *, log: Log = _stderr) -> Cluster:
             nodes=tuple(nodes),
             host_port=listener.getsockname()[1],
         )
-        cluster = Cluster(spec)
+        inodes = [(NETNS_DIR / n).stat().st_ino for n in (cp.netns_name, *(n.netns for n in nodes))]
+        cluster = Cluster(spec, topology.prefix, frozenset(inodes))
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         _write_files(spec)
         write_pki(spec)
@@ -427,6 +434,10 @@ def up(state_dir: Path, node_count: int = 2, *, log: Log = _stderr) -> Cluster:
         log(f"control plane up after {time.monotonic() - started:.1f} s")
         for node in spec.nodes:
             _start_node(spec, node, images)
+        cluster = replace(
+            cluster,
+            namespaces=cluster.namespaces | {spec.mount_ns(n).stat().st_ino for n in spec.nodes},
+        )
         _wait_until_usable(cluster)
         used, processes = memory_bytes(spec)
         log(
@@ -528,3 +539,36 @@ def down(state_dir: Path, *, log: Log = _stderr) -> None:
         raise ClusterError("could not remove: " + "; ".join(failures))
     shutil.rmtree(state_dir)
     log(f"cluster {state['name']} removed")
+
+
+def _namespace_inodes(pid: str) -> set[int]:
+    inodes = set()
+    for kind in ("net", "mnt"):
+        with contextlib.suppress(OSError):
+            inodes.add(Path(f"/proc/{pid}/ns/{kind}").stat().st_ino)
+    return inodes
+
+
+def leftovers(cluster: Cluster) -> list[str]:
+    """Whatever of `cluster` is still on the machine; empty after a complete `down`."""
+    spec = cluster.spec
+    found = [f"netns {p.name}" for p in NETNS_DIR.glob(f"{cluster.topology}*")]
+    found += [f"link {p.name}" for p in Path("/sys/class/net").glob(f"{cluster.topology}*")]
+    found += [f"cgroup {h / spec.name}" for h in _hierarchies() if (h / spec.name).exists()]
+    if spec.state_dir.exists():
+        found.append(f"directory {spec.state_dir}")
+    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    found += [f"mount {m.split()[4]}" for m in mounts if str(spec.state_dir) in m]
+    marker = f"/{spec.name}/"
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if (
+                _namespace_inodes(proc.name) & cluster.namespaces
+                or marker in (proc / "cgroup").read_text()
+                or str(spec.state_dir) in cmdline
+            ):
+                found.append(f"process {proc.name}: {cmdline.strip()}")
+    return found

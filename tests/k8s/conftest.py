@@ -1,0 +1,28 @@
+"""The `k8s_cluster` fixture: a real cluster in namespaces, removed afterwards whatever happens."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testbed.k8s_cluster.cluster import Cluster, down, leftovers, up
+
+
+@pytest.fixture(scope="module")
+def k8s_cluster() -> Iterator[Cluster]:
+    """Two nodes; state in a temp dir, so it never meets `make k8s-up`'s cluster.
+
+    Teardown fails the test if anything of the cluster is left on the machine.
+    """
+    state_dir = Path(tempfile.mkdtemp(prefix="wk8s-test-")) / "k8s"
+    cluster = up(state_dir, node_count=2)
+    try:
+        yield cluster
+    finally:
+        down(state_dir)
+        state_dir.parent.rmdir()
+        left = leftovers(cluster)
+        assert not left, f"left behind after teardown: {left}"

@@ -503,15 +503,21 @@ def _kill_cgroups(name: str, timeout_s: float = 30.0) -> None:
                 raise ClusterError(f"cgroup {directory} could not be removed")
 
 
+def _mounts_under(directory: Path) -> list[str]:
+    """Mount points at or below `directory` in our mount namespace, deepest first."""
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    inside = [p for p in points if p == str(directory) or p.startswith(f"{directory}/")]
+    return sorted(inside, key=len, reverse=True)
+
+
 def _unmount_namespaces(state_dir: Path) -> None:
-    ns_dir = state_dir / "ns"
-    if not ns_dir.is_dir():
-        return
-    for target in sorted(ns_dir.iterdir()):
-        if target.is_mount():
-            _run(["umount", str(target)], f"unmount {target}")
-    if ns_dir.is_mount():
-        _run(["umount", str(ns_dir)], f"unmount {ns_dir}")
+    """The nodes' mount namespace files and the private mount under them.
+
+    Once no process and no bind mount holds a node's namespace, the kernel
+    drops every mount made in it (overlays, the node's /run, pod volumes).
+    """
+    for point in _mounts_under(state_dir):
+        _run(["umount", point], f"unmount {point}")
 
 
 def down(state_dir: Path, *, log: Log = _stderr) -> None:
@@ -557,13 +563,15 @@ def leftovers(cluster: Cluster) -> list[str]:
     found += [f"cgroup {h / spec.name}" for h in _hierarchies() if (h / spec.name).exists()]
     if spec.state_dir.exists():
         found.append(f"directory {spec.state_dir}")
-    mounts = Path("/proc/self/mountinfo").read_text().splitlines()
-    found += [f"mount {m.split()[4]}" for m in mounts if str(spec.state_dir) in m]
+    found += [f"mount {m}" for m in _mounts_under(spec.state_dir)]
     marker = f"/{spec.name}/"
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         with contextlib.suppress(OSError):
+            # A zombie holds nothing but its pid until PID 1 reaps it.
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             if (
                 _namespace_inodes(proc.name) & cluster.namespaces

@@ -449,7 +449,9 @@ def mount_setup_script(spec: ClusterSpec, node: NodeSpec) -> str:
     q = shlex.quote
     lines = [
         "set -eu",
-        'findmnt -rn -t nsfs -o TARGET | tac | while read -r target; do umount -l "$target"; done',
+        # Stacked copies of one target go with the first umount, so one may fail; none may stay.
+        'findmnt -rn -t nsfs -o TARGET | tac | while read -r t; do umount -l "$t" || true; done',
+        "if findmnt -rn -t nsfs; then echo 'nsfs mounts remain' >&2; exit 1; fi",
         "mount -t tmpfs -o mode=0755 tmpfs /run",
         "mkdir /run/cgroup-keep",
         "mount --rbind /sys/fs/cgroup /run/cgroup-keep",

@@ -14,8 +14,11 @@ from controlplane._generated.weir.v1 import ca_pb2, ca_pb2_grpc, registry_pb2, r
 from controlplane.auth import NodeAuthenticator, RequestRefusedError, authorize_identity
 from controlplane.ca import CertificateAuthority
 from controlplane.state import MeshState
+from node_agent.log_limit import LogLimiter
 
 log = logging.getLogger(__name__)
+# A node (or anyone holding a token) can repeat a refused request at will.
+_refusals = LogLimiter()
 
 
 class CertificateService(ca_pb2_grpc.CertificateAuthorityServicer):
@@ -50,7 +53,14 @@ class CertificateService(ca_pb2_grpc.CertificateAuthorityServicer):
             chain = self._ca.sign(request.csr_pem, identity, ttl=ttl, now=self._clock())
         except RequestRefusedError as refusal:
             self._metrics.inc(m.CERTS_REFUSED, reason=refusal.reason)
-            log.warning("refused certificate to node %s: %s", node, refusal.message)
+            _refusals.log(
+                log,
+                logging.WARNING,
+                ("certificate", node, refusal.reason),
+                "refused certificate to node %s: %s",
+                node,
+                refusal.message,
+            )
             await context.abort(refusal.code, refusal.message)
         self._metrics.inc(m.CERTS_SIGNED)
         log.info("signed %s for node %s", identity, node)
@@ -105,6 +115,14 @@ class RegistryService(registry_pb2_grpc.WorkloadRegistryServicer):
             change(node)
         except RequestRefusedError as refusal:
             self._metrics.inc(m.REGISTRATIONS_REFUSED, reason=refusal.reason)
-            log.warning("refused %s from node %s: %s", operation, node, refusal.message)
+            _refusals.log(
+                log,
+                logging.WARNING,
+                (operation, node, refusal.reason),
+                "refused %s from node %s: %s",
+                operation,
+                node,
+                refusal.message,
+            )
             await context.abort(refusal.code, refusal.message)
         self._metrics.inc(m.REGISTRATIONS, operation=operation)

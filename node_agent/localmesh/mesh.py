@@ -223,6 +223,13 @@ class LocalMesh:
             process=self.controlplane,
         )
 
+    def restart_controlplane(self) -> None:
+        """Stop the control plane and start it again: it forgets every registration,
+        keeps its root (the state dir), and nodes must bring their pods back."""
+        if self.controlplane is not None:
+            self.controlplane.stop()
+        self._start_controlplane()
+
     def _token(self, node: str) -> str:
         for entry in self._config_doc.get("nodes", []):
             if entry.get("name") == node:

@@ -225,7 +225,15 @@ class Inbound:
         if not decision.allowed:
             conn.respond(stream, 403)
             proxy.telemetry.failed(record, "denied", decision.reason)
-            log.info("denied %s -> %s: %s", identity, record.destination_addr, decision.reason)
+            proxy.refusal_log.log(
+                log,
+                logging.INFO,
+                ("denied", identity, decision.reason),
+                "denied %s -> %s: %s",
+                identity,
+                record.destination_addr,
+                decision.reason,
+            )
             return
         try:
             upstream = await proxy.connect_tcp(pod, address, port)

@@ -29,6 +29,7 @@ from node_agent.constants import (
     OUTBOUND_CAPTURE_PORT,
 )
 from node_agent.errors import InvalidInputError, TransientError
+from node_agent.log_limit import LogLimiter
 from node_agent.netns import Netns
 from node_agent.proxy import tls as tls_mod
 from node_agent.proxy.hbone import Flow, H2Protocol, HboneStream, TcpPeer
@@ -143,6 +144,8 @@ class Proxy:
         self._server_tls: dict[SpiffeId, TlsContext] = {}
         self._client_tls: dict[SpiffeId, TlsContext] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Peers cause refusals and denials at will: each kind is logged, not every one.
+        self.refusal_log = LogLimiter()
         # The config subscription, the idle-tunnel sweep and the agent handoff.
         self.supervisor = Supervisor(self._give_up)
         # Set when the proxy cannot go on; whoever runs it stops it and exits non-zero.
@@ -370,7 +373,15 @@ class Proxy:
 
     def refuse(self, listener: str, reason: str, detail: str, peer: TcpPeer | None) -> None:
         """Bad input: counted, logged once, connection dropped; nothing else is affected."""
-        log.warning("%s: refused (%s): %s", listener, reason, detail)
+        self.refusal_log.log(
+            log,
+            logging.WARNING,
+            (listener, reason),
+            "%s: refused (%s): %s",
+            listener,
+            reason,
+            detail,
+        )
         self.metrics.refused(listener, reason)
         if peer is not None:
             peer.abort()

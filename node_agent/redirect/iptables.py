@@ -132,6 +132,10 @@ class IptablesCapture:
                 )
         return problems
 
+    def prune(self) -> list[str]:
+        """Nothing to forget: the rules live in the pod's netns and vanish with it."""
+        return []
+
     def remove(self, ns: Netns) -> bool:
         """Remove every Weir rule and chain from both backends. Whether anything was removed."""
         empty: dict[Family, Ruleset] = {family: {} for family in FAMILIES}

@@ -252,7 +252,7 @@ def test_uninstall_leaves_no_pin_link_program_or_map(pins, two_pods):
             finally:
                 os.close(fd)
         assert len(ids["link"]) == 5  # four at the cgroup root, one in pod A
-        assert len(ids["map"]) == 7
+        assert len(ids["map"]) == 8  # seven for the programs, weir_meta
 
         removed = weir("redirect", "uninstall-ebpf", "--bpf-pin-root", str(pins.root))
         assert removed.returncode == 0, removed.stderr

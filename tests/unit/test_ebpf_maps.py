@@ -11,13 +11,17 @@ from node_agent.errors import NodeSetupError
 from node_agent.redirect.config import CaptureConfig, parse_cidrs
 from node_agent.redirect.ebpf.loader import explain_load_failure
 from node_agent.redirect.ebpf.maps import (
+    MAP_SPECS,
     POD_CONFIG_MAPS,
     MapName,
+    MapSpec,
     config_header,
+    encode_listener_key,
     key_cookie,
     plan,
     pod_entries,
     render,
+    spec_differences,
 )
 from node_agent.redirect.ebpf.pins import Mount, cgroup2_mount, mount_of, parse_mountinfo
 from node_agent.redirect.ebpf.preflight import Finding, Preflight
@@ -62,6 +66,29 @@ def test_applying_the_plan_twice_changes_nothing(name):
             del current[key]
         assert current == desired[m]
         assert plan(desired[m], current).empty
+
+
+def test_entries_have_the_sizes_pinned_maps_are_checked_against():
+    entries = pod_entries(COOKIE, CONFIGS["exclusions"], ADDRESSES)
+    for name in POD_CONFIG_MAPS:
+        spec = MAP_SPECS[name]
+        for key, value in entries[name].items():
+            assert (len(key), len(value)) == (spec.key_size, spec.value_size), name
+    assert len(encode_listener_key(COOKIE, 2)) == MAP_SPECS[MapName.LISTENERS].key_size
+
+
+def test_spec_differences_name_each_one():
+    expected = MAP_SPECS[MapName.CIDRS]
+    assert spec_differences("weir_cidrs", expected, expected) == []
+    assert spec_differences("weir_cidrs", MapSpec(1, 32, 8, 10, 0), expected) == [
+        "weir_cidrs: map type hash, expected lpm_trie",
+        "weir_cidrs: value size 8, expected 1",
+        "weir_cidrs: max_entries 10, expected 65536",
+        "weir_cidrs: flags 0, expected 1",
+    ]
+    assert spec_differences("x", MapSpec(99, 32, 1, 65536, 1), expected) == [
+        "x: map type 99, expected lpm_trie"
+    ]
 
 
 def test_equal_configs_give_equal_entries():

@@ -31,6 +31,7 @@ from node_agent.netns import Netns
 from node_agent.redirect.config import CaptureConfig
 from node_agent.redirect.ebpf import loader, sys_bpf
 from node_agent.redirect.ebpf.maps import (
+    MAP_SPECS,
     POD_CONFIG_MAPS,
     Entries,
     MapName,
@@ -40,7 +41,7 @@ from node_agent.redirect.ebpf.maps import (
     plan,
     pod_entries,
 )
-from node_agent.redirect.ebpf.pins import PinLayout, cgroup2_root
+from node_agent.redirect.ebpf.pins import PinLayout, cgroup2_root, parse_mountinfo
 from node_agent.redirect.podnet import (
     TCP_LISTEN,
     TcpSocket,
@@ -56,6 +57,43 @@ _SOCKET_FAMILIES: Final = {4: socket.AF_INET, 6: socket.AF_INET6}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+
+# Every map holding entries of one pod, in the order they are deleted: the
+# pod entry first, so capture stops at once.
+_POD_MAPS: Final = (*reversed(POD_CONFIG_MAPS), MapName.LISTENERS)
+PodKeys = dict[MapName, list[bytes]]
+
+
+def live_netns_cookies() -> set[int]:
+    """Cookies of every network namespace a process or a bind mount still holds.
+
+    Bind mounts (`ip netns add`, a container runtime's /run/netns/cni-*) are
+    looked for in every mount namespace on the node, not only the agent's,
+    through /proc/PID/root of one process of each.
+    """
+    holders: dict[int, Path] = {}  # netns inode -> a path that opens it
+    mount_namespaces: set[int] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):  # the process exited meanwhile
+            net = proc / "ns" / "net"
+            holders.setdefault(net.stat().st_ino, net)
+            mnt = (proc / "ns" / "mnt").stat().st_ino
+            if mnt in mount_namespaces:
+                continue
+            mount_namespaces.add(mnt)
+            for m in parse_mountinfo((proc / "mountinfo").read_text()):
+                if m.fstype == "nsfs":
+                    path = proc / "root" / m.mount_point.relative_to("/")
+                    with contextlib.suppress(OSError):
+                        holders.setdefault(path.stat().st_ino, path)
+    cookies = set()
+    for inode, path in holders.items():
+        # Gone meanwhile, or a namespace of another kind (setns refuses it).
+        with contextlib.suppress(TransientError, OSError):
+            cookies.add(netns_cookie(Netns(path, inode)))
+    return cookies
 
 
 def _socket_owners(inodes: set[int]) -> dict[int, tuple[int, int]]:
@@ -138,6 +176,8 @@ class EbpfCapture:
     # -- maps --------------------------------------------------------------
 
     def _map(self, name: MapName) -> int:
+        if not self._fds:
+            loader.require_compatible(self.pins)
         if name not in self._fds:
             try:
                 self._fds[name] = sys_bpf.obj_get(str(self.pins.map(name.value)))
@@ -167,6 +207,9 @@ class EbpfCapture:
     def apply(self, ns: Netns, config: CaptureConfig) -> EbpfApplyReport:
         installed = self.install()
         cookie = netns_cookie(ns)
+        # The link before any entry, so every pod with entries has a link that
+        # tells prune whether its netns still exists.
+        linked = self._link_sk_lookup(ns, cookie)
         desired = pod_entries(cookie, config, pod_addresses(ns))
         changed = False
         for name in POD_CONFIG_MAPS:
@@ -182,7 +225,6 @@ class EbpfCapture:
             for key in p.delete:
                 sys_bpf.map_delete(fd, key)
             changed |= not p.empty
-        linked = self._link_sk_lookup(ns, cookie)
         registered = self._register_listeners(ns, cookie)
         families = {ip.version for ip in pod_addresses(ns)}
         return EbpfApplyReport(
@@ -198,40 +240,80 @@ class EbpfCapture:
         """Stop capture for the pod and drop all its entries. Whether anything was removed."""
         if loader.install_state(self.pins).absent:
             return False
-        return self._forget(netns_cookie(ns))
+        cookie = netns_cookie(ns)
+        entries, link = self._forget(cookie, self._pod_keys().get(cookie, {}))
+        return entries > 0 or link
 
-    def _forget(self, cookie: int) -> bool:
-        removed = False
-        for name in reversed(POD_CONFIG_MAPS):  # the pod entry first: capture stops at once
+    def _pod_keys(self) -> dict[int, PodKeys]:
+        """The keys of every per-pod entry, by the netns cookie they belong to."""
+        found: dict[int, PodKeys] = {}
+        for name in _POD_MAPS:
             fd = self._map(name)
-            for key in self._entries(name, cookie):
-                removed |= sys_bpf.map_delete(fd, key)
-        listeners = self._map(MapName.LISTENERS)
-        for family in _SOCKET_FAMILIES.values():
-            removed |= sys_bpf.map_delete(listeners, encode_listener_key(cookie, family))
+            spec = MAP_SPECS[name]
+            for key in list(sys_bpf.map_keys(fd, spec.key_size)):
+                value = sys_bpf.map_lookup(fd, key, spec.value_size)
+                if value is not None:
+                    cookie = key_cookie(name, key, value)
+                    found.setdefault(cookie, {}).setdefault(name, []).append(key)
+        return found
+
+    def _forget(self, cookie: int, keys: PodKeys) -> tuple[int, bool]:
+        """Delete these entries of one pod, then its link: (entries deleted, link removed)."""
+        deleted = 0
+        for name in _POD_MAPS:
+            fd = self._map(name)
+            deleted += sum(sys_bpf.map_delete(fd, key) for key in keys.get(name, []))
         link = self.pins.pod_link(cookie)
-        if link.exists():
+        try:
             link.unlink()
-            removed = True
+        except FileNotFoundError:
+            return deleted, False
+        return deleted, True
+
+    def prune(self) -> list[str]:
+        """Forget every pod whose netns is gone: its map entries and its sk_lookup link.
+
+        Returns one line per pod removed. A pod with a link is judged by it (the
+        kernel detaches a netns link when the netns goes); entries without a
+        link (an apply cut short, an older agent) by whether any process or
+        bind mount on the node still holds a netns with that cookie. The
+        connection maps are LRU and age out by themselves.
+        """
+        if loader.install_state(self.pins).absent:
+            return []
+        # Entries before links: apply links first, so a pod whose entries are
+        # seen here already shows its link below.
+        keys = self._pod_keys()
+        links = self.pins.pod_links()
+        gone = {cookie for cookie, path in links.items() if self._netns_gone(path)}
+        unlinked = keys.keys() - links.keys()
+        if unlinked:
+            gone |= unlinked - live_netns_cookies()
+        removed = []
+        for cookie in sorted(gone):
+            entries, link = self._forget(cookie, keys.get(cookie, {}))
+            what = f"{entries} map entries" + (" and its sk_lookup link" if link else "")
+            removed.append(f"pod netns cookie {cookie} (netns gone): removed {what}")
+            log.info("eBPF prune: %s", removed[-1])
         return removed
 
-    def prune(self) -> list[int]:
-        """Forget pods whose netns is gone (their sk_lookup link lost its target)."""
-        gone = []
-        for cookie, path in self.pins.pod_links().items():
-            fd = sys_bpf.obj_get(str(path))
-            try:
-                dead = sys_bpf.link_info(fd).target == 0
-            finally:
-                os.close(fd)
-            if dead:
-                self._forget(cookie)
-                gone.append(cookie)
-        return gone
+    @staticmethod
+    def _netns_gone(link: Path) -> bool:
+        try:
+            fd = sys_bpf.obj_get(str(link))
+        except FileNotFoundError:
+            return False  # removed meanwhile, by that pod's remove
+        try:
+            return sys_bpf.link_info(fd).target == 0
+        finally:
+            os.close(fd)
 
     def check(self, ns: Netns, config: CaptureConfig) -> list[str]:
         """What differs from a fully working capture of this pod; empty when none."""
         state = loader.install_state(self.pins)
+        incompatible = [] if state.absent else loader.incompatibilities(self.pins)
+        if incompatible:
+            return [f"eBPF pins at {self.pins.root} are incompatible: {i}" for i in incompatible]
         if not state.installed:
             missing = ", ".join(str(p.relative_to(self.pins.root)) for p in state.missing)
             return [f"eBPF programs not installed at {self.pins.root} (missing: {missing})"]

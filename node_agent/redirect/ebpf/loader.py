@@ -27,7 +27,18 @@ from typing import Any, Final, TypeVar
 
 from node_agent.errors import NodeSetupError
 from node_agent.redirect.ebpf import sys_bpf
-from node_agent.redirect.ebpf.maps import MapName, config_header
+from node_agent.redirect.ebpf.maps import (
+    LAYOUT_VERSION,
+    MAP_SPECS,
+    META_MAP,
+    META_SPEC,
+    MapName,
+    MapSpec,
+    config_header,
+    decode_layout_version,
+    encode_layout_version,
+    spec_differences,
+)
 from node_agent.redirect.ebpf.pins import PinLayout, cgroup2_root, ensure_bpffs
 from node_agent.redirect.ebpf.sys_bpf import AttachType, ProgType
 
@@ -231,10 +242,15 @@ class InstallState:
     def absent(self) -> bool:
         return not self.present
 
+    @property
+    def unversioned(self) -> bool:
+        """Complete but for the layout version: an install by an agent older than versions."""
+        return [p.name for p in self.missing] == [META_MAP]
+
 
 def node_pins(layout: PinLayout) -> list[Path]:
     """The pins a complete node-wide install consists of."""
-    pins = [layout.map(m.value) for m in MapName]
+    pins = [layout.map(m.value) for m in MapName] + [layout.map(META_MAP)]
     pins += [layout.link(p.func) if p.node_wide else layout.prog(p.func) for p in PROGRAMS]
     return pins
 
@@ -256,10 +272,11 @@ def install(layout: PinLayout, compiled: Compiled | None = None) -> InstallRepor
     """Make the node-wide part present; a no-op (no compile) when it already is."""
     mounted = ensure_bpffs(layout.root)
     state = install_state(layout)
-    if state.installed:
+    if state.installed or state.unversioned:
         if compiled is not None:
             compiled.close()
-        return InstallReport(False, f"already installed at {layout.root}")
+        require_compatible(layout)
+        return InstallReport(False, f"already installed at {layout.root} (layout {LAYOUT_VERSION})")
     if not state.absent:
         raise NodeSetupError(
             f"partial eBPF install at {layout.root} (missing: "
@@ -270,8 +287,13 @@ def install(layout: PinLayout, compiled: Compiled | None = None) -> InstallRepor
     compiled = compiled or compile_and_load()
     pinned: list[Path] = []
     try:
+        _require_specs(compiled)
         for sub in ("maps", "progs", "links", "pods"):
             (layout.root / sub).mkdir(parents=True, exist_ok=True)
+        # First, so an install cut short shows as partial: only an older agent's
+        # install is complete without it.
+        _pin_meta(layout)
+        pinned.append(layout.map(META_MAP))
         for m in MapName:
             sys_bpf.obj_pin(compiled.map_fd(m), str(layout.map(m.value)))
             pinned.append(layout.map(m.value))
@@ -298,6 +320,77 @@ def install(layout: PinLayout, compiled: Compiled | None = None) -> InstallRepor
         detail += f"; {mounted}"
     log.info("eBPF capture %s", detail)
     return InstallReport(True, detail)
+
+
+def _require_specs(compiled: Compiled) -> None:
+    drift = [
+        d for m in MapName for d in spec_differences(m, _shape(compiled.map_fd(m)), MAP_SPECS[m])
+    ]
+    if drift:
+        raise NodeSetupError(
+            "bpf/lib/weir_maps.h and MAP_SPECS in node_agent/redirect/ebpf/maps.py "
+            f"disagree (change both together): {'; '.join(drift)}"
+        )
+
+
+def _shape(fd: int) -> MapSpec:
+    info = sys_bpf.map_info(fd)
+    return MapSpec(info.type, info.key_size, info.value_size, info.max_entries, info.flags)
+
+
+def _pin_meta(layout: PinLayout) -> None:
+    fd = sys_bpf.map_create(
+        sys_bpf.MapType(META_SPEC.type),
+        META_SPEC.key_size,
+        META_SPEC.value_size,
+        META_SPEC.max_entries,
+        META_MAP,
+    )
+    try:
+        sys_bpf.map_update(fd, bytes(META_SPEC.key_size), encode_layout_version(LAYOUT_VERSION))
+        sys_bpf.obj_pin(fd, str(layout.map(META_MAP)))
+    finally:
+        os.close(fd)
+
+
+def incompatibilities(layout: PinLayout) -> list[str]:
+    """How the maps pinned under `layout` differ from what this agent installs; empty if none.
+
+    Pins outlive the agent that made them, so a new agent may find an older
+    (or newer) one's. Reusing maps of another shape would make every map
+    write fail or, worse, be read by the programs as something else.
+    """
+    out = []
+    for name, spec in (*MAP_SPECS.items(), (META_MAP, META_SPEC)):
+        try:
+            fd = sys_bpf.obj_get(str(layout.map(name)))
+        except FileNotFoundError:
+            if name == META_MAP:
+                out.append(f"{name}: missing (pinned by a Weir agent from before layout versions)")
+            continue  # install_state reports other missing pins
+        try:
+            differences = spec_differences(name, _shape(fd), spec)
+            out += differences
+            if name == META_MAP and not differences:
+                raw = sys_bpf.map_lookup(fd, bytes(spec.key_size), spec.value_size)
+                found = decode_layout_version(raw) if raw is not None else 0
+                if found != LAYOUT_VERSION:
+                    out.append(f"layout version {found}, this agent's is {LAYOUT_VERSION}")
+        finally:
+            os.close(fd)
+    return out
+
+
+def require_compatible(layout: PinLayout) -> None:
+    """NodeSetupError saying what differs when the pins cannot be reused; touches nothing."""
+    found = incompatibilities(layout)
+    if found:
+        raise NodeSetupError(
+            f"eBPF pins at {layout.root} were made by an incompatible Weir: "
+            f"{'; '.join(found)}. Nothing was changed. Remove them with "
+            f"`weir redirect uninstall-ebpf --bpf-pin-root {layout.root}` (capture stops on this "
+            "node until pods are applied again), then restart the agent"
+        )
 
 
 def _link_at_root(prog_fd: int, cgroup_fd: int, p: Program, layout: PinLayout, at: Path) -> None:

@@ -24,6 +24,7 @@ from node_agent.constants import (
     PROXY_UID,
 )
 from node_agent.redirect.config import CaptureConfig
+from node_agent.redirect.ebpf.sys_bpf import MapType
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -67,6 +68,81 @@ POD_INBOUND_INCLUDED_ONLY: Final = 1 << 0
 # Cookie (64 bits) and family (32 bits) precede the address in weir_cidrs keys.
 CIDR_KEY_FIXED_BITS: Final = 96
 
+MAX_PODS: Final = 4096
+MAX_PORT_RULES: Final = 65536
+MAX_CIDR_RULES: Final = 65536
+MAX_POD_ADDRS: Final = 16384
+MAX_LISTENERS: Final = 8192
+MAX_CONNECTIONS: Final = 262144
+BPF_F_NO_PREALLOC: Final = 1
+
+# Bumped whenever bpf/ changes what the pinned maps or programs mean in a way
+# map shapes alone do not show (a field reinterpreted, a flag added): pins
+# made under another version are refused rather than reused.
+LAYOUT_VERSION: Final = 1
+# One-entry array, pinned beside the maps, holding the LAYOUT_VERSION of the
+# install. bpffs holds only BPF objects, so a map is the one thing that can
+# sit next to the pins and vanish with them (reboot, uninstall).
+META_MAP: Final = "weir_meta"
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """A map's shape as the kernel reports it: what makes pinned maps reusable."""
+
+    type: int  # MapType, or whatever the kernel reports
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int = 0
+
+
+# Mirrors the declarations in bpf/lib/weir_maps.h; install checks what bcc
+# created against this, so the two cannot drift apart unnoticed.
+MAP_SPECS: Final = {
+    MapName.PODS: MapSpec(MapType.HASH, 8, 8, MAX_PODS),
+    MapName.PORTS: MapSpec(MapType.HASH, 16, 1, MAX_PORT_RULES),
+    MapName.CIDRS: MapSpec(MapType.LPM_TRIE, 32, 1, MAX_CIDR_RULES, BPF_F_NO_PREALLOC),
+    MapName.POD_ADDRS: MapSpec(MapType.HASH, 20, 8, MAX_POD_ADDRS),
+    MapName.LISTENERS: MapSpec(MapType.SOCKHASH, 16, 8, MAX_LISTENERS),
+    MapName.SOCK_DST: MapSpec(MapType.LRU_HASH, 8, 20, MAX_CONNECTIONS),
+    MapName.ORIG_DST: MapSpec(MapType.LRU_HASH, 48, 20, MAX_CONNECTIONS),
+}
+META_SPEC: Final = MapSpec(MapType.ARRAY, 4, 4, 1)
+
+
+def spec_differences(name: str, actual: MapSpec, expected: MapSpec) -> list[str]:
+    """Each way map `name` is not shaped as expected, in words."""
+    out = []
+    if actual.type != expected.type:
+        out.append(
+            f"{name}: map type {_type_name(actual.type)}, expected {_type_name(expected.type)}"
+        )
+    for what, have, want in (
+        ("key size", actual.key_size, expected.key_size),
+        ("value size", actual.value_size, expected.value_size),
+        ("max_entries", actual.max_entries, expected.max_entries),
+        ("flags", actual.flags, expected.flags),
+    ):
+        if have != want:
+            out.append(f"{name}: {what} {have}, expected {want}")
+    return out
+
+
+def _type_name(t: int) -> str:
+    try:
+        return MapType(t).name.lower()
+    except ValueError:
+        return str(t)
+
+
+def encode_layout_version(version: int) -> bytes:
+    return struct.pack("<I", version)
+
+
+def decode_layout_version(raw: bytes) -> int:
+    return int(struct.unpack("<I", raw)[0])
+
 
 @dataclass(frozen=True)
 class CConstant:
@@ -102,12 +178,14 @@ C_CONSTANTS: Final = (
     CConstant("WEIR_SOL_TCP", 6, "linux/in.h IPPROTO_TCP"),
     CConstant("WEIR_TCP_ZEROCOPY_RECEIVE", 35, "linux/tcp.h"),
     CConstant("WEIR_SO_ORIGINAL_DST", 80, "SO_ORIGINAL_DST and IP6T_SO_ORIGINAL_DST"),
-    CConstant("WEIR_MAX_PODS", 4096, "captured pods per node"),
-    CConstant("WEIR_MAX_PORT_RULES", 65536, "port exclusions/inclusions, all pods"),
-    CConstant("WEIR_MAX_CIDR_RULES", 65536, "CIDR exclusions and pod addresses, all pods"),
-    CConstant("WEIR_MAX_POD_ADDRS", 16384, "addresses of captured pods"),
-    CConstant("WEIR_MAX_LISTENERS", 8192, "proxy inbound listeners (two per pod)"),
-    CConstant("WEIR_MAX_CONNECTIONS", 262144, "connections whose original destination is kept"),
+    CConstant("WEIR_MAX_PODS", MAX_PODS, "captured pods per node"),
+    CConstant("WEIR_MAX_PORT_RULES", MAX_PORT_RULES, "port exclusions/inclusions, all pods"),
+    CConstant("WEIR_MAX_CIDR_RULES", MAX_CIDR_RULES, "CIDR exclusions and pod addresses, all pods"),
+    CConstant("WEIR_MAX_POD_ADDRS", MAX_POD_ADDRS, "addresses of captured pods"),
+    CConstant("WEIR_MAX_LISTENERS", MAX_LISTENERS, "proxy inbound listeners (two per pod)"),
+    CConstant(
+        "WEIR_MAX_CONNECTIONS", MAX_CONNECTIONS, "connections whose original destination is kept"
+    ),
 )
 
 

@@ -77,10 +77,15 @@ def run_preflight(layout: PinLayout, *, load_test: bool = True) -> Preflight:
     except NodeSetupError as e:
         pf.findings.append(Finding("kernel headers for bcc", False, e.message))
     state = loader.install_state(layout)
-    if state.installed:
-        pf.findings.append(
-            Finding("programs", True, f"already installed and pinned at {layout.root}")
-        )
+    if state.installed or state.unversioned:
+        try:
+            loader.require_compatible(layout)
+        except NodeSetupError as e:
+            pf.findings.append(Finding("programs", False, e.message))
+        else:
+            pf.findings.append(
+                Finding("programs", True, f"already installed and pinned at {layout.root}")
+            )
         return pf
     if not state.absent:
         missing = ", ".join(str(p.relative_to(layout.root)) for p in state.missing)

@@ -25,6 +25,7 @@ _libc.syscall.restype = ctypes.c_long
 
 
 class Cmd(IntEnum):
+    MAP_CREATE = 0
     MAP_LOOKUP_ELEM = 1
     MAP_UPDATE_ELEM = 2
     MAP_DELETE_ELEM = 3
@@ -34,6 +35,14 @@ class Cmd(IntEnum):
     OBJ_GET_INFO_BY_FD = 15
     PROG_QUERY = 16
     LINK_CREATE = 28
+
+
+class MapType(IntEnum):
+    HASH = 1
+    ARRAY = 2
+    LRU_HASH = 9
+    LPM_TRIE = 11
+    SOCKHASH = 18
 
 
 class AttachType(IntEnum):
@@ -81,6 +90,16 @@ def obj_get(path: str) -> int:
     return _bpf(
         Cmd.OBJ_GET, ctypes.create_string_buffer(struct.pack("<QII", _addr(name), 0, 0), 16)
     )
+
+
+def map_create(
+    map_type: MapType, key_size: int, value_size: int, max_entries: int, name: str
+) -> int:
+    """A new map's fd; it lives while an fd or a pin refers to it."""
+    attr = struct.pack(
+        "<IIIIIII16s", map_type, key_size, value_size, max_entries, 0, 0, 0, name.encode()
+    )
+    return _bpf(Cmd.MAP_CREATE, ctypes.create_string_buffer(attr, 72))
 
 
 def link_create(prog_fd: int, target_fd: int, attach_type: AttachType) -> int:
@@ -159,14 +178,16 @@ class MapInfo:
     type: int
     key_size: int
     value_size: int
+    max_entries: int
+    flags: int
     name: str
 
 
 def map_info(fd: int) -> MapInfo:
     raw = _info(fd, 80)
-    mtype, mid, key_size, value_size = struct.unpack_from("<IIII", raw)
+    mtype, mid, key_size, value_size, max_entries, flags = struct.unpack_from("<IIIIII", raw)
     name = raw[24:40].split(b"\0", 1)[0].decode()
-    return MapInfo(mid, mtype, key_size, value_size, name)
+    return MapInfo(mid, mtype, key_size, value_size, max_entries, flags, name)
 
 
 @dataclass(frozen=True)

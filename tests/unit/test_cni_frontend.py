@@ -254,3 +254,18 @@ def test_odd_input_gives_what_python_gives(bundle, agent, work, command, stdin, 
     )
     assert front_end == python
     assert [e.op for e in handler.events()][::2] == [e.op for e in handler.events()][1::2]
+
+
+@pytest.mark.parametrize("reply", [b"", struct.pack(">I", 50), struct.pack(">I", 50) + b'{"v": 1'])
+def test_an_agent_dying_mid_reply_is_retryable_in_both_plugins(bundle, work, reply):
+    """The agent restarting at any byte of its reply: code 11, so the runtime retries."""
+    agent = ScriptedAgent(work / "raw.sock", reply)
+    try:
+        for argv in (PYTHON, [str(bundle / "weir-cni")]):
+            code, stdout, _ = outcome(run(argv, "ADD", config(str(agent.path)), netns=str(work)))
+            assert code == 1
+            assert isinstance(stdout, dict)
+            assert stdout["code"] == 11, stdout
+            assert "connection closed after" in stdout["msg"]
+    finally:
+        agent.close()

@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 # In the run dir; weir-cni's config names the same path (see CniSetupSettings).
 CNI_SOCKET_NAME = "cni.sock"
+# How often pods that vanished without a CNI DEL are looked for (see Enroller.prune).
+DEPARTED_POD_SWEEP_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ class Agent:
         self.supervisor.start("config subscription", self.subscription.run)
         await self.handoff.start(self.supervisor)
         await self.enroller.converge()
+        self.supervisor.start("departed pod sweep", self._sweep_departed_pods)
         cni_started = loop.create_future()
         self.supervisor.start("CNI socket", lambda: self._serve_cni(cni_started))
         try:
@@ -161,6 +164,11 @@ class Agent:
             await self.client.__aexit__(None, None, None)
             log.info("node agent for %s stopped; pods stay captured", self.settings.node)
         return 0 if self.failure is None else 1
+
+    async def _sweep_departed_pods(self) -> None:
+        while True:
+            await asyncio.sleep(DEPARTED_POD_SWEEP_S)
+            await self.enroller.prune()
 
     async def _serve_cni(self, started: asyncio.Future[None]) -> None:
         """Serve weir-cni until cancelled; raises if the socket stops serving on its own."""

@@ -51,6 +51,10 @@ class CaptureEngine(Protocol):
 
     def remove(self, ns: Netns) -> object: ...
 
+    def prune(self) -> list[str]:
+        """Forget node-wide state of pods whose netns is gone; what was forgotten."""
+        ...
+
 
 class ProxyHandoff(Protocol):
     async def add(self, pod: EnrolledPod, netns: Netns) -> None: ...
@@ -244,6 +248,30 @@ class Enroller:
                 record = self._registry.get(listed.uid)
                 if record is not None:
                     await self._converge_one(record)
+        await self._prune_capture()
+
+    async def prune(self) -> None:
+        """Forget pods whose netns went away without a DEL, and what capture kept of them.
+
+        A runtime that crashes or a node that loses a sandbox never sends DEL;
+        without this, their records and eBPF entries would pile up.
+        """
+        for listed in list(self._registry):
+            async with self._locks[listed.container_id]:
+                record = self._registry.get(listed.uid)
+                if record is not None and record.enrolled and not _netns_alive(record):
+                    log.info("pod %s went away without a CNI DEL", record.key())
+                    await self._unenroll(record)
+        await self._prune_capture()
+
+    async def _prune_capture(self) -> None:
+        try:
+            pruned = await asyncio.to_thread(self._capture.prune)
+        except WeirError as e:
+            log.warning("pruning capture state of departed pods failed: %s", e.message)
+            return
+        for line in pruned:
+            log.info("capture state of a departed pod removed: %s", line)
 
     async def _converge_one(self, record: PodRecord) -> None:
         if not record.enrolled:
@@ -252,15 +280,12 @@ class Enroller:
             log.warning("undoing the half-done enrollment of %s", record.key())
             await self._unenroll(record)
             return
-        try:
-            ns = Netns.validate(record.netns)
-        except WeirError:
-            ns = None
-        if ns is None or ns.inode != record.netns_inode:
+        if not _netns_alive(record):
             log.info("pod %s went away while the agent was down", record.key())
             await self._unenroll(record)
             return
         try:
+            ns = Netns.validate(record.netns)
             drift = await asyncio.to_thread(self._capture.check, ns, record.capture)
             if drift:
                 log.warning("capture of %s drifted (%s); re-applying", record.key(), drift[0])
@@ -293,6 +318,14 @@ class Enroller:
             }
             for record in self._registry
         ]
+
+
+def _netns_alive(record: PodRecord) -> bool:
+    """Whether the pod's netns is still the one it was enrolled in (paths get reused)."""
+    try:
+        return Netns.validate(record.netns).inode == record.netns_inode
+    except WeirError:
+        return False
 
 
 def _enrolled(record: PodRecord) -> EnrolledPod:

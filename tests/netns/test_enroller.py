@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import uuid
 from pathlib import Path
@@ -48,6 +49,10 @@ class FakeCapture:
 
     def remove(self, ns: Netns) -> None:
         self.journal.hit(f"capture.remove {ns.path.name}")
+
+    def prune(self) -> list[str]:
+        self.journal.hit("capture.prune")
+        return []
 
 
 class FakeProxy:
@@ -186,7 +191,7 @@ def test_converge_repairs_drift_forgets_the_gone_and_reports_failures(tmp_path, 
     assert isinstance(capture, FakeCapture)
     capture.drift = ["IPv4 nat/WEIR-OUTBOUND: chain missing"]
     asyncio.run(restarted.converge())
-    assert journal2.events == [f"capture.check {ns}", f"capture.apply {ns}"]
+    assert journal2.events == [f"capture.check {ns}", f"capture.apply {ns}", "capture.prune"]
     assert [e[0] for e in restarted.enrolled()] == [
         EnrolledPod("uid-1", "app", "default", "sa-app", ("10.244.1.5",))
     ]
@@ -201,7 +206,7 @@ def test_converge_repairs_drift_forgets_the_gone_and_reports_failures(tmp_path, 
     subprocess.run(["ip", "netns", "del", ns], check=True)
     journal2.events.clear()
     asyncio.run(restarted.converge())
-    assert journal2.events == ["proxy.remove uid-1", "deregister uid-1"]
+    assert journal2.events == ["proxy.remove uid-1", "deregister uid-1", "capture.prune"]
     assert restarted.enrolled() == []
     assert restarted.dump() == []
 
@@ -214,3 +219,46 @@ def test_gc_unenrolls_what_the_runtime_no_longer_has(tmp_path, sandbox):
     asyncio.run(enroller.gc(frozenset({"some-other"})))
     assert len(registry) == 0
     assert journal.events[-1] == "deregister uid-1"
+
+
+def test_prune_forgets_pods_whose_netns_went_away_without_a_del(tmp_path, sandbox):
+    enroller, journal, registry = make(tmp_path)
+    asyncio.run(enroller.add(pod(sandbox)))
+    journal.events.clear()
+    asyncio.run(enroller.prune())
+    assert journal.events == ["capture.prune"]
+    assert len(registry) == 1
+    subprocess.run(["ip", "netns", "del", Path(sandbox).name], check=True)
+    journal.events.clear()
+    asyncio.run(enroller.prune())
+    assert journal.events == ["proxy.remove uid-1", "deregister uid-1", "capture.prune"]
+    assert len(registry) == 0
+
+
+def test_an_enrollment_cut_short_by_a_crash_is_undone_by_the_next_agent(tmp_path, sandbox):
+    """The registry holds the ADD as in flight from before its first step."""
+    enroller, _, registry = make(tmp_path)
+    seen: list[bool] = []
+
+    async def register_and_look(record: PodRecord) -> None:
+        on_disk = PodRegistry(registry.path)
+        on_disk.load()
+        seen.extend(r.enrolled for r in on_disk)
+
+    enroller._registrar.register = register_and_look  # type: ignore[method-assign]
+    asyncio.run(enroller.add(pod(sandbox)))
+    assert seen == [False]  # on disk while the ADD ran: what a crash would leave
+
+    # Such a leftover, as a killed agent leaves it:
+    record = next(iter(registry))
+    registry.put(dataclasses.replace(record, enrolled=False))
+    restarted, journal2, registry2 = make(tmp_path)
+    asyncio.run(restarted.converge())
+    ns = Path(sandbox).name
+    assert journal2.events == [
+        "proxy.remove uid-1",
+        f"capture.remove {ns}",
+        "deregister uid-1",
+        "capture.prune",
+    ]
+    assert len(registry2) == 0

@@ -32,6 +32,8 @@ from node_agent.constants import PROXY_UID
 from node_agent.errors import NodeSetupError, TransientError
 from node_agent.localmesh.topology import CNI_BIN_DIR, LocalTopology, Node, Pod
 from node_agent.netns import Netns
+from node_agent.redirect.ebpf import loader
+from node_agent.redirect.ebpf.pins import BPFFS, PinLayout
 
 CONTROLPLANE_GRPC_PORT = 15012
 CONTROLPLANE_HTTP_PORT = 15014
@@ -137,6 +139,9 @@ ProxyStarter = Callable[["LocalMesh", "MeshNode"], Callable[[], object]]
 class MeshNode:
     node: Node
     dir: Path
+    # Where the agent pins eBPF capture if it runs in that mode (WEIR_REDIRECT_MODE):
+    # the node's own, as on a real node, so teardown removes exactly this node's.
+    pins: PinLayout
     agent: Process | None = None
     proxy: Process | None = None
     stop_proxy: Callable[[], object] | None = None
@@ -252,7 +257,7 @@ class LocalMesh:
         node = self.topology.add_node(
             name, pod_cidr_v4, pod_cidr_v6, chained_plugins=[weir.entry()]
         )
-        mesh_node = MeshNode(node, node_dir)
+        mesh_node = MeshNode(node, node_dir, PinLayout(BPFFS / f"{self.topology.prefix}-{name}"))
         self.nodes[name] = mesh_node
         token_file = node_dir / "token"
         token_file.write_text(self._token(name))
@@ -277,6 +282,8 @@ class LocalMesh:
                 str(node_dir / "state"),
                 "--run-dir",
                 str(node_dir / "run"),
+                "--bpf-pin-root",
+                str(mesh_node.pins.root),
             ],
             self.work,
         )
@@ -320,10 +327,15 @@ class LocalMesh:
             if self.controlplane is not None:
                 self.controlplane.stop()
         finally:
-            self.topology.close()
-            if self._work is not None:
-                subprocess.run(["rm", "-rf", str(self._work)], check=False)
-                self._work = None
+            try:
+                # Pinned programs stay attached at the cgroup root after their agent exits.
+                for mesh_node in self.nodes.values():
+                    loader.uninstall(mesh_node.pins)
+            finally:
+                self.topology.close()
+                if self._work is not None:
+                    subprocess.run(["rm", "-rf", str(self._work)], check=False)
+                    self._work = None
 
 
 def real_proxy(mesh: LocalMesh, node: MeshNode) -> Callable[[], object]:

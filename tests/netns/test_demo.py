@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from node_agent.localmesh.topology import PREFIX_ROOT
+from node_agent.redirect.ebpf.pins import BPFFS
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(240)]
 
@@ -31,6 +35,27 @@ EXPECTED = {
 }
 
 
+def _pinned_ebpf() -> list[str]:
+    """Programs and links that pins keep alive, but for the eBPF tests' own (weirtest-*) roots,
+    which may come and go meanwhile."""
+
+    def show(kind: str) -> list[dict[str, Any]]:
+        out = subprocess.run(
+            ["bpftool", "-j", "-f", kind, "show"], capture_output=True, text=True, check=True
+        ).stdout
+        return list(json.loads(out or "[]"))
+
+    def pins(obj: dict[str, Any]) -> list[str]:
+        return [p for p in obj.get("pinned", []) if not p.startswith(f"{BPFFS}/weirtest-")]
+
+    links = {link["prog_id"]: pins(link) for link in show("link") if pins(link)}
+    return sorted(
+        f"prog {prog['name']} pinned at {pins(prog)}, linked by {links.get(prog['id'], [])}"
+        for prog in show("prog")
+        if pins(prog) or prog["id"] in links
+    )
+
+
 def _host_state() -> dict[str, list[str]]:
     def lines(*argv: str) -> list[str]:
         return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.splitlines()
@@ -44,12 +69,22 @@ def _host_state() -> dict[str, list[str]]:
         "processes": [
             p for p in lines("ps", "-eo", "args") if "weir agent" in p or "weir proxy" in p
         ],
+        # An eBPF-mode agent's programs stay attached at the cgroup root after it exits.
+        "eBPF programs": _pinned_ebpf(),
     }
 
 
-def test_mesh_demo_every_pair_as_the_policy_says_over_mtls_only():
+@pytest.mark.parametrize("mode", ["iptables", "ebpf"])
+def test_mesh_demo_every_pair_as_the_policy_says_over_mtls_only(mode):
     before = _host_state()
-    proc = subprocess.run([WEIR, "demo"], capture_output=True, text=True, timeout=200, check=False)
+    proc = subprocess.run(
+        [WEIR, "demo"],
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+        env={**os.environ, "WEIR_REDIRECT_MODE": mode},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     seen = {}

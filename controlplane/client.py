@@ -292,28 +292,38 @@ class ControlPlaneClient:
         registered = self._registered.get(key)
         if registered is not None and registered.uid == uid:
             del self._registered[key]
-        self._unconfirmed_removals[uid] = WorkloadRegistration(namespace, name, uid, ())
-        await self._confirm_removals()
+        removal = WorkloadRegistration(namespace, name, uid, ())
+        self._unconfirmed_removals.pop(uid, None)
+        try:
+            await self._send_removal(removal)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in PERMANENT_REFUSALS:
+                self._unconfirmed_removals[uid] = removal
+            raise
 
     @property
     def unconfirmed_removals(self) -> Mapping[str, WorkloadRegistration]:
         return self._unconfirmed_removals
 
     async def _confirm_removals(self) -> None:
+        """Send the removals that failed before; raises while the control plane is unreachable."""
         for uid, removal in list(self._unconfirmed_removals.items()):
             try:
-                await registry_pb2_grpc.WorkloadRegistryStub(self.channel).DeregisterWorkload(
-                    registry_pb2.DeregisterWorkloadRequest(
-                        namespace=removal.namespace, name=removal.name, uid=uid
-                    ),
-                    metadata=self.metadata,
-                    timeout=RPC_TIMEOUT_SECONDS,
-                )
+                await self._send_removal(removal)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in PERMANENT_REFUSALS:
                     raise
-                # NOT_FOUND and the like: the control plane holds nothing of it.
+                # NOT_FOUND and the like: the control plane holds nothing of it any more.
             self._unconfirmed_removals.pop(uid, None)
+
+    async def _send_removal(self, removal: WorkloadRegistration) -> None:
+        await registry_pb2_grpc.WorkloadRegistryStub(self.channel).DeregisterWorkload(
+            registry_pb2.DeregisterWorkloadRequest(
+                namespace=removal.namespace, name=removal.name, uid=removal.uid
+            ),
+            metadata=self.metadata,
+            timeout=RPC_TIMEOUT_SECONDS,
+        )
 
     async def restore_registrations(self) -> None:
         """Send every remembered registration again (the control plane may have restarted).
@@ -426,7 +436,11 @@ class XdsClient:
             call.cancel()
 
     def _apply(self, response: xds_transport.DeltaResponse) -> bytes:
-        """Apply one push all or nothing; the ACK or NACK to send back."""
+        """Apply one push all or nothing; the ACK or NACK to send back.
+
+        Nothing is kept here unless the handler took the push; the handler
+        keeps nothing of a push it raises on (see ConfigHandler).
+        """
         type_url = response.type_url
         try:
             proposed = self._proposed(response)
@@ -436,13 +450,20 @@ class XdsClient:
                 [r.name for r in response.resources],
                 list(response.removed_resources),
             )
-        except InvalidInputError as exc:
-            log.warning("rejecting %s push %s: %s", type_url, response.nonce, exc.message)
+        except Exception as exc:
+            if isinstance(exc, InvalidInputError):
+                reason = exc.message
+            else:
+                # A handler that failed did not take the push either. Ending the
+                # stream instead would fetch the same push again on reconnect.
+                log.exception("%s push %s: the config handler failed", type_url, response.nonce)
+                reason = f"config handler failed: {type(exc).__name__}: {exc}"
+            log.warning("rejecting %s push %s: %s", type_url, response.nonce, reason)
             return xds_transport.encode_request(
                 node_id=self._node,
                 type_url=type_url,
                 response_nonce=response.nonce,
-                error=(grpc.StatusCode.INVALID_ARGUMENT.value[0], exc.message),
+                error=(grpc.StatusCode.INVALID_ARGUMENT.value[0], reason),
             )
         self._accepted[type_url] = proposed
         return xds_transport.encode_request(
@@ -454,8 +475,10 @@ class XdsClient:
         type_url = response.type_url
         if type_url not in self._accepted:
             raise InvalidInputError(f"not subscribed to {type_url}")
+        message_type = MESSAGE_TYPES.get(type_url)
+        if message_type is None:
+            raise InvalidInputError(f"no message type known for {type_url}")
         proposed = dict(self._accepted[type_url])
-        message_type = MESSAGE_TYPES[type_url]
         for resource in response.resources:
             if resource.resource.type_url != type_url:
                 raise InvalidInputError(

@@ -17,8 +17,6 @@ from controlplane.state import MeshState
 from node_agent.log_limit import LogLimiter
 
 log = logging.getLogger(__name__)
-# A node (or anyone holding a token) can repeat a refused request at will.
-_refusals = LogLimiter()
 
 
 class CertificateService(ca_pb2_grpc.CertificateAuthorityServicer):
@@ -34,6 +32,8 @@ class CertificateService(ca_pb2_grpc.CertificateAuthorityServicer):
         self._authenticator = authenticator
         self._state = state
         self._metrics = metrics
+        # A node (or anyone holding a token) can repeat a refused request at will.
+        self._refusals = LogLimiter()
         self._clock = clock
 
     async def SignCertificate(  # noqa: N802 (gRPC method name)
@@ -53,7 +53,7 @@ class CertificateService(ca_pb2_grpc.CertificateAuthorityServicer):
             chain = self._ca.sign(request.csr_pem, identity, ttl=ttl, now=self._clock())
         except RequestRefusedError as refusal:
             self._metrics.inc(m.CERTS_REFUSED, reason=refusal.reason)
-            _refusals.log(
+            self._refusals.log(
                 log,
                 logging.WARNING,
                 ("certificate", node, refusal.reason),
@@ -76,6 +76,8 @@ class RegistryService(registry_pb2_grpc.WorkloadRegistryServicer):
         self._authenticator = authenticator
         self._state = state
         self._metrics = metrics
+        # A node (or anyone holding a token) can repeat a refused request at will.
+        self._refusals = LogLimiter()
 
     async def RegisterWorkload(  # noqa: N802 (gRPC method name)
         self,
@@ -115,7 +117,7 @@ class RegistryService(registry_pb2_grpc.WorkloadRegistryServicer):
             change(node)
         except RequestRefusedError as refusal:
             self._metrics.inc(m.REGISTRATIONS_REFUSED, reason=refusal.reason)
-            _refusals.log(
+            self._refusals.log(
                 log,
                 logging.WARNING,
                 (operation, node, refusal.reason),

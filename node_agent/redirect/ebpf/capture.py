@@ -4,13 +4,13 @@ The node-wide programs are installed on first use (`loader.install`); after
 that, everything here works from the pins alone, so a restarted agent picks
 up where the last one stopped without reloading anything.
 
-Apply writes, for one pod netns (identified by its netns cookie): the port
-and CIDR exclusions and the pod's addresses, then the pod entry that turns
-capture on; links sk_lookup into the netns; and registers the proxy's 15006
+Apply, for one pod netns (identified by its netns cookie): links sk_lookup
+into the netns; writes the port and CIDR exclusions and the pod's addresses,
+then the pod entry that turns capture on; and registers the proxy's 15006
 listeners in weir_listeners. Remove does the reverse, pod entry first, so
 capture stops before its exclusions go. A failure part-way leaves entries
-that the next apply or remove converges; nothing outside this pod's entries
-is touched.
+that the next apply or remove converges, or prune once the netns is gone;
+nothing outside this pod's entries is touched.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The node agent's copy of the mesh, as the control plane pushes it over xDS.
 
 It is the XdsClient's config handler: each push replaces the full state of
-one resource type, is validated first, and is rejected whole (NACK, the old
-state stays) if anything in it is unusable. Enrollment asks it who a pod is.
+one resource type, is validated whole first, and is rejected whole (NACK, the
+old state stays) if anything in it is unusable; nothing is kept before every
+resource passed. Enrollment asks it who a pod is.
 (The proxy keeps its own subscription for routing.)
 """
 
@@ -17,6 +18,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from controlplane._generated.weir.v1 import mesh_pb2
+from controlplane.client import MESSAGE_TYPES
 from controlplane.mesh import (
     POLICY_TYPE,
     RESOURCE_TYPES,
@@ -47,9 +49,7 @@ class MeshView:
         updated: Sequence[str],
         removed: Sequence[str],
     ) -> None:
-        if type_url == TRUST_BUNDLE_TYPE:
-            for bundle in resources.values():
-                _check_bundle(bundle)
+        _check(type_url, resources)
         self._state[type_url] = dict(resources)
         log.info(
             "mesh config %s: %d resources (%d updated, %d removed)",
@@ -120,8 +120,38 @@ class MeshView:
         }
 
 
-def _check_bundle(bundle: Message) -> None:
-    if not isinstance(bundle, mesh_pb2.TrustBundle) or not bundle.root_certificates_pem:
+def _check(type_url: str, resources: Mapping[str, Message]) -> None:
+    message_type = MESSAGE_TYPES.get(type_url)
+    if message_type is None:
+        raise InvalidInputError(f"unknown resource type {type_url}")
+    for name, message in resources.items():
+        if not isinstance(message, message_type):
+            raise InvalidInputError(
+                f"{name}: a {type(message).__name__} where a {message_type.__name__} belongs"
+            )
+        if isinstance(message, mesh_pb2.TrustBundle):
+            _check_bundle(message)
+        elif isinstance(message, mesh_pb2.Workload):
+            _check_workload(name, message)
+    # Without one, no peer could be verified: keep the bundle we have.
+    if type_url == TRUST_BUNDLE_TYPE and not resources:
+        raise InvalidInputError("mesh config without a trust bundle")
+
+
+def _check_workload(name: str, workload: mesh_pb2.Workload) -> None:
+    # Enrollment answers from these fields; an empty one would enroll a pod
+    # under no identity or match the wrong pod.
+    missing = [
+        field
+        for field in ("namespace", "name", "node", "service_account")
+        if not getattr(workload, field)
+    ]
+    if missing:
+        raise InvalidInputError(f"workload {name} has no {', '.join(missing)}")
+
+
+def _check_bundle(bundle: mesh_pb2.TrustBundle) -> None:
+    if not bundle.root_certificates_pem:
         raise InvalidInputError("trust bundle without root certificates")
     for pem in bundle.root_certificates_pem:
         try:

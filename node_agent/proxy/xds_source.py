@@ -8,6 +8,7 @@ could be verified, so there is nothing useful to publish before).
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
@@ -84,11 +85,18 @@ def policy_from_proto(p: mesh_pb2.AuthorizationPolicy) -> AuthorizationPolicy:
 
 
 class SnapshotHandler:
-    """An xDS ConfigHandler that turns accepted resources into MeshSnapshots."""
+    """An xDS ConfigHandler that turns accepted resources into MeshSnapshots.
+
+    A push is accepted only once the snapshot it makes has been fully checked
+    and published; until then nothing of it is kept. A NACK must mean the proxy
+    runs on the previous config, so if publishing fails anyway the previous
+    snapshot is published again before the push is rejected.
+    """
 
     def __init__(self, publish: Callable[[MeshSnapshot], None]) -> None:
         self._publish = publish
         self._state: dict[str, Mapping[str, Message]] = {}
+        self._published: MeshSnapshot | None = None
 
     def apply(
         self,
@@ -99,9 +107,24 @@ class SnapshotHandler:
     ) -> None:
         proposed = {**self._state, type_url: dict(resources)}
         snapshot = _build(proposed)  # raises InvalidInputError: the xDS client NACKs
-        self._state = proposed
         if snapshot is not None:
+            self._deliver(snapshot)
+        elif self._published is not None:
+            raise InvalidInputError("mesh config rejected: it removes the trust bundle")
+        self._state = proposed
+
+    def _deliver(self, snapshot: MeshSnapshot) -> None:
+        try:
             self._publish(snapshot)
+        except Exception as e:
+            # The consumer may have taken part of it (the proxy swaps its
+            # snapshot in before it rebuilds TLS contexts from it).
+            if self._published is not None:
+                self._publish(self._published)
+            raise InvalidInputError(
+                f"mesh config not applied: {type(e).__name__}: {e}; the previous one stays"
+            ) from e
+        self._published = snapshot
 
 
 def _build(state: Mapping[str, Mapping[str, Message]]) -> MeshSnapshot | None:
@@ -109,6 +132,7 @@ def _build(state: Mapping[str, Mapping[str, Message]]) -> MeshSnapshot | None:
     if not isinstance(bundle, mesh_pb2.TrustBundle):
         return None
     try:
+        _check_trust_bundle(bundle)
         workloads = {
             k: workload_from_proto(m)
             for k, m in state.get(WORKLOAD_TYPE, {}).items()
@@ -135,6 +159,26 @@ def _build(state: Mapping[str, Mapping[str, Message]]) -> MeshSnapshot | None:
     except ValueError as e:
         raise InvalidInputError(f"mesh config rejected: {e}") from e
     return snapshot
+
+
+def _check_trust_bundle(bundle: mesh_pb2.TrustBundle) -> None:
+    """What the proxy will do with the bundle (TLS roots), tried now: ValueError if it fails."""
+    if not bundle.trust_domain:
+        raise ValueError("trust bundle without a trust domain")
+    if not bundle.root_certificates_pem:
+        raise ValueError("trust bundle without root certificates")
+    for i, pem in enumerate(bundle.root_certificates_pem, 1):
+        _load_roots(pem, f"trust bundle root {i}")
+    # The proxy loads them concatenated: a root without its final newline
+    # would spoil the next one.
+    _load_roots("".join(bundle.root_certificates_pem), "trust bundle roots together")
+
+
+def _load_roots(cadata: str, what: str) -> None:
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=cadata)
+    except (ssl.SSLError, ValueError) as e:
+        raise ValueError(f"{what}: not a PEM CA certificate ({e})") from None
 
 
 class XdsConfigSource:

@@ -92,3 +92,37 @@ def test_a_bare_runtime_container_is_named_by_its_cni_container_id():
     assert view.container_workload("default-a") == ("default", "a")
     assert view.container_workload("default-zz") is None
     assert view.container_workload("a") is None
+
+
+GOOD = {"default/a": workload("a", "node-1")}
+
+
+@pytest.mark.parametrize(
+    ("type_url", "resources", "error"),
+    [
+        (TRUST_BUNDLE_TYPE, {}, "mesh config without a trust bundle"),
+        (
+            WORKLOAD_TYPE,
+            {**GOOD, "default/x": mesh_pb2.Service(name="x")},
+            "a Service where a Workload",
+        ),
+        (
+            WORKLOAD_TYPE,
+            {**GOOD, "default/x": mesh_pb2.Workload(name="x", namespace="default", node="node-1")},
+            "workload default/x has no service_account",
+        ),
+        (
+            WORKLOAD_TYPE,
+            {**GOOD, "default/x": mesh_pb2.Workload()},
+            "no namespace, name, node, service",
+        ),
+        ("type.googleapis.com/weir.v1.Unknown", GOOD, "unknown resource type"),
+    ],
+    ids=["no-bundle", "wrong-type", "no-service-account", "empty-workload", "unknown-type"],
+)
+def test_a_push_with_an_unusable_resource_changes_nothing(type_url, resources, error):
+    view = synced_view()
+    before = view.dump()
+    with pytest.raises(InvalidInputError, match=error):
+        view.apply(type_url, resources, list(resources), [])
+    assert view.dump() == before

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from controlplane._generated.weir.v1 import mesh_pb2
 from controlplane.mesh import POLICY_TYPE, SERVICE_TYPE, TRUST_BUNDLE_TYPE, WORKLOAD_TYPE
@@ -38,7 +42,27 @@ POLICY = mesh_pb2.AuthorizationPolicy(
     action=mesh_pb2.ALLOW,
     rules=[mesh_pb2.Rule(source_principals=["spiffe://cluster.local/ns/default/sa/a"])],
 )
-BUNDLE = mesh_pb2.TrustBundle(trust_domain="cluster.local", root_certificates_pem=["PEM"])
+
+
+def root_pem() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.ORGANIZATION_NAME, "test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+ROOT_PEM = root_pem()
+BUNDLE = mesh_pb2.TrustBundle(trust_domain="cluster.local", root_certificates_pem=[ROOT_PEM])
 
 
 def feed(handler: SnapshotHandler, type_url: str, resources: dict) -> None:
@@ -67,7 +91,7 @@ def test_every_type_lands_in_the_snapshot():
         feed(handler, type_url, resources)
     snapshot = published[-1]
     assert snapshot.trust_domain == "cluster.local"
-    assert snapshot.trust_bundle_pem == ("PEM",)
+    assert snapshot.trust_bundle_pem == (ROOT_PEM,)
     assert snapshot.workload_by_ip("10.244.2.2").service_account == "b-sa"
     assert snapshot.service_by_vip("10.96.0.10").target_port(80) == 8080
     policy = snapshot.policies["default/allow-a"]

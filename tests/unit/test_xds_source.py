@@ -1,0 +1,130 @@
+"""A rejected push leaves the proxy on the previous snapshot: nothing is kept before it passed."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from controlplane._generated.weir.v1 import mesh_pb2
+from controlplane.mesh import POLICY_TYPE, SERVICE_TYPE, TRUST_BUNDLE_TYPE, WORKLOAD_TYPE
+from node_agent.errors import InvalidInputError
+from node_agent.proxy.model import MeshSnapshot
+from node_agent.proxy.xds_source import SnapshotHandler
+
+
+def root_pem() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.ORGANIZATION_NAME, "test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+ROOT = root_pem()
+
+
+def bundle(*roots: str, trust_domain: str = "cluster.local") -> mesh_pb2.TrustBundle:
+    return mesh_pb2.TrustBundle(trust_domain=trust_domain, root_certificates_pem=list(roots))
+
+
+def workload(name: str) -> mesh_pb2.Workload:
+    return mesh_pb2.Workload(
+        uid=f"uid-{name}",
+        name=name,
+        namespace="default",
+        service_account=name,
+        node="node-1",
+        ips=[f"10.0.0.{len(name)}"],
+    )
+
+
+class Consumer:
+    """Takes a snapshot in, then may fail on it, as the proxy can: it swaps the
+    snapshot in first and rebuilds TLS contexts from it after."""
+
+    def __init__(self) -> None:
+        self.in_force: MeshSnapshot | None = None
+        self.refuse: str | None = None
+
+    def __call__(self, snapshot: MeshSnapshot) -> None:
+        self.in_force = snapshot
+        if self.refuse is not None and self.refuse in snapshot.workloads:
+            raise RuntimeError(f"cannot serve {self.refuse}")
+
+
+def synced(consumer: Consumer) -> SnapshotHandler:
+    handler = SnapshotHandler(consumer)
+    for type_url, resources in (
+        (TRUST_BUNDLE_TYPE, {"trust-bundle": bundle(ROOT)}),
+        (WORKLOAD_TYPE, {"default/a": workload("a")}),
+        (SERVICE_TYPE, {}),
+        (POLICY_TYPE, {}),
+    ):
+        handler.apply(type_url, resources, list(resources), [])
+    return handler
+
+
+def test_a_failed_publish_is_a_rejection_and_the_previous_snapshot_stays_in_force():
+    consumer = Consumer()
+    handler = synced(consumer)
+    before = consumer.in_force
+    assert before is not None
+    consumer.refuse = "default/bad"
+    pushed = {"default/a": workload("a"), "default/bad": workload("bad")}
+    with pytest.raises(InvalidInputError, match="RuntimeError: cannot serve default/bad"):
+        handler.apply(WORKLOAD_TYPE, pushed, ["default/bad"], [])
+    assert consumer.in_force is before
+    # The next accepted push builds on what was accepted, not on the rejected one.
+    consumer.refuse = None
+    handler.apply(SERVICE_TYPE, {}, [], [])
+    assert consumer.in_force is not None
+    assert set(consumer.in_force.workloads) == {"default/a"}
+
+
+@pytest.mark.parametrize(
+    ("roots", "trust_domain", "error"),
+    [
+        ((), "cluster.local", "without root certificates"),
+        (("-----BEGIN nonsense",), "cluster.local", "trust bundle root 1: not a PEM CA"),
+        ((ROOT, "not a certificate"), "cluster.local", "trust bundle root 2: not a PEM CA"),
+        ((ROOT,), "", "without a trust domain"),
+        # Each loads alone, but the proxy loads them concatenated.
+        ((ROOT.rstrip("\n"), ROOT), "cluster.local", "trust bundle roots together"),
+    ],
+    ids=["no-roots", "garbage", "second-root-garbage", "no-trust-domain", "no-final-newline"],
+)
+def test_a_trust_bundle_the_proxy_could_not_load_is_rejected(roots, trust_domain, error):
+    consumer = Consumer()
+    handler = synced(consumer)
+    before = consumer.in_force
+    bad = {"trust-bundle": bundle(*roots, trust_domain=trust_domain)}
+    with pytest.raises(InvalidInputError, match=error):
+        handler.apply(TRUST_BUNDLE_TYPE, bad, ["trust-bundle"], [])
+    assert consumer.in_force is before
+    handler.apply(SERVICE_TYPE, {}, [], [])
+    assert consumer.in_force is not None
+    assert consumer.in_force.trust_bundle_pem == (ROOT,)
+
+
+def test_removing_the_trust_bundle_is_rejected():
+    consumer = Consumer()
+    handler = synced(consumer)
+    with pytest.raises(InvalidInputError, match="removes the trust bundle"):
+        handler.apply(TRUST_BUNDLE_TYPE, {}, [], ["trust-bundle"])
+    handler.apply(WORKLOAD_TYPE, {"default/b": workload("b")}, ["default/b"], ["default/a"])
+    assert consumer.in_force is not None
+    assert set(consumer.in_force.workloads) == {"default/b"}
+    assert consumer.in_force.trust_bundle_pem == (ROOT,)

@@ -232,7 +232,8 @@ def _write_files(spec: ClusterSpec) -> None:
 def _make_mount_namespace(spec: ClusterSpec, node: NodeSpec) -> None:
     """A persistent mount namespace (bind-mounted in ns/) laid out as a node's filesystem."""
     ns_dir = spec.mount_ns_dir
-    if not ns_dir.is_mount():
+    # Path.is_mount cannot see a bind mount of a directory onto itself.
+    if str(ns_dir) not in _mounts_under(ns_dir):
         # A namespace file can only be bind-mounted under a private mount.
         ns_dir.mkdir(parents=True, exist_ok=True)
         _run(["mount", "--bind", str(ns_dir), str(ns_dir)], "bind ns/")
@@ -504,10 +505,18 @@ def _kill_cgroups(name: str, timeout_s: float = 30.0) -> None:
 
 
 def _mounts_under(directory: Path) -> list[str]:
-    """Mount points at or below `directory` in our mount namespace, deepest first."""
-    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-    inside = [p for p in points if p == str(directory) or p.startswith(f"{directory}/")]
-    return sorted(inside, key=len, reverse=True)
+    """Mount points at or below `directory` in our mount namespace, newest first.
+
+    Newest first (by mount id) unmounts stacked mounts top down and every
+    mount before the one it sits on.
+    """
+    mounts = [line.split() for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    inside = [
+        (int(m[0]), m[4])
+        for m in mounts
+        if m[4] == str(directory) or m[4].startswith(f"{directory}/")
+    ]
+    return [point for _, point in sorted(inside, reverse=True)]
 
 
 def _unmount_namespaces(state_dir: Path) -> None:

@@ -25,7 +25,7 @@ from controlplane.services import CertificateService, RegistryService
 from controlplane.serving_tls import DEFAULT_SERVING_TTL, ServingCertificate, default_names
 from controlplane.sources import ConfigSource
 from controlplane.state import MeshState
-from controlplane.xds_server import DistributionServer
+from controlplane.xds_server import MAX_MESSAGE_BYTES, DistributionServer
 from node_agent.errors import NodeSetupError
 from node_agent.supervision import Supervisor
 
@@ -47,6 +47,10 @@ GRPC_OPTIONS: Final = (
     # slowly; the default cancelled ~10% of them (the benchmark's 868/1,000
     # stall). A node that waits is better served than one sent into backoff.
     ("grpc.server_max_unrequested_time_in_server", 300),
+    # Explicit, not gRPC's 4 MiB default, which one push of ~23,000 workloads
+    # exceeded; pushes are split far below this (xds_server.MAX_PUSH_BYTES).
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 )
 
 

@@ -121,6 +121,11 @@ class ControlPlaneEndpoint:
             ("grpc.initial_reconnect_backoff_ms", int(backoff.initial * 1000)),
             ("grpc.min_reconnect_backoff_ms", int(backoff.initial * 1000)),
             ("grpc.max_reconnect_backoff_ms", int(backoff.maximum * 1000)),
+            # The control plane's limit (xds_server.MAX_MESSAGE_BYTES), not gRPC's
+            # 4 MiB default: one push of ~23,000 workloads exceeded that before
+            # pushes were split, and the resume request lists every version held.
+            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_send_message_length", 16 * 1024 * 1024),
         ]
         if self.trust_roots_pem is None:
             log.warning("connecting to the control plane at %s WITHOUT TLS", self.target)

@@ -16,6 +16,12 @@ client is in sync again (nothing dirty, nothing in flight) the subscription
 moves its base to the current view and the overlay shrinks back to the names
 the client rejected. Explicit (non-wildcard) subscriptions name few resources
 and keep everything in the overlay.
+
+A push is cut to a byte budget (`next_push(view, max_bytes)`): what does not
+fit stays dirty and goes in the next push, after the client answered this one,
+so an initial sync of a large mesh arrives as several bounded messages instead
+of one that outgrows gRPC's message limit. `partial` says a cut push has more
+to come.
 """
 
 from collections.abc import Iterable, Mapping
@@ -27,6 +33,8 @@ from controlplane.snapshot import Entry
 from controlplane.xds_transport import WILDCARD
 
 NO_ENTRIES: Final[Mapping[str, Entry]] = MappingProxyType({})
+# A removed name in a response costs its bytes plus a field tag and length.
+_REMOVED_NAME_OVERHEAD: Final = 3
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,8 @@ class Subscription:
     pending: PendingPush | None = None
     # Until the first push: the client learns it is in sync even if it gets nothing.
     initial: bool = True
+    # The last push was cut to its byte budget: the rest is dirty, still to send.
+    partial: bool = False
 
     @classmethod
     def open(
@@ -107,8 +117,12 @@ class Subscription:
         if self.dirty is not None:
             self.dirty.update(names)
 
-    def next_push(self, view: Mapping[str, Entry]) -> Delta | None:
-        """What to send now, or None if nothing (or a push is in flight)."""
+    def next_push(self, view: Mapping[str, Entry], max_bytes: int | None = None) -> Delta | None:
+        """What to send now, or None if nothing (or a push is in flight).
+
+        With `max_bytes`, the push holds only the changes that fit (at least
+        one); the others stay dirty for the next push.
+        """
         if self.pending is not None:
             return None
         if self.dirty == set():
@@ -131,8 +145,17 @@ class Subscription:
             elif have is not None and not (name in self.rejected and self.rejected[name] is None):
                 removed.append(name)
         if not updated and not removed and not self.initial:
+            self.partial = False
             self._rebase(view)
             return None
+        later: list[str] = []
+        if max_bytes is not None:
+            updated, removed, later = _cut(updated, removed, max_bytes)
+        self.partial = bool(later)
+        if later:
+            # Looked at again, against the view of the time, on the next push.
+            self.dirty.update(later)
+            return Delta(tuple(updated), tuple(removed))
         return Delta(tuple(updated), tuple(removed), view if complete else None)
 
     def sent(self, nonce: str, delta: Delta) -> None:
@@ -193,3 +216,24 @@ class Subscription:
             self.pending = replace(
                 self.pending, delta=replace(self.pending.delta, complete_view=None)
             )
+
+
+def _cut(
+    updated: list[Entry], removed: list[str], max_bytes: int
+) -> tuple[list[Entry], list[str], list[str]]:
+    """The changes that fit in `max_bytes` (at least one), and the names of the rest."""
+    costs: list[tuple[int, str, Entry | None]]
+    costs = [(len(name) + _REMOVED_NAME_OVERHEAD, name, None) for name in removed]
+    costs += [(len(entry.fragment), entry.name, entry) for entry in updated]
+    size = 0
+    kept_updated: list[Entry] = []
+    kept_removed: list[str] = []
+    for i, (cost, name, entry) in enumerate(costs):
+        if i > 0 and size + cost > max_bytes:
+            return kept_updated, kept_removed, [n for _, n, _ in costs[i:]]
+        size += cost
+        if entry is None:
+            kept_removed.append(name)
+        else:
+            kept_updated.append(entry)
+    return kept_updated, kept_removed, []

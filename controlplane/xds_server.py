@@ -3,7 +3,8 @@
 One stream per node agent. A stream authenticates once (metadata bearer
 token), then for each type URL the client subscribes to: the initial state
 (minus what the client says it already has, so a reconnecting client resumes),
-then one delta per change, at most one unacknowledged push per type. A NACK
+then one delta per change, at most one unacknowledged push per type, none
+larger than MAX_PUSH_BYTES (a larger one is split, see delta.py). A NACK
 leaves the node on its previous config; the server counts and logs it, and
 does not offer that content again until it changes.
 """
@@ -41,6 +42,15 @@ FULL_PUSH_SLOTS: Final = 16
 # A node that does not acknowledge its full push gives its slot up after this
 # long, so a few stuck clients cannot hold back every other node's sync.
 FULL_PUSH_SLOT_SECONDS: Final = 5.0
+# A push holds at most this many bytes of resources (or one resource, if larger);
+# the rest follows in further pushes of the same type, each sent once the
+# previous one is answered. 1 MiB is ~6,000 workloads: a 50,000-workload sync
+# is 9 messages, each far below any gRPC limit (4 MiB by default).
+MAX_PUSH_BYTES: Final = 1024 * 1024
+# gRPC's limit on one message, both ways, here and in the node's client. Well
+# above MAX_PUSH_BYTES, for a single large resource; requests are bounded by the
+# reconnect request listing every resource version held (~2 MiB at 50,000).
+MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -56,8 +66,15 @@ class _Stream:
     closed: bool = False
 
     def resyncing(self) -> bool:
-        """Whether the next push of some type is a full one (initial sync or resync)."""
-        return any(sub.dirty is None and sub.pending is None for sub in self.subscriptions.values())
+        """Whether some type has a full push (initial sync or resync), or the rest of a
+        push that was split, still to send."""
+        return any(
+            sub.pending is None and (sub.dirty is None or sub.partial)
+            for sub in self.subscriptions.values()
+        )
+
+    def splitting(self) -> bool:
+        return any(sub.partial for sub in self.subscriptions.values())
 
     def answered(self) -> bool:
         """Whether the node has ACKed or NACKed every push sent to it."""
@@ -196,7 +213,12 @@ class DistributionServer:
         for type_url, sub in stream.subscriptions.items():
             if sub.pending is not None:
                 continue
-            delta = sub.next_push(self._snapshot.view(type_url))
+            if sub.initial and stream.splitting():
+                # A node counts its config complete once every type has arrived
+                # (MeshView.synced, the proxy's first snapshot): so a type's first
+                # push waits until a split one is through.
+                continue
+            delta = sub.next_push(self._snapshot.view(type_url), MAX_PUSH_BYTES)
             changed_at = stream.changed_at.pop(type_url, None)
             if delta is None:
                 continue
@@ -223,7 +245,7 @@ class DistributionServer:
                 if failure is not None:
                     stream.failure = failure
                     break
-                if stream.release_slot is not None and stream.answered():
+                if stream.release_slot is not None and stream.answered() and not stream.resyncing():
                     stream.release_slot()
                     stream.release_slot = None
                 stream.wake.set()

@@ -2,8 +2,10 @@
 
 The xDS client hands over the full state of one resource type at a time;
 this keeps the latest of each type and publishes a new MeshSnapshot after
-every accepted change, once a trust bundle has arrived (without one no peer
-could be verified, so there is nothing useful to publish before).
+every accepted change, once every type has arrived: the proxy starts serving
+pods on its first snapshot, so that one must be the whole mesh (the control
+plane sends a type's first push only once a large one split in parts is
+through), and without a trust bundle no peer could be verified.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from controlplane._generated.weir.v1 import mesh_pb2
 from controlplane.client import ControlPlaneClient
 from controlplane.mesh import (
     POLICY_TYPE,
+    RESOURCE_TYPES,
     SERVICE_TYPE,
     TRUST_BUNDLE_NAME,
     TRUST_BUNDLE_TYPE,
@@ -128,11 +131,13 @@ class SnapshotHandler:
 
 
 def _build(state: Mapping[str, Mapping[str, Message]]) -> MeshSnapshot | None:
-    bundle = state.get(TRUST_BUNDLE_TYPE, {}).get(TRUST_BUNDLE_NAME)
-    if not isinstance(bundle, mesh_pb2.TrustBundle):
-        return None
+    """The snapshot `state` makes, None while a type is missing; checked in full either
+    way, so that nothing unusable is kept while waiting for the rest."""
+    found = state.get(TRUST_BUNDLE_TYPE, {}).get(TRUST_BUNDLE_NAME)
+    bundle = found if isinstance(found, mesh_pb2.TrustBundle) else None
     try:
-        _check_trust_bundle(bundle)
+        if bundle is not None:
+            _check_trust_bundle(bundle)
         workloads = {
             k: workload_from_proto(m)
             for k, m in state.get(WORKLOAD_TYPE, {}).items()
@@ -149,8 +154,8 @@ def _build(state: Mapping[str, Mapping[str, Message]]) -> MeshSnapshot | None:
             if isinstance(m, mesh_pb2.AuthorizationPolicy)
         }
         snapshot = MeshSnapshot(
-            trust_domain=bundle.trust_domain,
-            trust_bundle_pem=tuple(bundle.root_certificates_pem),
+            trust_domain=bundle.trust_domain if bundle is not None else "",
+            trust_bundle_pem=tuple(bundle.root_certificates_pem) if bundle is not None else (),
             workloads=workloads,
             services=services,
             policies=policies,
@@ -158,6 +163,8 @@ def _build(state: Mapping[str, Mapping[str, Message]]) -> MeshSnapshot | None:
         snapshot.check()
     except ValueError as e:
         raise InvalidInputError(f"mesh config rejected: {e}") from e
+    if bundle is None or any(type_url not in state for type_url in RESOURCE_TYPES):
+        return None
     return snapshot
 
 

@@ -2,6 +2,7 @@
 
 import random
 
+import pytest
 from cp_testing import MESH_YAML
 
 from controlplane._generated.weir.v1 import mesh_pb2
@@ -144,8 +145,10 @@ def test_wildcard_to_explicit_keeps_what_the_client_holds():
     assert delta.updated == () and delta.removed == ("default/server",)
 
 
-def test_random_pushes_acks_and_nacks_match_a_model_client():
-    """Whatever the order of changes, ACKs and NACKs, held() is what the client has."""
+@pytest.mark.parametrize("budget", [None, 60], ids=["whole", "split"])
+def test_random_pushes_acks_and_nacks_match_a_model_client(budget):
+    """Whatever the order of changes, ACKs and NACKs, held() is what the client has,
+    and so it is when pushes are split to a byte budget."""
     rng = random.Random(7)
     names = [f"ns/w-{i}" for i in range(30)]
     nodes = ("node-1", "node-2")
@@ -161,11 +164,13 @@ def test_random_pushes_acks_and_nacks_match_a_model_client():
                 del view[name]
             else:
                 audience = None if rng.random() < 0.7 else frozenset({rng.choice(nodes)})
-                view[name] = _entry(name, f"v{step}", audience)
+                view[name] = _entry(name, f"v{step}", audience, size=rng.randint(5, 40))
             sub.mark_dirty([name])
         elif sub.pending is None:
-            delta = sub.next_push(view)
+            delta = sub.next_push(view, budget)
             if delta is not None:
+                if budget is not None:
+                    assert len(delta.updated) + len(delta.removed) == 1 or _size(delta) <= budget
                 sub.sent(str(step), delta)
         else:
             delta = sub.pending.delta
@@ -178,7 +183,7 @@ def test_random_pushes_acks_and_nacks_match_a_model_client():
                 assert sub.reject(sub.pending.nonce)
         assert sub.held_versions() == client, step
     # Quiescent: in sync with the view except for what was rejected.
-    while sub.pending is not None or (delta := sub.next_push(view)) is not None:
+    while sub.pending is not None or (delta := sub.next_push(view, budget)) is not None:
         if sub.pending is None:
             sub.sent("last", delta)
         client.update({e.name: e.version for e in sub.pending.delta.updated})
@@ -193,5 +198,36 @@ def test_random_pushes_acks_and_nacks_match_a_model_client():
     assert set(sub.overlay) <= set(sub.rejected)
 
 
-def _entry(name, version, audience):
-    return Entry(name, version, b"", b"", audience, mesh_pb2.Workload())
+def test_a_push_over_budget_goes_in_parts_and_ends_on_the_shared_base():
+    view = {f"ns/w-{i:02d}": _entry(f"ns/w-{i:02d}", "v1", None, size=30) for i in range(10)}
+    sub = Subscription.open("node-1", [], {})
+    parts = []
+    while (delta := sub.next_push(view, 100)) is not None:
+        parts.append([e.name for e in delta.updated])
+        assert delta.complete_view is None  # acked name by name, not as the whole view
+        assert sub.partial == (sum(map(len, parts)) < 10)
+        sub.sent(str(len(parts)), delta)
+        assert sub.acknowledge(str(len(parts)))
+    assert parts == [[f"ns/w-{i:02d}" for i in range(j, min(j + 3, 10))] for j in range(0, 10, 3)]
+    assert not sub.partial
+    assert sub.base is view and sub.overlay == {}
+    # One resource larger than the budget still goes, alone.
+    big = {"ns/big": _entry("ns/big", "v1", None, size=500)}
+    sub = Subscription.open("node-1", [], {})
+    delta = sub.next_push(big, 100)
+    assert [e.name for e in delta.updated] == ["ns/big"] and not sub.partial
+
+
+def test_a_push_within_budget_stays_whole():
+    view = {f"ns/w-{i}": _entry(f"ns/w-{i}", "v1", None, size=30) for i in range(3)}
+    sub = Subscription.open("node-1", [], {})
+    delta = sub.next_push(view, 90)
+    assert len(delta.updated) == 3 and delta.complete_view is view and not sub.partial
+
+
+def _entry(name, version, audience, size=0):
+    return Entry(name, version, b"", b"x" * size, audience, mesh_pb2.Workload())
+
+
+def _size(delta):
+    return sum(len(e.fragment) for e in delta.updated) + sum(len(n) + 3 for n in delta.removed)

@@ -69,14 +69,25 @@ def feed(handler: SnapshotHandler, type_url: str, resources: dict) -> None:
     handler.apply(type_url, resources, list(resources), [])
 
 
-def test_nothing_is_published_before_a_trust_bundle():
+def test_nothing_is_published_before_every_type_arrived():
+    # The proxy serves pods from its first snapshot on: it must be the whole mesh.
     published = []
     handler = SnapshotHandler(published.append)
     feed(handler, WORKLOAD_TYPE, {"default/b": WORKLOAD})
+    feed(handler, SERVICE_TYPE, {})
+    feed(handler, POLICY_TYPE, {})
     assert published == []
     feed(handler, TRUST_BUNDLE_TYPE, {"trust-bundle": BUNDLE})
     assert len(published) == 1
     assert published[0].workloads["default/b"].mtls_mode is MtlsMode.PERMISSIVE
+    published.clear()
+    handler = SnapshotHandler(published.append)
+    feed(handler, TRUST_BUNDLE_TYPE, {"trust-bundle": BUNDLE})
+    feed(handler, WORKLOAD_TYPE, {"default/b": WORKLOAD})
+    feed(handler, SERVICE_TYPE, {})
+    assert published == []
+    feed(handler, POLICY_TYPE, {})
+    assert len(published) == 1
 
 
 def test_every_type_lands_in_the_snapshot():
@@ -123,8 +134,10 @@ def test_bad_config_is_rejected_and_the_last_good_one_kept(type_url, resource):
     feed(handler, TRUST_BUNDLE_TYPE, {"trust-bundle": BUNDLE})
     with pytest.raises(InvalidInputError):
         feed(handler, type_url, {"d/x": resource})
+    for other in (WORKLOAD_TYPE, POLICY_TYPE):
+        feed(handler, other, {})
     feed(handler, SERVICE_TYPE, {"default/b": SERVICE})  # later changes still apply
-    assert len(published) == 2
+    assert len(published) == 1
     assert published[-1].workloads == {} and published[-1].policies == {}
 
 

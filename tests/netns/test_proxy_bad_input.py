@@ -20,6 +20,7 @@ import pytest
 
 from controlplane.ca import load_or_create_root
 from controlplane.mesh import SpiffeId
+from node_agent.log_limit import LogLimiter
 from node_agent.netns import entered
 from node_agent.proxy import tls
 from node_agent.proxy.lab import LAB_SETTINGS, EchoServer, MeshLab, open_lab
@@ -52,6 +53,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshLab]:
 @pytest.fixture
 def b_metrics(lab):
     return lab.nodes["node-2"].proxy.metrics
+
+
+@pytest.fixture(autouse=True)
+def fresh_refusal_log(lab):
+    """Each case starts with a fresh log budget: refusals of one kind are
+    logged once per interval, and the cases share one proxy."""
+    for node in lab.nodes.values():
+        node.proxy.refusal_log = LogLimiter()
 
 
 def _socket_from(lab: MeshLab, pod: str) -> socket.socket:
@@ -232,6 +241,20 @@ def test_bad_requests_on_a_good_connection(
     assert b_metrics.value(REFUSED, reason=reason) == before + 1
     assert len(refusals(caplog, reason)) == 1
     still_serving(lab)
+
+
+def test_a_refusal_repeated_at_will_is_counted_every_time_but_logged_once(
+    lab, b_metrics, caplog
+):
+    reason = "not_connect"
+    b_ip = str(lab.pods["b"].ipv4).encode()
+    before = b_metrics.value(REFUSED, reason=reason)
+    with mtls_connection(lab) as sock:
+        client = H2Client(sock)
+        for _ in range(5):
+            assert client.status(client.request(b"GET", b_ip + b":8080")) == b"405"
+    assert b_metrics.value(REFUSED, reason=reason) == before + 5
+    assert len(refusals(caplog, reason)) == 1
 
 
 def test_http2_garbage_after_tls_is_refused(lab, b_metrics, caplog):

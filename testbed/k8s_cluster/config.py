@@ -358,6 +358,8 @@ def kube_proxy_config(spec: ClusterSpec, node: NodeSpec) -> str:
             "tcpCloseWaitTimeout": "0s",
         },
         "iptables": {"minSyncPeriod": "1s", "syncPeriod": "30s"},
+        # Its default of -999 needs CAP_SYS_RESOURCE, which this machine withholds.
+        "oomScoreAdj": 0,
     }
     return yaml.safe_dump(config, sort_keys=False)
 
@@ -395,6 +397,9 @@ def containerd_config(spec: ClusterSpec, node: NodeSpec) -> str:
             "",
             f"[{cri}]",
             f'  sandbox_image = "{SANDBOX_IMAGE}"',
+            # This machine's bounding set lacks CAP_SYS_RESOURCE, so no process may
+            # lower its oom_score_adj below 0: runc would fail on the sandbox's -998.
+            "  restrict_oom_score_adj = true",
             "",
             f"[{cri}.cni]",
             f'  bin_dir = "{NODE_CNI_BIN_DIR}"',

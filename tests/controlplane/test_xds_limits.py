@@ -12,16 +12,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cp_testing import running
+from cp_testing import RecordingHandler, running
 from google.protobuf.message import Message
 
 from controlplane import xds_transport
 from controlplane._generated.weir.v1 import mesh_pb2
 from controlplane.app import ControlPlane, Settings
 from controlplane.ca import ROOT_CERT_FILE, load_or_create_root
-from controlplane.client import ControlPlaneClient, ControlPlaneEndpoint, auth_metadata
+from controlplane.client import Backoff, ControlPlaneClient, ControlPlaneEndpoint, auth_metadata
 from controlplane.mesh import (
     RESOURCE_TYPES,
+    SERVICE_TYPE,
     WORKLOAD_TYPE,
     MeshConfig,
     NodeConfig,
@@ -227,3 +228,62 @@ def test_no_push_exceeds_the_budget_so_a_default_grpc_client_syncs_too(tmp_path,
     assert len(names) == WORKLOADS
     assert max(sizes) <= MAX_PUSH_BYTES + largest + 1024
     assert sum(sizes) > 4 * 1024 * 1024  # unsplit, it would not have fitted in one message
+
+
+def test_one_resource_over_grpc_default_limit_still_reaches_the_node(tmp_path):
+    """The limits themselves: a resource is never split, so the channel must take it."""
+    endpoints = [f"big/w-{i:06d}" for i in range(350_000)]  # ~5 MiB in one Service
+    service = mesh_pb2.Service(
+        name="huge", namespace="big", vips=["10.96.9.9"], endpoints=endpoints
+    )
+    mesh = MeshConfig(
+        trust_domain="cluster.local",
+        nodes={"node-1": NodeConfig("node-1", token(1))},
+        workloads={},
+        services={"big/huge": ServiceConfig(service, {"app": "huge"})},
+        policies={},
+    )
+    handler = RecordingHandler()
+
+    async def scenario() -> None:
+        async with (
+            big_plane(tmp_path, mesh) as plane,
+            ControlPlaneClient(endpoint(plane, tmp_path), "node-1", token(1)) as client,
+            running(client.subscribe(handler)),
+        ):
+            size = len(plane.state.snapshot.view(SERVICE_TYPE)["big/huge"].fragment)
+            assert size > 4 * 1024 * 1024
+            await handler.wait_for(lambda: SERVICE_TYPE in handler.states, timeout=SYNC_TIMEOUT)
+
+    asyncio.run(scenario())
+    assert list(handler.states[SERVICE_TYPE]["big/huge"].endpoints) == endpoints
+
+
+def test_a_resume_request_over_grpc_default_limit_is_accepted(tmp_path, mesh):
+    """A reconnecting node lists every version it holds in one request."""
+    held = {f"bench/gone-{i:06d}": "0123456789abcdef" for i in range(200_000)}
+
+    async def scenario() -> xds_transport.DeltaResponse:
+        async with big_plane(tmp_path, mesh) as plane:
+            request = xds_transport.encode_request(
+                node_id="node-7", type_url=WORKLOAD_TYPE, initial_versions=held
+            )
+            assert len(request) > 4 * 1024 * 1024
+            async with endpoint(plane, tmp_path).open_channel(Backoff()) as channel:
+                call = channel.stream_stream(
+                    xds_transport.DELTA_METHOD,
+                    request_serializer=xds_transport.passthrough,
+                    response_deserializer=xds_transport.decode_response,
+                )(metadata=auth_metadata(token(7)))
+                await call.write(request)
+                async with asyncio.timeout(SYNC_TIMEOUT):
+                    response = await call.read()
+                call.cancel()
+            assert response is not grpc.aio.EOF
+            return response
+
+    response = asyncio.run(scenario())
+    # The names it holds that the mesh lacks are removed, in parts like any push.
+    assert response.type_url == WORKLOAD_TYPE
+    assert set(response.removed_resources) <= set(held)
+    assert response.removed_resources

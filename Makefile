@@ -48,6 +48,7 @@ test: deps cni-plugin k8s-bins
 	scripts/gen-protos.sh --check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -q
 
 test-unit: deps
@@ -78,7 +79,7 @@ k8s-up: k8s-bins
 k8s-down: venv
 	$(PY) -m testbed.k8s_cluster down --state-dir build/k8s
 
-# Regenerate the protobuf code after editing controlplane/protos/; `make test` fails if stale.
+# Regenerate the protobuf code after editing weir_common/protos/; `make test` fails if stale.
 protos: deps
 	scripts/gen-protos.sh
 

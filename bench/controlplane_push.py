@@ -34,10 +34,10 @@ from pathlib import Path
 
 import grpc
 
-from controlplane import xds_transport
 from controlplane.ca import ROOT_CERT_FILE
-from controlplane.client import ControlPlaneClient, ControlPlaneEndpoint, auth_metadata
-from controlplane.mesh import WORKLOAD_TYPE
+from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint
+from weir_common import xds_transport
+from weir_common.mesh import WORKLOAD_TYPE, auth_metadata
 
 CHANGED = "bench/w-0"
 

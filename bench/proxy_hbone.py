@@ -43,23 +43,23 @@ from pathlib import Path
 import uvloop
 
 from controlplane.ca import load_or_create_root
-from controlplane.mesh import SpiffeId
 from node_agent.localmesh.topology import LocalTopology
 from node_agent.netns import Netns, entered
-from node_agent.proxy.lab import (
+from node_agent.proxy.model import MeshSnapshot, MtlsMode, Workload
+from node_agent.proxy.proxy import ProxySettings, build
+from node_agent.proxy.telemetry import AccessLog
+from node_agent.redirect.backend import Backend
+from node_agent.redirect.config import CaptureConfig
+from node_agent.redirect.iptables import IptablesCapture
+from testbed.proxy_fakes import LocalCaCertificates, StaticConfigSource
+from testbed.proxy_lab import (
     TRUST_DOMAIN,
     EnvoyProcess,
     envoy_hbone_client,
     envoy_hbone_server,
     write_svid,
 )
-from node_agent.proxy.model import MeshSnapshot, MtlsMode, Workload
-from node_agent.proxy.proxy import ProxySettings, build
-from node_agent.proxy.telemetry import AccessLog
-from node_agent.proxy.testing import LocalCaCertificates, StaticConfigSource
-from node_agent.redirect.backend import Backend
-from node_agent.redirect.config import CaptureConfig
-from node_agent.redirect.iptables import IptablesCapture
+from weir_common.mesh import SpiffeId
 
 ECHO_PORT, ENVOY_PORT = 8080, 15100
 READY = "ready"

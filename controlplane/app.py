@@ -17,7 +17,6 @@ from typing import Any, Final
 import grpc
 
 from controlplane import metrics as m
-from controlplane._generated.weir.v1 import ca_pb2_grpc, registry_pb2_grpc
 from controlplane.auth import BootstrapTokenAuthenticator, NodeAuthenticator
 from controlplane.ca import CertificateAuthority
 from controlplane.mesh import MeshConfig
@@ -26,8 +25,9 @@ from controlplane.serving_tls import DEFAULT_SERVING_TTL, ServingCertificate, de
 from controlplane.sources import ConfigSource
 from controlplane.state import MeshState
 from controlplane.xds_server import MAX_MESSAGE_BYTES, DistributionServer
-from node_agent.errors import NodeSetupError
-from node_agent.supervision import Supervisor
+from weir_common._generated.weir.v1 import ca_pb2_grpc, registry_pb2_grpc
+from weir_common.errors import NodeSetupError
+from weir_common.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 

@@ -8,16 +8,14 @@ authenticator will implement the same NodeAuthenticator protocol.
 
 import hmac
 from collections.abc import Callable, Iterable, Mapping
-from typing import Final, Protocol
+from typing import Protocol
 
 import grpc
 
-from controlplane.mesh import MeshConfig, SpiffeId
+from controlplane.mesh import MeshConfig
 from controlplane.snapshot import Registration
-from node_agent.errors import WeirError
-
-AUTHORIZATION_METADATA: Final = "authorization"
-BEARER_PREFIX: Final = "Bearer "
+from weir_common.errors import WeirError
+from weir_common.mesh import AUTHORIZATION_METADATA, BEARER_PREFIX, SpiffeId
 
 
 class RequestRefusedError(WeirError):

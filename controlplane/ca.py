@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controlplane.auth import invalid_argument
-from controlplane.mesh import SpiffeId
-from node_agent.errors import InvalidInputError, NodeSetupError
+from weir_common.errors import InvalidInputError, NodeSetupError
+from weir_common.mesh import SpiffeId
 
 DEFAULT_TTL: Final = datetime.timedelta(hours=24)
 MAX_TTL: Final = datetime.timedelta(hours=48)

@@ -13,8 +13,8 @@ from controlplane.app import DEFAULT_GRPC_LISTEN, DEFAULT_HTTP_LISTEN, ControlPl
 from controlplane.ca import CertificateAuthority, load_intermediate, load_or_create_root
 from controlplane.metrics import Metrics
 from controlplane.sources import FileSource
-from node_agent.errors import NodeSetupError, WeirError
-from node_agent.supervision import wait_any
+from weir_common.errors import NodeSetupError, WeirError
+from weir_common.supervision import wait_any
 
 DEFAULT_STATE_DIR: Final = Path("/var/lib/weir/controlplane")
 SHUTDOWN_GRACE_SECONDS: Final = 5.0

@@ -12,16 +12,10 @@ from typing import Any, Final, TypeVar
 
 import yaml
 
-from controlplane._generated.weir.v1 import mesh_pb2
-from controlplane.mesh import (
-    MeshConfig,
-    NodeConfig,
-    ServiceConfig,
-    SpiffeId,
-    resource_name,
-    selects,
-)
-from node_agent.errors import InvalidInputError
+from controlplane.mesh import MeshConfig, NodeConfig, ServiceConfig, selects
+from weir_common._generated.weir.v1 import mesh_pb2
+from weir_common.errors import InvalidInputError
+from weir_common.mesh import SpiffeId, resource_name
 
 _DNS_LABEL: Final = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS_SUBDOMAIN: Final = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")

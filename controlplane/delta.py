@@ -30,7 +30,7 @@ from types import MappingProxyType
 from typing import Final
 
 from controlplane.snapshot import Entry
-from controlplane.xds_transport import WILDCARD
+from weir_common.xds_transport import WILDCARD
 
 NO_ENTRIES: Final[Mapping[str, Entry]] = MappingProxyType({})
 # A removed name in a response costs its bytes plus a field tag and length.

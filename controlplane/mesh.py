@@ -6,53 +6,14 @@ snapshot builder turns both into xDS resources. The protobuf messages held
 here are never mutated after construction.
 """
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from controlplane._generated.weir.v1 import mesh_pb2
-
-TYPE_URL_PREFIX: Final = "type.googleapis.com/"
-WORKLOAD_TYPE: Final = TYPE_URL_PREFIX + "weir.v1.Workload"
-SERVICE_TYPE: Final = TYPE_URL_PREFIX + "weir.v1.Service"
-POLICY_TYPE: Final = TYPE_URL_PREFIX + "weir.v1.AuthorizationPolicy"
-TRUST_BUNDLE_TYPE: Final = TYPE_URL_PREFIX + "weir.v1.TrustBundle"
-# Order in which a node agent subscribes: what it needs to route before what
-# refers to it.
-RESOURCE_TYPES: Final = (TRUST_BUNDLE_TYPE, WORKLOAD_TYPE, SERVICE_TYPE, POLICY_TYPE)
-TRUST_BUNDLE_NAME: Final = "trust-bundle"
-
-_SPIFFE_RE: Final = re.compile(
-    r"spiffe://(?P<td>[a-z0-9.\-_]+)/ns/(?P<ns>[a-z0-9]([-a-z0-9]*[a-z0-9])?)"
-    r"/sa/(?P<sa>[a-z0-9]([-a-z0-9.]*[a-z0-9])?)"
-)
-
-
-def resource_name(namespace: str, name: str) -> str:
-    """Name of a namespaced resource (Workload, Service, AuthorizationPolicy)."""
-    return f"{namespace}/{name}"
-
-
-@dataclass(frozen=True)
-class SpiffeId:
-    trust_domain: str
-    namespace: str
-    service_account: str
-
-    @classmethod
-    def parse(cls, text: str) -> "SpiffeId | None":
-        """The workload identity `text` names, or None if it is not one."""
-        match = _SPIFFE_RE.fullmatch(text)
-        if match is None:
-            return None
-        return cls(match["td"], match["ns"], match["sa"])
-
-    def __str__(self) -> str:
-        return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+from weir_common._generated.weir.v1 import mesh_pb2
 
 
 @dataclass(frozen=True)

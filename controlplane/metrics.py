@@ -10,7 +10,7 @@ import threading
 from collections import defaultdict
 from typing import Final, Literal
 
-from node_agent import prometheus
+from weir_common import prometheus
 
 Kind = Literal["counter", "gauge", "histogram"]
 

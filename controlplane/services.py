@@ -10,11 +10,11 @@ from typing import Any
 import grpc
 
 from controlplane import metrics as m
-from controlplane._generated.weir.v1 import ca_pb2, ca_pb2_grpc, registry_pb2, registry_pb2_grpc
 from controlplane.auth import NodeAuthenticator, RequestRefusedError, authorize_identity
 from controlplane.ca import CertificateAuthority
 from controlplane.state import MeshState
-from node_agent.log_limit import LogLimiter
+from weir_common._generated.weir.v1 import ca_pb2, ca_pb2_grpc, registry_pb2, registry_pb2_grpc
+from weir_common.log_limit import LogLimiter
 
 log = logging.getLogger(__name__)
 

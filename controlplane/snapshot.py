@@ -15,17 +15,16 @@ from typing import Any
 from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
-from controlplane import xds_transport
-from controlplane._generated.weir.v1 import mesh_pb2
-from controlplane.mesh import (
+from controlplane.mesh import MeshConfig, selects
+from weir_common import xds_transport
+from weir_common._generated.weir.v1 import mesh_pb2
+from weir_common.mesh import (
     POLICY_TYPE,
     RESOURCE_TYPES,
     SERVICE_TYPE,
     TRUST_BUNDLE_NAME,
     TRUST_BUNDLE_TYPE,
     WORKLOAD_TYPE,
-    MeshConfig,
-    selects,
 )
 
 

@@ -22,12 +22,12 @@ from typing import Any, Final
 import grpc
 
 from controlplane import metrics as m
-from controlplane import xds_transport
 from controlplane.auth import NodeAuthenticator, RequestRefusedError
 from controlplane.delta import Subscription
-from controlplane.mesh import RESOURCE_TYPES
 from controlplane.snapshot import EMPTY, Snapshot, changed_names
-from controlplane.xds_transport import DeltaRequest
+from weir_common import xds_transport
+from weir_common.mesh import RESOURCE_TYPES
+from weir_common.xds_transport import DeltaRequest
 
 log = logging.getLogger(__name__)
 

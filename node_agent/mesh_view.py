@@ -17,17 +17,17 @@ from cryptography import x509
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from controlplane._generated.weir.v1 import mesh_pb2
-from controlplane.client import MESSAGE_TYPES
-from controlplane.mesh import (
+from node_agent.enrollment.enroller import MeshIntent
+from weir_common._generated.weir.v1 import mesh_pb2
+from weir_common.errors import InvalidInputError, TransientError
+from weir_common.mesh import (
+    MESSAGE_TYPES,
     POLICY_TYPE,
     RESOURCE_TYPES,
     SERVICE_TYPE,
     TRUST_BUNDLE_TYPE,
     WORKLOAD_TYPE,
 )
-from node_agent.enrollment.enroller import MeshIntent
-from node_agent.errors import InvalidInputError, TransientError
 
 log = logging.getLogger(__name__)
 

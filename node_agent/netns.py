@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from node_agent.errors import InvalidInputError, TransientError
+from weir_common.errors import InvalidInputError, TransientError
 
 _CLONE_NEWNET = 0x40000000
 _NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3): which kind of namespace an nsfs fd is

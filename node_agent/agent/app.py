@@ -22,19 +22,19 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from controlplane.client import ControlPlaneClient, ControlPlaneEndpoint
 from node_agent.admin.server import AdminRegistry, HttpEndpoint
 from node_agent.agent.cni_bridge import EnrollmentCniHandler
 from node_agent.agent.cni_setup import CniSetup, CniSetupSettings
 from node_agent.agent.registrar import ControlPlaneRegistrar
 from node_agent.cni_events.server import CniEventServer
 from node_agent.constants import ADMIN_PORT, READINESS_PORT
+from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint
 from node_agent.enrollment.enroller import CaptureEngine, Enroller
 from node_agent.enrollment.registry import PodRegistry
-from node_agent.errors import NodeSetupError, WeirError
 from node_agent.mesh_view import MeshView
 from node_agent.proxy_handoff.agent_side import ProxyHandoffServer
-from node_agent.supervision import Supervisor
+from weir_common.errors import NodeSetupError, WeirError
+from weir_common.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 

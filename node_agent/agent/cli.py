@@ -9,19 +9,19 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from controlplane.client import ControlPlaneEndpoint
 from node_agent.agent.app import CNI_SOCKET_NAME, Agent, AgentSettings
 from node_agent.agent.cni_setup import CniSetupSettings
 from node_agent.cni_install.cli import DEFAULT_BIN_DIR, DEFAULT_PLUGIN_BUNDLE
 from node_agent.cni_install.conflist import PluginSettings
 from node_agent.constants import ADMIN_PORT, READINESS_PORT
+from node_agent.controlplane_client import ControlPlaneEndpoint
 from node_agent.enrollment.enroller import CaptureEngine
-from node_agent.errors import InvalidInputError
 from node_agent.redirect.backend import Backend, choose_backend, probe_host
 from node_agent.redirect.ebpf.capture import EbpfCapture
 from node_agent.redirect.ebpf.pins import DEFAULT_PIN_ROOT, PinLayout
 from node_agent.redirect.iptables import IptablesCapture
 from node_agent.redirect.modes import Mode, select_mode
+from weir_common.errors import InvalidInputError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 from cni_plugin.protocol import PodInfo
 from node_agent.cni_events.handler import AddDecision, Attachment
 from node_agent.enrollment.enroller import Enroller
-from node_agent.errors import TransientError
 from node_agent.mesh_view import MeshView
+from weir_common.errors import TransientError
 
 T = TypeVar("T")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from node_agent.cni_install.conflist import PluginSettings
 from node_agent.cni_install.installer import ConfDirInstaller, install_plugin_binary
-from node_agent.errors import WeirError
+from weir_common.errors import WeirError
 
 log = logging.getLogger(__name__)
 

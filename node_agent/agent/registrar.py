@@ -6,9 +6,9 @@ from collections.abc import Iterable
 
 import grpc
 
-from controlplane.client import ControlPlaneClient, WorkloadRegistration
+from node_agent.controlplane_client import ControlPlaneClient, WorkloadRegistration
 from node_agent.enrollment.registry import PodRecord
-from node_agent.errors import InvalidInputError, TransientError, WeirError
+from weir_common.errors import InvalidInputError, TransientError, WeirError
 
 # Codes where the same call can succeed later; anything else is a refusal.
 _TRANSIENT = frozenset(

@@ -3,5 +3,5 @@
 `CniEventServer` accepts the plugin's requests (the protocol is documented in
 cni_plugin/protocol.py) and hands each pod to a `CniEventHandler`; the node
 agent plugs its enrollment in as that handler, tests plug in
-`testing.RecordingHandler`.
+`testbed.cni_fakes.RecordingHandler`.
 """

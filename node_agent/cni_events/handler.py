@@ -22,7 +22,7 @@ class AddDecision:
 class CniEventHandler(Protocol):
     """Called by CniEventServer, one thread per request, possibly concurrently.
 
-    Failures are raised as node_agent.errors.WeirError: its `retryable` flag
+    Failures are raised as weir_common.errors.WeirError: its `retryable` flag
     becomes the plugin's choice between "try again later" (the runtime retries
     the pod) and a permanent refusal, and its message reaches the pod's events.
     Any other exception is reported to the plugin as a non-retryable internal

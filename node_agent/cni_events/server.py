@@ -35,7 +35,7 @@ from cni_plugin.protocol import (
     send_message,
 )
 from node_agent.cni_events.handler import CniEventHandler
-from node_agent.errors import InvalidInputError, NodeSetupError, WeirError
+from weir_common.errors import InvalidInputError, NodeSetupError, WeirError
 
 log = logging.getLogger(__name__)
 plugin_log = logging.getLogger("weir.cni_plugin")

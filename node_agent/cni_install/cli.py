@@ -28,7 +28,7 @@ from node_agent.cni_install.installer import (
     install_plugin_binary,
     remove_plugin_binary,
 )
-from node_agent.errors import InvalidInputError
+from weir_common.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 

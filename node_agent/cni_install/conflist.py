@@ -34,7 +34,7 @@ from cni_plugin.request import (
     KEY_EXCLUDE_NAMESPACES,
 )
 from cni_plugin.spec import SUPPORTED_VERSIONS
-from node_agent.errors import InvalidInputError
+from weir_common.errors import InvalidInputError
 
 # The binary's name in the CNI bin dir, and so the `type` of our conflist entry.
 PLUGIN_TYPE: Final = "weir-cni"

@@ -16,7 +16,7 @@ import struct
 from pathlib import Path
 from typing import Final
 
-from node_agent.errors import NodeSetupError
+from weir_common.errors import NodeSetupError
 
 _IN_MODIFY: Final = 0x002
 _IN_ATTRIB: Final = 0x004

@@ -32,7 +32,7 @@ from typing import Final
 from node_agent.cni_install import conflist
 from node_agent.cni_install.conflist import PLUGIN_TYPE, Change, PluginSettings
 from node_agent.cni_install.dirwatch import DirWatch
-from node_agent.errors import InvalidInputError, NodeSetupError, TransientError, WeirError
+from weir_common.errors import InvalidInputError, NodeSetupError, TransientError, WeirError
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ from typing import Protocol
 
 from cni_plugin.protocol import PodInfo
 from node_agent.enrollment.registry import PodRecord, PodRegistry
-from node_agent.errors import WeirError
 from node_agent.netns import Netns
 from node_agent.proxy_handoff.protocol import EnrolledPod
 from node_agent.redirect.config import CaptureConfig
+from weir_common.errors import WeirError
 
 log = logging.getLogger(__name__)
 

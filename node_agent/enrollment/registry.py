@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from node_agent.errors import InvalidInputError
 from node_agent.redirect.config import CaptureConfig, parse_cidrs
+from weir_common.errors import InvalidInputError
 
 FORMAT_VERSION = 1
 

@@ -22,8 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Literal, overload
 
-from node_agent.errors import InvalidInputError, NodeSetupError, WeirError
 from node_agent.netns import Netns, entered
+from weir_common.errors import InvalidInputError, NodeSetupError, WeirError
 
 CniCommand = Literal["ADD", "DEL", "CHECK"]
 

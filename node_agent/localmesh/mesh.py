@@ -29,11 +29,11 @@ from node_agent import netns as netns_mod
 from node_agent.cni_install.conflist import PluginSettings
 from node_agent.cni_install.installer import install_plugin_binary
 from node_agent.constants import PROXY_UID
-from node_agent.errors import NodeSetupError, TransientError
 from node_agent.localmesh.topology import CNI_BIN_DIR, LocalTopology, Node, Pod
 from node_agent.netns import Netns
 from node_agent.redirect.ebpf import loader
 from node_agent.redirect.ebpf.pins import BPFFS, PinLayout
+from weir_common.errors import NodeSetupError, TransientError
 
 CONTROLPLANE_GRPC_PORT = 15012
 CONTROLPLANE_HTTP_PORT = 15014

@@ -45,9 +45,9 @@ from types import FrameType, TracebackType
 from typing import Any, Final, TypeVar
 
 from node_agent import netns as netns_mod
-from node_agent.errors import InvalidInputError, NodeSetupError, WeirError
 from node_agent.localmesh.cni_runtime import invoke_chain
 from node_agent.netns import Netns, entered
+from weir_common.errors import InvalidInputError, NodeSetupError, WeirError
 
 # Every topology's prefix starts with this; sweep() refuses anything else, so a
 # typo can never delete the host's own links.

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from controlplane.mesh import resource_name
 from node_agent.netns import Netns
 from node_agent.proxy.model import Workload
 from node_agent.proxy.proxy import Proxy
 from node_agent.proxy_handoff.protocol import EnrolledPod
+from weir_common.mesh import resource_name
 
 
 class AgentPods:

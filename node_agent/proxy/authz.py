@@ -11,8 +11,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from controlplane.mesh import SpiffeId
 from node_agent.proxy.model import Action, AuthorizationPolicy, MeshSnapshot, Rule, Workload
+from weir_common.mesh import SpiffeId
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,8 @@ from typing import Final
 
 import uvloop
 
-from controlplane.client import ControlPlaneClient, ControlPlaneEndpoint
-from controlplane.mesh import resource_name
 from node_agent.constants import METRICS_PORT, PROXY_GID, PROXY_UID, READINESS_PORT
-from node_agent.errors import InvalidInputError, NodeSetupError, TransientError
+from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint
 from node_agent.netns import Netns
 from node_agent.proxy import privileges
 from node_agent.proxy.agent_pods import AgentPods
@@ -35,7 +33,9 @@ from node_agent.proxy.proxy import Proxy, ProxySettings, build
 from node_agent.proxy.routing import Balancing
 from node_agent.proxy.xds_source import XdsConfigSource
 from node_agent.proxy_handoff.proxy_side import ProxyHandoffClient
-from node_agent.supervision import wait_any
+from weir_common.errors import InvalidInputError, NodeSetupError, TransientError
+from weir_common.mesh import resource_name
+from weir_common.supervision import wait_any
 
 log = logging.getLogger(__name__)
 

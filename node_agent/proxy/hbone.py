@@ -26,7 +26,7 @@ import h2.exceptions
 import h2.settings
 import hyperframe.frame
 
-from controlplane.mesh import SpiffeId
+from weir_common.mesh import SpiffeId
 
 STREAM_WINDOW: Final = 4 * 1024 * 1024
 CONNECTION_WINDOW: Final = 16 * 1024 * 1024

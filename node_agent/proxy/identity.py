@@ -19,9 +19,9 @@ from typing import Final, Protocol
 import grpc
 from cryptography import x509
 
-from controlplane.client import IssuedCertificate
-from controlplane.mesh import SpiffeId
-from node_agent.errors import TransientError
+from node_agent.controlplane_client import IssuedCertificate
+from weir_common.errors import TransientError
+from weir_common.mesh import SpiffeId
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class CertificateProvider(Protocol):
 
 
 class CertificateSigner(Protocol):
-    """What signs CSRs: the control plane client (controlplane.client.ControlPlaneClient)."""
+    """What signs CSRs: node_agent.controlplane_client.ControlPlaneClient."""
 
     async def request_certificate(
         self, spiffe_id: str, validity_seconds: int = 0

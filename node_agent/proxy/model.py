@@ -1,6 +1,6 @@
 """The proxy's view of the mesh: one immutable, plain-data snapshot.
 
-Field names follow controlplane/protos/weir/v1/mesh.proto (Workload, Service,
+Field names follow weir_common/protos/weir/v1/mesh.proto (Workload, Service,
 AuthorizationPolicy, TrustBundle), so the xDS client can fill a snapshot
 field by field. The proxy swaps the whole snapshot on every change; a
 connection uses the snapshot that was current when it arrived.
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from controlplane.mesh import SpiffeId, resource_name
+from weir_common.mesh import SpiffeId, resource_name
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -14,7 +14,6 @@ import ssl
 from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, Final
 
-from controlplane.mesh import SpiffeId
 from node_agent.constants import INBOUND_TUNNEL_PORT, OUTBOUND_CAPTURE_PORT
 from node_agent.proxy.hbone import (
     H2Protocol,
@@ -28,6 +27,7 @@ from node_agent.proxy.original_dst import original_destination
 from node_agent.proxy.routing import Endpoint, MeshRoute, Passthrough, resolve
 from node_agent.proxy.telemetry import ConnectionRecord
 from node_agent.proxy.tls import ALPN_H2, peer_identity
+from weir_common.mesh import SpiffeId
 
 if TYPE_CHECKING:
     from node_agent.proxy.proxy import PodState, Proxy

@@ -23,7 +23,7 @@ import ctypes.util
 import os
 from typing import Final
 
-from node_agent.errors import NodeSetupError
+from weir_common.errors import NodeSetupError
 
 CAP_NET_ADMIN: Final = 12
 CAP_SYS_ADMIN: Final = 21

@@ -21,15 +21,12 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from controlplane.mesh import SpiffeId
 from node_agent.constants import (
     INBOUND_PLAINTEXT_CAPTURE_PORT,
     INBOUND_TUNNEL_PORT,
     METRICS_PORT,
     OUTBOUND_CAPTURE_PORT,
 )
-from node_agent.errors import InvalidInputError, TransientError
-from node_agent.log_limit import LogLimiter
 from node_agent.netns import Netns
 from node_agent.proxy import tls as tls_mod
 from node_agent.proxy.hbone import Flow, H2Protocol, HboneStream, TcpPeer
@@ -47,7 +44,10 @@ from node_agent.proxy.telemetry import (
     ProxyMetrics,
     Telemetry,
 )
-from node_agent.supervision import Supervisor
+from weir_common.errors import InvalidInputError, TransientError
+from weir_common.log_limit import LogLimiter
+from weir_common.mesh import SpiffeId
+from weir_common.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 

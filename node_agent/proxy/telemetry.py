@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from controlplane.mesh import SpiffeId
-from node_agent import prometheus
 from node_agent.proxy.model import Service, Workload
+from weir_common import prometheus
+from weir_common.mesh import SpiffeId
 
 log = logging.getLogger(__name__)
 

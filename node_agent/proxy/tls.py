@@ -13,9 +13,9 @@ import ssl
 from collections.abc import Sequence
 from typing import Final
 
-from controlplane.mesh import SpiffeId
-from node_agent.errors import InvalidInputError
 from node_agent.proxy.identity import WorkloadCertificate
+from weir_common.errors import InvalidInputError
+from weir_common.mesh import SpiffeId
 
 ALPN_H2: Final = "h2"
 

@@ -16,17 +16,7 @@ from typing import Final
 
 from google.protobuf.message import Message
 
-from controlplane._generated.weir.v1 import mesh_pb2
-from controlplane.client import ControlPlaneClient
-from controlplane.mesh import (
-    POLICY_TYPE,
-    RESOURCE_TYPES,
-    SERVICE_TYPE,
-    TRUST_BUNDLE_NAME,
-    TRUST_BUNDLE_TYPE,
-    WORKLOAD_TYPE,
-)
-from node_agent.errors import InvalidInputError
+from node_agent.controlplane_client import ControlPlaneClient
 from node_agent.proxy.model import (
     Action,
     AuthorizationPolicy,
@@ -36,6 +26,16 @@ from node_agent.proxy.model import (
     Service,
     ServicePort,
     Workload,
+)
+from weir_common._generated.weir.v1 import mesh_pb2
+from weir_common.errors import InvalidInputError
+from weir_common.mesh import (
+    POLICY_TYPE,
+    RESOURCE_TYPES,
+    SERVICE_TYPE,
+    TRUST_BUNDLE_NAME,
+    TRUST_BUNDLE_TYPE,
+    WORKLOAD_TYPE,
 )
 
 _MTLS: Final = {mesh_pb2.PERMISSIVE: MtlsMode.PERMISSIVE}  # anything else: STRICT

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from node_agent.constants import PROXY_GID, PROXY_UID
-from node_agent.errors import TransientError
 from node_agent.netns import Netns
 from node_agent.proxy_handoff import protocol
 from node_agent.proxy_handoff.protocol import EnrolledPod
-from node_agent.supervision import Supervisor
+from weir_common.errors import TransientError
+from weir_common.supervision import Supervisor
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import socket
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from node_agent.errors import InvalidInputError
+from weir_common.errors import InvalidInputError
 
 VERSION = 1
 MAX_DATAGRAM = 64 * 1024

@@ -23,10 +23,10 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Protocol
 
-from node_agent.errors import WeirError
 from node_agent.netns import Netns
 from node_agent.proxy_handoff import protocol
 from node_agent.proxy_handoff.protocol import EnrolledPod
+from weir_common.errors import WeirError
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from node_agent.errors import NodeSetupError
+from weir_common.errors import NodeSetupError
 
 
 class Backend(StrEnum):

@@ -12,7 +12,6 @@ import logging
 import os
 from pathlib import Path
 
-from node_agent.errors import InvalidInputError, NodeSetupError
 from node_agent.netns import Netns
 from node_agent.redirect import selfcheck
 from node_agent.redirect.backend import Backend, BackendChoice, choose_backend, probe_host
@@ -25,6 +24,7 @@ from node_agent.redirect.ebpf.preflight import Preflight, run_preflight
 from node_agent.redirect.iptables import IptablesCapture, dry_run_text
 from node_agent.redirect.modes import Mode, select_mode
 from node_agent.redirect.podnet import netns_cookie, pod_addresses
+from weir_common.errors import InvalidInputError, NodeSetupError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from node_agent.errors import InvalidInputError
+from weir_common.errors import InvalidInputError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Family = Literal[4, 6]

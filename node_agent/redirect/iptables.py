@@ -19,13 +19,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from node_agent import netns as netns_mod
-from node_agent.errors import TransientError, WeirError
 from node_agent.netns import Netns
 from node_agent.redirect.backend import Backend, require_tools, tool
 from node_agent.redirect.config import FAMILIES, CaptureConfig, Family
 from node_agent.redirect.iptables_model import OwnedTable, owned_tables
 from node_agent.redirect.iptables_plan import differences, reconcile_script
 from node_agent.redirect.iptables_rules import capture_rules
+from weir_common.errors import TransientError, WeirError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from node_agent.constants import CHAIN_PREFIX
-from node_agent.errors import WeirError
+from weir_common.errors import WeirError
 
 BUILTIN_CHAINS = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-from node_agent.errors import NodeSetupError
 from node_agent.netns import Netns
 from node_agent.redirect.config import CaptureConfig
 from node_agent.redirect.ebpf.pins import PinLayout
 from node_agent.redirect.ebpf.preflight import Preflight, run_preflight
+from weir_common.errors import NodeSetupError
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Final
 
 from node_agent import netns as netns_mod
-from node_agent.errors import NodeSetupError, TransientError
 from node_agent.netns import Netns
+from weir_common.errors import NodeSetupError, TransientError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

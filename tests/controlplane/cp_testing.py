@@ -10,10 +10,15 @@ from google.protobuf.message import Message
 
 from controlplane.app import ControlPlane, Settings
 from controlplane.ca import ROOT_CERT_FILE, load_or_create_root
-from controlplane.client import Backoff, ControlPlaneClient, ControlPlaneEndpoint, XdsClient
 from controlplane.metrics import Metrics
 from controlplane.sources import FileSource
-from node_agent.errors import InvalidInputError
+from node_agent.controlplane_client import (
+    Backoff,
+    ControlPlaneClient,
+    ControlPlaneEndpoint,
+    XdsClient,
+)
+from weir_common.errors import InvalidInputError
 
 MESH_YAML = """
 trustDomain: cluster.local

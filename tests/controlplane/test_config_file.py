@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from cp_testing import MESH_YAML
 
-from controlplane._generated.weir.v1 import mesh_pb2
 from controlplane.config_file import ConfigError, parse
+from weir_common._generated.weir.v1 import mesh_pb2
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mesh.yaml"
 

@@ -5,11 +5,11 @@ import random
 import pytest
 from cp_testing import MESH_YAML
 
-from controlplane._generated.weir.v1 import mesh_pb2
 from controlplane.config_file import parse
 from controlplane.delta import Subscription
-from controlplane.mesh import POLICY_TYPE, WORKLOAD_TYPE
 from controlplane.snapshot import EMPTY, Entry, Registration, build_snapshot, changed_names
+from weir_common._generated.weir.v1 import mesh_pb2
+from weir_common.mesh import POLICY_TYPE, WORKLOAD_TYPE
 
 MESH = parse(MESH_YAML, source="test")
 

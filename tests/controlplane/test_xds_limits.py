@@ -15,25 +15,24 @@ import pytest
 from cp_testing import RecordingHandler, running
 from google.protobuf.message import Message
 
-from controlplane import xds_transport
-from controlplane._generated.weir.v1 import mesh_pb2
 from controlplane.app import ControlPlane, Settings
 from controlplane.ca import ROOT_CERT_FILE, load_or_create_root
-from controlplane.client import Backoff, ControlPlaneClient, ControlPlaneEndpoint, auth_metadata
-from controlplane.mesh import (
-    RESOURCE_TYPES,
-    SERVICE_TYPE,
-    WORKLOAD_TYPE,
-    MeshConfig,
-    NodeConfig,
-    ServiceConfig,
-    resource_name,
-)
+from controlplane.mesh import MeshConfig, NodeConfig, ServiceConfig
 from controlplane.metrics import Metrics
 from controlplane.xds_server import MAX_PUSH_BYTES
+from node_agent.controlplane_client import Backoff, ControlPlaneClient, ControlPlaneEndpoint
 from node_agent.mesh_view import MeshView
 from node_agent.proxy.model import MeshSnapshot
 from node_agent.proxy.xds_source import SnapshotHandler
+from weir_common import xds_transport
+from weir_common._generated.weir.v1 import mesh_pb2
+from weir_common.mesh import (
+    RESOURCE_TYPES,
+    SERVICE_TYPE,
+    WORKLOAD_TYPE,
+    auth_metadata,
+    resource_name,
+)
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -6,9 +6,9 @@ import pytest
 from cp_testing import MESH_YAML, node_client, running, running_plane
 
 from controlplane import metrics as m
-from controlplane.mesh import WORKLOAD_TYPE
 from node_agent.proxy.model import MeshSnapshot
 from node_agent.proxy.xds_source import SnapshotHandler
+from weir_common.mesh import WORKLOAD_TYPE
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from node_agent.cni_events.server import CniEventServer
-from node_agent.cni_events.testing import RecordingHandler
 from node_agent.cni_install import cli
-from node_agent.errors import InvalidInputError
 from node_agent.localmesh.topology import CNI_BIN_DIR
+from testbed.cni_fakes import RecordingHandler
+from weir_common.errors import InvalidInputError
 
 pytestmark = pytest.mark.netns
 

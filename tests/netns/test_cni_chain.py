@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from node_agent.cni_events.server import CniEventServer
-from node_agent.cni_events.testing import RecordingHandler
 from node_agent.cni_install.conflist import PluginSettings
 from node_agent.cni_install.installer import install_plugin_binary
 from node_agent.localmesh.cni_runtime import CniPluginError, invoke_chain
 from node_agent.localmesh.topology import CNI_BIN_DIR, POD_IFNAME, LocalTopology
+from testbed.cni_fakes import RecordingHandler
 
 pytestmark = pytest.mark.netns
 

@@ -22,7 +22,6 @@ import pytest
 
 from node_agent import netns as netns_mod
 from node_agent.constants import INBOUND_PLAINTEXT_CAPTURE_PORT
-from node_agent.errors import NodeSetupError
 from node_agent.localmesh.topology import Pod
 from node_agent.redirect.config import CaptureConfig, parse_cidrs
 from node_agent.redirect.ebpf import loader, sys_bpf
@@ -41,6 +40,7 @@ from node_agent.redirect.ebpf.maps import (
 from node_agent.redirect.ebpf.pins import BPFFS, PinLayout
 from node_agent.redirect.ebpf.sys_bpf import MapType
 from node_agent.redirect.podnet import netns_cookie
+from weir_common.errors import NodeSetupError
 
 pytestmark = pytest.mark.netns
 

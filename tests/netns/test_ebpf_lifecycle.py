@@ -24,7 +24,6 @@ import pytest
 
 from node_agent import netns as netns_mod
 from node_agent.constants import INBOUND_PLAINTEXT_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT
-from node_agent.errors import NodeSetupError
 from node_agent.localmesh.topology import LocalTopology, Pod
 from node_agent.localmesh.traffic import TrafficObserver, connect
 from node_agent.proxy.original_dst import original_destination
@@ -33,6 +32,7 @@ from node_agent.redirect.ebpf import loader, sys_bpf
 from node_agent.redirect.ebpf.capture import EbpfCapture
 from node_agent.redirect.ebpf.pins import BPFFS, PinLayout, cgroup2_root
 from node_agent.redirect.ebpf.sys_bpf import AttachType, ProgType
+from weir_common.errors import NodeSetupError
 
 pytestmark = pytest.mark.netns
 

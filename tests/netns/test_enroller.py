@@ -13,10 +13,10 @@ import pytest
 from cni_plugin.protocol import PodInfo
 from node_agent.enrollment.enroller import Enroller, EnrollmentError, MeshIntent
 from node_agent.enrollment.registry import PodRecord, PodRegistry
-from node_agent.errors import NodeSetupError, TransientError
 from node_agent.netns import Netns
 from node_agent.proxy_handoff.protocol import EnrolledPod
 from node_agent.redirect.config import CaptureConfig
+from weir_common.errors import NodeSetupError, TransientError
 
 pytestmark = pytest.mark.netns
 

@@ -25,10 +25,10 @@ from node_agent.netns import Netns, entered
 from node_agent.proxy.agent_pods import AgentPods
 from node_agent.proxy.model import MeshSnapshot
 from node_agent.proxy.proxy import Proxy, ProxySettings, build
-from node_agent.proxy.testing import LocalCaCertificates, StaticConfigSource
 from node_agent.proxy_handoff.agent_side import HandoffError, ProxyHandoffServer
 from node_agent.proxy_handoff.protocol import EnrolledPod
 from node_agent.proxy_handoff.proxy_side import ProxyHandoffClient
+from testbed.proxy_fakes import LocalCaCertificates, StaticConfigSource
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 

@@ -19,13 +19,13 @@ import h2.events
 import pytest
 
 from controlplane.ca import load_or_create_root
-from controlplane.mesh import SpiffeId
-from node_agent.log_limit import LogLimiter
 from node_agent.netns import entered
 from node_agent.proxy import tls
-from node_agent.proxy.lab import LAB_SETTINGS, EchoServer, MeshLab, open_lab
 from node_agent.proxy.telemetry import CLOSED, REFUSED
-from node_agent.proxy.testing import LocalCaCertificates
+from testbed.proxy_fakes import LocalCaCertificates
+from testbed.proxy_lab import LAB_SETTINGS, EchoServer, MeshLab, open_lab
+from weir_common.log_limit import LogLimiter
+from weir_common.mesh import SpiffeId
 
 pytestmark = pytest.mark.netns
 
@@ -243,9 +243,7 @@ def test_bad_requests_on_a_good_connection(
     still_serving(lab)
 
 
-def test_a_refusal_repeated_at_will_is_counted_every_time_but_logged_once(
-    lab, b_metrics, caplog
-):
+def test_a_refusal_repeated_at_will_is_counted_every_time_but_logged_once(lab, b_metrics, caplog):
     reason = "not_connect"
     b_ip = str(lab.pods["b"].ipv4).encode()
     before = b_metrics.value(REFUSED, reason=reason)

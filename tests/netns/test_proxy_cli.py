@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.client import ControlPlaneClient, ControlPlaneEndpoint
+from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint
 from node_agent.localmesh.topology import LocalTopology, Pod
 from node_agent.netns import entered
-from node_agent.proxy.lab import EchoServer
 from node_agent.redirect.backend import Backend
 from node_agent.redirect.config import CaptureConfig
 from node_agent.redirect.iptables import IptablesCapture
+from testbed.proxy_lab import EchoServer
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 
@@ -38,7 +38,7 @@ workloads:
   - {name: b, namespace: default, serviceAccount: b, node: node-2, labels: {app: b}}
 """
 CONTROL_PLANE = "import sys; from controlplane.cli import main; sys.exit(main(sys.argv[1:]))"
-# What `weir proxy ...` runs once node_agent/cli.py registers the subcommand.
+# What `weir proxy ...` runs once weir_cli/__init__.py registers the subcommand.
 PROXY = """
 import argparse, logging, sys
 from node_agent.proxy import cli

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from controlplane.mesh import SpiffeId
 from node_agent.localmesh.topology import open_connection
-from node_agent.proxy.lab import (
+from testbed.proxy_fakes import LocalCaCertificates
+from testbed.proxy_lab import (
     EchoServer,
     EnvoyProcess,
     MeshLab,
@@ -24,7 +24,7 @@ from node_agent.proxy.lab import (
     open_lab,
     write_svid,
 )
-from node_agent.proxy.testing import LocalCaCertificates
+from weir_common.mesh import SpiffeId
 
 pytestmark = pytest.mark.netns
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from node_agent.constants import PROXY_UID
-from node_agent.errors import InvalidInputError
 from node_agent.netns import Netns, entered
 from node_agent.proxy_handoff.agent_side import HandoffError, ProxyHandoffServer
 from node_agent.proxy_handoff.protocol import EnrolledPod
 from node_agent.proxy_handoff.proxy_side import ProxyHandoffClient
+from weir_common.errors import InvalidInputError
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
 

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from controlplane.mesh import SpiffeId
 from node_agent.netns import entered
-from node_agent.proxy.lab import EchoServer, MeshLab, open_lab
+from testbed.proxy_lab import EchoServer, MeshLab, open_lab
+from weir_common.mesh import SpiffeId
 
 pytestmark = pytest.mark.netns
 

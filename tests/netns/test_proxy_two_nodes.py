@@ -23,9 +23,9 @@ import pytest
 
 from controlplane.ca import load_or_create_root
 from node_agent.netns import entered
-from node_agent.proxy.lab import EchoServer, MeshLab, open_lab
 from node_agent.proxy.model import Action, AuthorizationPolicy, MtlsMode, Rule, Service, ServicePort
 from node_agent.proxy.telemetry import CLOSED, FAILED, OPENED, REFUSED, SENT
+from testbed.proxy_lab import EchoServer, MeshLab, open_lab
 
 pytestmark = pytest.mark.netns
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from node_agent.errors import InvalidInputError, NodeSetupError
 from node_agent.localmesh import topology as topo_mod
 from node_agent.localmesh.cni_runtime import CniPluginError, invoke_chain
 from node_agent.localmesh.topology import LocalTopology, Node, Pod, sweep
 from node_agent.netns import Netns, run
+from weir_common.errors import InvalidInputError, NodeSetupError
 
 pytestmark = pytest.mark.netns
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from node_agent.errors import NodeSetupError
 from node_agent.redirect.backend import Backend, choose_backend
+from weir_common.errors import NodeSetupError
 
 NFT, LEGACY = Backend.NFT, Backend.LEGACY
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from node_agent.cli import _chosen
+from weir_cli import _chosen
 
 
 @pytest.mark.parametrize(
@@ -26,7 +26,7 @@ def test_the_subcommand_is_found_past_global_options(argv, expected):
 def test_weir_redirect_does_not_import_the_proxy_or_grpc():
     code = (
         "import sys\n"
-        "from node_agent.cli import build_parser\n"
+        "from weir_cli import build_parser\n"
         "build_parser(['redirect', 'check', '--netns', 'x'])\n"
         "heavy = ('grpc', 'uvloop', 'h2', 'node_agent.proxy.cli')\n"
         "print(sorted(m for m in heavy if m in sys.modules))\n"

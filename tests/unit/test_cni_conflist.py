@@ -15,7 +15,7 @@ from node_agent.cni_install.conflist import (
     primary_config,
     remove,
 )
-from node_agent.errors import InvalidInputError
+from weir_common.errors import InvalidInputError
 
 INPUTS = Path(__file__).parent.parent / "golden" / "cni" / "input"
 CASES = ["bridge", "ptp", "calico", "flannel", "cilium", "multus"]

@@ -32,8 +32,8 @@ from cni_plugin.protocol import (
 )
 from node_agent.cni_events.handler import AddDecision, Attachment
 from node_agent.cni_events.server import CniEventServer
-from node_agent.cni_events.testing import RecordingHandler
-from node_agent.errors import NodeSetupError
+from testbed.cni_fakes import RecordingHandler
+from weir_common.errors import NodeSetupError
 
 POD = PodInfo("c1", "/var/run/netns/p", "eth0", ("10.0.0.5/24",), "default", "web", "u-1")
 
@@ -163,7 +163,7 @@ class SlowHandler(RecordingHandler):
 
     def on_add(self, pod: PodInfo) -> AddDecision:
         self.entered.release()
-        self.release.wait(10)
+        self.release.wait(60)
         return AddDecision(captured=True)
 
 
@@ -287,16 +287,19 @@ def test_a_full_server_tells_the_plugin_to_retry(work):
     handler = SlowHandler()
     with CniEventServer(path, handler, max_in_flight=2):
         held = [
-            threading.Thread(target=ask_agent, args=(path, Request("add", POD), 10))
+            threading.Thread(target=ask_agent, args=(path, Request("add", POD), 60))
             for _ in range(2)
         ]
         for t in held:
             t.start()
-        assert all(handler.entered.acquire(timeout=5) for _ in held)  # both slots taken
-        reply = ask_agent(path, Request("add", POD), 5)
-        handler.release.set()
-        for t in held:
-            t.join(timeout=10)
+        try:
+            # Both slots taken (generous bound: a loaded machine starts threads late).
+            assert all(handler.entered.acquire(timeout=30) for _ in held)
+            reply = ask_agent(path, Request("add", POD), 5)
+        finally:
+            handler.release.set()
+            for t in held:
+                t.join(timeout=10)
     assert reply == Reply.failure("node agent is busy", retryable=True)
 
 

@@ -23,7 +23,7 @@ import pytest
 from test_cni_plugin import PREV_RESULT, config, run
 
 from node_agent.cni_events.server import CniEventServer
-from node_agent.cni_events.testing import RecordingHandler
+from testbed.cni_fakes import RecordingHandler
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = [sys.executable, "-m", "cni_plugin"]

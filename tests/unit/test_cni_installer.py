@@ -22,7 +22,7 @@ from node_agent.cni_install.installer import (
     install_plugin_binary,
     remove_plugin_binary,
 )
-from node_agent.errors import NodeSetupError
+from weir_common.errors import NodeSetupError
 
 REPO = Path(__file__).resolve().parents[2]
 INPUTS = REPO / "tests" / "golden" / "cni" / "input"

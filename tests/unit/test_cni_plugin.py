@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from node_agent.cni_events.server import CniEventServer
-from node_agent.cni_events.testing import RecordingHandler
-from node_agent.errors import InvalidInputError, TransientError
+from testbed.cni_fakes import RecordingHandler
+from weir_common.errors import InvalidInputError, TransientError
 
 REPO = Path(__file__).resolve().parents[2]
 PREV_RESULT = {

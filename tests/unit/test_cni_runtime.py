@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from node_agent.errors import InvalidInputError, NodeSetupError
 from node_agent.localmesh.cni_runtime import (
     CniPluginError,
     format_cni_args,
@@ -20,6 +19,7 @@ from node_agent.localmesh.cni_runtime import (
     validate_conflist,
 )
 from node_agent.localmesh.topology import node_conflist
+from weir_common.errors import InvalidInputError, NodeSetupError
 
 # Logs its command, config and env to $FAKE_LOG; fails with its config's `fail`
 # code; on ADD, returns prevResult (or a fresh result) with its type appended.

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from node_agent.errors import NodeSetupError
 from node_agent.redirect.config import CaptureConfig, parse_cidrs
 from node_agent.redirect.ebpf.loader import explain_load_failure
 from node_agent.redirect.ebpf.maps import (
@@ -27,6 +26,7 @@ from node_agent.redirect.ebpf.pins import Mount, cgroup2_mount, mount_of, parse_
 from node_agent.redirect.ebpf.preflight import Finding, Preflight
 from node_agent.redirect.modes import Mode, ModeChoice, choose_mode
 from node_agent.redirect.podnet import TCP_LISTEN, parse_proc_net_tcp
+from weir_common.errors import NodeSetupError
 
 COOKIE = 0x1122334455667788
 ADDRESSES = [ipaddress.ip_address("10.244.1.2"), ipaddress.ip_address("fd00:244:1::2")]

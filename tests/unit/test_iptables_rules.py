@@ -6,13 +6,13 @@ import ipaddress
 
 import pytest
 
-from node_agent.errors import InvalidInputError
 from node_agent.redirect.backend import Backend
 from node_agent.redirect.config import CaptureConfig, parse_cidrs, parse_ports
 from node_agent.redirect.iptables import dry_run_text
 from node_agent.redirect.iptables_model import owned_tables, parse_save
 from node_agent.redirect.iptables_plan import differences, reconcile_script
 from node_agent.redirect.iptables_rules import capture_rules
+from weir_common.errors import InvalidInputError
 
 EXCLUSIONS = CaptureConfig(
     exclude_outbound_ports=(443, 22, 22),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from node_agent.log_limit import LogLimiter
+from weir_common.log_limit import LogLimiter
 
 
 def test_one_line_per_kind_and_interval_with_the_count_left_out(caplog):

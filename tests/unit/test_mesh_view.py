@@ -9,11 +9,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from controlplane._generated.weir.v1 import mesh_pb2
-from controlplane.mesh import POLICY_TYPE, SERVICE_TYPE, TRUST_BUNDLE_TYPE, WORKLOAD_TYPE
 from node_agent.enrollment.enroller import MeshIntent
-from node_agent.errors import InvalidInputError, TransientError
 from node_agent.mesh_view import MeshView
+from weir_common._generated.weir.v1 import mesh_pb2
+from weir_common.errors import InvalidInputError, TransientError
+from weir_common.mesh import POLICY_TYPE, SERVICE_TYPE, TRUST_BUNDLE_TYPE, WORKLOAD_TYPE
 
 
 def root_pem() -> str:

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from node_agent.enrollment.registry import PodRecord, PodRegistry
-from node_agent.errors import InvalidInputError
 from node_agent.redirect.config import CaptureConfig, parse_cidrs
+from weir_common.errors import InvalidInputError
 
 
 def record(uid: str, name: str = "app") -> PodRecord:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from controlplane.mesh import SpiffeId
 from node_agent.proxy.authz import Request, authorize
 from node_agent.proxy.model import Action, AuthorizationPolicy, MeshSnapshot, Rule, Workload
+from weir_common.mesh import SpiffeId
 
 SERVER = Workload("u1", "server", "prod", "server", "node-1", ("10.244.1.5",), {"app": "server"})
 CLIENT = SpiffeId("cluster.local", "web", "frontend")

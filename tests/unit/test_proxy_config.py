@@ -10,12 +10,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from controlplane._generated.weir.v1 import mesh_pb2
-from controlplane.mesh import POLICY_TYPE, SERVICE_TYPE, TRUST_BUNDLE_TYPE, WORKLOAD_TYPE
-from node_agent.errors import InvalidInputError
 from node_agent.proxy.cli import parse_listen, parse_pod
 from node_agent.proxy.model import Action, MtlsMode
 from node_agent.proxy.xds_source import SnapshotHandler
+from weir_common._generated.weir.v1 import mesh_pb2
+from weir_common.errors import InvalidInputError
+from weir_common.mesh import POLICY_TYPE, SERVICE_TYPE, TRUST_BUNDLE_TYPE, WORKLOAD_TYPE
 
 WORKLOAD = mesh_pb2.Workload(
     uid="u1",

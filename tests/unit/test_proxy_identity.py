@@ -13,12 +13,12 @@ import uvloop
 from cryptography import x509
 
 from controlplane.ca import load_or_create_root
-from controlplane.client import IssuedCertificate
-from controlplane.mesh import SpiffeId
-from node_agent.errors import TransientError
+from node_agent.controlplane_client import IssuedCertificate
 from node_agent.proxy import tls
 from node_agent.proxy.identity import CaCertificateProvider, IdentityManager, WorkloadCertificate
-from node_agent.proxy.testing import LocalCaCertificates, make_csr
+from testbed.proxy_fakes import LocalCaCertificates, make_csr
+from weir_common.errors import TransientError
+from weir_common.mesh import SpiffeId
 
 A = SpiffeId("cluster.local", "default", "a")
 B = SpiffeId("cluster.local", "default", "b")

@@ -7,7 +7,6 @@ import json
 
 import uvloop
 
-from controlplane.mesh import SpiffeId
 from node_agent.proxy.model import Service, ServicePort, Workload
 from node_agent.proxy.telemetry import (
     CLOSED,
@@ -21,6 +20,7 @@ from node_agent.proxy.telemetry import (
     ProxyMetrics,
     Telemetry,
 )
+from weir_common.mesh import SpiffeId
 
 A = Workload("u1", "a", "web", "a-sa", "node-1", ("10.244.1.2",))
 B = Workload("u2", "b", "prod", "b-sa", "node-2", ("10.244.2.2",))

@@ -7,10 +7,10 @@ import asyncio
 import json
 import time
 
-from controlplane.client import ControlPlaneEndpoint
 from node_agent.admin.server import AdminRegistry, HttpEndpoint
 from node_agent.agent.app import Agent, AgentSettings
-from node_agent.supervision import Supervisor, wait_any
+from node_agent.controlplane_client import ControlPlaneEndpoint
+from weir_common.supervision import Supervisor, wait_any
 
 
 async def get_ready(port: int) -> tuple[int, dict[str, object]]:

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Final
 
 from node_agent.constants import INBOUND_PLAINTEXT_CAPTURE_PORT
-from node_agent.errors import NodeSetupError, TransientError
 from node_agent.netns import Netns
 from node_agent.redirect.config import CaptureConfig
 from node_agent.redirect.ebpf import loader, sys_bpf
@@ -49,6 +48,7 @@ from node_agent.redirect.podnet import (
     pod_addresses,
     tcp_sockets,
 )
+from weir_common.errors import NodeSetupError, TransientError
 
 log = logging.getLogger(__name__)
 

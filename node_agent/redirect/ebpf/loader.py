@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from node_agent.errors import NodeSetupError
 from node_agent.redirect.ebpf import sys_bpf
 from node_agent.redirect.ebpf.maps import (
     LAYOUT_VERSION,
@@ -41,6 +40,7 @@ from node_agent.redirect.ebpf.maps import (
 )
 from node_agent.redirect.ebpf.pins import PinLayout, cgroup2_root, ensure_bpffs
 from node_agent.redirect.ebpf.sys_bpf import AttachType, ProgType
+from weir_common.errors import NodeSetupError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from node_agent.errors import NodeSetupError
+from weir_common.errors import NodeSetupError
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from node_agent.errors import NodeSetupError
 from node_agent.redirect.ebpf import loader
 from node_agent.redirect.ebpf.pins import BPFFS, PinLayout, cgroup2_root, mount_of, read_mounts
+from weir_common.errors import NodeSetupError
 
 BTF_VMLINUX: Final = Path("/sys/kernel/btf/vmlinux")
 

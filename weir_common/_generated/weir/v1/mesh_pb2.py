@@ -28,7 +28,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12weir/v1/mesh.p
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'controlplane._generated.weir.v1.mesh_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weir_common._generated.weir.v1.mesh_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKLOAD_LABELSENTRY']._loaded_options = None

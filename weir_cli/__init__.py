@@ -1,4 +1,8 @@
-"""The `weir` command: one entry point, one subcommand module per subsystem."""
+"""The `weir` command: one entry point, one subcommand module per subsystem.
+
+The only package that imports both the node side and the control plane (for
+`weir controlplane`); each side stays unaware of the other.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from node_agent.errors import WeirError
+from weir_common.errors import WeirError
 
 # Each subcommand's module, imported only when that subcommand runs (or for
 # --help): the proxy and agent pull in grpc, uvloop and h2, half a second of

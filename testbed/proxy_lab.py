@@ -27,7 +27,6 @@ from typing import Final
 
 from controlplane.ca import CertificateAuthority, load_or_create_root
 from node_agent.constants import INBOUND_TUNNEL_PORT
-from node_agent.errors import NodeSetupError
 from node_agent.localmesh.topology import LocalTopology, Node, Pod, open_connection, open_listener
 from node_agent.netns import Netns, entered
 from node_agent.proxy.identity import WorkloadCertificate
@@ -39,15 +38,16 @@ from node_agent.proxy.model import (
     Workload,
 )
 from node_agent.proxy.proxy import Proxy, ProxySettings, build
-from node_agent.proxy.testing import (
+from node_agent.redirect.backend import Backend
+from node_agent.redirect.config import CaptureConfig
+from node_agent.redirect.iptables import IptablesCapture
+from testbed.proxy_fakes import (
     AccessLogRecorder,
     LocalCaCertificates,
     LoopThread,
     StaticConfigSource,
 )
-from node_agent.redirect.backend import Backend
-from node_agent.redirect.config import CaptureConfig
-from node_agent.redirect.iptables import IptablesCapture
+from weir_common.errors import NodeSetupError
 
 TRUST_DOMAIN: Final = "cluster.local"
 LAB_SETTINGS: Final = ProxySettings(

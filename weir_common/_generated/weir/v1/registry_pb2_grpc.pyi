@@ -16,7 +16,7 @@ or IP), FAILED_PRECONDITION (deregistering a uid that is not the registered one)
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from controlplane._generated.weir.v1 import registry_pb2 as _registry_pb2
+from weir_common._generated.weir.v1 import registry_pb2 as _registry_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

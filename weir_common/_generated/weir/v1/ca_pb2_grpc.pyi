@@ -18,7 +18,7 @@ the requested SPIFFE ID, identity outside the trust domain).
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from controlplane._generated.weir.v1 import ca_pb2 as _ca_pb2
+from weir_common._generated.weir.v1 import ca_pb2 as _ca_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

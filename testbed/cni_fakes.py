@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cni_plugin.protocol import PodInfo
 from node_agent.cni_events.handler import AddDecision, Attachment
-from node_agent.errors import InvalidInputError, TransientError, WeirError
+from weir_common.errors import InvalidInputError, TransientError, WeirError
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from controlplane.ca import CertificateAuthority
-from controlplane.mesh import SpiffeId
 from node_agent.proxy.identity import WorkloadCertificate
 from node_agent.proxy.model import MeshSnapshot
 from node_agent.proxy.telemetry import AccessLog
+from weir_common.mesh import SpiffeId
 
 T = TypeVar("T")
 

@@ -28,7 +28,7 @@ DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10weir/v1/ca.pro
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'controlplane._generated.weir.v1.ca_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'weir_common._generated.weir.v1.ca_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SIGNCERTIFICATEREQUEST']._serialized_start=29

@@ -33,33 +33,23 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import DecodeError, Message
 
-from controlplane import xds_transport
-from controlplane._generated.weir.v1 import (
+from weir_common import xds_transport
+from weir_common._generated.weir.v1 import (
     ca_pb2,
     ca_pb2_grpc,
-    mesh_pb2,
     registry_pb2,
     registry_pb2_grpc,
 )
-from controlplane.auth import AUTHORIZATION_METADATA, BEARER_PREFIX
-from controlplane.mesh import (
-    POLICY_TYPE,
+from weir_common.errors import InvalidInputError
+from weir_common.mesh import (
+    MESSAGE_TYPES,
     RESOURCE_TYPES,
-    SERVICE_TYPE,
-    TRUST_BUNDLE_TYPE,
-    WORKLOAD_TYPE,
+    auth_metadata,
     resource_name,
 )
-from node_agent.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 
-MESSAGE_TYPES: Final[Mapping[str, type[Message]]] = {
-    WORKLOAD_TYPE: mesh_pb2.Workload,
-    SERVICE_TYPE: mesh_pb2.Service,
-    POLICY_TYPE: mesh_pb2.AuthorizationPolicy,
-    TRUST_BUNDLE_TYPE: mesh_pb2.TrustBundle,
-}
 RPC_TIMEOUT_SECONDS: Final = 10.0
 # A config stream that lived this long counts as healthy when it ends.
 HEALTHY_STREAM_SECONDS: Final = 10.0
@@ -74,10 +64,6 @@ PERMANENT_REFUSALS: Final = frozenset(
         grpc.StatusCode.FAILED_PRECONDITION,
     }
 )
-
-
-def auth_metadata(token: str) -> tuple[tuple[str, str]]:
-    return ((AUTHORIZATION_METADATA, BEARER_PREFIX + token),)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Numbers every part of Weir must agree on.
 
-Each value is a contract from ARCHITECTURE.md; the comment names who else
+Each value is a contract of docs/architecture.md; the comment names who else
 depends on it, so a change here is a change there too.
 """
 

@@ -13,7 +13,7 @@
   it holds.
 
 The control plane keeps registrations in memory only (it has no state of its
-own, see ARCHITECTURE.md), so the client remembers what it registered and
+own, see docs/architecture.md), so the client remembers what it registered and
 registers it again at the start of every xDS stream: after a control-plane
 restart, the node's workloads come back without the agent doing anything.
 """

@@ -10,8 +10,6 @@ is how commands such as iptables-restore are run in a pod without nsenter.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import fcntl
 import os
 import subprocess
@@ -19,18 +17,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from node_agent import libc
 from weir_common.errors import InvalidInputError, TransientError
 
 _CLONE_NEWNET = 0x40000000
 _NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3): which kind of namespace an nsfs fd is
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
 
 
 @dataclass(frozen=True)
@@ -89,7 +80,7 @@ def entered(netns: Netns) -> Iterator[None]:
                 raise TransientError(
                     f"{netns.path} now names a different network namespace than when validated"
                 )
-            _setns(target)
+            libc.setns(target, _CLONE_NEWNET)
         finally:
             os.close(target)
         try:
@@ -97,7 +88,7 @@ def entered(netns: Netns) -> Iterator[None]:
         finally:
             # Failing to return would leave this thread in the pod: never continue.
             try:
-                _setns(home)
+                libc.setns(home, _CLONE_NEWNET)
             except OSError as e:  # pragma: no cover - kernel refused to take us back
                 os.write(2, f"weir: fatal: cannot leave {netns.path}: {e}\n".encode())
                 os._exit(70)

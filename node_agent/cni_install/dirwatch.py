@@ -1,4 +1,4 @@
-"""Waking up when a directory's entries change: inotify(7) through ctypes.
+"""Waking up when a directory's entries change: inotify(7).
 
 inotify rather than polling: the primary CNI's rewrite of its config is seen
 within milliseconds, and an idle node costs nothing. The installer still
@@ -8,14 +8,13 @@ overflow, the directory replaced) delays a repair by at most that period.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import select
 import struct
 from pathlib import Path
 from typing import Final
 
+from node_agent import libc
 from weir_common.errors import NodeSetupError
 
 _IN_MODIFY: Final = 0x002
@@ -50,8 +49,6 @@ _READ_SIZE: Final = 64 * 1024
 # Events arrive in bursts (write, close, rename); reading this many buffers drains any burst.
 _MAX_READS: Final = 16
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
 
 class DirWatch:
     """An inotify watch on one directory; `wait()` says whether anything in it changed."""
@@ -59,14 +56,15 @@ class DirWatch:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.gone = False
-        self._fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-        if self._fd < 0:
-            err = ctypes.get_errno()
-            raise NodeSetupError(f"inotify_init1: {os.strerror(err)}")
-        if _libc.inotify_add_watch(self._fd, os.fsencode(directory), _MASK) < 0:
-            err = ctypes.get_errno()
+        try:
+            self._fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+        except OSError as e:
+            raise NodeSetupError(f"inotify_init1: {e.strerror}") from None
+        try:
+            libc.inotify_add_watch(self._fd, directory, _MASK)
+        except OSError as e:
             os.close(self._fd)
-            raise FileNotFoundError(err, f"cannot watch {directory}: {os.strerror(err)}")
+            raise FileNotFoundError(e.errno, f"cannot watch {directory}: {e.strerror}") from None
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -18,11 +18,10 @@ The same result as util-linux `setpriv --reuid 1337 --regid 1337
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from typing import Final
 
+from node_agent import libc
 from weir_common.errors import NodeSetupError
 
 CAP_NET_ADMIN: Final = 12
@@ -33,38 +32,14 @@ _PR_SET_KEEPCAPS: Final = 8
 _PR_CAPBSET_DROP: Final = 24
 _PR_CAP_AMBIENT: Final = 47
 _PR_CAP_AMBIENT_RAISE: Final = 2
-_LINUX_CAPABILITY_VERSION_3: Final = 0x20080522
 _CAP_LAST_CAP_FILE: Final = "/proc/sys/kernel/cap_last_cap"
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
-class _CapHeader(ctypes.Structure):
-    _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
-
-
-class _CapData(ctypes.Structure):
-    _fields_ = (
-        ("effective", ctypes.c_uint32),
-        ("permitted", ctypes.c_uint32),
-        ("inheritable", ctypes.c_uint32),
-    )
 
 
 def _prctl(what: str, option: int, arg2: int, arg3: int = 0) -> None:
-    if _libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), 0, 0) != 0:
-        err = ctypes.get_errno()
-        raise NodeSetupError(f"prctl({what}): {os.strerror(err)}")
-
-
-def _capset(mask: int) -> None:
-    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_CapData * 2)()
-    data[0] = _CapData(mask & 0xFFFFFFFF, mask & 0xFFFFFFFF, mask & 0xFFFFFFFF)
-    data[1] = _CapData(mask >> 32, mask >> 32, mask >> 32)
-    if _libc.capset(ctypes.byref(header), data) != 0:
-        err = ctypes.get_errno()
-        raise NodeSetupError(f"capset: {os.strerror(err)}")
+    try:
+        libc.prctl(option, arg2, arg3)
+    except OSError as e:
+        raise NodeSetupError(f"prctl({what}): {e.strerror}") from None
 
 
 def drop_to(uid: int, gid: int) -> None:
@@ -85,7 +60,10 @@ def drop_to(uid: int, gid: int) -> None:
     os.setgid(gid)
     os.setuid(uid)
     mask = sum(1 << cap for cap in KEPT_CAPABILITIES)
-    _capset(mask)
+    try:
+        libc.capset(mask, mask, mask)
+    except OSError as e:
+        raise NodeSetupError(f"capset: {e.strerror}") from None
     for cap in KEPT_CAPABILITIES:
         _prctl(f"raise ambient capability {cap}", _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, cap)
 

@@ -16,7 +16,6 @@ nothing outside this pod's entries is touched.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import socket
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from node_agent import libc
 from node_agent.constants import INBOUND_PLAINTEXT_CAPTURE_PORT
 from node_agent.netns import Netns
 from node_agent.redirect.config import CaptureConfig
@@ -52,11 +52,7 @@ from weir_common.errors import NodeSetupError, TransientError
 
 log = logging.getLogger(__name__)
 
-_SYS_PIDFD_GETFD: Final = 438
 _SOCKET_FAMILIES: Final = {4: socket.AF_INET, 6: socket.AF_INET6}
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 # Every map holding entries of one pod, in the order they are deleted: the
 # pod entry first, so capture stops at once.
@@ -112,19 +108,6 @@ def _socket_owners(inodes: set[int]) -> dict[int, tuple[int, int]]:
         if len(owners) == len(inodes):
             break
     return owners
-
-
-def _steal_fd(pid: int, fd: int) -> int:
-    """A duplicate, in this process, of fd `fd` of process `pid` (pidfd_getfd)."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        ret = int(_libc.syscall(ctypes.c_long(_SYS_PIDFD_GETFD), pidfd, fd, 0))
-        if ret < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"pidfd_getfd({pid}, {fd}): {os.strerror(err)}")
-        return ret
-    finally:
-        os.close(pidfd)
 
 
 @dataclass(frozen=True)
@@ -408,7 +391,7 @@ class EbpfCapture:
         for lst in found:
             if lst.family in done or lst.inode not in owners:
                 continue
-            fd = _steal_fd(*owners[lst.inode])
+            fd = libc.pidfd_getfd(*owners[lst.inode])
             try:
                 key = encode_listener_key(cookie, _SOCKET_FAMILIES[lst.family])
                 sys_bpf.map_update(listeners, key, struct.pack("<Q", fd))
@@ -424,7 +407,7 @@ class EbpfCapture:
     def _dual_stack(found: list[TcpSocket], owners: dict[int, tuple[int, int]]) -> bool:
         for lst in found:
             if lst.family == 6 and lst.inode in owners:
-                fd = _steal_fd(*owners[lst.inode])
+                fd = libc.pidfd_getfd(*owners[lst.inode])
                 with socket.socket(fileno=fd) as s:
                     return s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
         return False

@@ -1,4 +1,4 @@
-"""The bpf(2) calls Weir needs beyond what bcc offers, through ctypes.
+"""The bpf(2) calls Weir needs beyond what bcc offers, through node_agent.libc.
 
 bcc compiles and loads; pinning, opening pins, BPF links and map access by
 pinned fd (a restarted agent has no bcc object) are plain bpf(2) commands,
@@ -9,19 +9,14 @@ include/uapi/linux/bpf.h (`union bpf_attr`).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-import platform
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
 
-_SYS_BPF: Final = {"x86_64": 321, "aarch64": 280}
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+from node_agent import libc
 
 
 class Cmd(IntEnum):
@@ -65,14 +60,7 @@ _QUERY_EFFECTIVE: Final = 1
 
 
 def _bpf(cmd: Cmd, attr: ctypes.Array[ctypes.c_char]) -> int:
-    nr = _SYS_BPF.get(platform.machine())
-    if nr is None:
-        raise OSError(0, f"bpf(2) syscall number unknown on {platform.machine()}")
-    ret = int(_libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr, ctypes.c_uint(len(attr))))
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"bpf({cmd.name}): {os.strerror(err)}")
-    return ret
+    return libc.bpf(cmd, attr, f"bpf({cmd.name})")
 
 
 def _addr(buf: ctypes.Array[ctypes.c_char]) -> int:

@@ -14,7 +14,7 @@ import logging
 import re
 import socket
 import ssl
-from typing import TYPE_CHECKING, Final, cast
+from typing import Final, cast
 
 from node_agent.constants import (
     INBOUND_PLAINTEXT_CAPTURE_PORT,
@@ -22,15 +22,20 @@ from node_agent.constants import (
     OUTBOUND_CAPTURE_PORT,
 )
 from node_agent.proxy.authz import Request, authorize
+from node_agent.proxy.connections import (
+    ConnectionTasks,
+    Refusals,
+    UpstreamConnector,
+    UpstreamError,
+    carry,
+    format_authority,
+)
 from node_agent.proxy.hbone import H2Protocol, HboneStream, Headers, Relay, TcpPeer
 from node_agent.proxy.model import MtlsMode
 from node_agent.proxy.original_dst import original_destination
-from node_agent.proxy.outbound import UpstreamError, format_authority
-from node_agent.proxy.telemetry import ConnectionRecord
+from node_agent.proxy.state import MeshView, PodState, TlsContexts
+from node_agent.proxy.telemetry import ConnectionRecord, Telemetry
 from node_agent.proxy.tls import ALPN_H2, peer_identity
-
-if TYPE_CHECKING:
-    from node_agent.proxy.proxy import PodState, Proxy
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +96,7 @@ class TunnelListener:
             conn.setblocking(False)
             # Frames are small and latency-bound (a CONNECT, a window update).
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._inbound.proxy.spawn(self._inbound.handshake(self._pod, conn))
+            self._inbound.tunnel_accepted(self._pod, conn)
 
     def close(self) -> None:
         self._task.cancel()
@@ -115,13 +120,38 @@ class _TlsGate(asyncio.Protocol):
 
 
 class Inbound:
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    """15008 and 15006 of every served pod: check the peer, authorize, connect to the app.
+
+    `tls` has each local identity's server context; `upstream` connects from
+    inside the destination pod's netns.
+    """
+
+    def __init__(
+        self,
+        *,
+        mesh: MeshView,
+        tls: TlsContexts,
+        upstream: UpstreamConnector,
+        tasks: ConnectionTasks,
+        refusals: Refusals,
+        telemetry: Telemetry,
+        handshake_timeout: float,
+    ) -> None:
+        self._mesh = mesh
+        self._tls = tls
+        self._upstream = upstream
+        self._tasks = tasks
+        self._refusals = refusals
+        self._telemetry = telemetry
+        self._handshake_timeout = handshake_timeout
 
     # -- 15008 ------------------------------------------------------------
 
-    async def handshake(self, pod: PodState, sock: socket.socket) -> None:
-        proxy = self.proxy
+    def tunnel_accepted(self, pod: PodState, sock: socket.socket) -> None:
+        self._tasks.spawn(self._handshake(pod, sock))
+
+    async def _handshake(self, pod: PodState, sock: socket.socket) -> None:
+        refusals = self._refusals
         try:
             peer = sock.getpeername()
         except OSError:  # gone between accept and now: nothing to refuse or count
@@ -132,12 +162,12 @@ class Inbound:
             await asyncio.get_running_loop().connect_accepted_socket(
                 lambda: gate,
                 sock,
-                ssl=proxy.server_tls(pod.identity).context,
-                ssl_handshake_timeout=proxy.settings.handshake_timeout,
+                ssl=self._tls.server(pod.identity).context,
+                ssl_handshake_timeout=self._handshake_timeout,
             )
         except (OSError, TimeoutError, ssl.SSLError) as e:
             sock.close()
-            proxy.refuse(TUNNEL, _handshake_failure(e), f"TLS handshake from {peer}: {e}", None)
+            refusals.refuse(TUNNEL, _handshake_failure(e), f"TLS handshake from {peer}: {e}", None)
             return
         tls = gate.transport
         assert tls is not None
@@ -145,11 +175,11 @@ class Inbound:
         identity = peer_identity(ssl_object)
         if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN_H2:
             tls.abort()
-            proxy.refuse(TUNNEL, "no_alpn_h2", f"{peer} did not negotiate ALPN h2", None)
+            refusals.refuse(TUNNEL, "no_alpn_h2", f"{peer} did not negotiate ALPN h2", None)
             return
-        if identity is None or identity.trust_domain != proxy.snapshot.trust_domain:
+        if identity is None or identity.trust_domain != self._mesh.snapshot.trust_domain:
             tls.abort()
-            proxy.refuse(TUNNEL, "bad_peer_identity", f"{peer} presented no mesh identity", None)
+            refusals.refuse(TUNNEL, "bad_peer_identity", f"{peer} presented no mesh identity", None)
             return
         conn = H2Protocol(
             client_side=False,
@@ -167,43 +197,45 @@ class Inbound:
     def _tunnel_closed(self, pod: PodState, conn: H2Protocol) -> None:
         pod.tunnels.discard(conn)
         if conn.protocol_error is not None:
-            self.proxy.refuse(TUNNEL, "http2_protocol_error", conn.protocol_error, None)
+            self._refusals.refuse(TUNNEL, "http2_protocol_error", conn.protocol_error, None)
 
     def _request(
         self, pod: PodState, conn: H2Protocol, stream: HboneStream, headers: Headers
     ) -> None:
-        self.proxy.spawn(self._serve_stream(pod, conn, stream, headers))
+        self._tasks.spawn(self._serve_stream(pod, conn, stream, headers))
 
     async def _serve_stream(
         self, pod: PodState, conn: H2Protocol, stream: HboneStream, headers: Headers
     ) -> None:
-        proxy = self.proxy
+        refusals = self._refusals
         assert conn.transport is not None
         peer = conn.transport.get_extra_info("peername")
         source_ip = str(peer[0]) if peer else ""
         if headers.get(b":method") != b"CONNECT":
             conn.respond(stream, 405)
-            proxy.refuse(TUNNEL, "not_connect", f"{source_ip}: {headers.get(b':method')!r}", None)
+            refusals.refuse(
+                TUNNEL, "not_connect", f"{source_ip}: {headers.get(b':method')!r}", None
+            )
             return
         target = parse_authority(headers.get(b":authority"))
         if target is None:
             conn.respond(stream, 400)
-            proxy.refuse(
+            refusals.refuse(
                 TUNNEL, "malformed_authority", f"{source_ip}: {headers.get(b':authority')!r}", None
             )
             return
         address, port = target
-        workload = proxy.snapshot.workloads.get(pod.workload.key, pod.workload)
+        snapshot = self._mesh.snapshot
+        workload = snapshot.workloads.get(pod.workload.key, pod.workload)
         if address not in pod.addresses or port in _PROXY_PORTS:
             conn.respond(stream, 400)
-            proxy.refuse(
+            refusals.refuse(
                 TUNNEL,
                 "non_local_authority",
                 f"{source_ip} asked {pod.workload.key} for {address}:{port}",
                 None,
             )
             return
-        snapshot = proxy.snapshot
         source_workload = snapshot.workload_by_ip(source_ip)
         identity = conn.peer_identity
         if (
@@ -224,52 +256,44 @@ class Inbound:
         decision = authorize(snapshot, Request(identity, source_ip, workload, port))
         if not decision.allowed:
             conn.respond(stream, 403)
-            proxy.telemetry.failed(record, "denied", decision.reason)
-            proxy.refusal_log.log(
-                log,
-                logging.INFO,
-                ("denied", identity, decision.reason),
-                "denied %s -> %s: %s",
-                identity,
-                record.destination_addr,
-                decision.reason,
-            )
+            self._telemetry.failed(record, "denied", decision.reason)
+            refusals.denied(identity, record.destination_addr, decision.reason)
             return
         try:
-            upstream = await proxy.connect_tcp(pod, address, port)
+            upstream = await self._upstream.tcp(pod, address, port)
         except UpstreamError as e:
             conn.respond(stream, 503)
-            proxy.telemetry.failed(record, "upstream_unreachable", str(e))
+            self._telemetry.failed(record, "upstream_unreachable", str(e))
             return
         if stream.flow.done.done():  # the client gave up while we connected
             upstream.abort()
-            proxy.telemetry.failed(
+            self._telemetry.failed(
                 record, "client_gone", "stream ended before the upstream answered"
             )
             return
         conn.respond(stream, 200)
         stream.attach(upstream)
-        await proxy.carry(record, stream.flow, (upstream,), stream=stream)
+        await carry(self._telemetry, record, stream.flow, (upstream,), stream=stream)
 
     # -- 15006 ------------------------------------------------------------
 
     def plaintext_accepted(self, pod: PodState, peer: TcpPeer) -> None:
-        self.proxy.spawn(self._plaintext(pod, peer))
+        self._tasks.spawn(self._plaintext(pod, peer))
 
     async def _plaintext(self, pod: PodState, peer: TcpPeer) -> None:
-        proxy = self.proxy
+        refusals = self._refusals
         assert peer.transport is not None
         client = peer.transport.get_extra_info("peername")
         source_ip = str(client[0]) if client else ""
         try:
             address, port = original_destination(peer.transport.get_extra_info("socket"))
         except OSError as e:
-            proxy.refuse(PLAINTEXT, "no_original_destination", f"from {client}: {e}", peer)
+            refusals.refuse(PLAINTEXT, "no_original_destination", f"from {client}: {e}", peer)
             return
         if port in _PROXY_PORTS:
-            proxy.refuse(PLAINTEXT, "loop", f"{client} dialed {address}:{port} directly", peer)
+            refusals.refuse(PLAINTEXT, "loop", f"{client} dialed {address}:{port} directly", peer)
             return
-        snapshot = proxy.snapshot
+        snapshot = self._mesh.snapshot
         workload = snapshot.workloads.get(pod.workload.key, pod.workload)
         record = ConnectionRecord(
             reporter="destination",
@@ -280,22 +304,22 @@ class Inbound:
             destination_identity=pod.identity,
         )
         if workload.mtls_mode is MtlsMode.STRICT:
-            proxy.metrics.refused(PLAINTEXT, "strict_mtls")
-            proxy.telemetry.failed(record, "denied", "plaintext refused: mTLS mode is STRICT")
+            refusals.count(PLAINTEXT, "strict_mtls")
+            self._telemetry.failed(record, "denied", "plaintext refused: mTLS mode is STRICT")
             peer.abort()
             return
         decision = authorize(snapshot, Request(None, source_ip, workload, port))
         if not decision.allowed:
-            proxy.telemetry.failed(record, "denied", decision.reason)
+            self._telemetry.failed(record, "denied", decision.reason)
             peer.abort()
             return
         try:
-            upstream = await proxy.connect_tcp(pod, address, port)
+            upstream = await self._upstream.tcp(pod, address, port)
         except UpstreamError as e:
-            proxy.telemetry.failed(record, "upstream_unreachable", str(e))
+            self._telemetry.failed(record, "upstream_unreachable", str(e))
             peer.abort()
             return
-        await proxy.carry(record, Relay(peer, upstream).flow, (peer, upstream))
+        await carry(self._telemetry, record, Relay(peer, upstream).flow, (peer, upstream))
 
 
 def _handshake_failure(error: BaseException) -> str:

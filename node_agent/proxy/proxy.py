@@ -1,8 +1,10 @@
-"""The node proxy: pods in, listeners up, connections carried, and one assembly point.
+"""The node proxy: pods in, listeners up, config and certificates kept current, and assembly.
 
 `build()` is where real and fake parts meet: a ConfigSource (the xDS client,
 or a static snapshot in tests), a CertificateProvider (the control plane CA,
-or a local CA in tests) and a SocketFactory (netns sockets). The node agent
+or a local CA in tests) and a SocketFactory (netns sockets). `Proxy` wires
+the data path: `Inbound` and `Outbound` get the collaborators they use (see
+`state.py` and `connections.py`), never the `Proxy` itself. The node agent
 drives the proxy through two calls only: `add_pod(netns, workload)` and
 `remove_pod(uid)`; each either completes or raises, which is the ack the
 agent's protocol sends back.
@@ -12,13 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import logging
 import socket
-import ssl
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from node_agent.constants import (
@@ -28,22 +28,17 @@ from node_agent.constants import (
     OUTBOUND_CAPTURE_PORT,
 )
 from node_agent.netns import Netns
-from node_agent.proxy import tls as tls_mod
-from node_agent.proxy.hbone import Flow, H2Protocol, HboneStream, TcpPeer
+from node_agent.proxy.connections import ConnectionTasks, Refusals, UpstreamConnector
+from node_agent.proxy.hbone import TcpPeer
 from node_agent.proxy.identity import CertificateProvider, IdentityManager
 from node_agent.proxy.inbound import Inbound, TunnelListener
 from node_agent.proxy.model import MeshSnapshot, Workload
-from node_agent.proxy.outbound import Outbound, UpstreamError
+from node_agent.proxy.outbound import Outbound
 from node_agent.proxy.pool import ConnectionPool
 from node_agent.proxy.routing import Balancing, EndpointPicker
 from node_agent.proxy.sockets import NetnsSocketFactory, SocketFactory
-from node_agent.proxy.telemetry import (
-    AccessLog,
-    ConnectionRecord,
-    MetricsServer,
-    ProxyMetrics,
-    Telemetry,
-)
+from node_agent.proxy.state import MeshView, PodState, TlsContexts
+from node_agent.proxy.telemetry import AccessLog, MetricsServer, ProxyMetrics, Telemetry
 from weir_common.errors import InvalidInputError, TransientError
 from weir_common.log_limit import LogLimiter
 from weir_common.mesh import SpiffeId
@@ -81,36 +76,6 @@ class ProxySettings:
     first_config_timeout: float = 30.0
 
 
-class Listener(Protocol):
-    def close(self) -> None:
-        """Stop accepting; connections already accepted go on."""
-        ...
-
-
-@dataclass(frozen=True)
-class TlsContext:
-    context: ssl.SSLContext
-    generation: int  # bumped on rotation or trust bundle change; part of the pool key
-
-
-@dataclass(eq=False)
-class PodState:
-    netns: Netns
-    workload: Workload
-    identity: SpiffeId
-    servers: list[Listener] = field(default_factory=list)
-    tunnels: set[H2Protocol] = field(default_factory=set)
-
-    @property
-    def uid(self) -> str:
-        return self.workload.uid
-
-    @functools.cached_property
-    def addresses(self) -> frozenset[str]:
-        """The pod's IPs in canonical form: the only CONNECT targets its 15008 takes."""
-        return frozenset(str(ipaddress.ip_address(ip)) for ip in self.workload.ips)
-
-
 class Proxy:
     def __init__(
         self,
@@ -122,8 +87,6 @@ class Proxy:
         telemetry: Telemetry,
     ) -> None:
         self.settings = settings
-        self.sockets = sockets
-        self.telemetry = telemetry
         self.metrics = telemetry.metrics
         self.identities = IdentityManager(certificates, self._rotated)
         self.pool = ConnectionPool(
@@ -131,21 +94,16 @@ class Proxy:
             max_connections=settings.pool_max_connections,
             idle_seconds=settings.pool_idle_timeout,
         )
-        self.picker = EndpointPicker(
-            settings.balancing, eject_seconds=settings.endpoint_eject_seconds
-        )
         self.metrics_port: int | None = None
         self.readiness_port: int | None = None
+        self._sockets = sockets
         self._config = config
-        self._snapshot: MeshSnapshot | None = None
+        self._mesh = MeshView()
         self._first_snapshot = asyncio.Event()
         self._pods: dict[str, PodState] = {}
-        self._tls_generation = 0
-        self._server_tls: dict[SpiffeId, TlsContext] = {}
-        self._client_tls: dict[SpiffeId, TlsContext] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        # Peers cause refusals and denials at will: each kind is logged, not every one.
-        self.refusal_log = LogLimiter()
+        self._tls = TlsContexts()
+        self._tasks = ConnectionTasks()
+        self._refusals = Refusals(self.metrics)
         # The config subscription, the idle-tunnel sweep and the agent handoff.
         self.supervisor = Supervisor(self._give_up)
         # Set when the proxy cannot go on; whoever runs it stops it and exits non-zero.
@@ -153,8 +111,30 @@ class Proxy:
         self.failure = ""
         self._metrics_server = MetricsServer(self.metrics, lambda: self.ready)
         self._readiness_server = MetricsServer(self.metrics, lambda: self.ready)
-        self._outbound = Outbound(self)
-        self._inbound = Inbound(self)
+        upstream = UpstreamConnector(sockets, settings.connect_timeout)
+        self._outbound = Outbound(
+            mesh=self._mesh,
+            tls=self._tls,
+            pool=self.pool,
+            picker=EndpointPicker(
+                settings.balancing, eject_seconds=settings.endpoint_eject_seconds
+            ),
+            upstream=upstream,
+            tasks=self._tasks,
+            refusals=self._refusals,
+            telemetry=telemetry,
+            handshake_timeout=settings.handshake_timeout,
+            response_timeout=settings.connect_timeout,
+        )
+        self._inbound = Inbound(
+            mesh=self._mesh,
+            tls=self._tls,
+            upstream=upstream,
+            tasks=self._tasks,
+            refusals=self._refusals,
+            telemetry=telemetry,
+            handshake_timeout=settings.handshake_timeout,
+        )
         self._accepting = False
 
     # -- lifecycle -------------------------------------------------------------
@@ -201,13 +181,7 @@ class Proxy:
             for conn in pod.tunnels:
                 conn.shutdown()
         self.pool.retire(lambda _key: True)
-        pending = {t for t in self._tasks if not t.done()}
-        if pending:
-            log.info("draining %d connections for up to %.1f s", len(pending), deadline)
-            _, still = await asyncio.wait(pending, timeout=deadline)
-            for task in still:
-                task.cancel()
-            await asyncio.gather(*still, return_exceptions=True)
+        await self._tasks.drain(deadline)
         for pod in list(self._pods.values()):
             for conn in list(pod.tunnels):
                 conn.close("proxy shutting down")
@@ -222,13 +196,19 @@ class Proxy:
 
     @property
     def snapshot(self) -> MeshSnapshot:
-        if self._snapshot is None:
-            raise TransientError("the proxy has no mesh config yet")
-        return self._snapshot
+        return self._mesh.snapshot
+
+    @property
+    def refusal_log(self) -> LogLimiter:
+        """How often refusals and denials are logged; a new one starts every kind afresh."""
+        return self._refusals.limiter
+
+    @refusal_log.setter
+    def refusal_log(self, limiter: LogLimiter) -> None:
+        self._refusals.limiter = limiter
 
     def apply_snapshot(self, snapshot: MeshSnapshot) -> None:
-        old = self._snapshot
-        self._snapshot = snapshot
+        old = self._mesh.replace(snapshot)
         self._first_snapshot.set()
         if old is not None and old.trust_bundle_pem != snapshot.trust_bundle_pem:
             log.info("trust bundle changed: rebuilding TLS contexts")
@@ -243,11 +223,7 @@ class Proxy:
         cert = self.identities.current(identity)
         if cert is None:
             return
-        bundle = self.snapshot.trust_bundle_pem
-        self._tls_generation += 1
-        gen = self._tls_generation
-        self._server_tls[identity] = TlsContext(tls_mod.server_context(cert, bundle), gen)
-        self._client_tls[identity] = TlsContext(tls_mod.client_context(cert, bundle), gen)
+        gen = self._tls.install(identity, cert, self.snapshot.trust_bundle_pem)
         self.pool.retire(
             lambda key: (
                 isinstance(key, tuple)
@@ -255,12 +231,6 @@ class Proxy:
                 and any(p.uid == key[0] and p.identity == identity for p in self._pods.values())
             )
         )
-
-    def server_tls(self, identity: SpiffeId) -> TlsContext:
-        return self._server_tls[identity]
-
-    def client_tls(self, identity: SpiffeId) -> TlsContext:
-        return self._client_tls[identity]
 
     # -- pods (the node agent's interface) -------------------------------------------
 
@@ -286,7 +256,7 @@ class Proxy:
             raise TransientError(f"no certificate for {identity}: {e}") from e
         pod = PodState(netns, workload, identity)
         try:
-            if identity not in self._server_tls:
+            if identity not in self._tls:
                 self._rebuild_tls(identity)
             await self._open_listeners(pod)
         except BaseException:
@@ -316,8 +286,7 @@ class Proxy:
             conn.shutdown()
         self.pool.retire(lambda key: isinstance(key, tuple) and key[0] == uid)
         if not any(p.identity == pod.identity for p in self._pods.values()):
-            self._server_tls.pop(pod.identity, None)
-            self._client_tls.pop(pod.identity, None)
+            self._tls.discard(pod.identity)
         self.identities.release(pod.identity)
         log.info("stopped serving pod %s", pod.workload.key)
 
@@ -349,7 +318,7 @@ class Proxy:
 
     def _listener(self, pod: PodState, family: socket.AddressFamily, port: int) -> socket.socket:
         try:
-            return self.sockets.listener(pod.netns, family, port)
+            return self._sockets.listener(pod.netns, family, port)
         except OSError as e:
             # EADDRINUSE is the usual one: another proxy (a rollout overlap) or
             # the app itself holds the port. It may go away, so retrying can help.
@@ -359,67 +328,7 @@ class Proxy:
                 f"{e.strerror or e}"
             ) from e
 
-    # -- shared by the data paths -------------------------------------------------
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("connection handler failed", exc_info=task.exception())
-
-    def refuse(self, listener: str, reason: str, detail: str, peer: TcpPeer | None) -> None:
-        """Bad input: counted, logged once, connection dropped; nothing else is affected."""
-        self.refusal_log.log(
-            log,
-            logging.WARNING,
-            (listener, reason),
-            "%s: refused (%s): %s",
-            listener,
-            reason,
-            detail,
-        )
-        self.metrics.refused(listener, reason)
-        if peer is not None:
-            peer.abort()
-
-    async def connect_tcp(self, pod: PodState, address: str, port: int) -> TcpPeer:
-        """A plain TCP connection from inside `pod`'s netns, marked so capture skips it."""
-        loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        sock = self.sockets.stream(pod.netns, family)
-        try:
-            async with asyncio.timeout(self.settings.connect_timeout):
-                await loop.sock_connect(sock, (address, port))
-            _, peer = await loop.create_connection(TcpPeer, sock=sock)
-        except (OSError, TimeoutError) as e:
-            sock.close()
-            raise UpstreamError(f"cannot connect to {address}:{port}: {e or 'timeout'}") from e
-        return peer
-
-    async def carry(
-        self,
-        record: ConnectionRecord,
-        flow: Flow,
-        peers: Sequence[TcpPeer],
-        stream: HboneStream | None = None,
-    ) -> None:
-        """Report the connection open, wait for it to end, report it closed."""
-        self.telemetry.opened(record)
-        try:
-            error = await flow.done
-        except asyncio.CancelledError:
-            # Shutdown deadline passed: cut it, and still account for it.
-            if stream is not None:
-                stream.reset("proxy shutting down")
-            for peer in peers:
-                peer.abort()
-            self.telemetry.closed(record, up=flow.up, down=flow.down, error="proxy shut down")
-            raise
-        self.telemetry.closed(record, up=flow.up, down=flow.down, error=error)
+    # -- background -------------------------------------------------------------
 
     async def _sweep_idle_tunnels(self) -> None:
         while True:
@@ -448,7 +357,7 @@ class Proxy:
             "certificates": self.identities.dump(),
             "pool": self.pool.dump(),
             "active_connections": len(self._tasks),
-            "mesh": self._snapshot.dump() if self._snapshot is not None else None,
+            "mesh": self._mesh.dump(),
         }
 
 

@@ -1,0 +1,162 @@
+"""What inbound and outbound share to carry a connection once they have accepted it.
+
+Each direction is given these at construction (see `Proxy.__init__`):
+`ConnectionTasks` runs each connection so shutdown can drain it,
+`UpstreamConnector` dials from inside a pod's netns, `Refusals` answers bad
+input, and `carry` reports a connection from open to close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from node_agent.proxy.hbone import Flow, HboneStream, TcpPeer
+from node_agent.proxy.sockets import SocketFactory
+from node_agent.proxy.state import PodState
+from node_agent.proxy.telemetry import ConnectionRecord, ProxyMetrics, Telemetry
+from weir_common.log_limit import LogLimiter
+from weir_common.mesh import SpiffeId
+
+log = logging.getLogger(__name__)
+
+
+class UpstreamError(Exception):
+    """This endpoint did not take the connection; another one may."""
+
+
+def format_authority(address: str, port: int) -> str:
+    return (
+        f"[{address}]:{port}" if ipaddress.ip_address(address).version == 6 else f"{address}:{port}"
+    )
+
+
+class UpstreamConnector:
+    """Connections out of a pod's netns, marked (by the SocketFactory) so capture lets them by."""
+
+    def __init__(self, sockets: SocketFactory, connect_timeout: float) -> None:
+        self._sockets = sockets
+        self._connect_timeout = connect_timeout
+
+    async def connect(self, pod: PodState, address: str, port: int) -> socket.socket:
+        """A socket connected to `address:port` from `pod`'s netns."""
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        # Not in the try: failing to make a socket in the pod's netns is no fault of the upstream.
+        sock = self._sockets.stream(pod.netns, family)
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await asyncio.get_running_loop().sock_connect(sock, (address, port))
+        except (OSError, TimeoutError) as e:
+            sock.close()
+            raise UpstreamError(f"cannot connect to {address}:{port}: {str(e) or 'timeout'}") from e
+        return sock
+
+    async def tcp(self, pod: PodState, address: str, port: int) -> TcpPeer:
+        """Plain TCP to `address:port` from `pod`'s netns."""
+        sock = await self.connect(pod, address, port)
+        try:
+            _, peer = await asyncio.get_running_loop().create_connection(TcpPeer, sock=sock)
+        except OSError as e:
+            sock.close()
+            raise UpstreamError(f"cannot connect to {address}:{port}: {e}") from e
+        return peer
+
+
+class ConnectionTasks:
+    """One task per accepted connection, stream and handshake, kept so shutdown can drain them."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("connection handler failed", exc_info=task.exception())
+
+    async def drain(self, deadline: float) -> None:
+        """Wait up to `deadline` seconds for the running tasks to end, then cancel the rest."""
+        pending = {t for t in self._tasks if not t.done()}
+        if not pending:
+            return
+        log.info("draining %d connections for up to %.1f s", len(pending), deadline)
+        _, still = await asyncio.wait(pending, timeout=deadline)
+        for task in still:
+            task.cancel()
+        await asyncio.gather(*still, return_exceptions=True)
+
+
+class Refusals:
+    """Bad input and denials: each counted, each kind logged at a bounded rate, the peer dropped.
+
+    Peers cause these at will; a line for every one would let them flood the log.
+    """
+
+    def __init__(self, metrics: ProxyMetrics) -> None:
+        self._metrics = metrics
+        # Replaceable: a fresh limiter gives every kind its first line again.
+        self.limiter = LogLimiter()
+
+    def refuse(self, listener: str, reason: str, detail: str, peer: TcpPeer | None) -> None:
+        """Counted, logged, connection dropped; nothing else is affected."""
+        self.limiter.log(
+            log,
+            logging.WARNING,
+            (listener, reason),
+            "%s: refused (%s): %s",
+            listener,
+            reason,
+            detail,
+        )
+        self._metrics.refused(listener, reason)
+        if peer is not None:
+            peer.abort()
+
+    def count(self, listener: str, reason: str) -> None:
+        """Counted only: for refusals the caller reports in its own way."""
+        self._metrics.refused(listener, reason)
+
+    def denied(self, identity: SpiffeId | None, destination: str, reason: str) -> None:
+        """A connection authorization denied (its metrics and access log are the caller's)."""
+        self.limiter.log(
+            log,
+            logging.INFO,
+            ("denied", identity, reason),
+            "denied %s -> %s: %s",
+            identity,
+            destination,
+            reason,
+        )
+
+
+async def carry(
+    telemetry: Telemetry,
+    record: ConnectionRecord,
+    flow: Flow,
+    peers: Sequence[TcpPeer],
+    stream: HboneStream | None = None,
+) -> None:
+    """Report the connection open, wait for it to end, report it closed."""
+    telemetry.opened(record)
+    try:
+        error = await flow.done
+    except asyncio.CancelledError:
+        # Shutdown deadline passed: cut it, and still account for it.
+        if stream is not None:
+            stream.reset("proxy shutting down")
+        for peer in peers:
+            peer.abort()
+        telemetry.closed(record, up=flow.up, down=flow.down, error="proxy shut down")
+        raise
+    telemetry.closed(record, up=flow.up, down=flow.down, error=error)

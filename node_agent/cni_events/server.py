@@ -1,8 +1,8 @@
 """The Unix socket weir-cni talks to: one request per connection, answered by a handler.
 
 Only root may connect: the socket is mode 0600 (it appears at its path with
-that mode already, by a rename) and each peer's uid is checked again with
-SO_PEERCRED. Requests run on their own threads, at most `max_in_flight` at
+that mode already, see unix_sockets.bind_private) and each peer's uid is
+checked again with SO_PEERCRED. Requests run on their own threads, at most `max_in_flight` at
 once; beyond that the plugin is told to retry, which the runtime does.
 
 Stopping closes the listener, removes the socket file (only if it is still
@@ -17,7 +17,6 @@ import logging
 import os
 import socket
 import stat
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from cni_plugin.protocol import (
     send_message,
 )
 from node_agent.cni_events.handler import CniEventHandler
+from node_agent.unix_sockets import bind_private, peer_credentials
 from weir_common.errors import InvalidInputError, NodeSetupError, WeirError
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ plugin_log = logging.getLogger("weir.cni_plugin")
 
 # sun_path holds 108 bytes including the terminating NUL.
 _MAX_SOCKET_PATH: Final = 107
-_UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # How often the accept loop looks at the stop flag; bounds how long stop() waits for it.
 _ACCEPT_POLL_S: Final = 0.2
 _ACCEPT_TRANSIENT: Final = frozenset(
@@ -133,20 +132,12 @@ class CniEventServer:
         path = self.socket_path
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _clear_stale_socket(path)
-        # Bound under a temporary name and renamed once it is 0600, so the
-        # real path never exists with a wider mode.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.bind(str(tmp))
-            tmp.chmod(0o600)
-            sock.listen(128)
             sock.settimeout(_ACCEPT_POLL_S)
-            tmp.rename(path)
+            bind_private(sock, path, 0o600)
         except BaseException:
             sock.close()
-            tmp.unlink(missing_ok=True)
             raise
         return sock
 
@@ -185,7 +176,7 @@ class CniEventServer:
 
     def _serve(self, conn: socket.socket) -> None:
         try:
-            uid = _peer_uid(conn)
+            _pid, uid, _gid = peer_credentials(conn)
             if uid not in self._allowed_uids:
                 log.warning("refused a CNI request from uid %d", uid)
                 self._answer(conn, Reply.failure(f"uid {uid} may not ask", retryable=False))
@@ -244,13 +235,6 @@ class CniEventServer:
         except Exception as e:
             log.exception("CNI %s for %s crashed the handler", request.op.upper(), who)
             return Reply.failure(f"node agent internal error: {e!r}", retryable=False)
-
-
-def _peer_uid(conn: socket.socket) -> int:
-    _pid, uid, _gid = _UCRED.unpack(
-        conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    )
-    return int(uid)
 
 
 def _clear_stale_socket(path: Path) -> None:

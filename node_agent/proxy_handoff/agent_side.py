@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from node_agent.constants import PROXY_GID, PROXY_UID
 from node_agent.netns import Netns
 from node_agent.proxy_handoff import protocol
 from node_agent.proxy_handoff.protocol import EnrolledPod
+from node_agent.unix_sockets import bind_private, peer_credentials
 from weir_common.errors import TransientError
 from weir_common.supervision import Supervisor
 
@@ -78,19 +78,15 @@ class ProxyHandoffServer:
     async def start(self, supervisor: Supervisor | None = None) -> None:
         """Listen; the accept loop runs under `supervisor` when given (see supervision)."""
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock.setblocking(False)
-        # Linux creates the socket file with the mode of the unbound socket's
-        # inode (less the umask), so there is no moment where others can
-        # connect; the process-wide umask stays untouched for other threads.
-        os.fchmod(sock.fileno(), 0o600)
-        sock.bind(str(self.path))
-        # Root and the proxy's UID only: the proxy connects as 1337.
-        os.chown(self.path, PROXY_UID, PROXY_GID)
+        try:
+            # Root and the proxy's UID only: the proxy connects as 1337.
+            bind_private(sock, self.path, 0o600, owner=(PROXY_UID, PROXY_GID), backlog=8)
+        except BaseException:
+            sock.close()
+            raise
         self.path.parent.chmod(0o711)
-        sock.listen(8)
         self._listener = sock
         if supervisor is None:
             self._spawn(self._accept_loop(sock))
@@ -147,8 +143,7 @@ class ProxyHandoffServer:
         while True:
             sock, _ = await loop.sock_accept(listener)
             sock.setblocking(False)
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, _gid = struct.unpack("3i", creds)
+            pid, uid, _gid = peer_credentials(sock)
             if uid not in (0, PROXY_UID):
                 log.warning("refused handoff connection from pid %d uid %d", pid, uid)
                 sock.close()

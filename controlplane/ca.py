@@ -9,9 +9,7 @@ operator-provided intermediate.
 
 import datetime
 import ipaddress
-import os
 import re
-import secrets
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -24,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controlplane.auth import invalid_argument
+from weir_common.atomic_file import write_atomically
 from weir_common.errors import InvalidInputError, NodeSetupError
 from weir_common.mesh import SpiffeId
 
@@ -184,7 +183,7 @@ def load_or_create_root(
         key = ec.generate_private_key(ec.SECP256R1())
         cert = _self_signed_root(key, trust_domain, now)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write_private(
+        write_atomically(
             key_path,
             key.private_bytes(
                 serialization.Encoding.PEM,
@@ -192,7 +191,7 @@ def load_or_create_root(
                 serialization.NoEncryption(),
             ),
         )
-        _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     cert = _load_certs(cert_path)[0]
     return CertificateAuthority(
         signing_cert=cert, signing_key=_load_key(key_path), intermediates=[], roots=[cert]
@@ -282,21 +281,6 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise InvalidInputError(f"{path}: CA key must be ECDSA")
     return key
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write atomically, readable by the owner only."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _general_name(name: str) -> x509.GeneralName:

@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -32,12 +31,12 @@ from typing import Final
 from node_agent.cni_install import conflist
 from node_agent.cni_install.conflist import PLUGIN_TYPE, Change, PluginSettings
 from node_agent.cni_install.dirwatch import DirWatch
+from weir_common.atomic_file import TEMP_SUFFIX, fsync_directory, write_atomically
 from weir_common.errors import InvalidInputError, NodeSetupError, TransientError, WeirError
 
 log = logging.getLogger(__name__)
 
 BUNDLE_STORE: Final = f".{PLUGIN_TYPE}"
-_TMP_SUFFIX: Final = ".weir-tmp"
 _LOCK_TIMEOUT_S: Final = 10.0
 _POLL_S: Final = 0.25
 # The conf dir is re-read this often even without an inotify event.
@@ -61,14 +60,14 @@ def install_plugin_binary(bundle: Path, bin_dir: Path) -> Path:
     store.mkdir(mode=0o755, exist_ok=True)
     dest = store / digest
     if not dest.is_dir():
-        tmp = store / f".{digest}.{os.getpid()}{_TMP_SUFFIX}"
+        tmp = store / f".{digest}.{os.getpid()}{TEMP_SUFFIX}"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(bundle, tmp, symlinks=True)
         tmp.rename(dest)
     link = bin_dir / PLUGIN_TYPE
     target = Path(BUNDLE_STORE) / digest / PLUGIN_TYPE
     if not (link.is_symlink() and link.readlink() == target):
-        tmp_link = bin_dir / f".{PLUGIN_TYPE}.{os.getpid()}{_TMP_SUFFIX}"
+        tmp_link = bin_dir / f".{PLUGIN_TYPE}.{os.getpid()}{TEMP_SUFFIX}"
         tmp_link.unlink(missing_ok=True)
         tmp_link.symlink_to(target)
         tmp_link.rename(link)
@@ -251,37 +250,17 @@ class ConfDirInstaller:
                 like = next(
                     (self.conf_dir / d for d in change.deletes if Path(d).stem == stem), like
                 )
-            atomic_write(self.conf_dir / name, text, like=like)
+            _write_like(self.conf_dir / name, text, like=like)
         for name in change.deletes:
             (self.conf_dir / name).unlink(missing_ok=True)
-        _fsync_dir(self.conf_dir)
+        fsync_directory(self.conf_dir)
 
 
-def atomic_write(path: Path, text: str, *, like: Path) -> None:
-    """Replace `path` by a rename, with the mode and owner of `like` (0644 root if absent)."""
+def _write_like(path: Path, text: str, *, like: Path) -> None:
+    """Replace `path` with the mode and owner of `like` (0644 root if absent)."""
     try:
         st = like.stat()
-        mode, uid, gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
     except FileNotFoundError:
-        mode, uid, gid = 0o644, 0, 0
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fchown(f.fileno(), uid, gid)
-            os.fsync(f.fileno())
-        tmp.rename(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        mode, owner = 0o644, (0, 0)
+    write_atomically(path, text.encode(), mode, owner=owner)

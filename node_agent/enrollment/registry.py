@@ -19,8 +19,6 @@ each change rewrites the whole file from the in-memory state.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -28,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from node_agent.redirect.config import CaptureConfig, parse_cidrs
+from weir_common.atomic_file import write_atomically
 from weir_common.errors import InvalidInputError
 
 FORMAT_VERSION = 1
@@ -139,21 +138,7 @@ class PodRegistry:
             "version": FORMAT_VERSION,
             "pods": [p.to_json() for p in sorted(pods.values(), key=PodRecord.key)],
         }
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".pods-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(body, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            Path(tmp).replace(self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(self.path, json.dumps(body, indent=1, sort_keys=True).encode())
         self._pods = pods
 
 

@@ -12,8 +12,9 @@ import asyncio
 import ipaddress
 import logging
 import socket
-from collections.abc import Coroutine, Sequence
-from typing import Any
+import ssl
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 from node_agent.proxy.hbone import Flow, HboneStream, TcpPeer
 from node_agent.proxy.sockets import SocketFactory
@@ -23,6 +24,8 @@ from weir_common.log_limit import LogLimiter
 from weir_common.mesh import SpiffeId
 
 log = logging.getLogger(__name__)
+
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
 
 
 class UpstreamError(Exception):
@@ -38,32 +41,45 @@ def format_authority(address: str, port: int) -> str:
 class UpstreamConnector:
     """Connections out of a pod's netns, marked (by the SocketFactory) so capture lets them by."""
 
-    def __init__(self, sockets: SocketFactory, connect_timeout: float) -> None:
+    def __init__(
+        self, sockets: SocketFactory, *, connect_timeout: float, handshake_timeout: float
+    ) -> None:
         self._sockets = sockets
         self._connect_timeout = connect_timeout
+        self._handshake_timeout = handshake_timeout
 
-    async def connect(self, pod: PodState, address: str, port: int) -> socket.socket:
-        """A socket connected to `address:port` from `pod`'s netns."""
+    async def connect(
+        self,
+        pod: PodState,
+        address: str,
+        port: int,
+        protocol: Callable[[], _P],
+        tls: ssl.SSLContext | None = None,
+    ) -> tuple[asyncio.Transport, _P]:
+        """`protocol` connected to `address:port` from `pod`'s netns, over `tls` if given.
+
+        The caller checks who answered: with `tls`, only that the peer chains
+        to the context's trust bundle is known.
+        """
+        loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         # Not in the try: failing to make a socket in the pod's netns is no fault of the upstream.
         sock = self._sockets.stream(pod.netns, family)
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await asyncio.get_running_loop().sock_connect(sock, (address, port))
-        except (OSError, TimeoutError) as e:
+                await loop.sock_connect(sock, (address, port))
+            if tls is None:
+                return await loop.create_connection(protocol, sock=sock)
+            return await loop.create_connection(
+                protocol,
+                sock=sock,
+                ssl=tls,
+                server_hostname="",
+                ssl_handshake_timeout=self._handshake_timeout,
+            )
+        except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
             sock.close()
             raise UpstreamError(f"cannot connect to {address}:{port}: {str(e) or 'timeout'}") from e
-        return sock
-
-    async def tcp(self, pod: PodState, address: str, port: int) -> TcpPeer:
-        """Plain TCP to `address:port` from `pod`'s netns."""
-        sock = await self.connect(pod, address, port)
-        try:
-            _, peer = await asyncio.get_running_loop().create_connection(TcpPeer, sock=sock)
-        except OSError as e:
-            sock.close()
-            raise UpstreamError(f"cannot connect to {address}:{port}: {e}") from e
-        return peer
 
 
 class ConnectionTasks:

@@ -260,7 +260,7 @@ class Inbound:
             refusals.denied(identity, record.destination_addr, decision.reason)
             return
         try:
-            upstream = await self._upstream.tcp(pod, address, port)
+            _, upstream = await self._upstream.connect(pod, address, port, TcpPeer)
         except UpstreamError as e:
             conn.respond(stream, 503)
             self._telemetry.failed(record, "upstream_unreachable", str(e))
@@ -314,7 +314,7 @@ class Inbound:
             peer.abort()
             return
         try:
-            upstream = await self._upstream.tcp(pod, address, port)
+            _, upstream = await self._upstream.connect(pod, address, port, TcpPeer)
         except UpstreamError as e:
             self._telemetry.failed(record, "upstream_unreachable", str(e))
             peer.abort()

@@ -66,7 +66,6 @@ class Outbound:
         tasks: ConnectionTasks,
         refusals: Refusals,
         telemetry: Telemetry,
-        handshake_timeout: float,
         response_timeout: float,
     ) -> None:
         self._mesh = mesh
@@ -77,7 +76,6 @@ class Outbound:
         self._tasks = tasks
         self._refusals = refusals
         self._telemetry = telemetry
-        self._handshake_timeout = handshake_timeout
         self._response_timeout = response_timeout
 
     def accepted(self, pod: PodState, peer: TcpPeer) -> None:
@@ -114,7 +112,7 @@ class Outbound:
         self, pod: PodState, peer: TcpPeer, record: ConnectionRecord, route: Passthrough
     ) -> None:
         try:
-            upstream = await self._upstream.tcp(pod, route.address, route.port)
+            _, upstream = await self._upstream.connect(pod, route.address, route.port, TcpPeer)
         except UpstreamError as e:
             self._telemetry.failed(record, "upstream_unreachable", str(e))
             peer.abort()
@@ -151,7 +149,9 @@ class Outbound:
                     return
                 record.mtls = False
                 record.destination_identity = None
-                upstream = await self._upstream.tcp(pod, endpoint.address, endpoint.port)
+                _, upstream = await self._upstream.connect(
+                    pod, endpoint.address, endpoint.port, TcpPeer
+                )
             except UpstreamError as e:
                 picker.failed(endpoint)
                 errors.append(f"{record.destination_addr}: {e}")
@@ -223,24 +223,15 @@ class Outbound:
     async def _dial(
         self, pod: PodState, address: str, expected: SpiffeId, context: ssl.SSLContext
     ) -> H2Protocol:
-        sock = await self._upstream.connect(pod, address, INBOUND_TUNNEL_PORT)
         pool = self._pool
         conn = H2Protocol(
             client_side=True,
             on_idle=pool.connection_idle,
             on_closed=lambda c, _reason: pool.connection_closed(c),
         )
-        try:
-            transport, _ = await asyncio.get_running_loop().create_connection(
-                lambda: conn,
-                sock=sock,
-                ssl=context,
-                server_hostname="",
-                ssl_handshake_timeout=self._handshake_timeout,
-            )
-        except (OSError, TimeoutError, ssl.SSLError) as e:
-            sock.close()
-            raise UpstreamError(f"cannot reach {address}:{INBOUND_TUNNEL_PORT}: {e}") from e
+        transport, _ = await self._upstream.connect(
+            pod, address, INBOUND_TUNNEL_PORT, lambda: conn, tls=context
+        )
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN_H2:
             conn.close("peer did not negotiate h2")

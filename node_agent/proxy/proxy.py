@@ -111,7 +111,11 @@ class Proxy:
         self.failure = ""
         self._metrics_server = MetricsServer(self.metrics, lambda: self.ready)
         self._readiness_server = MetricsServer(self.metrics, lambda: self.ready)
-        upstream = UpstreamConnector(sockets, settings.connect_timeout)
+        upstream = UpstreamConnector(
+            sockets,
+            connect_timeout=settings.connect_timeout,
+            handshake_timeout=settings.handshake_timeout,
+        )
         self._outbound = Outbound(
             mesh=self._mesh,
             tls=self._tls,
@@ -123,7 +127,6 @@ class Proxy:
             tasks=self._tasks,
             refusals=self._refusals,
             telemetry=telemetry,
-            handshake_timeout=settings.handshake_timeout,
             response_timeout=settings.connect_timeout,
         )
         self._inbound = Inbound(

@@ -8,10 +8,9 @@ import asyncio
 import datetime
 import json
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
 from typing import Any, Final
 
 import grpc
@@ -25,6 +24,7 @@ from controlplane.serving_tls import DEFAULT_SERVING_TTL, ServingCertificate, de
 from controlplane.sources import ConfigSource
 from controlplane.state import MeshState
 from controlplane.xds_server import MAX_MESSAGE_BYTES, DistributionServer
+from weir_common import http_endpoint
 from weir_common._generated.weir.v1 import ca_pb2_grpc, registry_pb2_grpc
 from weir_common.errors import NodeSetupError
 from weir_common.supervision import Supervisor
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 DEFAULT_GRPC_LISTEN: Final = "127.0.0.1:15012"
 # HTTP: /healthz, /healthz/ready, /metrics, /debug/config_dump. Loopback only by default.
 DEFAULT_HTTP_LISTEN: Final = "127.0.0.1:15014"
-DUMP_TIMEOUT_SECONDS: Final = 5.0
 GRPC_OPTIONS: Final = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -98,7 +97,7 @@ class ControlPlane:
         # Set when the control plane cannot go on; whoever runs it stops it and exits non-zero.
         self.failed = asyncio.Event()
         self.failure = ""
-        self._http: ThreadingHTTPServer | None = None
+        self._http = http_endpoint.HttpEndpoint(self._http_routes())
         self._ready = False
         self.grpc_port = 0
         self.http_port = 0
@@ -123,7 +122,7 @@ class ControlPlane:
         await server.start()
         self.supervisor.start("config watch", lambda: self._source.watch(self.state.set_mesh))
         if self._settings.http_listen is not None:
-            self._start_http(self._settings.http_listen, asyncio.get_running_loop())
+            await self._start_http(self._settings.http_listen)
         self._ready = True
         if self.serving is None:
             log.warning(
@@ -145,9 +144,7 @@ class ControlPlane:
         self._ready = False
         await self.supervisor.close()
         await self._server.stop(grace)
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+        await self._http.close()
 
     @property
     def ready(self) -> bool:
@@ -166,48 +163,28 @@ class ControlPlane:
             "streams": self.distribution.dump(),
         }
 
-    def _start_http(self, listen: str, loop: asyncio.AbstractEventLoop) -> None:
+    def _http_routes(self) -> dict[str, http_endpoint.Route]:
+        def ready(_query: http_endpoint.Query) -> http_endpoint.Reply:
+            if self.ready:
+                return http_endpoint.text("ready\n")
+            return http_endpoint.text("not ready\n", HTTPStatus.SERVICE_UNAVAILABLE)
+
+        def config_dump(_query: http_endpoint.Query) -> http_endpoint.Reply:
+            body = json.dumps(self.config_dump(), indent=1, sort_keys=True) + "\n"
+            return http_endpoint.text(body, content_type="application/json")
+
+        return {
+            "/healthz": lambda _query: http_endpoint.text("ok\n"),
+            "/healthz/ready": ready,
+            "/metrics": lambda _query: http_endpoint.text(
+                self.metrics.render(), content_type=http_endpoint.PROMETHEUS_TEXT
+            ),
+            "/debug/config_dump": config_dump,
+        }
+
+    async def _start_http(self, listen: str) -> None:
         host, _, port = listen.rpartition(":")
-        plane = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path == "/healthz":
-                    self._reply(200, "text/plain", "ok\n")
-                elif self.path == "/healthz/ready":
-                    if plane.ready:
-                        self._reply(200, "text/plain", "ready\n")
-                    else:
-                        self._reply(503, "text/plain", "not ready\n")
-                elif self.path == "/metrics":
-                    self._reply(200, "text/plain; version=0.0.4", plane.metrics.render())
-                elif self.path == "/debug/config_dump":
-                    dump = asyncio.run_coroutine_threadsafe(_dump(plane), loop)
-                    body = json.dumps(dump.result(DUMP_TIMEOUT_SECONDS), indent=1, sort_keys=True)
-                    self._reply(200, "application/json", body + "\n")
-                else:
-                    self._reply(404, "text/plain", "not found\n")
-
-            def _reply(self, status: int, content_type: str, body: str) -> None:
-                data = body.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: ANN401
-                log.debug("http: " + format, *args)
-
         try:
-            self._http = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
+            self.http_port = await self._http.start(host.strip("[]"), int(port))
         except (OSError, ValueError) as exc:
             raise NodeSetupError(f"cannot listen on {listen}: {exc}") from exc
-        self.http_port = self._http.server_address[1]
-        threading.Thread(
-            target=self._http.serve_forever, name="controlplane-http", daemon=True
-        ).start()
-
-
-async def _dump(plane: ControlPlane) -> dict[str, Any]:
-    return plane.config_dump()

@@ -12,18 +12,17 @@ weir_proxy_refused_total by listener and reason.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Final
 
 from node_agent.proxy.model import Service, Workload
-from weir_common import prometheus
+from weir_common import http_endpoint, prometheus
 from weir_common.mesh import SpiffeId
 
 log = logging.getLogger(__name__)
@@ -43,8 +42,6 @@ HELP: Final = {
     REFUSED: "inbound input refused before it became a connection, by listener and reason",
 }
 UNKNOWN: Final = "unknown"
-HTTP_READ_TIMEOUT_SECONDS: Final = 5.0
-HTTP_MAX_REQUEST: Final = 8192
 
 Labels = prometheus.Labels
 
@@ -187,58 +184,20 @@ class Telemetry:
         self.access_log.record(record, sent=0, received=0, outcome=outcome, reason=reason)
 
 
-class MetricsServer:
-    """GET /metrics (Prometheus) and /healthz/ready, HTTP/1.0, one request per connection."""
+class MetricsServer(http_endpoint.HttpEndpoint):
+    """GET /metrics (Prometheus) and /healthz/ready, one request per connection."""
 
     def __init__(self, metrics: ProxyMetrics, ready: Callable[[], bool]) -> None:
-        self._metrics = metrics
-        self._ready = ready
-        self._server: asyncio.AbstractServer | None = None
+        def readiness(_query: http_endpoint.Query) -> http_endpoint.Reply:
+            if ready():
+                return http_endpoint.text("ready\n")
+            return http_endpoint.text("not ready\n", HTTPStatus.SERVICE_UNAVAILABLE)
 
-    async def start(self, host: str, port: int) -> int:
-        self._server = await asyncio.start_server(self._serve, host, port, limit=HTTP_MAX_REQUEST)
-        sockname: tuple[str, int] = self._server.sockets[0].getsockname()
-        return sockname[1]
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(HTTP_READ_TIMEOUT_SECONDS):
-                # The reader's limit bounds the request head (LimitOverrunError past it).
-                head = await reader.readuntil(b"\r\n\r\n")
-            request_line = head.split(b"\r\n", 1)[0].decode("ascii", "replace").split()
-            path = request_line[1] if len(request_line) >= 2 else ""
-            if path == "/metrics":
-                status, body, kind = 200, self._metrics.render(), "text/plain; version=0.0.4"
-            elif path == "/healthz/ready":
-                ok = self._ready()
-                status, body, kind = (
-                    (200 if ok else 503),
-                    ("ready\n" if ok else "not ready\n"),
-                    "text/plain",
-                )
-            else:
-                status, body, kind = 404, "not found\n", "text/plain"
-            payload = body.encode()
-            writer.write(
-                f"HTTP/1.0 {status} {'OK' if status == 200 else 'Error'}\r\n"
-                f"Content-Type: {kind}\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
-                + payload
-            )
-            await writer.drain()
-        except (
-            TimeoutError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            ValueError,
-            ConnectionError,
-        ) as e:
-            log.debug("metrics request dropped: %s", e)
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+        super().__init__(
+            {
+                "/metrics": lambda _query: http_endpoint.text(
+                    metrics.render(), content_type=http_endpoint.PROMETHEUS_TEXT
+                ),
+                "/healthz/ready": readiness,
+            }
+        )

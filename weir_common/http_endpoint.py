@@ -1,0 +1,116 @@
+"""The small HTTP server behind health, readiness, metrics and debug dumps.
+
+One GET per connection, answered from a table of routes and closed: these
+endpoints serve probes, Prometheus and people with curl, never traffic, so
+there is no keep-alive, no request body and nothing to parse beyond the
+request line. The request head is bounded and must arrive within a deadline;
+a head past the bound is dropped without an answer, as is one that never
+completes. It runs on the caller's asyncio loop, so routes read the state
+they report without crossing threads, and listens on loopback unless told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+LOOPBACK: Final = "127.0.0.1"
+MAX_REQUEST_HEAD: Final = 8192
+READ_TIMEOUT_SECONDS: Final = 5.0
+
+Query = Mapping[str, str]
+# What a route answers: status, content type, body.
+Reply = tuple[HTTPStatus, str, bytes]
+Route = Callable[[Query], Reply]
+# How an endpoint words the answers it gives itself (404, 405, 400, 500):
+# (status, what went wrong) -> content type and body.
+ErrorBody = Callable[[HTTPStatus, str], tuple[str, bytes]]
+
+PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4"
+
+
+def text(body: str, status: HTTPStatus = HTTPStatus.OK, content_type: str = "text/plain") -> Reply:
+    return status, content_type, body.encode()
+
+
+def plain_error(status: HTTPStatus, _message: str) -> tuple[str, bytes]:
+    """ "not found\\n" and the like: what a probe or curl needs, nothing about our routes."""
+    return "text/plain", f"{status.phrase.lower()}\n".encode()
+
+
+class HttpEndpoint:
+    """Serves `routes` (path without query -> route) once started, until closed."""
+
+    def __init__(self, routes: Mapping[str, Route], *, error_body: ErrorBody = plain_error) -> None:
+        self._routes = routes
+        self._error_body = error_body
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("endpoint not started")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self, host: str = LOOPBACK, port: int = 0) -> int:
+        """Listen on `host`:`port` (0: any free port); the port listened on."""
+        self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_REQUEST_HEAD)
+        return self.port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(READ_TIMEOUT_SECONDS):
+                # The reader's limit bounds the head: LimitOverrunError past it.
+                head = await reader.readuntil(b"\r\n\r\n")
+            status, content_type, body = self._respond(head)
+            writer.write(
+                f"HTTP/1.0 {status.value} {status.phrase}\r\n"
+                f"Content-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (
+            ConnectionError,
+            TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ) as e:
+            log.debug("HTTP request dropped: %r", e)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    def _respond(self, head: bytes) -> Reply:
+        parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return self._error(HTTPStatus.BAD_REQUEST, "malformed request line")
+        method, target = parts[0], parts[1]
+        if method != "GET":
+            return self._error(HTTPStatus.METHOD_NOT_ALLOWED, "only GET is served")
+        path, _, query = target.partition("?")
+        route = self._routes.get(path)
+        if route is None:
+            return self._error(HTTPStatus.NOT_FOUND, f"no endpoint {path}")
+        try:
+            return route(dict(p.partition("=")[::2] for p in query.split("&") if p))
+        except Exception:
+            log.exception("HTTP handler for %s failed", target)
+            return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"handler for {target} failed")
+
+    def _error(self, status: HTTPStatus, message: str) -> Reply:
+        content_type, body = self._error_body(status, message)
+        return status, content_type, body

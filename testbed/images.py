@@ -11,15 +11,16 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Final
 
 BUSYBOX: Final = Path("/bin/busybox")
 # What the tests' containers call; each is a link to the one static binary.
 APPLETS: Final = (
     "sh", "ip", "readlink", "echo", "cat", "sleep", "nc", "httpd", "wget", "hostname",
-    "ls", "ps", "grep", "kill", "env",
+    "ls", "ps", "grep", "kill", "env", "nslookup",
 )  # fmt: skip
 
 
@@ -27,21 +28,27 @@ def _digest(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def _layer(applets: Sequence[str]) -> bytes:
+def _add_file(tar: tarfile.TarFile, name: str, source: Path) -> None:
+    data = source.read_bytes()
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o755
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _layer(applets: Sequence[str], files: Mapping[str, Path]) -> bytes:
     layer = io.BytesIO()
     with tarfile.open(fileobj=layer, mode="w") as tar:
         for directory in ("bin", "proc", "sys", "dev", "etc", "tmp", "var", "var/run"):
             info = tarfile.TarInfo(directory)
             info.type, info.mode = tarfile.DIRTYPE, 0o755
             tar.addfile(info)
-        busybox = BUSYBOX.read_bytes()
-        info = tarfile.TarInfo("bin/busybox")
-        info.size, info.mode = len(busybox), 0o755
-        tar.addfile(info, io.BytesIO(busybox))
+        _add_file(tar, "bin/busybox", BUSYBOX)
         for applet in applets:
             info = tarfile.TarInfo(f"bin/{applet}")
             info.type, info.linkname = tarfile.SYMTYPE, "busybox"
             tar.addfile(info)
+        for name, source in files.items():
+            _add_file(tar, name, source)
     return layer.getvalue()
 
 
@@ -52,9 +59,13 @@ def build_busybox_image(
     entrypoint: Sequence[str] = (),
     cmd: Sequence[str] = ("/bin/sh",),
     applets: Sequence[str] = APPLETS,
+    files: Mapping[str, Path] = MappingProxyType({}),
 ) -> None:
-    """Write an OCI image layout tar named `name`: /bin/busybox and links for `applets`."""
-    layer_blob = _layer(applets)
+    """Write an OCI image layout tar named `name`: /bin/busybox and links for `applets`.
+
+    `files` adds executables: path in the image (no leading slash) -> file here.
+    """
+    layer_blob = _layer(applets, files)
     image_config: dict[str, object] = {"Env": ["PATH=/bin"], "Cmd": list(cmd)}
     if entrypoint:
         image_config["Entrypoint"] = list(entrypoint)

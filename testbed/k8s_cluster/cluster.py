@@ -29,23 +29,25 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any, Final
 
-from node_agent.errors import WeirError
 from node_agent.localmesh.topology import NETNS_DIR, LocalTopology, sweep
 from testbed.images import build_busybox_image
 from testbed.k8s_cluster import config
 from testbed.k8s_cluster.config import ClusterSpec, NodeSpec
 from testbed.k8s_cluster.pki import write_pki
+from weir_common.errors import WeirError
 
 REPO: Final = Path(__file__).resolve().parents[2]
 CGROUP_FS: Final = Path("/sys/fs/cgroup")
 # The daemons' cgroup only needs a hierarchy that every process can join.
 DAEMON_HIERARCHY: Final = CGROUP_FS / "pids"
 STATE_FILE: Final = "state.json"
+# The control plane joins the underlay as a LocalTopology node, which must own a
+# pod CIDR; it runs no pods, so this one is outside the cluster CIDR and unused.
 CONTROL_PLANE_POD_CIDR: Final = IPv4Network("10.243.0.0/24")
 _START_TIMEOUT_S: Final = 120.0
 _STEP_TIMEOUT_S: Final = 60.0
@@ -68,11 +70,21 @@ class Cluster:
 
     `topology` is the prefix of its network namespaces; `namespaces` the
     inodes of those and of the nodes' mount namespaces (see `leftovers`).
+    `network` is the LocalTopology that made the namespaces: while it is
+    open, SIGTERM unwinds this process (so a test's teardown still runs).
     """
 
     spec: ClusterSpec
     topology: str
     namespaces: frozenset[int]
+    network: LocalTopology = field(repr=False, compare=False)
+
+    def down(self) -> None:
+        """`down(state_dir)`, then close the topology so it lets go of SIGTERM."""
+        try:
+            down(self.spec.state_dir)
+        finally:
+            self.network.close()
 
     def kubectl(
         self, *args: str, stdin: str | None = None, timeout: float = _STEP_TIMEOUT_S
@@ -343,16 +355,20 @@ def _save_state(state_dir: Path, state: dict[str, Any]) -> None:
 
 
 def _images(spec: ClusterSpec) -> list[Path]:
-    """The test image and the sandbox image, as OCI archives to import into every node."""
-    busybox, pause = (
-        spec.state_dir / "images" / "busybox.tar",
-        spec.state_dir / "images" / "pause.tar",
-    )
-    busybox.parent.mkdir(exist_ok=True)
+    """The images every node gets, as OCI archives: workloads, sandbox, cluster DNS."""
+    directory = spec.state_dir / "images"
+    directory.mkdir(exist_ok=True)
+    busybox, pause, coredns = (directory / f"{n}.tar" for n in ("busybox", "pause", "coredns"))
     build_busybox_image(busybox, config.TEST_IMAGE)
     # The sandbox only has to hold the pod's namespaces open until it is killed.
     build_busybox_image(pause, config.SANDBOX_IMAGE, entrypoint=["/bin/sleep", "infinity"])
-    return [busybox, pause]
+    build_busybox_image(
+        coredns,
+        config.COREDNS_IMAGE,
+        entrypoint=["/bin/coredns"],
+        files={"bin/coredns": spec.bin_dir / "coredns"},
+    )
+    return [busybox, pause, coredns]
 
 
 def _start_control_plane(cluster: Cluster, listener: socket.socket) -> None:
@@ -393,6 +409,18 @@ def _wait_until_usable(cluster: Cluster) -> None:
         ["kube-controller-manager"],
         _START_TIMEOUT_S,
     )
+    applied = cluster.kubectl("apply", "-f", "-", stdin=config.coredns_manifests())
+    if applied.returncode != 0:
+        raise ClusterError(f"cluster DNS manifests: {applied.stderr.strip()}")
+    available = ["-n", "kube-system", "get", "deployment", "coredns"]
+    available.append("-o=jsonpath={.status.availableReplicas}")
+    _wait(
+        spec,
+        "cluster DNS (CoreDNS)",
+        lambda: cluster.kubectl(*available, timeout=10).stdout == "1",
+        [f"kubelet-{n.name}" for n in spec.nodes],
+        _START_TIMEOUT_S,
+    )
 
 
 def up(state_dir: Path, node_count: int = 2, *, log: Log = _stderr) -> Cluster:
@@ -407,8 +435,8 @@ def up(state_dir: Path, node_count: int = 2, *, log: Log = _stderr) -> Cluster:
     state: dict[str, Any] = {"name": f"wk8s-{secrets.token_hex(3)}", "topology": None}
     _save_state(state_dir, state)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    topology = LocalTopology()
     try:
-        topology = LocalTopology()
         topology.open()
         state["topology"] = topology.prefix
         _save_state(state_dir, state)
@@ -429,7 +457,7 @@ def up(state_dir: Path, node_count: int = 2, *, log: Log = _stderr) -> Cluster:
             host_port=listener.getsockname()[1],
         )
         inodes = [(NETNS_DIR / n).stat().st_ino for n in (cp.netns_name, *(n.netns for n in nodes))]
-        cluster = Cluster(spec, topology.prefix, frozenset(inodes))
+        cluster = Cluster(spec, topology.prefix, frozenset(inodes), topology)
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         _write_files(spec)
         write_pki(spec)
@@ -452,7 +480,8 @@ def up(state_dir: Path, node_count: int = 2, *, log: Log = _stderr) -> Cluster:
     except BaseException:
         try:
             down(state_dir, log=log)
-        except ClusterError as e:
+            topology.close()
+        except WeirError as e:
             log(f"cleanup after the failed start: {e.message}")
         raise
     finally:

@@ -43,6 +43,9 @@ SERVICE_CIDR: Final = IPv4Network("10.96.0.0/16")
 CLUSTER_CIDR: Final = IPv4Network("10.244.0.0/16")
 TEST_IMAGE: Final = "weir.test/busybox:k8s"
 SANDBOX_IMAGE: Final = "weir.test/pause:k8s"
+COREDNS_IMAGE: Final = "weir.test/coredns:k8s"
+# The tenth address of the Service range, as kubeadm clusters have it.
+DNS_SERVICE_IP: Final = SERVICE_CIDR.network_address + 10
 CONTAINERD_SOCKET: Final = "/run/containerd/containerd.sock"
 # What a node's mount namespace shows at the standard paths, so that a
 # DaemonSet's hostPath volumes see that node's files and never the machine's.
@@ -307,6 +310,7 @@ def kubelet_config(spec: ClusterSpec, node: NodeSpec) -> str:
         "cgroupsPerQOS": True,
         "containerRuntimeEndpoint": f"unix://{CONTAINERD_SOCKET}",
         "clusterDomain": CLUSTER_DOMAIN,
+        "clusterDNS": [str(DNS_SERVICE_IP)],
         "resolvConf": "/etc/resolv.conf",
         "staticPodPath": "",
         "rotateCertificates": False,
@@ -370,6 +374,78 @@ def kube_proxy_argv(spec: ClusterSpec, node: NodeSpec) -> list[str]:
         f"--config={spec.node_dir(node) / 'kube-proxy.yaml'}",
         "--v=1",
     ]
+
+
+COREDNS_CONFIG: Final = f"""\
+.:53 {{
+    errors
+    health {{
+        lameduck 5s
+    }}
+    ready
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+    }}
+    cache 30
+    reload
+}}
+"""
+# No `forward`: nothing outside the machine answers, so other names fail at once.
+
+
+def coredns_manifests() -> str:
+    """Cluster DNS as kubeadm deploys it: CoreDNS in kube-system behind kube-dns."""
+    labels = {"k8s-app": "kube-dns"}
+    meta = {"name": "coredns", "namespace": "kube-system"}
+    rules = [
+        {"apiGroups": [""], "resources": ["endpoints", "services", "pods", "namespaces"],
+         "verbs": ["list", "watch"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+         "verbs": ["list", "watch"]},
+    ]  # fmt: skip
+    container = {
+        "name": "coredns",
+        "image": COREDNS_IMAGE,
+        "imagePullPolicy": "Never",
+        "args": ["-conf", "/etc/coredns/Corefile"],
+        "ports": [
+            {"name": "dns", "containerPort": 53, "protocol": "UDP"},
+            {"name": "dns-tcp", "containerPort": 53, "protocol": "TCP"},
+        ],
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": 8181}, "periodSeconds": 1},
+        "livenessProbe": {"httpGet": {"path": "/health", "port": 8080}},
+        "volumeMounts": [{"name": "config", "mountPath": "/etc/coredns", "readOnly": True}],
+    }
+    pod_spec = {
+        "serviceAccountName": "coredns",
+        "priorityClassName": "system-cluster-critical",
+        # Its own upstream is the node's resolv.conf, never itself.
+        "dnsPolicy": "Default",
+        "containers": [container],
+        "volumes": [{"name": "config", "configMap": {"name": "coredns"}}],
+    }
+    items: list[dict[str, Any]] = [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": {"name": "system:coredns"}, "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": "system:coredns"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                     "name": "system:coredns"},
+         "subjects": [{"kind": "ServiceAccount", **meta}]},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+         "data": {"Corefile": COREDNS_CONFIG}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {**meta, "labels": labels},
+         "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                  "template": {"metadata": {"labels": labels}, "spec": pod_spec}}},
+        {"apiVersion": "v1", "kind": "Service",
+         "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": labels},
+         "spec": {"selector": labels, "clusterIP": str(DNS_SERVICE_IP),
+                  "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
+                            {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}},
+    ]  # fmt: skip
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, indent=2) + "\n"
 
 
 def containerd_config(spec: ClusterSpec, node: NodeSpec) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.k8s_cluster.cluster import Cluster, down, leftovers, up
+from testbed.k8s_cluster.cluster import Cluster, leftovers, up
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def k8s_cluster() -> Iterator[Cluster]:
     try:
         yield cluster
     finally:
-        down(state_dir)
+        cluster.down()
         state_dir.parent.rmdir()
         left = leftovers(cluster)
         assert not left, f"left behind after teardown: {left}"

@@ -94,9 +94,8 @@ def test_pods_on_two_nodes_exchange_data_and_reach_services(k8s_cluster: Cluster
 
     # kubernetes.default (the API server's Service), from a pod and from the host network:
     # plain HTTP to its TLS port gets Go's own answer, so it is the API server that replied.
-    probe = (
-        f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {cluster.spec.kubernetes_service_ip} 443"
-    )
+    service_ip = str(cluster.spec.kubernetes_service_ip)
+    probe = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {service_ip} 443"
     for pod in ("a", "h"):
         answer = _ok(cluster, "exec", pod, "--", "sh", "-c", probe)
         assert "Client sent an HTTP request to an HTTPS server" in answer
@@ -105,6 +104,12 @@ def test_pods_on_two_nodes_exchange_data_and_reach_services(k8s_cluster: Cluster
     _ok(cluster, "expose", "pod", "a", "--port=80", "--target-port=8080", "--name=web-a")
     cluster_ip = _ok(cluster, "get", "service", "web-a", "-o", "jsonpath={.spec.clusterIP}")
     _eventually(cluster, ["exec", "b", "--", "wget", "-qO-", f"http://{cluster_ip}/"], "a\n")
+
+    # Cluster DNS (CoreDNS behind kube-dns): the Service by its short name, through the
+    # pod's search path, and the API server's Service by its full name.
+    _eventually(cluster, ["exec", "b", "--", "wget", "-qO-", "http://web-a/"], "a\n")
+    name = "kubernetes.default.svc.cluster.local"
+    assert service_ip in _ok(cluster, "exec", "a", "--", "nslookup", name)
 
     # Each node's hostPath sees that node's own CNI config, not the machine's.
     for pod, index in (("a", 1), ("h", 2)):

@@ -45,6 +45,7 @@ def test_control_plane_matches_golden(golden: Callable[[str, str], None]) -> Non
                 "kube-controller-manager": config.controller_manager_argv(SPEC),
                 "kube-scheduler": config.scheduler_argv(SPEC),
                 **kubeconfigs,
+                "cluster DNS manifests": config.coredns_manifests(),
             }
         ),
     )

@@ -10,7 +10,8 @@ Layout of the state directory (all of it removed by `make k8s-down`):
 ```
 state/
   kubeconfig          admin, through the host relay (the contract's path when state is build/k8s)
-  state.json          what teardown needs (see cluster.State)
+  state.json          what teardown needs: the cluster's cgroup name, its netns prefix
+  images/             the OCI archives imported into every node
   pki/                CA, serving and client certificates, the ServiceAccount key pair
   run/                pid files and logs
   ns/                 the nodes' mount namespaces, bind-mounted (a private mount)
@@ -55,8 +56,6 @@ NODE_KUBELET_DIR: Final = "/var/lib/kubelet"
 # The reference plugins the conflist uses, linked into each node's /opt/cni/bin.
 CNI_PLUGINS: Final = ("bridge", "host-local", "loopback", "portmap")
 HOST_CNI_DIR: Final = Path("/usr/lib/cni")
-
-
 # Each node's pod bridge, in its own netns, so every node can use the usual name.
 NODE_BRIDGE: Final = "cni0"
 # Written by the node's processes; each gets a copy-on-write overlay whose

@@ -20,7 +20,6 @@ restart, the node's workloads come back without the agent doing anything.
 
 import asyncio
 import logging
-import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from weir_common.mesh import (
     auth_metadata,
     resource_name,
 )
+from weir_common.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +64,6 @@ PERMANENT_REFUSALS: Final = frozenset(
         grpc.StatusCode.FAILED_PRECONDITION,
     }
 )
-
-
-@dataclass(frozen=True)
-class Backoff:
-    initial: float = 0.1
-    maximum: float = 30.0
-    multiplier: float = 2.0
-
-    def delay(self, failures: int) -> float:
-        """Seconds to wait after `failures` consecutive failures, with full jitter."""
-        ceiling = min(self.maximum, self.initial * self.multiplier ** min(failures, 32))
-        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 (jitter, not crypto)
 
 
 @dataclass(frozen=True)

@@ -22,11 +22,11 @@ from cryptography import x509
 from node_agent.controlplane_client import IssuedCertificate
 from weir_common.errors import TransientError
 from weir_common.mesh import SpiffeId
+from weir_common.retry import Backoff
 
 log = logging.getLogger(__name__)
 
-RETRY_INITIAL_SECONDS: Final = 1.0
-RETRY_MAX_SECONDS: Final = 30.0
+RETRY_BACKOFF: Final = Backoff(initial=1.0, maximum=30.0)
 # Never renew more often than this, whatever a short-lived certificate asks for.
 MIN_RENEW_INTERVAL_SECONDS: Final = 0.5
 
@@ -147,7 +147,7 @@ class IdentityManager:
         return cert
 
     async def _renew_forever(self, identity: SpiffeId) -> None:
-        delay = RETRY_INITIAL_SECONDS
+        failures = 0
         while identity in self._certs:
             cert = self._certs[identity]
             wait = (self._refresh_at[identity] - self._clock()).total_seconds()
@@ -156,6 +156,7 @@ class IdentityManager:
                 fresh = await self._provider.fetch(identity)
             except Exception as e:
                 expires_in = (cert.not_after - self._clock()).total_seconds()
+                delay = RETRY_BACKOFF.delay(failures)
                 log.warning(
                     "renewing %s failed (%s); current one expires in %.0f s; retry in %.0f s",
                     identity,
@@ -164,9 +165,9 @@ class IdentityManager:
                     delay,
                 )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                failures += 1
                 continue
-            delay = RETRY_INITIAL_SECONDS
+            failures = 0
             if identity not in self._certs:
                 return
             self._store(identity, fresh)

@@ -21,14 +21,18 @@ import os
 import socket
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from node_agent.netns import Netns
 from node_agent.proxy_handoff import protocol
 from node_agent.proxy_handoff.protocol import EnrolledPod
 from weir_common.errors import WeirError
+from weir_common.retry import Backoff
 
 log = logging.getLogger(__name__)
+
+# The agent is on the same node: it is back within moments of a restart.
+RECONNECT_BACKOFF: Final = Backoff(initial=0.05, maximum=2.0)
 
 
 class PodHandler(Protocol):
@@ -46,11 +50,11 @@ class PodHandler(Protocol):
 
 class ProxyHandoffClient:
     def __init__(
-        self, path: Path, handler: PodHandler, retry_min: float = 0.05, retry_max: float = 2.0
+        self, path: Path, handler: PodHandler, backoff: Backoff = RECONNECT_BACKOFF
     ) -> None:
         self.path = path
         self._handler = handler
-        self._retry = (retry_min, retry_max)
+        self._backoff = backoff
         self._fds: dict[str, int] = {}
         # Set once the first full snapshot is applied; readiness waits on it.
         self.synced = asyncio.Event()
@@ -60,8 +64,8 @@ class ProxyHandoffClient:
         return sorted(self._fds)
 
     async def run(self) -> None:
-        """Connect, follow, reconnect with capped exponential backoff; cancel to stop."""
-        delay = self._retry[0]
+        """Connect, follow, reconnect with backoff; cancel to stop."""
+        failures = 0
         try:
             while True:
                 try:
@@ -69,9 +73,9 @@ class ProxyHandoffClient:
                 except (OSError, ConnectionError, protocol.ProtocolError) as e:
                     log.warning("handoff from agent at %s interrupted: %s", self.path, e)
                 else:
-                    delay = self._retry[0]
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._retry[1])
+                    failures = 0
+                await asyncio.sleep(self._backoff.delay(failures))
+                failures += 1
         finally:
             for fd in self._fds.values():
                 os.close(fd)

@@ -11,9 +11,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from controlplane import metrics as m
-from node_agent.controlplane_client import Backoff
 from weir_common._generated.weir.v1 import ca_pb2, ca_pb2_grpc
 from weir_common.mesh import auth_metadata
+from weir_common.retry import Backoff
 
 pytestmark = pytest.mark.timeout(60)
 CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"

@@ -1,6 +1,8 @@
 """Fakes that plug into `proxy.build()` for tests, the benchmark and local runs.
 
 - StaticConfigSource: a snapshot you set by hand, pushed like the xDS client would.
+- SnapshotConsumer: takes snapshots as the proxy does, refusing one on request.
+- self_signed_root_pem: a throwaway CA root, for trust bundles.
 - LocalCaCertificates: certificates signed in-process by the control plane's own
   CertificateAuthority (real X.509 SVIDs, no gRPC).
 - AccessLogRecorder: keeps access log entries as dicts.
@@ -46,6 +48,37 @@ class StaticConfigSource:
             self._changed.clear()
             apply(self._snapshot)
             await self._changed.wait()
+
+
+class SnapshotConsumer:
+    """Takes a snapshot in, then may fail on it, as the proxy can (it swaps the
+    snapshot in first and rebuilds TLS contexts from it after)."""
+
+    def __init__(self) -> None:
+        self.in_force: MeshSnapshot | None = None
+        self.refuse: str | None = None
+
+    def __call__(self, snapshot: MeshSnapshot) -> None:
+        self.in_force = snapshot
+        if self.refuse is not None and self.refuse in snapshot.workloads:
+            raise RuntimeError(f"cannot serve {self.refuse}")
+
+
+def self_signed_root_pem() -> str:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.ORGANIZATION_NAME, "test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def make_csr(identity: SpiffeId) -> tuple[str, bytes]:

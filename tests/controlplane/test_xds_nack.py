@@ -6,8 +6,8 @@ import pytest
 from cp_testing import MESH_YAML, node_client, running, running_plane
 
 from controlplane import metrics as m
-from node_agent.proxy.model import MeshSnapshot
 from node_agent.proxy.xds_source import SnapshotHandler
+from testbed.proxy_fakes import SnapshotConsumer
 from weir_common.mesh import WORKLOAD_TYPE
 
 pytestmark = pytest.mark.timeout(60)
@@ -18,20 +18,6 @@ EXTRA = (
 )
 
 
-class Consumer:
-    """Takes a snapshot in, then may fail on it, as the proxy can (it swaps the
-    snapshot in first and rebuilds TLS contexts from it after)."""
-
-    def __init__(self) -> None:
-        self.in_force: MeshSnapshot | None = None
-        self.refuse: str | None = None
-
-    def __call__(self, snapshot: MeshSnapshot) -> None:
-        self.in_force = snapshot
-        if self.refuse is not None and self.refuse in snapshot.workloads:
-            raise RuntimeError(f"cannot serve {self.refuse}")
-
-
 async def until(predicate, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
@@ -39,7 +25,7 @@ async def until(predicate, timeout: float = 10.0) -> None:
 
 
 def test_a_push_the_proxy_fails_on_is_nacked_and_the_previous_snapshot_stays(tmp_path):
-    consumer = Consumer()
+    consumer = SnapshotConsumer()
 
     def endpoints() -> int:
         snapshot = consumer.in_force

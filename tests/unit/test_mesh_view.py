@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-import datetime
-
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from node_agent.enrollment.enroller import MeshIntent
 from node_agent.mesh_view import MeshView
+from testbed.proxy_fakes import self_signed_root_pem
 from weir_common._generated.weir.v1 import mesh_pb2
 from weir_common.errors import InvalidInputError, TransientError
 from weir_common.mesh import POLICY_TYPE, SERVICE_TYPE, TRUST_BUNDLE_TYPE, WORKLOAD_TYPE
-
-
-def root_pem() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.ORGANIZATION_NAME, "test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def workload(name: str, node: str, captured: bool = True) -> mesh_pb2.Workload:
@@ -41,7 +20,9 @@ def workload(name: str, node: str, captured: bool = True) -> mesh_pb2.Workload:
 
 def synced_view() -> MeshView:
     view = MeshView("node-1")
-    bundle = mesh_pb2.TrustBundle(trust_domain="cluster.local", root_certificates_pem=[root_pem()])
+    bundle = mesh_pb2.TrustBundle(
+        trust_domain="cluster.local", root_certificates_pem=[self_signed_root_pem()]
+    )
     view.apply(TRUST_BUNDLE_TYPE, {"trust-bundle": bundle}, ["trust-bundle"], [])
     pods = {
         "default/a": workload("a", "node-1"),

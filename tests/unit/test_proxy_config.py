@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from node_agent.proxy.cli import parse_listen, parse_pod
 from node_agent.proxy.model import Action, MtlsMode
 from node_agent.proxy.xds_source import SnapshotHandler
+from testbed.proxy_fakes import self_signed_root_pem
 from weir_common._generated.weir.v1 import mesh_pb2
 from weir_common.errors import InvalidInputError
 from weir_common.mesh import POLICY_TYPE, SERVICE_TYPE, TRUST_BUNDLE_TYPE, WORKLOAD_TYPE
@@ -44,24 +41,7 @@ POLICY = mesh_pb2.AuthorizationPolicy(
 )
 
 
-def root_pem() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.ORGANIZATION_NAME, "test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
-ROOT_PEM = root_pem()
+ROOT_PEM = self_signed_root_pem()
 BUNDLE = mesh_pb2.TrustBundle(trust_domain="cluster.local", root_certificates_pem=[ROOT_PEM])
 
 

@@ -2,38 +2,15 @@
 
 from __future__ import annotations
 
-import datetime
-
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from node_agent.proxy.model import MeshSnapshot
 from node_agent.proxy.xds_source import SnapshotHandler
+from testbed.proxy_fakes import SnapshotConsumer, self_signed_root_pem
 from weir_common._generated.weir.v1 import mesh_pb2
 from weir_common.errors import InvalidInputError
 from weir_common.mesh import POLICY_TYPE, SERVICE_TYPE, TRUST_BUNDLE_TYPE, WORKLOAD_TYPE
 
-
-def root_pem() -> str:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.ORGANIZATION_NAME, "test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
-ROOT = root_pem()
+ROOT = self_signed_root_pem()
 
 
 def bundle(*roots: str, trust_domain: str = "cluster.local") -> mesh_pb2.TrustBundle:
@@ -51,21 +28,7 @@ def workload(name: str) -> mesh_pb2.Workload:
     )
 
 
-class Consumer:
-    """Takes a snapshot in, then may fail on it, as the proxy can: it swaps the
-    snapshot in first and rebuilds TLS contexts from it after."""
-
-    def __init__(self) -> None:
-        self.in_force: MeshSnapshot | None = None
-        self.refuse: str | None = None
-
-    def __call__(self, snapshot: MeshSnapshot) -> None:
-        self.in_force = snapshot
-        if self.refuse is not None and self.refuse in snapshot.workloads:
-            raise RuntimeError(f"cannot serve {self.refuse}")
-
-
-def synced(consumer: Consumer) -> SnapshotHandler:
+def synced(consumer: SnapshotConsumer) -> SnapshotHandler:
     handler = SnapshotHandler(consumer)
     for type_url, resources in (
         (TRUST_BUNDLE_TYPE, {"trust-bundle": bundle(ROOT)}),
@@ -78,7 +41,7 @@ def synced(consumer: Consumer) -> SnapshotHandler:
 
 
 def test_a_failed_publish_is_a_rejection_and_the_previous_snapshot_stays_in_force():
-    consumer = Consumer()
+    consumer = SnapshotConsumer()
     handler = synced(consumer)
     before = consumer.in_force
     assert before is not None
@@ -107,7 +70,7 @@ def test_a_failed_publish_is_a_rejection_and_the_previous_snapshot_stays_in_forc
     ids=["no-roots", "garbage", "second-root-garbage", "no-trust-domain", "no-final-newline"],
 )
 def test_a_trust_bundle_the_proxy_could_not_load_is_rejected(roots, trust_domain, error):
-    consumer = Consumer()
+    consumer = SnapshotConsumer()
     handler = synced(consumer)
     before = consumer.in_force
     bad = {"trust-bundle": bundle(*roots, trust_domain=trust_domain)}
@@ -120,7 +83,7 @@ def test_a_trust_bundle_the_proxy_could_not_load_is_rejected(roots, trust_domain
 
 
 def test_removing_the_trust_bundle_is_rejected():
-    consumer = Consumer()
+    consumer = SnapshotConsumer()
     handler = synced(consumer)
     with pytest.raises(InvalidInputError, match="removes the trust bundle"):
         handler.apply(TRUST_BUNDLE_TYPE, {}, [], ["trust-bundle"])

@@ -10,7 +10,6 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from http import HTTPStatus
 from typing import Any, Final
 
 import grpc
@@ -164,21 +163,14 @@ class ControlPlane:
         }
 
     def _http_routes(self) -> dict[str, http_endpoint.Route]:
-        def ready(_query: http_endpoint.Query) -> http_endpoint.Reply:
-            if self.ready:
-                return http_endpoint.text("ready\n")
-            return http_endpoint.text("not ready\n", HTTPStatus.SERVICE_UNAVAILABLE)
-
         def config_dump(_query: http_endpoint.Query) -> http_endpoint.Reply:
             body = json.dumps(self.config_dump(), indent=1, sort_keys=True) + "\n"
             return http_endpoint.text(body, content_type="application/json")
 
         return {
             "/healthz": lambda _query: http_endpoint.text("ok\n"),
-            "/healthz/ready": ready,
-            "/metrics": lambda _query: http_endpoint.text(
-                self.metrics.render(), content_type=http_endpoint.PROMETHEUS_TEXT
-            ),
+            "/healthz/ready": http_endpoint.readiness(lambda: self.ready),
+            "/metrics": http_endpoint.prometheus(self.metrics.render),
             "/debug/config_dump": config_dump,
         }
 

@@ -32,11 +32,27 @@ Route = Callable[[Query], Reply]
 # (status, what went wrong) -> content type and body.
 ErrorBody = Callable[[HTTPStatus, str], tuple[str, bytes]]
 
-PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4"
+_PROMETHEUS_TEXT: Final = "text/plain; version=0.0.4"
 
 
 def text(body: str, status: HTTPStatus = HTTPStatus.OK, content_type: str = "text/plain") -> Reply:
     return status, content_type, body.encode()
+
+
+def readiness(ready: Callable[[], bool]) -> Route:
+    """/healthz/ready as probes read it: 200 "ready" or 503 "not ready"."""
+
+    def route(_query: Query) -> Reply:
+        if ready():
+            return text("ready\n")
+        return text("not ready\n", HTTPStatus.SERVICE_UNAVAILABLE)
+
+    return route
+
+
+def prometheus(render: Callable[[], str]) -> Route:
+    """/metrics in the Prometheus text format."""
+    return lambda _query: text(render(), content_type=_PROMETHEUS_TEXT)
 
 
 def plain_error(status: HTTPStatus, _message: str) -> tuple[str, bytes]:

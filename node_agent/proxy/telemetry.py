@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Final
 
 from node_agent.proxy.model import Service, Workload
@@ -188,16 +187,9 @@ class MetricsServer(http_endpoint.HttpEndpoint):
     """GET /metrics (Prometheus) and /healthz/ready, one request per connection."""
 
     def __init__(self, metrics: ProxyMetrics, ready: Callable[[], bool]) -> None:
-        def readiness(_query: http_endpoint.Query) -> http_endpoint.Reply:
-            if ready():
-                return http_endpoint.text("ready\n")
-            return http_endpoint.text("not ready\n", HTTPStatus.SERVICE_UNAVAILABLE)
-
         super().__init__(
             {
-                "/metrics": lambda _query: http_endpoint.text(
-                    metrics.render(), content_type=http_endpoint.PROMETHEUS_TEXT
-                ),
-                "/healthz/ready": readiness,
+                "/metrics": http_endpoint.prometheus(metrics.render),
+                "/healthz/ready": http_endpoint.readiness(ready),
             }
         )

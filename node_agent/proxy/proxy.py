@@ -77,6 +77,12 @@ class ProxySettings:
 
 
 class Proxy:
+    """Assembly and lifecycle: owns pods, listeners, config, certificates and shutdown.
+
+    Connections themselves are `Inbound`'s and `Outbound`'s; what they share
+    with the proxy (the mesh view, TLS contexts, pool, tasks) is built here.
+    """
+
     def __init__(
         self,
         settings: ProxySettings,

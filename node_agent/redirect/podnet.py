@@ -7,12 +7,15 @@ Shared by the eBPF capture (which keys its maps by these) and the self-check
 from __future__ import annotations
 
 import ipaddress
-import json
+import os
 import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from node_agent import netns as netns_mod
 from node_agent.netns import Netns
@@ -21,6 +24,8 @@ from weir_common.errors import NodeSetupError, TransientError
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _SO_NETNS_COOKIE: Final = 71  # asm-generic/socket.h, Linux 5.14+
+_RT_SCOPE_UNIVERSE: Final = 0  # what `ip` calls scope global
+_IP_FAMILIES: Final = (socket.AF_INET, socket.AF_INET6)
 TCP_LISTEN: Final = 0x0A
 TCP_ESTABLISHED: Final = 0x01
 TCP_SYN_RECV: Final = 0x03
@@ -38,14 +43,20 @@ def netns_cookie(ns: Netns) -> int:
 
 def pod_addresses(ns: Netns) -> list[IPAddress]:
     """The pod's global-scope addresses: what peers dial it at."""
-    proc = netns_mod.run(ns, ["ip", "-j", "address", "show"])
-    if proc.returncode != 0:
-        raise TransientError(f"ip address show in {ns.path}: {proc.stderr.strip()}")
+    try:
+        # The netlink socket is made inside the pod, so the dump is the pod's.
+        with netns_mod.entered(ns), IPRoute() as ipr:
+            messages = list(ipr.addr("dump"))
+    except NetlinkError as e:
+        raise TransientError(f"reading addresses in {ns.path}: {os.strerror(e.code)}") from None
     found: list[IPAddress] = []
-    for link in json.loads(proc.stdout):
-        for info in link.get("addr_info", []):
-            if info.get("scope") == "global" and info.get("family") in ("inet", "inet6"):
-                found.append(ipaddress.ip_address(info["local"]))
+    for msg in messages:
+        if msg["scope"] != _RT_SCOPE_UNIVERSE or msg["family"] not in _IP_FAMILIES:
+            continue
+        # IFA_LOCAL is the address itself; IPv6 sends only IFA_ADDRESS, and on a
+        # point-to-point link IFA_ADDRESS is the peer's.
+        local = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        found.append(ipaddress.ip_address(local))
     return found
 
 

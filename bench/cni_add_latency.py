@@ -31,7 +31,8 @@ from node_agent.cni_events.server import CniEventServer
 from node_agent.cni_install.conflist import PluginSettings
 from node_agent.cni_install.installer import install_plugin_binary
 from node_agent.localmesh.cni_runtime import invoke_chain
-from node_agent.localmesh.topology import CNI_BIN_DIR, LocalTopology, node_conflist
+from node_agent.localmesh.conflists import node_conflist
+from node_agent.localmesh.topology import CNI_BIN_DIR, LocalTopology
 from node_agent.netns import Netns
 from testbed.cni_fakes import RecordingHandler
 

@@ -27,7 +27,8 @@ from typing import Final
 
 from controlplane.ca import CertificateAuthority, load_or_create_root
 from node_agent.constants import INBOUND_TUNNEL_PORT
-from node_agent.localmesh.topology import LocalTopology, Node, Pod, open_connection, open_listener
+from node_agent.localmesh.sockets import open_connection, open_listener
+from node_agent.localmesh.topology import LocalTopology, Node, Pod
 from node_agent.netns import Netns, entered
 from node_agent.proxy.identity import WorkloadCertificate
 from node_agent.proxy.model import (

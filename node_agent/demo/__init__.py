@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
+from types import FrameType
+from typing import NoReturn
 
 from node_agent.demo import capture, mesh
 
@@ -21,5 +24,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(func=_run)
 
 
+def _unwind(signum: int, _frame: FrameType | None) -> NoReturn:
+    raise SystemExit(128 + signum)
+
+
 def _run(args: argparse.Namespace) -> int:
-    return capture.run() if args.capture_only else mesh.run()
+    # The demo owns this process: SIGTERM unwinds it as Ctrl-C does, through
+    # every `with` that removes the namespaces, processes and rules it made.
+    previous = signal.signal(signal.SIGTERM, _unwind)
+    try:
+        return capture.run() if args.capture_only else mesh.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -21,6 +21,7 @@ nothing is wired to the host's namespace, so nothing can leave the machine.
 Every netns, named link and temp directory starts with the topology's prefix,
 so `sweep(prefix)` finds what a crashed run left behind. A LocalTopology is
 not thread-safe; its pods' sockets and commands may be used from any thread.
+The namespaces, links and routes themselves are made by `wiring` (netlink).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import copy
 import ipaddress
 import re
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -39,36 +39,53 @@ import threading
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Final, TypeVar
 
 from node_agent import netns as netns_mod
+from node_agent.localmesh import wiring
 from node_agent.localmesh.cni_runtime import invoke_chain
-from node_agent.netns import Netns, entered
+from node_agent.localmesh.conflists import node_conflist
+from node_agent.localmesh.sockets import open_connection, open_listener
+from node_agent.localmesh.sweep import PREFIX_ROOT, CleanupError, sweep
+from node_agent.localmesh.wiring import NETNS_DIR, NO_DAD, Route
+from node_agent.netns import Netns
 from weir_common.errors import InvalidInputError, NodeSetupError, WeirError
 
-# Every topology's prefix starts with this; sweep() refuses anything else, so a
-# typo can never delete the host's own links.
-PREFIX_ROOT: Final = "wlm"
-NETNS_DIR: Final = Path("/var/run/netns")
+# NETNS_DIR, node_conflist, open_connection and sweep live in their own
+# modules; testbed/k8s_cluster still imports them from here.
+__all__ = [
+    "CNI_BIN_DIR",
+    "DEFAULT_UNDERLAY_V4",
+    "DEFAULT_UNDERLAY_V6",
+    "NETNS_DIR",
+    "POD_IFNAME",
+    "LocalTopology",
+    "Node",
+    "Pod",
+    "node_conflist",
+    "open_connection",
+    "sweep",
+]
+
 CNI_BIN_DIR: Final = Path("/usr/lib/cni")
-# The newest spec version Debian 12's containernetworking-plugins (1.1.1) speak.
-CONFLIST_CNI_VERSION: Final = "1.0.0"
 POD_IFNAME: Final = "eth0"
 DEFAULT_UNDERLAY_V4: Final = IPv4Network("10.250.0.0/24")
 DEFAULT_UNDERLAY_V6: Final = IPv6Network("fd10:250::/64")
-# Each `ip`/`sysctl` step takes milliseconds; this only bounds a hung one.
-_STEP_TIMEOUT_S: Final = 10.0
 _DNS_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _IFNAMSIZ: Final = 15
-
-
-class CleanupError(WeirError):
-    """Something of ours could not be removed; `sweep(prefix)` may be retried."""
-
-    retryable = True
+_DEFAULT_V4: Final = IPv4Network("0.0.0.0/0")
+_DEFAULT_V6: Final = IPv6Network("::/0")
+_FORWARDING: Final = {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1", **NO_DAD}
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,179 +152,9 @@ class Pod:
         return open_connection(self.netns, address, port, timeout)
 
 
-def _socket_in(netns: Netns, family: socket.AddressFamily) -> socket.socket:
-    # A socket belongs for life to the netns it was created in, so only the
-    # creation needs the thread inside; bind/connect/accept work from anywhere.
-    with entered(netns):
-        return socket.socket(family, socket.SOCK_STREAM)
-
-
-def _family(address: IPv4Address | IPv6Address) -> socket.AddressFamily:
-    return socket.AF_INET6 if address.version == 6 else socket.AF_INET
-
-
-def open_listener(
-    netns: Netns, address: IPv4Address | IPv6Address, port: int = 0, backlog: int = 16
-) -> socket.socket:
-    """A listening TCP socket in `netns`; port 0 picks a free one (see getsockname)."""
-    sock = _socket_in(netns, _family(address))
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((str(address), port))
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def open_connection(
-    netns: Netns, address: IPv4Address | IPv6Address, port: int, timeout: float = 5.0
-) -> socket.socket:
-    """A TCP connection from `netns`; raises OSError (errno set) if it cannot connect."""
-    sock = _socket_in(netns, _family(address))
-    try:
-        sock.settimeout(timeout)
-        sock.connect((str(address), port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def node_conflist(
-    *,
-    network: str,
-    bridge: str,
-    pod_cidr_v4: IPv4Network,
-    pod_cidr_v6: IPv6Network | None,
-    ipam_data_dir: Path,
-    chained_plugins: Sequence[Mapping[str, Any]] = (),
-) -> dict[str, Any]:
-    """The conflist a node's runtime would find in /etc/cni/net.d.
-
-    isGateway puts the pod gateway on the node's bridge, so the node routes
-    pod traffic (and later, its capture sees it). ipMasq is off: pods must
-    keep their own source address across nodes, as in a real cluster network.
-    `chained_plugins` (tuning, weir-cni) run after bridge, in order.
-    """
-    ranges: list[list[dict[str, str]]] = [[{"subnet": str(pod_cidr_v4)}]]
-    routes: list[dict[str, str]] = [{"dst": "0.0.0.0/0"}]
-    if pod_cidr_v6 is not None:
-        ranges.append([{"subnet": str(pod_cidr_v6)}])
-        routes.append({"dst": "::/0"})
-    primary = {
-        "type": "bridge",
-        "bridge": bridge,
-        "isGateway": True,
-        "ipMasq": False,
-        "ipam": {
-            "type": "host-local",
-            "dataDir": str(ipam_data_dir),
-            "ranges": ranges,
-            "routes": routes,
-        },
-    }
-    return {
-        "cniVersion": CONFLIST_CNI_VERSION,
-        "name": network,
-        "plugins": [primary, *(copy.deepcopy(dict(p)) for p in chained_plugins)],
-    }
-
-
 def _check_name(kind: str, name: str) -> None:
     if not _DNS_LABEL.match(name):
         raise InvalidInputError(f"{kind} name {name!r} is not a DNS label ([a-z0-9-], 1-63)")
-
-
-def _host_ip(*args: str) -> None:
-    """`ip` in the host's netns: only `netns add|delete`, and sweep's `link delete`."""
-    # Own process group: a second Ctrl-C at the terminal must not kill the
-    # cleanup step that the first one started.
-    proc = subprocess.run(
-        ["ip", *args],
-        capture_output=True,
-        text=True,
-        timeout=_STEP_TIMEOUT_S,
-        check=False,
-        process_group=0,
-    )
-    if proc.returncode != 0:
-        raise NodeSetupError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
-
-
-def _in_netns(ns: Netns, argv: Sequence[str], stdin: str | None = None) -> None:
-    proc = netns_mod.run(ns, argv, stdin, timeout=_STEP_TIMEOUT_S)
-    if proc.returncode != 0:
-        raise NodeSetupError(f"{' '.join(argv)} in {ns.path.name}: {proc.stderr.strip()}")
-
-
-def _ip_batch(ns: Netns, commands: Sequence[str], *, force: bool = False) -> None:
-    """Run `ip` commands in one process; it stops at the first failure unless `force`."""
-    argv = ["ip", "-force", "-batch", "-"] if force else ["ip", "-batch", "-"]
-    _in_netns(ns, argv, "".join(f"{c}\n" for c in commands))
-
-
-def _sysctl(ns: Netns, settings: Mapping[str, str]) -> None:
-    _in_netns(ns, ["sysctl", "-q", "-w", *(f"{k}={v}" for k, v in settings.items())])
-
-
-# Nobody else owns these addresses, so IPv6 DAD only costs time: the bridge
-# plugin waits ~2 s for it on every dual-stack pod, and the gateway address it
-# puts on a node's bridge stays unusable (cross-node IPv6 fails) until it ends.
-_NO_DAD: Final = {
-    "net.ipv6.conf.all.accept_dad": "0",
-    "net.ipv6.conf.default.accept_dad": "0",
-}
-
-
-def _create_netns(name: str) -> Netns:
-    _host_ip("netns", "add", name)
-    try:
-        return Netns.validate(NETNS_DIR / name)
-    except BaseException:
-        with contextlib.suppress(WeirError):
-            _host_ip("netns", "delete", name)
-        raise
-
-
-def sweep(prefix: str = PREFIX_ROOT) -> list[str]:
-    """Remove every netns, host link and temp directory whose name starts with `prefix`.
-
-    With a topology's own prefix this cleans up after that topology's crashed
-    run; with PREFIX_ROOT it removes every topology's leftovers, including
-    those of a topology still running, so only do that when none is. Returns
-    what was removed; raises CleanupError listing what could not be.
-    """
-    if not prefix.startswith(PREFIX_ROOT):
-        raise InvalidInputError(f"sweep prefix {prefix!r} does not start with {PREFIX_ROOT!r}")
-    removed: list[str] = []
-    failures: list[str] = []
-    names = sorted(p.name for p in NETNS_DIR.glob(f"{prefix}*")) if NETNS_DIR.is_dir() else []
-    for name in names:
-        try:
-            _host_ip("netns", "delete", name)
-            removed.append(f"netns {name}")
-        except WeirError as e:
-            failures.append(e.message)
-    # We never create links in the host; one showing up here means a bug put
-    # it there, and it must not outlive the run.
-    for ifname in sorted(Path("/sys/class/net").iterdir()):
-        if ifname.name.startswith(prefix):
-            try:
-                _host_ip("link", "delete", ifname.name)
-                removed.append(f"host link {ifname.name}")
-            except WeirError as e:
-                failures.append(e.message)
-    for directory in sorted(Path(tempfile.gettempdir()).glob(f"{prefix}*")):
-        try:
-            shutil.rmtree(directory)
-            removed.append(f"directory {directory}")
-        except OSError as e:
-            failures.append(f"rm -r {directory}: {e.strerror}")
-    if failures:
-        raise CleanupError("could not remove: " + "; ".join(failures))
-    return removed
 
 
 @contextlib.contextmanager
@@ -334,38 +181,13 @@ def _signals_deferred() -> Iterator[None]:
             signal.raise_signal(signum)
 
 
-def _terminate(signum: int, _frame: FrameType | None) -> None:
-    # Unwinding (instead of dying) runs every `with LocalTopology()` exit on the way out.
-    raise SystemExit(128 + signum)
-
-
-# The open topologies that installed _terminate; the last one to close restores
-# the default, so closing one of two topologies leaves the other protected.
-_SIGTERM_HOLDERS: set[int] = set()
-
-
-def _hold_sigterm(holder: int) -> None:
-    if threading.current_thread() is not threading.main_thread():
-        return  # signal handlers can only be set from the main thread
-    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _terminate):
-        signal.signal(signal.SIGTERM, _terminate)
-        _SIGTERM_HOLDERS.add(holder)
-
-
-def _release_sigterm(holder: int) -> None:
-    if holder not in _SIGTERM_HOLDERS:
-        return
-    _SIGTERM_HOLDERS.discard(holder)
-    if not _SIGTERM_HOLDERS and signal.getsignal(signal.SIGTERM) is _terminate:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
 class LocalTopology:
     """Underlay, nodes and pods in namespaces; `with` it, or call `close()`.
 
-    Entering creates the underlay. While open, a SIGTERM whose handler is the
-    default one raises SystemExit instead, so the process unwinds through
-    `close()` just as it does for Ctrl-C (KeyboardInterrupt).
+    Entering creates the underlay. Ctrl-C (KeyboardInterrupt) unwinds through
+    `close()`; SIGTERM does too only if the process that owns the topology
+    turns it into SystemExit, as `weir demo` does: a library does not take
+    over a process-wide signal.
     """
 
     def __init__(
@@ -405,27 +227,20 @@ class LocalTopology:
         if self._state != "new":
             raise InvalidInputError(f"topology {self.prefix} was already opened")
         self._state = "open"
-        _hold_sigterm(id(self))
         try:
             # The work dir comes first: sweep() finds a crashed run's dir by the prefix.
             self._work_dir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))
-            underlay = _create_netns(f"{self.prefix}-underlay")
+            underlay = wiring.create_netns(f"{self.prefix}-underlay")
             self._underlay = underlay
-            _sysctl(
-                underlay,
-                {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1", **_NO_DAD},
-            )
+            wiring.set_sysctls(underlay, _FORWARDING)
             bridge = self._underlay_bridge
-            _ip_batch(
-                underlay,
-                [
-                    "link set lo up",
-                    f"link add {bridge} type bridge",
-                    f"link set {bridge} up",
-                    f"addr add {self.router_v4}/{self.underlay_v4.prefixlen} dev {bridge}",
-                    f"addr add {self.router_v6}/{self.underlay_v6.prefixlen} dev {bridge} nodad",
-                ],
-            )
+            v4_len, v6_len = self.underlay_v4.prefixlen, self.underlay_v6.prefixlen
+            with wiring.links(underlay) as links:
+                links.up("lo")
+                links.add_bridge(bridge)
+                links.up(bridge)
+                links.add_address(bridge, IPv4Interface((self.router_v4, v4_len)))
+                links.add_address(bridge, IPv6Interface((self.router_v6, v6_len)))
         except BaseException:
             self.close()
             raise
@@ -442,22 +257,19 @@ class LocalTopology:
             return
         self._state = "closed"
         failures: list[str] = []
-        try:
-            with _signals_deferred():
-                for pod in reversed(list(self._pods.values())):
-                    try:
-                        self.remove_pod(pod)
-                    except WeirError as e:
-                        failures.append(e.message)
-                self._nodes.clear()
-                self._underlay = None
-                self._work_dir = None
+        with _signals_deferred():
+            for pod in reversed(list(self._pods.values())):
                 try:
-                    sweep(self.prefix)
-                except CleanupError as e:
+                    self.remove_pod(pod)
+                except WeirError as e:
                     failures.append(e.message)
-        finally:
-            _release_sigterm(id(self))
+            self._nodes.clear()
+            self._underlay = None
+            self._work_dir = None
+            try:
+                sweep(self.prefix)
+            except CleanupError as e:
+                failures.append(e.message)
         if failures:
             raise CleanupError(f"topology {self.prefix}: " + "; ".join(failures))
 
@@ -544,7 +356,7 @@ class LocalTopology:
             raise InvalidInputError(f"underlay {self.underlay_v4} has no room for another node")
 
         netns_name = f"{self.prefix}-node-{name}"
-        ns = _create_netns(netns_name)
+        ns = wiring.create_netns(netns_name)
         node = Node(
             name=name,
             netns_name=netns_name,
@@ -558,44 +370,33 @@ class LocalTopology:
             chained_plugins=tuple(copy.deepcopy(dict(p)) for p in chained_plugins),
         )
         try:
-            _sysctl(
-                ns,
-                {"net.ipv4.ip_forward": "1", "net.ipv6.conf.all.forwarding": "1", **_NO_DAD},
-            )
-            _ip_batch(
-                underlay,
-                [
-                    f"link add {ul_if} type veth peer name {node_if} netns {netns_name}",
-                    f"link set {ul_if} master {self._underlay_bridge} up",
-                    *(f"route add {cidr} via {gw}" for cidr, gw in _pod_routes(node)),
-                ],
-            )
+            wiring.set_sysctls(ns, _FORWARDING)
+            with wiring.links(underlay) as links:
+                links.add_veth(ul_if, peer=node_if, peer_netns=ns)
+                links.up(ul_if, master=self._underlay_bridge)
+                links.add_routes(_pod_routes(node))
             others = list(self._nodes.values())
-            _ip_batch(
-                ns,
-                [
-                    "link set lo up",
-                    f"link set {node_if} up",
-                    f"addr add {ul_v4}/{self.underlay_v4.prefixlen} dev {node_if}",
-                    f"addr add {ul_v6}/{self.underlay_v6.prefixlen} dev {node_if} nodad",
-                    # Anything not a pod goes to the underlay, which has no way on.
-                    f"route add default via {self.router_v4}",
-                    f"route add default via {self.router_v6}",
-                    *(f"route add {c} via {gw}" for o in others for c, gw in _pod_routes(o)),
-                ],
-            )
+            with wiring.links(ns) as links:
+                links.up("lo")
+                links.up(node_if)
+                links.add_address(node_if, IPv4Interface((ul_v4, self.underlay_v4.prefixlen)))
+                links.add_address(node_if, IPv6Interface((ul_v6, self.underlay_v6.prefixlen)))
+                # Anything not a pod goes to the underlay, which has no way on.
+                links.add_route(_DEFAULT_V4, self.router_v4)
+                links.add_route(_DEFAULT_V6, self.router_v6)
+                links.add_routes([r for o in others for r in _pod_routes(o)])
             for other in others:
-                _ip_batch(other.netns, [f"route add {c} via {gw}" for c, gw in _pod_routes(node)])
+                wiring.add_routes(other.netns, _pod_routes(node))
         except BaseException:
             # Routes to this node's pods would block adding it again. Some were
-            # never added, so errors are expected; close()'s sweep is the backstop.
-            unroute = [f"route del {c}" for c, _ in _pod_routes(node)]
+            # never added; close()'s sweep is the backstop.
+            unroute = [dst for dst, _ in _pod_routes(node)]
             for routed in (*(o.netns for o in self._nodes.values()), underlay):
                 with contextlib.suppress(WeirError):
-                    _ip_batch(routed, unroute, force=True)
+                    wiring.delete_routes(routed, unroute)
             # The veth dies with the node's netns, the underlay end along with it.
             with contextlib.suppress(WeirError):
-                _host_ip("netns", "delete", netns_name)
+                wiring.delete_netns(netns_name)
             raise
         self._nodes[name] = node
         return node
@@ -643,11 +444,12 @@ class LocalTopology:
         }
         conflist = self.conflist(node, dual_stack=dual_stack)
         netns_name = f"{self.prefix}-pod-{namespace}-{name}"
-        ns = _create_netns(netns_name)
+        ns = wiring.create_netns(netns_name)
         try:
             if dual_stack:
-                _sysctl(ns, _NO_DAD)
-            _ip_batch(ns, ["link set lo up"])
+                wiring.set_sysctls(ns, NO_DAD)
+            with wiring.links(ns) as links:
+                links.up("lo")
             result = invoke_chain(
                 conflist,
                 "ADD",
@@ -673,7 +475,7 @@ class LocalTopology:
                     netns=node.netns,
                 )
             with contextlib.suppress(WeirError):
-                _host_ip("netns", "delete", netns_name)
+                wiring.delete_netns(netns_name)
             raise
         pod = Pod(
             name=name,
@@ -713,7 +515,7 @@ class LocalTopology:
                 netns=pod.node.netns,
             )
         finally:
-            _host_ip("netns", "delete", pod.netns_name)
+            wiring.delete_netns(pod.netns_name)
 
 
 _Net = TypeVar("_Net", IPv4Network, IPv6Network)
@@ -737,11 +539,9 @@ def _overlaps(a: IPv4Network | IPv6Network, b: IPv4Network | IPv6Network) -> boo
     return False
 
 
-def _pod_routes(node: Node) -> list[tuple[IPv4Network | IPv6Network, IPv4Address | IPv6Address]]:
+def _pod_routes(node: Node) -> list[Route]:
     """Routes to `node`'s pod CIDRs over the underlay, for other nodes and the underlay."""
-    routes: list[tuple[IPv4Network | IPv6Network, IPv4Address | IPv6Address]] = [
-        (node.pod_cidr_v4, node.underlay_ipv4)
-    ]
+    routes: list[Route] = [(node.pod_cidr_v4, node.underlay_ipv4)]
     if node.pod_cidr_v6 is not None:
         routes.append((node.pod_cidr_v6, node.underlay_ipv6))
     return routes

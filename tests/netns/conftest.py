@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from node_agent.localmesh.topology import NETNS_DIR, LocalTopology
+from node_agent.localmesh.topology import LocalTopology
+from node_agent.localmesh.wiring import NETNS_DIR
 
 
 def _leftovers(prefix: str) -> list[str]:

@@ -35,8 +35,9 @@ from node_agent.localmesh.mesh import (
     http_get,
     real_proxy,
 )
-from node_agent.localmesh.topology import NETNS_DIR, POD_IFNAME, Pod
+from node_agent.localmesh.topology import POD_IFNAME, Pod
 from node_agent.localmesh.traffic import TrafficObserver, connect
+from node_agent.localmesh.wiring import NETNS_DIR
 from node_agent.netns import Netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]

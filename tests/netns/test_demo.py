@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from node_agent.localmesh.topology import PREFIX_ROOT
+from node_agent.localmesh.sweep import PREFIX_ROOT
 from node_agent.redirect.ebpf.pins import BPFFS
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(240)]

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from node_agent.localmesh.topology import open_connection
+from node_agent.localmesh.sockets import open_connection
 from testbed.proxy_fakes import LocalCaCertificates
 from testbed.proxy_lab import (
     EchoServer,

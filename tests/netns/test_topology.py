@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from node_agent.localmesh import topology as topo_mod
+from node_agent.localmesh import wiring
 from node_agent.localmesh.cni_runtime import CniPluginError, invoke_chain
-from node_agent.localmesh.topology import LocalTopology, Node, Pod, sweep
+from node_agent.localmesh.sweep import sweep
+from node_agent.localmesh.topology import LocalTopology, Node, Pod
 from node_agent.netns import Netns, run
 from weir_common.errors import InvalidInputError, NodeSetupError
 
@@ -257,16 +258,16 @@ def test_invalid_requests_are_refused_before_anything_is_created(topology, lefto
 def test_failed_add_node_is_rolled_back(topology, monkeypatch, leftovers):
     a = topology.add_node("a", "10.244.1.0/24", "fd42:244:1::/64")
     before = leftovers(topology.prefix)
-    real_ip_batch = topo_mod._ip_batch
+    real_add_routes = wiring.add_routes
 
-    def fail_routes_in_node_a(ns, commands, *, force=False):
+    def fail_routes_in_node_a(ns, routes):
         # The last step of add_node: teach existing nodes the new node's pod CIDRs.
-        if ns == a.netns and not force:
-            real_ip_batch(ns, commands[:1])
+        if ns == a.netns:
+            real_add_routes(ns, routes[:1])
             raise NodeSetupError("injected failure")
-        real_ip_batch(ns, commands, force=force)
+        real_add_routes(ns, routes)
 
-    monkeypatch.setattr(topo_mod, "_ip_batch", fail_routes_in_node_a)
+    monkeypatch.setattr(wiring, "add_routes", fail_routes_in_node_a)
     with pytest.raises(NodeSetupError, match="injected"):
         topology.add_node("b", "10.244.2.0/24", "fd42:244:2::/64")
     monkeypatch.undo()
@@ -282,22 +283,21 @@ def test_failed_add_node_is_rolled_back(topology, monkeypatch, leftovers):
     assert echo_once(pb, pa) == str(pa.ipv4)
 
 
-def test_sigterm_handler_is_held_until_the_last_topology_closes():
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
-        with LocalTopology():
-            with LocalTopology():
-                assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
-        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def test_a_topology_leaves_the_process_signal_handlers_alone():
+    # What SIGTERM means is up to the process that owns the topology (weir demo, a test run).
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with LocalTopology() as topo:
+        topo.add_node("a", "10.244.1.0/24")
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 CHILD = """
 import signal, sys, time
 from node_agent.localmesh.topology import LocalTopology
 signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+# As weir demo does: the owner of the process makes SIGTERM unwind through close().
+signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
 with LocalTopology() as topo:
     node = topo.add_node("a", "10.244.1.0/24", "fd42:244:1::/64")
     topo.add_pod(node, "p", dual_stack=True)

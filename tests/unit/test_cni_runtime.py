@@ -18,7 +18,7 @@ from node_agent.localmesh.cni_runtime import (
     plugin_env,
     validate_conflist,
 )
-from node_agent.localmesh.topology import node_conflist
+from node_agent.localmesh.conflists import node_conflist
 from weir_common.errors import InvalidInputError, NodeSetupError
 
 # Logs its command, config and env to $FAKE_LOG; fails with its config's `fail`

@@ -2,10 +2,11 @@
 
 Namespaces are made as `ip netns add` makes them, a bind mount under
 /var/run/netns, so `ip netns list`, the CNI plugins and the runtime tests all
-see them. Links are configured through an rtnetlink socket opened by a thread
-inside the target netns: a socket stays in the netns it was created in, so
-nothing forks per namespace (pyroute2's `IPRoute(netns=...)` forks a helper
-to make its socket; `node_agent.netns.entered` makes it in-process).
+see them (pyroute2 forks once per namespace created, to unshare in a child).
+Links, addresses and routes go through an rtnetlink socket that a thread
+opens while inside the target netns: a socket stays in the netns it was made
+in, so configuring forks nothing (pyroute2's `IPRoute(netns=...)` would fork a
+helper per socket).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from ipaddress import (
 from pathlib import Path
 from typing import Final
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
+from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from node_agent import netns as netns_mod
@@ -51,7 +53,7 @@ Route = tuple[IPv4Network | IPv6Network, IPv4Address | IPv6Address]
 def create_netns(name: str) -> Netns:
     """A new, empty named netns (/var/run/netns/NAME); an existing one is never reused."""
     try:
-        netns.create(name)
+        pyroute2_netns.create(name)
     except FileExistsError:
         raise NodeSetupError(f"network namespace {name} already exists") from None
     except (OSError, RuntimeError) as e:
@@ -70,7 +72,7 @@ def create_netns(name: str) -> Netns:
 def delete_netns(name: str) -> None:
     """Unmount and unlink /var/run/netns/NAME, as `ip netns delete` does."""
     try:
-        netns.remove(name)
+        pyroute2_netns.remove(name)
     except OSError as e:
         raise NodeSetupError(f"deleting network namespace {name}: {e.strerror}") from None
 

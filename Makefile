@@ -32,11 +32,14 @@ debian-packages:
 
 venv: $(VENV_STAMP)
 
+# The .pth puts the checkout itself on the venv's path, so testbed/ (test and
+# benchmark scaffolding, never in the wheel) imports from bench/ scripts too.
 $(VENV_STAMP): pyproject.toml | debian-packages
 	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel </dev/null
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' </dev/null
 	scripts/link-bcc-into-venv.sh $(PY)
+	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "weir-checkout.pth").write_text(str(pathlib.Path.cwd()) + "\n")'
 	touch $@
 
 # bcc compiles against kernel headers; this kernel ships none, so merge Debian's

@@ -66,20 +66,31 @@ class Netns:
         return cls(path=p, inode=inode)
 
 
+def open_fd(netns: Netns) -> int:
+    """An fd of `netns` (the caller closes it); TransientError if its path now names another.
+
+    Paths are reused (a runtime's /run/netns/cni-* names, `ip netns add`): the
+    inode check keeps a late operation from landing in a newer pod.
+    """
+    try:
+        fd = os.open(netns.path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise TransientError(f"network namespace {netns.path} disappeared") from None
+    if os.fstat(fd).st_ino != netns.inode:
+        os.close(fd)
+        raise TransientError(
+            f"{netns.path} now names a different network namespace than when validated"
+        )
+    return fd
+
+
 @contextlib.contextmanager
 def entered(netns: Netns) -> Iterator[None]:
     """Run the block with the calling thread inside `netns`, then come back."""
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
+        target = open_fd(netns)
         try:
-            target = os.open(netns.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise TransientError(f"network namespace {netns.path} disappeared") from None
-        try:
-            if os.fstat(target).st_ino != netns.inode:
-                raise TransientError(
-                    f"{netns.path} now names a different network namespace than when validated"
-                )
             libc.setns(target, _CLONE_NEWNET)
         finally:
             os.close(target)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from node_agent import libc
+from node_agent import libc, netns
 from node_agent.constants import INBOUND_PLAINTEXT_CAPTURE_PORT
 from node_agent.netns import Netns
 from node_agent.redirect.config import CaptureConfig
@@ -365,7 +365,7 @@ class EbpfCapture:
             return False
         prog_fd = sys_bpf.obj_get(str(self.pins.prog(loader.SK_LOOKUP.func)))
         try:
-            ns_fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+            ns_fd = netns.open_fd(ns)
             try:
                 link_fd = sys_bpf.link_create(prog_fd, ns_fd, sys_bpf.AttachType.SK_LOOKUP)
             finally:

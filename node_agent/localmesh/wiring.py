@@ -32,7 +32,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from node_agent import netns as netns_mod
 from node_agent.netns import Netns, entered
-from weir_common.errors import NodeSetupError, TransientError
+from weir_common.errors import InvalidInputError, NodeSetupError, TransientError
 
 NETNS_DIR: Final = Path("/var/run/netns")
 # A sysctl step takes milliseconds; this only bounds a hung one.
@@ -50,8 +50,16 @@ NO_DAD: Final = {
 Route = tuple[IPv4Network | IPv6Network, IPv4Address | IPv6Address]
 
 
+def _check_netns_name(name: str) -> None:
+    # pyroute2 takes a name with a slash for a path (relative to the working
+    # directory), where it would mount or unmount.
+    if not name or "/" in name or name in (".", ".."):
+        raise InvalidInputError(f"{name!r} is not a network namespace name")
+
+
 def create_netns(name: str) -> Netns:
     """A new, empty named netns (/var/run/netns/NAME); an existing one is never reused."""
+    _check_netns_name(name)
     try:
         pyroute2_netns.create(name)
     except FileExistsError:
@@ -71,6 +79,7 @@ def create_netns(name: str) -> Netns:
 
 def delete_netns(name: str) -> None:
     """Unmount and unlink /var/run/netns/NAME, as `ip netns delete` does."""
+    _check_netns_name(name)
     try:
         pyroute2_netns.remove(name)
     except OSError as e:

@@ -345,3 +345,14 @@ def test_sweep_removes_what_a_killed_run_left(leftovers):
     assert leftovers(prefix) == []
     with pytest.raises(InvalidInputError, match="does not start with"):
         sweep("eth")
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", ""])
+def test_a_netns_name_is_never_taken_for_a_path(name, tmp_path, monkeypatch):
+    # pyroute2 would create (or unmount) a relative path under the working directory.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InvalidInputError, match="not a network namespace name"):
+        wiring.create_netns(name)
+    with pytest.raises(InvalidInputError, match="not a network namespace name"):
+        wiring.delete_netns(name)
+    assert list(tmp_path.iterdir()) == []

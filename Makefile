@@ -12,12 +12,12 @@ SYSTEM_PYTHON := /usr/bin/python3
 DEBIAN_PACKAGES := iptables iproute2 util-linux openssl tcpdump \
 	python3 python3-venv python3-dev gcc libc6-dev \
 	python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 \
-	containernetworking-plugins containerd runc busybox-static
+	containernetworking-plugins containerd runc busybox-static mmdebstrap
 BCC_KERNEL_SOURCE := build/bcc-kernel-source
 VENV_STAMP := $(VENV)/.weir-installed
 
 .PHONY: deps debian-packages venv test test-unit demo lint goldens protos cni-plugin clean \
-	k8s-bins k8s-up k8s-down
+	k8s-bins k8s-up k8s-down weir-image k8s-load-weir
 
 deps: debian-packages venv $(BCC_KERNEL_SOURCE)/.complete
 
@@ -81,6 +81,14 @@ k8s-up: k8s-bins
 
 k8s-down: venv
 	$(PY) -m testbed.k8s_cluster down --state-dir build/k8s
+
+# The Weir node image (deploy/Containerfile's content) built without an engine,
+# and imported into the running cluster's nodes as weir.test/weir:dev.
+weir-image: deps cni-plugin
+	scripts/build-weir-image.sh build/weir-image.tar
+
+k8s-load-weir: weir-image
+	$(PY) -m testbed.k8s_cluster import build/weir-image.tar --state-dir build/k8s
 
 # Regenerate the protobuf code after editing weir_common/protos/; `make test` fails if stale.
 protos: deps

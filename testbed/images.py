@@ -1,8 +1,10 @@
-"""OCI images built without an engine or a registry: Debian's busybox-static, one layer.
+"""OCI images built without an engine or a registry.
 
 No Docker engine runs on the test machines and no registry is reachable, so
 the images tests run are written here as OCI image layout tars, which
-`ctr images import` takes as they are.
+`ctr images import` takes as they are: small ones from Debian's
+busybox-static (one layer made here), and whole root filesystems made by
+mmdebstrap (scripts/build-weir-image.sh), whose tar becomes the one layer.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import tarfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final
+from typing import IO, Final
 
 BUSYBOX: Final = Path("/bin/busybox")
 # What the tests' containers call; each is a link to the one static binary.
@@ -22,6 +24,7 @@ APPLETS: Final = (
     "sh", "ip", "readlink", "echo", "cat", "sleep", "nc", "httpd", "wget", "hostname",
     "ls", "ps", "grep", "kill", "env", "nslookup",
 )  # fmt: skip
+DEBIAN_PATH: Final = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def _digest(data: bytes) -> str:
@@ -35,7 +38,7 @@ def _add_file(tar: tarfile.TarFile, name: str, source: Path) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _layer(applets: Sequence[str], files: Mapping[str, Path]) -> bytes:
+def _busybox_layer(applets: Sequence[str], files: Mapping[str, Path]) -> bytes:
     layer = io.BytesIO()
     with tarfile.open(fileobj=layer, mode="w") as tar:
         for directory in ("bin", "proc", "sys", "dev", "etc", "tmp", "var", "var/run"):
@@ -52,29 +55,21 @@ def _layer(applets: Sequence[str], files: Mapping[str, Path]) -> bytes:
     return layer.getvalue()
 
 
-def build_busybox_image(
+def _write_layout(
     out: Path,
     name: str,
-    *,
-    entrypoint: Sequence[str] = (),
-    cmd: Sequence[str] = ("/bin/sh",),
-    applets: Sequence[str] = APPLETS,
-    files: Mapping[str, Path] = MappingProxyType({}),
+    image_config: Mapping[str, object],
+    layer: tuple[str, int, IO[bytes]],
 ) -> None:
-    """Write an OCI image layout tar named `name`: /bin/busybox and links for `applets`.
-
-    `files` adds executables: path in the image (no leading slash) -> file here.
-    """
-    layer_blob = _layer(applets, files)
-    image_config: dict[str, object] = {"Env": ["PATH=/bin"], "Cmd": list(cmd)}
-    if entrypoint:
-        image_config["Entrypoint"] = list(entrypoint)
+    """The OCI layout tar of a one-layer image: `layer` is (digest, size, its bytes)."""
+    layer_digest, layer_size, layer_data = layer
     config = json.dumps(
         {
             "architecture": "amd64",
             "os": "linux",
-            "config": image_config,
-            "rootfs": {"type": "layers", "diff_ids": [_digest(layer_blob)]},
+            "config": dict(image_config),
+            # Uncompressed, so the layer's digest is also its diff id.
+            "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
         }
     ).encode()
     manifest = json.dumps(
@@ -89,8 +84,8 @@ def build_busybox_image(
             "layers": [
                 {
                     "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": _digest(layer_blob),
-                    "size": len(layer_blob),
+                    "digest": layer_digest,
+                    "size": layer_size,
                 }
             ],
         }
@@ -111,8 +106,53 @@ def build_busybox_image(
     ).encode()
     with tarfile.open(out, "w") as tar:
         entries = [("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'), ("index.json", index)]
-        entries += [(f"blobs/sha256/{_digest(b)[7:]}", b) for b in (layer_blob, config, manifest)]
+        entries += [(f"blobs/sha256/{_digest(b)[7:]}", b) for b in (config, manifest)]
         for entry, data in entries:
             info = tarfile.TarInfo(entry)
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo(f"blobs/sha256/{layer_digest[7:]}")
+        info.size, info.mode = layer_size, 0o644
+        tar.addfile(info, layer_data)
+
+
+def build_busybox_image(
+    out: Path,
+    name: str,
+    *,
+    entrypoint: Sequence[str] = (),
+    cmd: Sequence[str] = ("/bin/sh",),
+    applets: Sequence[str] = APPLETS,
+    files: Mapping[str, Path] = MappingProxyType({}),
+) -> None:
+    """Write an OCI image layout tar named `name`: /bin/busybox and links for `applets`.
+
+    `files` adds executables: path in the image (no leading slash) -> file here.
+    """
+    layer = _busybox_layer(applets, files)
+    image_config: dict[str, object] = {"Env": ["PATH=/bin"], "Cmd": list(cmd)}
+    if entrypoint:
+        image_config["Entrypoint"] = list(entrypoint)
+    _write_layout(out, name, image_config, (_digest(layer), len(layer), io.BytesIO(layer)))
+
+
+def build_rootfs_image(
+    rootfs: Path,
+    out: Path,
+    name: str,
+    *,
+    entrypoint: Sequence[str],
+    env: Sequence[str] = (DEBIAN_PATH,),
+) -> None:
+    """Write an OCI image layout tar named `name` whose one layer is the tar `rootfs`.
+
+    The layer (a whole Debian root, hundreds of MB) is streamed, never held in memory.
+    """
+    digest = hashlib.sha256()
+    with rootfs.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    image_config = {"Env": list(env), "Entrypoint": list(entrypoint)}
+    with rootfs.open("rb") as layer:
+        layer_ref = ("sha256:" + digest.hexdigest(), rootfs.stat().st_size, layer)
+        _write_layout(out, name, image_config, layer_ref)

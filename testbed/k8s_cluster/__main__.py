@@ -1,4 +1,4 @@
-"""`python -m testbed.k8s_cluster up|down|relay` (what `make k8s-up` / `make k8s-down` run)."""
+"""`python -m testbed.k8s_cluster up|down|import|relay` (what the k8s-* Make targets run)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from node_agent.netns import Netns
-from testbed.k8s_cluster.cluster import ClusterError, down, up
+from testbed.k8s_cluster.cluster import ClusterError, down, import_image, up
 from testbed.k8s_cluster.relay import serve_forever
 
 
@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     start.add_argument("--nodes", type=int, default=2)
     stop = commands.add_parser("down", help="remove the cluster and all it made")
     stop.add_argument("--state-dir", type=Path, default=Path("build/k8s"))
+    load = commands.add_parser("import", help="import an OCI archive into every node")
+    load.add_argument("archive", type=Path)
+    load.add_argument("--state-dir", type=Path, default=Path("build/k8s"))
     relay = commands.add_parser("relay", help="(internal) host port -> API server relay")
     relay.add_argument("--listen-fd", type=int, required=True)
     relay.add_argument("--netns", type=Path, required=True)
@@ -34,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cluster ready: {len(cluster.spec.nodes)} nodes", flush=True)
         elif args.command == "down":
             down(args.state_dir)
+        elif args.command == "import":
+            import_image(args.state_dir, args.archive)
         else:
             host, port = args.target.rsplit(":", 1)
             listener = socket.socket(fileno=args.listen_fd)

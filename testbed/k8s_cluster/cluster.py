@@ -94,6 +94,8 @@ class Cluster:
             [
                 str(self.spec.bin_dir / "kubectl"),
                 f"--kubeconfig={self.spec.admin_kubeconfig}",
+                # Not ~/.kube/cache: each cluster's relay port would leave a directory there.
+                f"--cache-dir={self.spec.state_dir / 'kubectl-cache'}",
                 *args,
             ],
             input=stdin,
@@ -487,6 +489,21 @@ def up(state_dir: Path, node_count: int = 2, *, log: Log = _stderr) -> Cluster:
     finally:
         listener.close()
     return cluster
+
+
+def import_image(state_dir: Path, archive: Path, *, log: Log = _stderr) -> None:
+    """Import an OCI archive into the containerd (namespace k8s.io) of every node."""
+    state_dir = state_dir.resolve()
+    state_path = state_dir / STATE_FILE
+    if not state_path.exists():
+        raise ClusterError(f"no cluster in {state_dir} (no {STATE_FILE})")
+    prefix = json.loads(state_path.read_text())["topology"]
+    for mount_ns in sorted((state_dir / "ns").iterdir()):
+        netns = NETNS_DIR / f"{prefix}-node-{mount_ns.name}"
+        ctr = ["ctr", "--address", config.CONTAINERD_SOCKET, "--namespace", "k8s.io"]
+        enter = ["nsenter", f"--mount={mount_ns}", f"--net={netns}", "--"]
+        _run([*enter, *ctr, "images", "import", str(archive.resolve())], f"import {archive}")
+        log(f"imported {archive} into {mount_ns.name}")
 
 
 # -- teardown -----------------------------------------------------------------

@@ -58,9 +58,10 @@ CNI_PLUGINS: Final = ("bridge", "host-local", "loopback", "portmap")
 HOST_CNI_DIR: Final = Path("/usr/lib/cni")
 # Each node's pod bridge, in its own netns, so every node can use the usual name.
 NODE_BRIDGE: Final = "cni0"
-# Written by the node's processes; each gets a copy-on-write overlay whose
-# upper layer is in the state dir, so the machine's own never change.
-OVERLAID: Final = ("/etc", "/opt", "/var/lib")
+# Written by the node's processes (kubelet keeps pod logs in /var/log/pods);
+# each gets a copy-on-write overlay whose upper layer is in the state dir, so
+# the machine's own never change.
+OVERLAID: Final = ("/etc", "/opt", "/var/lib", "/var/log")
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,14 @@ def k8s_cluster() -> Iterator[Cluster]:
 
     Teardown fails the test if anything of the cluster is left on the machine.
     """
-    state_dir = Path(tempfile.mkdtemp(prefix="wk8s-test-")) / "k8s"
-    cluster = up(state_dir, node_count=2)
+    work = Path(tempfile.mkdtemp(prefix="wk8s-test-"))
     try:
-        yield cluster
+        cluster = up(work / "k8s", node_count=2)  # removes what it made if it fails
+        try:
+            yield cluster
+        finally:
+            cluster.down()
+            left = leftovers(cluster)
+            assert not left, f"left behind after teardown: {left}"
     finally:
-        cluster.down()
-        state_dir.parent.rmdir()
-        left = leftovers(cluster)
-        assert not left, f"left behind after teardown: {left}"
+        work.rmdir()

@@ -265,20 +265,10 @@ def _make_mount_namespace(spec: ClusterSpec, node: NodeSpec) -> None:
     )
 
 
-def _in_node(spec: ClusterSpec, node: NodeSpec, argv: Sequence[str]) -> list[str]:
-    return [
-        "nsenter",
-        f"--mount={spec.mount_ns(node)}",
-        f"--net={NETNS_DIR / node.netns}",
-        "--",
-        *argv,
-    ]
-
-
-def _ctr(spec: ClusterSpec, node: NodeSpec, *args: str) -> list[str]:
-    return _in_node(
-        spec, node, ["ctr", "--address", config.CONTAINERD_SOCKET, "--namespace", "k8s.io", *args]
-    )
+def _ctr(mount_ns: Path, netns: Path, *args: str) -> list[str]:
+    """ctr against a node's containerd (its socket is in the node's own /run)."""
+    enter = ["nsenter", f"--mount={mount_ns}", f"--net={netns}", "--"]
+    return [*enter, "ctr", "--address", config.CONTAINERD_SOCKET, "--namespace", "k8s.io", *args]
 
 
 def _succeeds(argv: Sequence[str]) -> bool:
@@ -302,12 +292,15 @@ def _start_node(spec: ClusterSpec, node: NodeSpec, images: Sequence[Path]) -> No
     _wait(
         spec,
         f"containerd of {node.name}",
-        lambda: _succeeds(_ctr(spec, node, "version")),
+        lambda: _succeeds(_ctr(mount_ns, NETNS_DIR / node.netns, "version")),
         [f"containerd-{node.name}"],
         _STEP_TIMEOUT_S,
     )
     for image in images:
-        _run(_ctr(spec, node, "images", "import", str(image)), f"import {image.name}")
+        _run(
+            _ctr(mount_ns, NETNS_DIR / node.netns, "images", "import", str(image)),
+            f"import {image.name}",
+        )
     _start(
         spec,
         f"kubelet-{node.name}",
@@ -500,9 +493,7 @@ def import_image(state_dir: Path, archive: Path, *, log: Log = _stderr) -> None:
     prefix = json.loads(state_path.read_text())["topology"]
     for mount_ns in sorted((state_dir / "ns").iterdir()):
         netns = NETNS_DIR / f"{prefix}-node-{mount_ns.name}"
-        ctr = ["ctr", "--address", config.CONTAINERD_SOCKET, "--namespace", "k8s.io"]
-        enter = ["nsenter", f"--mount={mount_ns}", f"--net={netns}", "--"]
-        _run([*enter, *ctr, "images", "import", str(archive.resolve())], f"import {archive}")
+        _run(_ctr(mount_ns, netns, "images", "import", str(archive.resolve())), f"import {archive}")
         log(f"imported {archive} into {mount_ns.name}")
 
 

@@ -16,6 +16,8 @@ trap 'rm -rf "$work"' EXIT
 # Built here, where pip reaches PyPI through this machine's settings; the
 # image's root installs from them alone (with none of this machine's PIP_* settings).
 "$PY" -m pip wheel -q --disable-pip-version-check -w "$work/wheels" . </dev/null
+# setuptools builds the project's wheel in build/lib and build/bdist.*: not ours to keep.
+rm -rf build/lib build/bdist.linux-x86_64
 packages=$(paste -sd, deploy/image-packages.txt)
 mmdebstrap --quiet --variant=minbase --include="$packages" \
     --customize-hook='mkdir -p "$1/tmp/wheels" "$1/opt/weir/cni/weir-cni"' \

@@ -19,12 +19,13 @@ restart, the node's workloads come back without the agent doing anything.
 """
 
 import asyncio
+import datetime
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Protocol, Self
+from typing import Any, Final, Protocol, Self
 
 import grpc
 from cryptography import x509
@@ -358,6 +359,8 @@ class XdsClient:
         self.connected = asyncio.Event()
         self._delivered = False
         self._last_failure = "not connected yet"
+        # The last push refused (type, nonce, why, when): what `weir node status` shows.
+        self.last_nack: dict[str, str] | None = None
 
     def not_connected(self) -> str | None:
         """A readiness check: None while the stream is up, else why it is not."""
@@ -365,6 +368,18 @@ class XdsClient:
             return None
         target = self._client.endpoint.target
         return f"no config stream to the control plane at {target}: {self._last_failure}"
+
+    def dump(self) -> dict[str, Any]:
+        """The subscription as config_dump shows it: stream state, what is held, last NACK."""
+        return {
+            "target": self._client.endpoint.target,
+            "connected": self.connected.is_set(),
+            "not_connected": self.not_connected(),
+            "resources": {
+                type_url.rsplit(".", 1)[-1]: len(held) for type_url, held in self._accepted.items()
+            },
+            "last_nack": self.last_nack,
+        }
 
     def versions(self, type_url: str) -> dict[str, str]:
         return {name: version for name, (version, _) in self._accepted[type_url].items()}
@@ -444,6 +459,12 @@ class XdsClient:
                 log.exception("%s push %s: the config handler failed", type_url, response.nonce)
                 reason = f"config handler failed: {type(exc).__name__}: {exc}"
             log.warning("rejecting %s push %s: %s", type_url, response.nonce, reason)
+            self.last_nack = {
+                "type": type_url.rsplit(".", 1)[-1],
+                "nonce": response.nonce,
+                "reason": reason,
+                "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            }
             return xds_transport.encode_request(
                 node_id=self._node,
                 type_url=type_url,

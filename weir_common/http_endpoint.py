@@ -1,12 +1,15 @@
 """The small HTTP server behind health, readiness, metrics and debug dumps.
 
-One GET per connection, answered from a table of routes and closed: these
-endpoints serve probes, Prometheus and people with curl, never traffic, so
-there is no keep-alive, no request body and nothing to parse beyond the
-request line. The request head is bounded and must arrive within a deadline;
-a head past the bound is dropped without an answer, as is one that never
-completes. It runs on the caller's asyncio loop, so routes read the state
-they report without crossing threads, and listens on loopback unless told.
+One request per connection, answered from a table of routes and closed:
+these endpoints serve probes, Prometheus and people with curl, never
+traffic, so there is no keep-alive, no request body and nothing to parse
+beyond the request line. GET only reads; what changes state (a log level, a
+stop) is a separate table of POST routes, parameters in the query string, so
+a crawler or a prefetching browser cannot trigger it. The request head is
+bounded and must arrive within a deadline; a head past the bound is dropped
+without an answer, as is one that never completes. It runs on the caller's
+asyncio loop, so routes read the state they report without crossing
+threads, and listens on loopback unless told.
 """
 
 from __future__ import annotations
@@ -63,8 +66,15 @@ def plain_error(status: HTTPStatus, _message: str) -> tuple[str, bytes]:
 class HttpEndpoint:
     """Serves `routes` (path without query -> route) once started, until closed."""
 
-    def __init__(self, routes: Mapping[str, Route], *, error_body: ErrorBody = plain_error) -> None:
+    def __init__(
+        self,
+        routes: Mapping[str, Route],
+        *,
+        post_routes: Mapping[str, Route] | None = None,
+        error_body: ErrorBody = plain_error,
+    ) -> None:
         self._routes = routes
+        self._post_routes = post_routes or {}
         self._error_body = error_body
         self._server: asyncio.Server | None = None
 
@@ -115,11 +125,14 @@ class HttpEndpoint:
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             return self._error(HTTPStatus.BAD_REQUEST, "malformed request line")
         method, target = parts[0], parts[1]
-        if method != "GET":
-            return self._error(HTTPStatus.METHOD_NOT_ALLOWED, "only GET is served")
+        tables = {"GET": self._routes, "POST": self._post_routes}
+        if method not in tables:
+            return self._error(HTTPStatus.METHOD_NOT_ALLOWED, "only GET and POST are served")
         path, _, query = target.partition("?")
-        route = self._routes.get(path)
+        route = tables[method].get(path)
         if route is None:
+            if any(path in table for table in tables.values()):
+                return self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} {path} is not served")
             return self._error(HTTPStatus.NOT_FOUND, f"no endpoint {path}")
         try:
             return route(dict(p.partition("=")[::2] for p in query.split("&") if p))

@@ -5,17 +5,29 @@ data) and, if it gates readiness, a readiness check; the debugging CLI reads
 the same handlers, so what `weir node ...` shows is what the endpoint
 serves. The server itself is weir_common.http_endpoint; here its answers,
 including its errors, are JSON.
+
+The admin listener (loopback only, refused otherwise) also serves
+`/logging` (GET: the level per component; POST `?component=level`: change
+it now) and POST `/quitquitquit` (a graceful stop, as SIGTERM). The health
+listener, which kubelet reaches from off the node, serves only health.
 """
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
+import ipaddress
 import json
-from collections.abc import Callable
+import os
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
+from node_agent.admin import log_levels
 from weir_common import http_endpoint
+from weir_common.errors import InvalidInputError
 from weir_common.http_endpoint import Query, Reply, Route
 
 Section = Callable[[], Any]
@@ -27,6 +39,10 @@ ReadinessCheck = Callable[[], str | None]
 class AdminRegistry:
     sections: dict[str, Section] = field(default_factory=dict)
     readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
+    # What /logging may read and change: component -> logger name (see log_levels).
+    log_components: Mapping[str, str] = field(default_factory=dict)
+    # What /quitquitquit calls: the same graceful stop as SIGTERM. None: not served.
+    on_quit: Callable[[], None] | None = None
 
     def add_section(self, name: str, section: Section) -> None:
         if name in self.sections:
@@ -44,6 +60,25 @@ class AdminRegistry:
         """Reasons per failing check; empty when ready."""
         reasons = {name: check() for name, check in sorted(self.readiness.items())}
         return {name: reason for name, reason in reasons.items() if reason is not None}
+
+
+_STARTED = time.time()
+
+
+def node_info(node: str) -> dict[str, Any]:
+    """Who answers: the node, the running version and process, since when."""
+    try:
+        version = importlib.metadata.version("weir")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown (not installed)"
+    return {
+        "node": node,
+        "version": version,
+        "pid": os.getpid(),
+        "started": datetime.datetime.fromtimestamp(_STARTED, datetime.UTC).isoformat(
+            timespec="seconds"
+        ),
+    }
 
 
 def _json(status: HTTPStatus, body: Any) -> Reply:  # noqa: ANN401 - any JSON-able data
@@ -77,6 +112,32 @@ def _routes(registry: AdminRegistry, admin: bool) -> dict[str, Route]:
     }
     if admin:
         routes["/config_dump"] = config_dump
+        routes["/logging"] = lambda _query: _json(
+            HTTPStatus.OK, log_levels.levels(registry.log_components)
+        )
+    return routes
+
+
+def _post_routes(registry: AdminRegistry) -> dict[str, Route]:
+    def set_logging(query: Query) -> Reply:
+        if not query:
+            return _json(HTTPStatus.BAD_REQUEST, {"error": "nothing to change: ?component=level"})
+        try:
+            log_levels.set_levels(registry.log_components, query)
+        except InvalidInputError as e:
+            return _json(HTTPStatus.BAD_REQUEST, {"error": e.message})
+        return _json(HTTPStatus.OK, log_levels.levels(registry.log_components))
+
+    routes: dict[str, Route] = {"/logging": set_logging}
+    on_quit = registry.on_quit
+    if on_quit is not None:
+
+        def quit_(_query: Query) -> Reply:
+            # The stop runs on the loop after this answer is written.
+            on_quit()
+            return _json(HTTPStatus.OK, {"status": "stopping"})
+
+        routes["/quitquitquit"] = quit_
     return routes
 
 
@@ -84,8 +145,16 @@ class HttpEndpoint:
     """One listener. `admin=False` serves only health, for a non-loopback address."""
 
     def __init__(self, registry: AdminRegistry, host: str, port: int, admin: bool) -> None:
+        # The admin routes change log levels and stop the process: nothing off
+        # the node may reach them, whatever the configuration says.
+        if admin and not ipaddress.ip_address(host).is_loopback:
+            raise InvalidInputError(f"the admin listener must be on loopback, not {host}")
         self._host, self._port = host, port
-        self._http = http_endpoint.HttpEndpoint(_routes(registry, admin), error_body=_json_error)
+        self._http = http_endpoint.HttpEndpoint(
+            _routes(registry, admin),
+            post_routes=_post_routes(registry) if admin else None,
+            error_body=_json_error,
+        )
 
     @property
     def port(self) -> int:

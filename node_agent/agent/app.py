@@ -22,7 +22,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from node_agent.admin.server import AdminRegistry, HttpEndpoint
+from node_agent.admin.log_levels import AGENT_COMPONENTS
+from node_agent.admin.server import AdminRegistry, HttpEndpoint, node_info
 from node_agent.agent.cni_bridge import EnrollmentCniHandler
 from node_agent.agent.cni_setup import CniSetup, CniSetupSettings
 from node_agent.agent.registrar import ControlPlaneRegistrar
@@ -92,7 +93,9 @@ class Agent:
         self.subscription = self.client.subscribe(self.mesh)
         self.supervisor = Supervisor(self._give_up)
         self.failure: str | None = None
-        self.admin = AdminRegistry()
+        self.admin = AdminRegistry(log_components=AGENT_COMPONENTS, on_quit=self.stop)
+        self.admin.add_section("node", lambda: node_info(settings.node))
+        self.admin.add_section("controlplane", self.subscription.dump)
         self.admin.add_section("pods", self.enroller.dump)
         self.admin.add_section("mesh", self.mesh.dump)
         self.admin.add_section("capture", lambda: {"mode": mode})

@@ -14,6 +14,8 @@ INBOUND_PLAINTEXT_CAPTURE_PORT: Final = 15006
 INBOUND_TUNNEL_PORT: Final = 15008
 
 ADMIN_PORT: Final = 15000  # loopback only
+# The node proxy's own admin listener (loopback only); `weir node` reads it.
+PROXY_ADMIN_PORT: Final = 15019
 METRICS_PORT: Final = 15020
 READINESS_PORT: Final = 15021
 

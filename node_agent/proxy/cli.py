@@ -8,6 +8,8 @@ by hand once the control plane knows it (registered, with IPs).
 Started as root with `--drop-to-uid 1337`, the process switches to the proxy
 user keeping only CAP_SYS_ADMIN and CAP_NET_ADMIN before it starts any thread.
 SIGTERM or SIGINT: stop accepting, drain for `--drain-seconds`, exit.
+`--admin-listen` (loopback only) serves /config_dump, /logging,
+/healthz/ready and POST /quitquitquit (the same graceful stop).
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ from typing import Final
 
 import uvloop
 
-from node_agent.constants import METRICS_PORT, PROXY_GID, PROXY_UID, READINESS_PORT
+from node_agent.admin.log_levels import PROXY_COMPONENTS
+from node_agent.admin.server import AdminRegistry, HttpEndpoint, node_info
+from node_agent.constants import (
+    METRICS_PORT,
+    PROXY_ADMIN_PORT,
+    PROXY_GID,
+    PROXY_UID,
+    READINESS_PORT,
+)
 from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint
 from node_agent.netns import Netns
 from node_agent.proxy import privileges
@@ -92,6 +102,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"a separate /healthz/ready listener (default: none; the metrics port serves it, "
         f"and {READINESS_PORT} belongs to the node agent, which shares the pod's netns)",
     )
+    run.add_argument(
+        "--admin-listen",
+        type=parse_listen,
+        default=("127.0.0.1", PROXY_ADMIN_PORT),
+        metavar="HOST:PORT",
+        help=f"the admin listener, loopback only (default: 127.0.0.1:{PROXY_ADMIN_PORT})",
+    )
     run.add_argument("--drain-seconds", type=float, default=5.0)
     run.add_argument(
         "--balancing", choices=[b.value for b in Balancing], default=Balancing.ROUND_ROBIN.value
@@ -147,6 +164,7 @@ def _run(args: argparse.Namespace) -> int:
             pods=args.pod,
             agent_socket=args.agent_socket,
             drain_seconds=args.drain_seconds,
+            admin_address=args.admin_listen,
         )
     )
     return 0
@@ -161,6 +179,7 @@ async def _serve(
     pods: list[tuple[str, Netns]],
     agent_socket: Path | None,
     drain_seconds: float,
+    admin_address: tuple[str, int],
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -171,10 +190,12 @@ async def _serve(
             settings, config=XdsConfigSource(client), certificates=CaCertificateProvider(client)
         )
         await proxy.start()
+        admin = HttpEndpoint(_admin(proxy, node, stop), *admin_address, admin=True)
         if agent_socket is not None:
             follower = ProxyHandoffClient(agent_socket, AgentPods(proxy, node))
             proxy.supervisor.start(HANDOFF_TASK, follower.run)
         try:
+            await admin.start()
             for key, netns in pods:
                 await proxy.add_pod(netns, await _registered_workload(proxy, key))
             log.info(
@@ -188,8 +209,21 @@ async def _serve(
                 # Stop taking pods first; the agent hands them to the next proxy.
                 await proxy.supervisor.stop(HANDOFF_TASK)
             await proxy.shutdown(drain_seconds)
+            await admin.close()
         if proxy.failure:
             raise NodeSetupError(f"proxy stopped: {proxy.failure}")
+
+
+def _admin(proxy: Proxy, node: str, stop: asyncio.Event) -> AdminRegistry:
+    registry = AdminRegistry(log_components=PROXY_COMPONENTS, on_quit=stop.set)
+    registry.add_section("node", lambda: node_info(node))
+    for name, section in proxy.admin_sections().items():
+        registry.add_section(name, section)
+    registry.add_readiness(
+        "proxy", lambda: None if proxy.ready else "not accepting pods, or a task is down"
+    )
+    registry.add_readiness("tasks", proxy.supervisor.not_ready)
+    return registry
 
 
 async def _registered_workload(proxy: Proxy, key: str) -> Workload:

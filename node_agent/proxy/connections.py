@@ -164,7 +164,7 @@ async def carry(
     stream: HboneStream | None = None,
 ) -> None:
     """Report the connection open, wait for it to end, report it closed."""
-    telemetry.opened(record)
+    telemetry.opened(record, flow)
     try:
         error = await flow.done
     except asyncio.CancelledError:

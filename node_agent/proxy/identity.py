@@ -133,6 +133,10 @@ class IdentityManager:
     def dump(self) -> dict[str, dict[str, str | int]]:
         return {
             str(identity): {
+                # As openssl prints it, to match what a peer logged or a CA issued.
+                "serial": format(
+                    x509.load_pem_x509_certificate(cert.chain_pem[0].encode()).serial_number, "x"
+                ),
                 "not_before": cert.not_before.isoformat(),
                 "not_after": cert.not_after.isoformat(),
                 "refresh_at": self._refresh_at[identity].isoformat(),

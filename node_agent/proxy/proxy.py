@@ -94,6 +94,7 @@ class Proxy:
     ) -> None:
         self.settings = settings
         self.metrics = telemetry.metrics
+        self._telemetry = telemetry
         self.identities = IdentityManager(certificates, self._rotated)
         self.pool = ConnectionPool(
             max_streams=settings.pool_max_streams,
@@ -349,6 +350,44 @@ class Proxy:
                         conn.close("idle")
 
     # -- operator surface ---------------------------------------------------------
+
+    def admin_sections(self) -> dict[str, Callable[[], Any]]:
+        """The config_dump sections of the proxy's admin listener, each read live."""
+        return {
+            "pods": self._dump_pods,
+            "snapshot": self._dump_snapshot,
+            "mesh": self._mesh.dump,
+            "certificates": self.identities.dump,
+            "connections": self._telemetry.live,
+            "pool": self.pool.dump,
+            "tasks": self.supervisor.dump,
+        }
+
+    def _dump_pods(self) -> dict[str, dict[str, Any]]:
+        return {
+            uid: {
+                "workload": pod.workload.key,
+                "identity": str(pod.identity),
+                "ips": list(pod.workload.ips),
+                "netns": str(pod.netns.path),
+                "listeners": len(pod.servers),
+                "inbound_tunnels": len(pod.tunnels),
+            }
+            for uid, pod in sorted(self._pods.items())
+        }
+
+    def _dump_snapshot(self) -> dict[str, Any] | None:
+        """What config is in force, in numbers; the whole of it is the `mesh` section."""
+        snapshot = self._mesh.snapshot if self._first_snapshot.is_set() else None
+        if snapshot is None:
+            return None
+        return {
+            "trust_domain": snapshot.trust_domain,
+            "trust_bundle_roots": len(snapshot.trust_bundle_pem),
+            "workloads": len(snapshot.workloads),
+            "services": len(snapshot.services),
+            "policies": len(snapshot.policies),
+        }
 
     def dump(self) -> dict[str, Any]:
         """This proxy's section of config_dump: plain data only."""

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final, Protocol
 
 from node_agent.proxy.model import Service, Workload
 from weir_common import http_endpoint, prometheus
@@ -159,17 +159,66 @@ def _stdout_line(line: str) -> None:
     sys.stdout.flush()
 
 
+class ByteCounts(Protocol):
+    """Bytes carried so far each way (hbone.Flow): read live, for the admin dump."""
+
+    up: int
+    down: int
+
+
 class Telemetry:
-    """Metrics and access log together: what every connection reports, once."""
+    """Metrics and access log together: what every connection reports, once.
+
+    It also holds the connections open right now, so `weir node connections`
+    answers from what the proxy carries, not from counters.
+    """
 
     def __init__(self, metrics: ProxyMetrics, access_log: AccessLog) -> None:
         self.metrics = metrics
         self.access_log = access_log
+        # Keyed by id(): records are mutable dataclasses, hence unhashable.
+        self._live: dict[int, tuple[ConnectionRecord, ByteCounts | None]] = {}
 
-    def opened(self, record: ConnectionRecord) -> None:
+    def opened(self, record: ConnectionRecord, counts: ByteCounts | None = None) -> None:
         self.metrics.inc(OPENED, record.labels())
+        self._live[id(record)] = (record, counts)
+
+    def live(self) -> list[dict[str, Any]]:
+        """The open connections, oldest first, with both identities, bytes, age, direction."""
+        now = time.time()
+        out = []
+        for record, counts in sorted(self._live.values(), key=lambda rc: rc[0].started):
+            src, dst = record.source_workload, record.destination_workload
+            out.append(
+                {
+                    "direction": "outbound" if record.reporter == "source" else "inbound",
+                    "src": {
+                        "addr": record.source_addr,
+                        "workload": src.key if src else None,
+                        "identity": str(record.source_identity) if record.source_identity else None,
+                    },
+                    "dst": {
+                        "addr": record.destination_addr,
+                        "workload": dst.key if dst else None,
+                        "identity": (
+                            str(record.destination_identity)
+                            if record.destination_identity
+                            else None
+                        ),
+                        "service": (
+                            record.destination_service.key if record.destination_service else None
+                        ),
+                    },
+                    "security_policy": "mutual_tls" if record.mtls else "none",
+                    "bytes_up": counts.up if counts else 0,
+                    "bytes_down": counts.down if counts else 0,
+                    "age_seconds": round(now - record.started, 3),
+                }
+            )
+        return out
 
     def closed(self, record: ConnectionRecord, *, up: int, down: int, error: str | None) -> None:
+        self._live.pop(id(record), None)
         labels = record.labels()
         self.metrics.inc(CLOSED, labels)
         self.metrics.inc(RECEIVED, labels, up)

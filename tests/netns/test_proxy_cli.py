@@ -154,6 +154,7 @@ def test_weir_proxy_run_end_to_end(tmp_path):
                                 "--drop-to-uid", "1337",
                                 "--metrics-listen", f"127.0.0.1:{metrics[pod.node.name]}",
                                 "--readiness-listen", f"127.0.0.1:{readiness[pod.node.name]}",
+                                "--admin-listen", f"127.0.0.1:{free_port()}",
                             ],
                             tmp_path / f"proxy-{pod.node.name}.log",
                         )

@@ -79,6 +79,7 @@ class TrafficObserver:
     def listen(self, netns: Netns, name: str, port: int, ipv6: bool = True) -> None:
         """Accept on 0.0.0.0:port (and [::]:port) inside `netns`, recording as `name`."""
         families = [socket.AF_INET, socket.AF_INET6] if ipv6 else [socket.AF_INET]
+        threads: list[threading.Thread] = []
         with netns_mod.entered(netns):
             for family in families:
                 sock = socket.socket(family, socket.SOCK_STREAM)
@@ -89,10 +90,12 @@ class TrafficObserver:
                 sock.listen(64)
                 sock.settimeout(0.2)
                 self._sockets.append(sock)
-                thread = threading.Thread(target=self._serve, args=(sock, name), daemon=True)
-                self._threads.append(thread)
-        for thread in self._threads[-len(families) :]:
+                threads.append(threading.Thread(target=self._serve, args=(sock, name), daemon=True))
+        for thread in threads:
             thread.start()
+            # Tracked only once started: an interrupt (Ctrl-C, SIGTERM) can run
+            # close() in between, and a thread never started cannot be joined.
+            self._threads.append(thread)
 
     def _serve(self, listener: socket.socket, name: str) -> None:
         while not self._stopping.is_set():

@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "cni": "node_agent.cni_install.cli",
     "agent": "node_agent.agent.cli",
     "proxy": "node_agent.proxy.cli",
+    "node": "node_agent.node_cli",
 }
 
 

@@ -1,0 +1,477 @@
+"""`weir node ...`: what this node is doing, answered from live state.
+
+Every answer comes from what runs and what is installed: the agent's and the
+proxy's admin listeners on loopback (their live state, not their config), and
+for a pod the kernel itself (the capture rules or eBPF entries in its netns,
+the listeners open there). Run it on the node, or in the node's netns.
+
+Exit codes, for scripts: 0 healthy (or found), 1 a problem found (listed,
+and under "problems" in JSON/YAML), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from node_agent.constants import (
+    ADMIN_PORT,
+    INBOUND_PLAINTEXT_CAPTURE_PORT,
+    INBOUND_TUNNEL_PORT,
+    OUTBOUND_CAPTURE_PORT,
+    PROXY_ADMIN_PORT,
+)
+from node_agent.enrollment.registry import PodRecord
+from node_agent.netns import Netns
+from node_agent.node_cli import render
+from node_agent.node_cli.admin_client import Admin, AdminUnreachable
+from node_agent.redirect.backend import Backend
+from node_agent.redirect.ebpf.capture import EbpfCapture
+from node_agent.redirect.ebpf.pins import DEFAULT_PIN_ROOT, PinLayout
+from node_agent.redirect.iptables import IptablesCapture
+from node_agent.redirect.podnet import TCP_LISTEN, tcp_sockets
+from weir_common.errors import WeirError
+
+PIN_ROOT_ENV: Final = "WEIR_BPF_PIN_ROOT"
+# A renewal this late means renewing fails (renewal is due at half life).
+RENEWAL_GRACE: Final = datetime.timedelta(minutes=5)
+CAPTURE_PORTS: Final = (OUTBOUND_CAPTURE_PORT, INBOUND_PLAINTEXT_CAPTURE_PORT, INBOUND_TUNNEL_PORT)
+EXIT_OK: Final = 0
+EXIT_PROBLEM: Final = 1
+EXIT_USAGE: Final = 2
+
+
+@dataclass
+class Answer:
+    """What a command found: `data` for JSON/YAML, `text` for the table, `problems` for both."""
+
+    data: dict[str, Any]
+    text: str
+    problems: list[str] = field(default_factory=list)
+
+
+Command = Callable[[argparse.Namespace], Answer]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "node", help="what this node is doing: pods, capture, certificates, connections"
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    commands: dict[str, tuple[Command, str]] = {
+        "status": (status, "the node at a glance: agent, control plane, capture, proxy, certs"),
+        "workloads": (workloads, "the pods this node enrolled, captured or not, served or not"),
+        "certs": (certs, "the workload certificates the proxy holds, and when they renew"),
+        "connections": (connections, "the connections the proxy carries right now"),
+        "pod": (pod, "one pod, with its capture and listeners checked in the kernel"),
+    }
+    for verb, (command, text) in commands.items():
+        p = verbs.add_parser(verb, help=text, description=text)
+        if verb == "pod":
+            p.add_argument("pod", type=pod_key, metavar="NAMESPACE/NAME")
+            p.add_argument(
+                "--bpf-pin-root",
+                type=Path,
+                default=Path(os.environ.get(PIN_ROOT_ENV, DEFAULT_PIN_ROOT)),
+                help=f"where the agent pins eBPF capture (default: ${PIN_ROOT_ENV} or "
+                f"{DEFAULT_PIN_ROOT})",
+            )
+        p.add_argument("-o", "--output", choices=render.FORMATS, default="table")
+        p.add_argument("--agent-admin", type=port_arg, default=ADMIN_PORT, metavar="PORT")
+        p.add_argument("--proxy-admin", type=port_arg, default=PROXY_ADMIN_PORT, metavar="PORT")
+        p.set_defaults(func=lambda args, command=command: _run(command, args))
+
+
+def pod_key(text: str) -> tuple[str, str]:
+    namespace, slash, name = text.partition("/")
+    if not slash or not namespace or not name or "/" in name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAMESPACE/NAME")
+    return namespace, name
+
+
+def port_arg(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port")
+    return int(text)
+
+
+def _run(command: Command, args: argparse.Namespace) -> int:
+    try:
+        answer = command(args)
+    except AdminUnreachable as e:
+        print(f"weir node: {e}", file=sys.stderr)
+        return EXIT_PROBLEM
+    if args.output == "table":
+        print(answer.text)
+        for problem in answer.problems:
+            print(f"problem: {problem}")
+    else:
+        print(render.document({**answer.data, "problems": answer.problems}, args.output))
+    return EXIT_PROBLEM if answer.problems else EXIT_OK
+
+
+def _agent(args: argparse.Namespace) -> Admin:
+    return Admin("agent", "127.0.0.1", args.agent_admin)
+
+
+def _proxy(args: argparse.Namespace) -> Admin:
+    return Admin("proxy", "127.0.0.1", args.proxy_admin)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _ready(admin: Admin) -> tuple[bool, dict[str, str]]:
+    status, body = admin.get("/healthz/ready")
+    return status == 200, dict(body.get("reasons", {})) if isinstance(body, dict) else {}
+
+
+# -- status --------------------------------------------------------------------
+
+
+def status(args: argparse.Namespace) -> Answer:
+    agent = _agent(args)
+    node = agent.section("node")
+    ready, reasons = _ready(agent)
+    controlplane = agent.section("controlplane")
+    pods = agent.section("pods")
+    captured = sum(1 for p in pods if p["status"] == "captured")
+    problems = [f"agent not ready: {name}: {why}" for name, why in sorted(reasons.items())]
+    if captured < len(pods):
+        problems.append(f"{len(pods) - captured} of {len(pods)} pods not captured")
+    data: dict[str, Any] = {
+        "node": node["node"],
+        "agent": {"version": node["version"], "pid": node["pid"], "ready": ready},
+        "redirect": {"mode": agent.section("capture")["mode"]},
+        "controlplane": controlplane,
+        "pods": {"seen": len(pods), "captured": captured},
+    }
+    try:
+        proxy = _proxy(args)
+        proxy_ready, proxy_reasons = _ready(proxy)
+        served = proxy.section("pods")
+        certificates = _certificates(proxy.section("certificates"))
+        live = proxy.section("connections")
+        proxy_version = proxy.section("node")["version"]
+    except AdminUnreachable as e:
+        problems.append(str(e))
+        data["proxy"] = {"reachable": False}
+        certificates = []
+    else:
+        problems += [f"proxy not ready: {name}: {why}" for name, why in proxy_reasons.items()]
+        data["proxy"] = {
+            "reachable": True,
+            "ready": proxy_ready,
+            "version": proxy_version,
+            "pods_served": len(served),
+            "connections": len(live),
+        }
+    problems += [problem for cert in certificates for problem in cert["problems"]]
+    earliest = min((c["not_after"] for c in certificates), default=None)
+    data["certificates"] = {"count": len(certificates), "earliest_expiry": earliest}
+    nack = controlplane["last_nack"]
+    proxy_data = data["proxy"]
+    text = render.fields(
+        [
+            ("node", data["node"]),
+            ("agent", f"{node['version']} pid {node['pid']}, {'ready' if ready else 'NOT READY'}"),
+            ("redirect", data["redirect"]["mode"]),
+            (
+                "control plane",
+                f"{controlplane['target']} "
+                + ("connected" if controlplane["connected"] else "NOT CONNECTED"),
+            ),
+            (
+                "config",
+                ", ".join(f"{n} {kind}" for kind, n in sorted(controlplane["resources"].items())),
+            ),
+            ("last NACK", f"{nack['at']} {nack['type']}: {nack['reason']}" if nack else "none"),
+            ("pods", f"{captured} captured of {len(pods)} seen"),
+            (
+                "proxy",
+                (
+                    f"{proxy_data['version']}, "
+                    f"{'ready' if proxy_data['ready'] else 'NOT READY'}, "
+                    f"{proxy_data['pods_served']} pods served, "
+                    f"{proxy_data['connections']} connections"
+                )
+                if proxy_data["reachable"]
+                else "NOT REACHABLE",
+            ),
+            ("certificates", f"{len(certificates)}, earliest expiry {earliest or '-'}"),
+        ]
+    )
+    return Answer(data, text, problems)
+
+
+# -- workloads -------------------------------------------------------------------
+
+
+def workloads(args: argparse.Namespace) -> Answer:
+    pods = _agent(args).section("pods")
+    served = _served(args)
+    problems: list[str] = []
+    rows = []
+    for record in sorted(pods, key=lambda p: (p["namespace"], p["name"])):
+        key = f"{record['namespace']}/{record['name']}"
+        held = served.get(record["uid"]) if served is not None else None
+        rows.append(
+            {
+                "pod": key,
+                "uid": record["uid"],
+                "ips": [ip.split("/")[0] for ip in record["ips"]],
+                "mode": record["mode"],
+                "status": record["status"],
+                "served_by_proxy": held is not None,
+                "identity": held["identity"] if held else None,
+            }
+        )
+        if record["status"] != "captured":
+            problems.append(f"{key}: {record['status']}")
+        if served is not None and held is None:
+            problems.append(f"{key}: not served by the proxy")
+    if served is None:
+        problems.append("the proxy's admin does not answer: cannot tell which pods it serves")
+    text = render.table(
+        ["pod", "ips", "mode", "status", "proxy", "identity"],
+        [
+            [
+                r["pod"],
+                ",".join(r["ips"]),
+                r["mode"],
+                r["status"],
+                "serving" if r["served_by_proxy"] else "NOT SERVED",
+                r["identity"],
+            ]
+            for r in rows
+        ],
+    )
+    return Answer({"workloads": rows}, text, problems)
+
+
+def _served(args: argparse.Namespace) -> dict[str, dict[str, Any]] | None:
+    """The proxy's pods by uid; None when its admin does not answer."""
+    try:
+        served: dict[str, dict[str, Any]] = _proxy(args).section("pods")
+    except AdminUnreachable:
+        return None
+    return served
+
+
+# -- certs -----------------------------------------------------------------------
+
+
+def _certificates(dump: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    now = _now()
+    out = []
+    for identity, cert in sorted(dump.items()):
+        not_after = datetime.datetime.fromisoformat(cert["not_after"])
+        renewal_due = datetime.datetime.fromisoformat(cert["refresh_at"])
+        problems = []
+        if not_after <= now:
+            problems.append(f"{identity}: certificate expired at {cert['not_after']}")
+        elif renewal_due + RENEWAL_GRACE < now:
+            problems.append(f"{identity}: renewal overdue since {cert['refresh_at']}")
+        out.append(
+            {
+                "identity": identity,
+                "serial": cert["serial"],
+                "not_before": _seconds(cert["not_before"]),
+                "not_after": _seconds(cert["not_after"]),
+                "renewal_due": _seconds(cert["refresh_at"]),
+                "expires_in_seconds": int((not_after - now).total_seconds()),
+                "pods": cert["pods"],
+                "problems": problems,
+            }
+        )
+    return out
+
+
+def _seconds(timestamp: str) -> str:
+    return datetime.datetime.fromisoformat(timestamp).isoformat(timespec="seconds")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 0:
+        return "expired"
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def certs(args: argparse.Namespace) -> Answer:
+    certificates = _certificates(_proxy(args).section("certificates"))
+    text = render.table(
+        ["identity", "serial", "not after", "renewal due", "expires in", "pods"],
+        [
+            [
+                c["identity"],
+                c["serial"][:16] + ("…" if len(c["serial"]) > 16 else ""),
+                c["not_after"],
+                c["renewal_due"],
+                _duration(c["expires_in_seconds"]),
+                c["pods"],
+            ]
+            for c in certificates
+        ],
+    )
+    problems = [p for c in certificates for p in c.pop("problems")]
+    return Answer({"certificates": certificates}, text, problems)
+
+
+# -- connections -------------------------------------------------------------------
+
+
+def connections(args: argparse.Namespace) -> Answer:
+    live: list[dict[str, Any]] = _proxy(args).section("connections")
+    text = render.table(
+        ["direction", "source", "source identity", "destination", "dest identity", "mtls", "up",
+         "down", "age"],
+        [
+            [
+                c["direction"],
+                c["src"]["workload"] or c["src"]["addr"],
+                c["src"]["identity"],
+                c["dst"]["workload"] or c["dst"]["addr"],
+                c["dst"]["identity"],
+                "yes" if c["security_policy"] == "mutual_tls" else "no",
+                c["bytes_up"],
+                c["bytes_down"],
+                f"{c['age_seconds']:.1f}s",
+            ]
+            for c in live
+        ],
+    )  # fmt: skip
+    return Answer({"connections": live}, text)
+
+
+# -- pod ---------------------------------------------------------------------------
+
+
+def pod(args: argparse.Namespace) -> Answer:
+    namespace, name = args.pod
+    key = f"{namespace}/{name}"
+    records = [
+        p for p in _agent(args).section("pods") if (p["namespace"], p["name"]) == (namespace, name)
+    ]
+    if not records:
+        return Answer({"pod": key, "found": False}, f"pod {key}: not enrolled on this node",
+                      [f"{key}: not enrolled on this node"])  # fmt: skip
+    record = PodRecord.from_json(records[0])
+    served = _served(args)
+    held = served.get(record.uid) if served is not None else None
+    problems: list[str] = []
+    if records[0]["status"] != "captured":
+        problems.append(f"agent: {records[0]['status']}")
+    if served is None:
+        problems.append("the proxy's admin does not answer")
+    elif held is None:
+        problems.append("the proxy does not serve this pod")
+    capture, listeners = _kernel(record, args.bpf_pin_root, problems)
+    certificate = None
+    if held is not None:
+        dump = _proxy(args).section("certificates")
+        found = _certificates({k: v for k, v in dump.items() if k == held["identity"]})
+        certificate = found[0] if found else None
+        if certificate is None:
+            problems.append(f"the proxy holds no certificate for {held['identity']}")
+        else:
+            problems += certificate.pop("problems")
+    data = {
+        "pod": key,
+        "found": True,
+        "uid": record.uid,
+        "ips": [ip.split("/")[0] for ip in record.ips],
+        "netns": record.netns,
+        "agent_status": records[0]["status"],
+        "capture": capture,
+        "listeners": listeners,
+        "proxy": {"served": held is not None, "identity": held["identity"] if held else None},
+        "certificate": certificate,
+    }
+    lines = [
+        render.fields(
+            [
+                ("pod", key),
+                ("uid", record.uid),
+                ("ips", ", ".join(data["ips"])),
+                ("netns", record.netns),
+                ("agent", data["agent_status"]),
+                (
+                    "capture",
+                    f"{capture['mode']}: "
+                    + (
+                        "installed as expected"
+                        if capture["as_expected"]
+                        else "NOT CAPTURED: the kernel's rules differ from what is expected"
+                    ),
+                ),
+                (
+                    "listeners",
+                    " ".join(
+                        f"{port}/{'ok' if port not in listeners['missing'] else 'MISSING'}"
+                        for port in listeners["expected"]
+                    ),
+                ),
+                ("proxy", f"serving as {held['identity']}" if held else "NOT SERVING"),
+                (
+                    "certificate",
+                    f"serial {certificate['serial']}, not after {certificate['not_after']}, "
+                    f"renewal due {certificate['renewal_due']}"
+                    if certificate
+                    else None,
+                ),
+            ]
+        )
+    ]
+    if capture["diff"]:
+        lines += ["capture diff (expected vs installed):", *(f"  {d}" for d in capture["diff"])]
+    return Answer(data, "\n".join(lines), problems)
+
+
+def _kernel(
+    record: PodRecord, pin_root: Path, problems: list[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Capture and listeners as the pod's netns holds them now."""
+    expected_ports = list(CAPTURE_PORTS)
+    try:
+        ns = Netns.validate(record.netns)
+    except WeirError as e:
+        problems.append(f"netns: {e.message}")
+        return (
+            {"mode": record.mode, "as_expected": False, "diff": [f"netns: {e.message}"]},
+            {"expected": expected_ports, "present": [], "missing": expected_ports},
+        )
+    diff: list[str] = []
+    if ns.inode != record.netns_inode:
+        diff.append(f"{record.netns} is another netns than the one enrolled")
+    elif record.mode == "ebpf":
+        with EbpfCapture(PinLayout(pin_root)) as ebpf:
+            diff = ebpf.check(ns, record.capture)
+    else:
+        backend = Backend(record.mode.removeprefix("iptables-"))
+        diff = IptablesCapture(backend).check(ns, record.capture)
+    if diff:
+        problems.append(f"capture: NOT as expected ({len(diff)} differences)")
+    families = {6 if ":" in ip else 4 for ip in record.ips}
+    present = sorted(
+        {
+            s.local[1]
+            for s in tcp_sockets(ns)
+            if s.state == TCP_LISTEN and s.local[1] in CAPTURE_PORTS and s.family in families
+        }
+    )
+    missing = [port for port in expected_ports if port not in present]
+    if missing:
+        problems.append(f"listeners missing in the pod's netns: {missing}")
+    return (
+        {"mode": record.mode, "as_expected": not diff, "diff": diff},
+        {"expected": expected_ports, "present": present, "missing": missing},
+    )

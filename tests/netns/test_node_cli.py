@@ -1,0 +1,261 @@
+"""`weir node ...` against a running local mesh: real control plane, agents and proxies.
+
+The mesh is examples/mesh.yaml (client and legacy/intruder on node-1, server
+and db on node-2). Every command runs as a subprocess in node-1's or node-2's
+netns, as an operator runs it on the node; its JSON is checked against the
+schemas in node_cli_schemas.py and its content against what the test itself
+set up (pods, a live connection, capture flushed behind the agent's back).
+The admin listeners are shown unreachable from off the node, a /logging
+change is shown in force in the running proxy, and /quitquitquit stops it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from node_agent import netns as netns_mod
+from node_agent.constants import ADMIN_PORT, PROXY_ADMIN_PORT
+from node_agent.localmesh.mesh import LocalMesh, real_proxy, weir_command
+from node_agent.localmesh.topology import Pod
+from node_agent.netns import Netns
+from tests.netns import node_cli_schemas as schemas
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
+
+MESH_YAML = Path(__file__).resolve().parents[2] / "examples" / "mesh.yaml"
+SERVER_VIP = "10.96.0.10"
+CLIENT_ID = "spiffe://cluster.local/ns/default/sa/client"
+SERVER_ID = "spiffe://cluster.local/ns/default/sa/server"
+INTRUDER_ID = "spiffe://cluster.local/ns/legacy/sa/intruder"
+
+
+class Mesh:
+    def __init__(self, local: LocalMesh, pods: dict[str, Pod]) -> None:
+        self.local = local
+        self.pods = pods
+
+    def weir_node(self, node: str, *args: str) -> tuple[int, str]:
+        """`weir node ARGS` in the node's netns, as on the node: exit code and stdout."""
+        proc = subprocess.run(
+            ["ip", "netns", "exec", self.local.nodes[node].node.netns_name,
+             *weir_command(), "node", *args],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert "Traceback" not in proc.stderr, proc.stderr
+        return proc.returncode, proc.stdout
+
+    def json(self, node: str, *args: str, schema: Any, code: int = 0) -> dict[str, Any]:
+        rc, out = self.weir_node(node, *args, "-o", "json")
+        data: dict[str, Any] = json.loads(out)
+        assert schemas.errors(data, schema) == [], out
+        assert rc == code, out
+        return data
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[Mesh]:
+    with LocalMesh(MESH_YAML, real_proxy) as local:
+        local.add_node("node-1", "10.244.1.0/24")
+        local.add_node("node-2", "10.244.2.0/24")
+        pods = {
+            "client": local.add_pod("node-1", "client"),
+            "intruder": local.add_pod("node-1", "intruder", "legacy"),
+            "server": local.add_pod("node-2", "server"),
+            "db": local.add_pod("node-2", "db"),
+        }
+        yield Mesh(local, pods)
+
+
+def admin_request(ns: Netns, method: str, port: int, path: str) -> tuple[int, Any]:
+    with netns_mod.entered(ns):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.connect()
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_status_workloads_and_certs_answer_from_the_running_node(mesh):
+    status = mesh.json("node-1", "status", schema=schemas.STATUS)
+    assert status["node"] == "node-1"
+    assert status["agent"]["ready"] and status["controlplane"]["connected"]
+    assert status["pods"] == {"seen": 2, "captured": 2}
+    assert status["proxy"]["ready"] and status["proxy"]["pods_served"] == 2
+    assert status["certificates"]["count"] == 2
+    assert status["problems"] == []
+
+    workloads = mesh.json("node-1", "workloads", schema=schemas.WORKLOADS)
+    by_pod = {w["pod"]: w for w in workloads["workloads"]}
+    assert sorted(by_pod) == ["default/client", "legacy/intruder"]
+    client = mesh.pods["client"]
+    assert by_pod["default/client"]["ips"] == [str(client.ipv4)]
+    assert by_pod["default/client"]["identity"] == CLIENT_ID
+    assert {(w["status"], w["served_by_proxy"]) for w in by_pod.values()} == {("captured", True)}
+    # YAML is the same answer.
+    rc, out = mesh.weir_node("node-1", "workloads", "-o", "yaml")
+    assert (rc, yaml.safe_load(out)) == (0, workloads)
+    rc, out = mesh.weir_node("node-1", "workloads")
+    assert rc == 0
+    assert out.splitlines()[0].split() == ["POD", "IPS", "MODE", "STATUS", "PROXY", "IDENTITY"]
+
+    certs = mesh.json("node-2", "certs", schema=schemas.CERTS)["certificates"]
+    assert [c["identity"] for c in certs] == [
+        "spiffe://cluster.local/ns/default/sa/db",
+        SERVER_ID,
+    ]
+    now = datetime.datetime.now(datetime.UTC)
+    for cert in certs:
+        not_after = datetime.datetime.fromisoformat(cert["not_after"])
+        renewal = datetime.datetime.fromisoformat(cert["renewal_due"])
+        assert now < renewal < not_after
+        assert int(cert["serial"], 16) > 0
+
+
+def test_connections_shows_a_live_connection_from_both_ends(mesh):
+    # Nothing accepts on the server's 8080: the kernel's backlog takes the
+    # connection and its bytes, so it stays open as long as the client holds it.
+    with netns_mod.entered(mesh.pods["server"].netns):
+        backlog = socket.create_server(("0.0.0.0", 8080))
+    with backlog:
+        with netns_mod.entered(mesh.pods["client"].netns):
+            held = socket.create_connection((SERVER_VIP, 80), timeout=5)
+        with held:
+            held.sendall(b"x" * 1000)
+            deadline = time.monotonic() + 10
+            while True:
+                ends = {
+                    node: mesh.json(node, "connections", schema=schemas.CONNECTIONS)["connections"]
+                    for node in ("node-1", "node-2")
+                }
+                if all(c and c[0]["bytes_up"] == 1000 for c in ends.values()):
+                    break
+                assert time.monotonic() < deadline, ends
+                time.sleep(0.2)
+    for node, direction in (("node-1", "outbound"), ("node-2", "inbound")):
+        [conn] = ends[node]
+        assert conn["direction"] == direction
+        assert conn["src"]["workload"] == "default/client"
+        assert conn["src"]["identity"] == CLIENT_ID
+        assert conn["dst"]["workload"] == "default/server"
+        assert conn["dst"]["identity"] == SERVER_ID
+        assert conn["security_policy"] == "mutual_tls"
+        assert conn["age_seconds"] > 0
+
+
+def test_pod_reports_capture_removed_behind_the_agents_back(mesh):
+    ok = mesh.json("node-1", "pod", "default/client", schema=schemas.POD)
+    assert ok["capture"] == {"mode": ok["capture"]["mode"], "as_expected": True, "diff": []}
+    assert ok["listeners"]["missing"] == []
+    assert ok["proxy"] == {"served": True, "identity": CLIENT_ID}
+    assert ok["certificate"]["identity"] == CLIENT_ID
+
+    intruder = mesh.pods["intruder"]
+    subprocess.run(
+        ["ip", "netns", "exec", intruder.netns_name, "iptables", "-t", "nat", "-F"],
+        check=True, timeout=30,
+    )  # fmt: skip
+    broken = mesh.json("node-1", "pod", "legacy/intruder", schema=schemas.POD, code=1)
+    # The agent still believes it captured; the kernel says otherwise.
+    assert broken["agent_status"] == "captured"
+    assert broken["capture"]["as_expected"] is False
+    diff = "\n".join(broken["capture"]["diff"])
+    assert "nat/OUTPUT: missing jump" in diff
+    assert "nat/PREROUTING: missing jump" in diff
+    assert "REDIRECT --to-ports 15001" in diff
+    assert any(p.startswith("capture: NOT as expected") for p in broken["problems"])
+    rc, out = mesh.weir_node("node-1", "pod", "legacy/intruder")
+    assert rc == 1
+    assert "NOT CAPTURED" in out and "capture diff (expected vs installed):" in out
+
+    # The other pod's capture is untouched.
+    mesh.json("node-1", "pod", "default/client", schema=schemas.POD)
+    rc, out = mesh.weir_node("node-1", "pod", "default/nobody")
+    assert (rc, out.splitlines()[-1]) == (1, "problem: default/nobody: not enrolled on this node")
+
+
+def test_bad_usage_exits_2(mesh):
+    for args in (("pod", "no-namespace"), ("status", "-o", "xml"), ("nonsense",)):
+        rc, _ = mesh.weir_node("node-1", *args)
+        assert rc == 2, args
+
+
+def test_admin_listeners_answer_only_on_loopback(mesh):
+    node1 = mesh.local.nodes["node-1"].node
+    for port in (ADMIN_PORT, PROXY_ADMIN_PORT):
+        assert admin_request(node1.netns, "GET", port, "/healthz/ready")[0] == 200
+        # From the other node, from the underlay, and to the node's own address
+        # from the node itself: nothing listens there.
+        others = (mesh.local.nodes["node-2"].node.netns, mesh.local.topology.underlay)
+        for ns in (*others, node1.netns):
+            with netns_mod.entered(ns), pytest.raises(ConnectionRefusedError):
+                socket.create_connection((str(node1.underlay_ipv4), port), timeout=5)
+
+
+def test_a_logging_change_takes_effect_in_the_running_proxy(mesh):
+    node = mesh.local.nodes["node-1"]
+    assert node.proxy is not None
+    status, levels = admin_request(node.node.netns, "GET", PROXY_ADMIN_PORT, "/logging")
+    assert status == 200 and levels["admin"] == "warning"
+
+    def drop_a_request() -> None:
+        """A request head cut short: the endpoint logs it at debug, and only at debug."""
+        with netns_mod.entered(node.node.netns):
+            sock = socket.create_connection(("127.0.0.1", PROXY_ADMIN_PORT), timeout=5)
+        with sock:
+            sock.sendall(b"GET /cut-short")
+            sock.shutdown(socket.SHUT_WR)
+            # Closed without an answer once the endpoint has dropped (and logged) it.
+            assert sock.recv(1) == b""
+
+    def dropped() -> int:
+        return node.proxy.log.read_text(errors="replace").count("HTTP request dropped")
+
+    before = dropped()
+    drop_a_request()
+    status, levels = admin_request(
+        node.node.netns, "POST", PROXY_ADMIN_PORT, "/logging?admin=debug"
+    )
+    assert (status, levels["admin"]) == (200, "debug")
+    try:
+        drop_a_request()
+        deadline = time.monotonic() + 5
+        while dropped() == before:
+            assert time.monotonic() < deadline, node.proxy.tail()
+            time.sleep(0.1)
+        # Only the one after the change: the first was dropped at warning level.
+        assert dropped() == before + 1
+    finally:
+        admin_request(node.node.netns, "POST", PROXY_ADMIN_PORT, "/logging?admin=warning")
+    status, body = admin_request(node.node.netns, "POST", PROXY_ADMIN_PORT, "/logging?admin=loud")
+    assert status == 400 and "not one of" in body["error"]
+
+
+def test_quitquitquit_stops_the_proxy_gracefully(mesh):
+    node = mesh.local.nodes["node-2"]
+    proxy = node.proxy
+    assert proxy is not None
+    status, body = admin_request(node.node.netns, "POST", PROXY_ADMIN_PORT, "/quitquitquit")
+    assert (status, body) == (200, {"status": "stopping"})
+    assert proxy.popen.wait(timeout=30) == 0
+    rc, out = mesh.weir_node("node-2", "status")
+    assert rc == 1
+    assert "proxy:         NOT REACHABLE" in out
+    node.stop_proxy = real_proxy(mesh.local, node)
+    deadline = time.monotonic() + 30
+    while mesh.weir_node("node-2", "status")[0] != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)

@@ -2,10 +2,11 @@
 
 ```
   host netns: only the admin relay, a listener on 127.0.0.1:<port>
-  underlay netns (LocalTopology's, forwards, no way off the machine)
-    |-- cp netns:  etcd, kube-apiserver :6443, controller-manager, scheduler
-    |-- n1 netns + own mount ns: containerd (CRI), kubelet, kube-proxy, pods on cni0
-    `-- n2 ...
+  wk8s-<id>-underlay: bridge br0 10.250.0.1, forwards, no default route (the sink)
+    |-- wk8s-<id>-cp  10.250.0.2: etcd, kube-apiserver :6443, controller-manager, scheduler
+    |-- wk8s-<id>-n1  10.250.0.3 + own mount ns: containerd (CRI), kubelet, kube-proxy,
+    |                 pods on cni0 (10.244.1.0/24)
+    `-- wk8s-<id>-n2 ...
 ```
 
 The cluster outlives the process that started it: every process is started
@@ -29,12 +30,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from ipaddress import IPv4Network
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
-from node_agent.localmesh.topology import NETNS_DIR, LocalTopology, sweep
+from node_agent.localmesh.topology import NETNS_DIR
 from testbed.images import build_busybox_image
 from testbed.k8s_cluster import config
 from testbed.k8s_cluster.config import ClusterSpec, NodeSpec
@@ -46,9 +46,6 @@ CGROUP_FS: Final = Path("/sys/fs/cgroup")
 # The daemons' cgroup only needs a hierarchy that every process can join.
 DAEMON_HIERARCHY: Final = CGROUP_FS / "pids"
 STATE_FILE: Final = "state.json"
-# The control plane joins the underlay as a LocalTopology node, which must own a
-# pod CIDR; it runs no pods, so this one is outside the cluster CIDR and unused.
-CONTROL_PLANE_POD_CIDR: Final = IPv4Network("10.243.0.0/24")
 _START_TIMEOUT_S: Final = 120.0
 _STEP_TIMEOUT_S: Final = 60.0
 
@@ -68,23 +65,15 @@ def _stderr(message: str) -> None:
 class Cluster:
     """A running cluster: its spec, and kubectl pointed at it.
 
-    `topology` is the prefix of its network namespaces; `namespaces` the
-    inodes of those and of the nodes' mount namespaces (see `leftovers`).
-    `network` is the LocalTopology that made the namespaces: while it is
-    open, SIGTERM unwinds this process (so a test's teardown still runs).
+    `namespaces` holds the inodes of its network and mount namespaces, by
+    which `leftovers` recognises a process still inside one.
     """
 
     spec: ClusterSpec
-    topology: str
     namespaces: frozenset[int]
-    network: LocalTopology = field(repr=False, compare=False)
 
     def down(self) -> None:
-        """`down(state_dir)`, then close the topology so it lets go of SIGTERM."""
-        try:
-            down(self.spec.state_dir)
-        finally:
-            self.network.close()
+        down(self.spec.state_dir)
 
     def kubectl(
         self, *args: str, stdin: str | None = None, timeout: float = _STEP_TIMEOUT_S
@@ -241,6 +230,24 @@ def _write_files(spec: ClusterSpec) -> None:
         _write(directory / "cni-conf" / "10-k8s-pod-network.conflist", config.cni_conflist(node))
         for plugin in config.CNI_PLUGINS:
             (directory / "cni-bin" / plugin).symlink_to(config.HOST_CNI_DIR / plugin)
+
+
+def _make_network(spec: ClusterSpec) -> None:
+    """The netns of config.network_plan, wired; all are created before the veths."""
+    plan = config.network_plan(spec)
+    for netns in plan:
+        _run(["ip", "netns", "add", netns], f"netns {netns}")
+    for netns, commands in plan.items():
+        # The underlay routes between nodes, the nodes between their pods and it.
+        forward = ["ip", "netns", "exec", netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]
+        _run(forward, f"forwarding in {netns}")
+        batch = "".join(f"{c}\n" for c in commands)
+        _run(["ip", "-n", netns, "-batch", "-"], f"network of {netns}", stdin=batch)
+
+
+def _delete_network(name: str) -> None:
+    for path in sorted(NETNS_DIR.glob(f"{name}-*")):
+        _run(["ip", "netns", "delete", path.name], f"delete netns {path.name}")
 
 
 def _make_mount_namespace(spec: ClusterSpec, node: NodeSpec) -> None:
@@ -427,32 +434,16 @@ def up(state_dir: Path, node_count: int = 2, *, log: Log = _stderr) -> Cluster:
         raise ClusterError(f"node count {node_count} is not between 1 and 200")
     started = time.monotonic()
     bin_dir = ensure_binaries()
-    state: dict[str, Any] = {"name": f"wk8s-{secrets.token_hex(3)}", "topology": None}
-    _save_state(state_dir, state)
+    name = f"wk8s-{secrets.token_hex(3)}"
+    _save_state(state_dir, {"name": name})
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    topology = LocalTopology()
     try:
-        topology.open()
-        state["topology"] = topology.prefix
-        _save_state(state_dir, state)
-        cp = topology.add_node("cp", CONTROL_PLANE_POD_CIDR)
-        nodes = []
-        for index in range(1, node_count + 1):
-            made = topology.add_node(f"n{index}", config.node_pod_cidr(index))
-            nodes.append(NodeSpec(made.name, made.underlay_ipv4, made.pod_cidr_v4, made.netns_name))
         listener.bind(("127.0.0.1", 0))
         listener.listen(64)
-        spec = ClusterSpec(
-            name=state["name"],
-            state_dir=state_dir,
-            bin_dir=bin_dir,
-            control_plane_address=cp.underlay_ipv4,
-            control_plane_netns=cp.netns_name,
-            nodes=tuple(nodes),
-            host_port=listener.getsockname()[1],
-        )
-        inodes = [(NETNS_DIR / n).stat().st_ino for n in (cp.netns_name, *(n.netns for n in nodes))]
-        cluster = Cluster(spec, topology.prefix, frozenset(inodes), topology)
+        spec = config.cluster_spec(name, state_dir, bin_dir, node_count, listener.getsockname()[1])
+        _make_network(spec)
+        netns = [spec.underlay_netns, spec.control_plane_netns, *(n.netns for n in spec.nodes)]
+        cluster = Cluster(spec, frozenset((NETNS_DIR / n).stat().st_ino for n in netns))
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         _write_files(spec)
         write_pki(spec)
@@ -475,8 +466,7 @@ def up(state_dir: Path, node_count: int = 2, *, log: Log = _stderr) -> Cluster:
     except BaseException:
         try:
             down(state_dir, log=log)
-            topology.close()
-        except WeirError as e:
+        except ClusterError as e:
             log(f"cleanup after the failed start: {e.message}")
         raise
     finally:
@@ -490,9 +480,9 @@ def import_image(state_dir: Path, archive: Path, *, log: Log = _stderr) -> None:
     state_path = state_dir / STATE_FILE
     if not state_path.exists():
         raise ClusterError(f"no cluster in {state_dir} (no {STATE_FILE})")
-    prefix = json.loads(state_path.read_text())["topology"]
+    name = json.loads(state_path.read_text())["name"]
     for mount_ns in sorted((state_dir / "ns").iterdir()):
-        netns = NETNS_DIR / f"{prefix}-node-{mount_ns.name}"
+        netns = NETNS_DIR / f"{name}-{mount_ns.name}"
         _run(_ctr(mount_ns, netns, "images", "import", str(archive.resolve())), f"import {archive}")
         log(f"imported {archive} into {mount_ns.name}")
 
@@ -582,9 +572,8 @@ def down(state_dir: Path, *, log: Log = _stderr) -> None:
     steps: list[tuple[str, Callable[[], object]]] = [
         ("processes and cgroups", lambda: _kill_cgroups(state["name"])),
         ("mount namespaces", lambda: _unmount_namespaces(state_dir)),
+        ("network namespaces", lambda: _delete_network(state["name"])),
     ]
-    if state["topology"] is not None:
-        steps.append(("network namespaces", lambda: sweep(state["topology"])))
     for what, step in steps:
         try:
             step()
@@ -608,8 +597,7 @@ def _namespace_inodes(pid: str) -> set[int]:
 def leftovers(cluster: Cluster) -> list[str]:
     """Whatever of `cluster` is still on the machine; empty after a complete `down`."""
     spec = cluster.spec
-    found = [f"netns {p.name}" for p in NETNS_DIR.glob(f"{cluster.topology}*")]
-    found += [f"link {p.name}" for p in Path("/sys/class/net").glob(f"{cluster.topology}*")]
+    found = [f"netns {p.name}" for p in NETNS_DIR.glob(f"{spec.name}-*")]
     found += [f"cgroup {h / spec.name}" for h in _hierarchies() if (h / spec.name).exists()]
     if spec.state_dir.exists():
         found.append(f"directory {spec.state_dir}")

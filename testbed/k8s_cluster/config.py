@@ -10,7 +10,7 @@ Layout of the state directory (all of it removed by `make k8s-down`):
 ```
 state/
   kubeconfig          admin, through the host relay (the contract's path when state is build/k8s)
-  state.json          what teardown needs: the cluster's cgroup name, its netns prefix
+  state.json          what teardown needs: the cluster's name (its cgroups and netns)
   images/             the OCI archives imported into every node
   pki/                CA, serving and client certificates, the ServiceAccount key pair
   run/                pid files and logs
@@ -42,6 +42,11 @@ CLUSTER_DOMAIN: Final = "cluster.local"
 SERVICE_CIDR: Final = IPv4Network("10.96.0.0/16")
 # Every node's pod CIDR is a /24 of this; kube-proxy masquerades what comes from outside it.
 CLUSTER_CIDR: Final = IPv4Network("10.244.0.0/16")
+# The underlay: its bridge holds .1 (the router), the control plane .2, node i .2+i.
+UNDERLAY: Final = IPv4Network("10.250.0.0/24")
+UNDERLAY_BRIDGE: Final = "br0"
+# The uplink's name inside the control plane's and each node's netns.
+UPLINK: Final = "eth0"
 TEST_IMAGE: Final = "weir.test/busybox:k8s"
 SANDBOX_IMAGE: Final = "weir.test/pause:k8s"
 COREDNS_IMAGE: Final = "weir.test/coredns:k8s"
@@ -74,7 +79,11 @@ class NodeSpec:
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    """Names, addresses and paths of one cluster; `name` also names its cgroups."""
+    """Names, addresses and paths of one cluster.
+
+    `name` (wk8s-<hex>) names its cgroups and prefixes its netns, so nothing
+    of it can be mistaken for another harness's (the local mesh's are wlm*).
+    """
 
     name: str
     state_dir: Path
@@ -83,6 +92,10 @@ class ClusterSpec:
     control_plane_netns: str
     nodes: tuple[NodeSpec, ...]
     host_port: int
+
+    @property
+    def underlay_netns(self) -> str:
+        return f"{self.name}-underlay"
 
     # -- paths -------------------------------------------------------------
 
@@ -135,6 +148,51 @@ class ClusterSpec:
     @property
     def kubernetes_service_ip(self) -> IPv4Address:
         return SERVICE_CIDR.network_address + 1
+
+
+def cluster_spec(
+    name: str, state_dir: Path, bin_dir: Path, node_count: int, host_port: int
+) -> ClusterSpec:
+    """Nodes n1..nN with the underlay's and the cluster CIDR's addresses in order."""
+    router = UNDERLAY.network_address + 1
+    nodes = tuple(
+        NodeSpec(f"n{i}", router + 1 + i, node_pod_cidr(i), f"{name}-n{i}")
+        for i in range(1, node_count + 1)
+    )
+    return ClusterSpec(name, state_dir, bin_dir, router + 1, f"{name}-cp", nodes, host_port)
+
+
+def network_plan(spec: ClusterSpec) -> dict[str, list[str]]:
+    """`ip -batch` lines per netns, underlay first: veths, addresses, routes.
+
+    Every veth is made from inside the underlay with its peer moved straight
+    into the other netns, so no link ever exists in the host's netns. The
+    underlay has no default route: traffic for anything but the cluster's
+    addresses ends there (host unreachable), and nothing leaves the machine.
+    """
+    router = UNDERLAY.network_address + 1
+    hosts = [(spec.control_plane_netns, spec.control_plane_address)]
+    hosts += [(n.netns, n.address) for n in spec.nodes]
+    underlay = [
+        "link set lo up",
+        f"link add {UNDERLAY_BRIDGE} type bridge",
+        f"link set {UNDERLAY_BRIDGE} up",
+        f"addr add {router}/{UNDERLAY.prefixlen} dev {UNDERLAY_BRIDGE}",
+    ]
+    for index, (netns, _) in enumerate(hosts):
+        underlay.append(f"link add u{index} type veth peer name {UPLINK} netns {netns}")
+        underlay.append(f"link set u{index} master {UNDERLAY_BRIDGE} up")
+    underlay += [f"route add {n.pod_cidr} via {n.address}" for n in spec.nodes]
+    plan = {spec.underlay_netns: underlay}
+    for netns, address in hosts:
+        plan[netns] = [
+            "link set lo up",
+            f"link set {UPLINK} up",
+            f"addr add {address}/{UNDERLAY.prefixlen} dev {UPLINK}",
+            f"route add default via {router}",
+            *(f"route add {n.pod_cidr} via {n.address}" for n in spec.nodes if n.netns != netns),
+        ]
+    return plan
 
 
 def node_pod_cidr(index: int) -> IPv4Network:

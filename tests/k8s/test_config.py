@@ -7,22 +7,8 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from testbed.k8s_cluster import config
-from testbed.k8s_cluster.config import ClusterSpec, NodeSpec
 
-SPEC = ClusterSpec(
-    name="wk8s-000000",
-    state_dir=Path("/state"),
-    bin_dir=Path("/k8s-bin"),
-    control_plane_address=IPv4Address("10.250.0.2"),
-    control_plane_netns="wlm000000-node-cp",
-    nodes=tuple(
-        NodeSpec(
-            f"n{i}", IPv4Address(f"10.250.0.{2 + i}"), config.node_pod_cidr(i), f"wlm-node-n{i}"
-        )
-        for i in (1, 2)
-    ),
-    host_port=16443,
-)
+SPEC = config.cluster_spec("wk8s-000000", Path("/state"), Path("/k8s-bin"), 2, 16443)
 NODE = SPEC.nodes[0]
 
 
@@ -66,6 +52,14 @@ def test_node_matches_golden(golden: Callable[[str, str], None]) -> None:
                 "mount namespace setup": config.mount_setup_script(SPEC, NODE),
             }
         ),
+    )
+
+
+def test_network_matches_golden(golden: Callable[[str, str], None]) -> None:
+    plan = config.network_plan(SPEC)
+    golden(
+        "k8s/network.txt",
+        _sections({f"ip -n {ns} -batch -": "\n".join(ls) for ns, ls in plan.items()}),
     )
 
 

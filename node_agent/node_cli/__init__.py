@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import ipaddress
 import os
 import sys
 from collections.abc import Callable
@@ -30,13 +31,15 @@ from node_agent.constants import (
 from node_agent.enrollment.registry import PodRecord
 from node_agent.netns import Netns
 from node_agent.node_cli import render
+from node_agent.node_cli import trace as trace_mod
 from node_agent.node_cli.admin_client import Admin, AdminUnreachable
+from node_agent.proxy.model import Workload
 from node_agent.redirect.backend import Backend
 from node_agent.redirect.ebpf.capture import EbpfCapture
 from node_agent.redirect.ebpf.pins import DEFAULT_PIN_ROOT, PinLayout
 from node_agent.redirect.iptables import IptablesCapture
 from node_agent.redirect.podnet import TCP_LISTEN, tcp_sockets
-from weir_common.errors import WeirError
+from weir_common.errors import InvalidInputError, WeirError
 
 PIN_ROOT_ENV: Final = "WEIR_BPF_PIN_ROOT"
 # A renewal this late means renewing fails (renewal is due at half life).
@@ -70,11 +73,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "certs": (certs, "the workload certificates the proxy holds, and when they renew"),
         "connections": (connections, "the connections the proxy carries right now"),
         "pod": (pod, "one pod, with its capture and listeners checked in the kernel"),
+        "trace": (trace, "what would happen to a connection: capture, endpoints, policy"),
     }
     for verb, (command, text) in commands.items():
         p = verbs.add_parser(verb, help=text, description=text)
-        if verb == "pod":
-            p.add_argument("pod", type=pod_key, metavar="NAMESPACE/NAME")
+        if verb == "trace":
+            p.add_argument("source", type=pod_key, metavar="SRC_POD", help="NAMESPACE/NAME")
+            p.add_argument(
+                "destination",
+                type=destination_arg,
+                metavar="DST[:PORT]",
+                help="an IP, or a service or pod as NAMESPACE/NAME; PORT may be left out "
+                "for a service with one port",
+            )
+        if verb in ("pod", "trace"):
+            if verb == "pod":
+                p.add_argument("pod", type=pod_key, metavar="NAMESPACE/NAME")
             p.add_argument(
                 "--bpf-pin-root",
                 type=Path,
@@ -93,6 +107,13 @@ def pod_key(text: str) -> tuple[str, str]:
     if not slash or not namespace or not name or "/" in name:
         raise argparse.ArgumentTypeError(f"{text!r} is not NAMESPACE/NAME")
     return namespace, name
+
+
+def destination_arg(text: str) -> trace_mod.Destination:
+    try:
+        return trace_mod.parse_destination(text)
+    except InvalidInputError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
 
 
 def port_arg(text: str) -> int:
@@ -475,3 +496,95 @@ def _kernel(
         {"mode": record.mode, "as_expected": not diff, "diff": diff},
         {"expected": expected_ports, "present": present, "missing": missing},
     )
+
+
+# -- trace -------------------------------------------------------------------------
+
+
+def trace(args: argparse.Namespace) -> Answer:
+    agent = _agent(args)
+    here = agent.section("node")["node"]
+    snapshot = trace_mod.snapshot_from_dump(agent.section("mesh"))
+    src_key = "/".join(args.source)
+    source = snapshot.workloads.get(src_key)
+    if source is None:
+        problem = f"{src_key}: no such pod in this node's config"
+        return Answer({"source": src_key, "found": False}, problem, [problem])
+    resolved = trace_mod.resolve_destination(snapshot, args.destination)
+    captured, why = _source_capture(args, here, source, resolved)
+    result = trace_mod.decide(
+        snapshot, here=here, source=source, captured=captured, resolved=resolved
+    )
+    problems = [] if captured is not False else [f"{src_key} is not captured: {why}"]
+    if result["route"] == "mesh" and not result["endpoints"]:
+        problems.append(f"{result['service'] or result['dialed']}: no endpoints")
+    problems += [
+        f"{e['workload']}: denied ({e['reason']})"
+        for e in result["endpoints"]
+        if e["allowed"] is False
+    ]
+    data = {
+        "source": {
+            "pod": src_key,
+            "node": source.node,
+            "ips": list(source.ips),
+            "identity": str(source.identity(snapshot.trust_domain)),
+            "captured": captured,
+            "capture": why,
+        },
+        **result,
+    }
+    state = {True: "captured", False: "NOT CAPTURED", None: "unknown here"}[captured]
+    head = render.fields(
+        [
+            ("source", f"{src_key} on {source.node}, {', '.join(source.ips)}"),
+            ("identity", data["source"]["identity"]),
+            ("capture", f"{state}: {why}"),
+            (
+                "destination",
+                f"dialed {result['dialed']}"
+                + (f", service {result['service']}" if result["service"] else "")
+                + f": {result['route']}"
+                + (f" ({result['why']})" if "why" in result else ""),
+            ),
+        ]
+    )
+    verdicts = {True: "ALLOW", False: "DENY", None: "-"}
+    rows = [
+        [e["workload"], e["address"], e["node"], e["identity"], "yes" if e["mtls"] else "no",
+         verdicts[e["allowed"]], e["reason"]]
+        for e in result["endpoints"]
+    ]  # fmt: skip
+    table = render.table(
+        ["endpoint", "address", "node", "identity", "mtls", "decision", "why"], rows
+    )
+    return Answer(data, f"{head}\n{table}" if rows else head, problems)
+
+
+def _source_capture(
+    args: argparse.Namespace,
+    here: str,
+    source: Workload,
+    resolved: trace_mod.Resolved,
+) -> tuple[bool | None, str]:
+    """Whether the source's connection to `resolved` is captured, checked in the kernel."""
+    if source.node != here:
+        return None, f"{source.key} runs on {source.node}: its capture is checked there"
+    records = [
+        p
+        for p in _agent(args).section("pods")
+        if (p["namespace"], p["name"]) == (source.namespace, source.name)
+    ]
+    if not records:
+        return False, "not enrolled on this node"
+    record = PodRecord.from_json(records[0])
+    capture, _ = _kernel(record, args.bpf_pin_root, [])
+    if not capture["as_expected"]:
+        return False, f"{record.mode} rules not as expected (see weir node pod {source.key})"
+    if resolved.port in record.capture.exclude_outbound_ports:
+        return False, f"outbound port {resolved.port} is excluded from capture"
+    address = ipaddress.ip_address(resolved.address)
+    for cidr in record.capture.exclude_outbound_cidrs:
+        if address in cidr:
+            return False, f"{cidr} is excluded from capture"
+    return True, f"{record.mode} rules as expected"

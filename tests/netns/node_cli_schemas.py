@@ -129,3 +129,29 @@ POD = {
     "certificate": Opt(CERTIFICATE),
     "problems": PROBLEMS,
 }
+TRACE = {
+    "source": {
+        "pod": str,
+        "node": str,
+        "ips": [str],
+        "identity": str,
+        "captured": Opt(bool),
+        "capture": str,
+    },
+    "dialed": str,
+    "service": Opt(str),
+    "route": OneOf("mesh", "passthrough"),
+    "why": str,
+    "endpoints": [
+        {
+            "workload": str,
+            "address": str,
+            "node": str,
+            "identity": str,
+            "mtls": bool,
+            "allowed": Opt(bool),
+            "reason": str,
+        }
+    ],
+    "problems": PROBLEMS,
+}

@@ -259,3 +259,34 @@ def test_quitquitquit_stops_the_proxy_gracefully(mesh):
     while mesh.weir_node("node-2", "status")[0] != 0:
         assert time.monotonic() < deadline
         time.sleep(0.5)
+
+
+def test_trace_names_the_deciding_policy_on_the_destinations_node(mesh):
+    denied = mesh.json(
+        "node-2", "trace", "legacy/intruder", "default/db:5432", schema=schemas.TRACE, code=1
+    )
+    assert denied["source"]["identity"] == INTRUDER_ID
+    assert denied["service"] == "default/db" and denied["route"] == "mesh"
+    [endpoint] = denied["endpoints"]
+    db = mesh.pods["db"]
+    assert endpoint["address"] == f"{db.ipv4}:5432"
+    assert (endpoint["allowed"], endpoint["reason"]) == (False, "deny:default/db-deny-legacy")
+    assert denied["problems"] == ["default/db: denied (deny:default/db-deny-legacy)"]
+
+    allowed = mesh.json(
+        "node-2", "trace", "default/client", SERVER_VIP + ":80", schema=schemas.TRACE
+    )
+    [endpoint] = allowed["endpoints"]
+    assert endpoint["address"] == f"{mesh.pods['server'].ipv4}:8080"
+    assert (endpoint["allowed"], endpoint["reason"]) == (True, "allow:default/server-allow-client")
+    # The source runs on node-1: only there is its capture known.
+    assert allowed["source"]["captured"] is None
+
+    # On the source's node: capture checked in the kernel; the policy is node-2's to decide.
+    here = mesh.json("node-1", "trace", "default/client", "default/server", schema=schemas.TRACE)
+    assert here["source"]["captured"] is True
+    assert [(e["allowed"], e["node"]) for e in here["endpoints"]] == [(None, "node-2")]
+    outside = mesh.json("node-1", "trace", "default/client", "192.0.2.9:443", schema=schemas.TRACE)
+    assert (outside["route"], outside["endpoints"]) == ("passthrough", [])
+    rc, _ = mesh.weir_node("node-1", "trace", "default/client", "default/server:x")
+    assert rc == 2

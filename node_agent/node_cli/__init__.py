@@ -70,6 +70,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     commands: dict[str, tuple[Command, str]] = {
         "status": (status, "the node at a glance: agent, control plane, capture, proxy, certs"),
         "workloads": (workloads, "the pods this node enrolled, captured or not, served or not"),
+        "services": (services, "the services in this node's config, with their endpoints"),
+        "policies": (policies, "the authorization policies this node's pods are subject to"),
         "certs": (certs, "the workload certificates the proxy holds, and when they renew"),
         "connections": (connections, "the connections the proxy carries right now"),
         "pod": (pod, "one pod, with its capture and listeners checked in the kernel"),
@@ -284,6 +286,90 @@ def _served(args: argparse.Namespace) -> dict[str, dict[str, Any]] | None:
     except AdminUnreachable:
         return None
     return served
+
+
+# -- services and policies -----------------------------------------------------------
+
+
+def services(args: argparse.Namespace) -> Answer:
+    """From the config in force on this node (what the proxy routes with)."""
+    snapshot = trace_mod.snapshot_from_dump(_agent(args).section("mesh"))
+    rows: list[dict[str, Any]] = []
+    problems = []
+    for key, service in sorted(snapshot.services.items()):
+        endpoints = [
+            {"workload": w.key, "node": w.node, "ips": list(w.ips)}
+            for w in (snapshot.workloads.get(e) for e in service.endpoints)
+            if w is not None and w.ips
+        ]
+        if not endpoints:
+            problems.append(f"{key}: no endpoint with an address")
+        rows.append(
+            {
+                "service": key,
+                "vips": list(service.vips),
+                "ports": [{"port": p.port, "target_port": p.target_port} for p in service.ports],
+                "endpoints": endpoints,
+            }
+        )
+    text = render.table(
+        ["service", "vips", "ports", "endpoints"],
+        [
+            [
+                r["service"],
+                ",".join(r["vips"]),
+                ",".join(f"{p['port']}->{p['target_port']}" for p in r["ports"]),
+                ", ".join(f"{e['workload']}@{e['node']}" for e in r["endpoints"]),
+            ]
+            for r in rows
+        ],
+    )
+    return Answer({"services": rows}, text, problems)
+
+
+def policies(args: argparse.Namespace) -> Answer:
+    """The control plane sends a node only the policies that select its own pods."""
+    agent = _agent(args)
+    here = agent.section("node")["node"]
+    snapshot = trace_mod.snapshot_from_dump(agent.section("mesh"))
+    local = [w for w in snapshot.workloads.values() if w.node == here]
+    rows: list[dict[str, Any]] = [
+        {
+            "policy": key,
+            "action": policy.action.value,
+            "selector": dict(policy.selector),
+            "selects": sorted(w.key for w in local if policy.selects(w)),
+            "rules": [
+                {
+                    "source_principals": list(r.source_principals),
+                    "source_namespaces": list(r.source_namespaces),
+                    "source_ip_blocks": list(r.source_ip_blocks),
+                    "destination_ports": list(r.destination_ports),
+                }
+                for r in policy.rules
+            ],
+        }
+        for key, policy in sorted(snapshot.policies.items())
+    ]
+    text = render.table(
+        ["policy", "action", "selects", "rules"],
+        [[r["policy"], r["action"], ",".join(r["selects"]), _rules_text(r["rules"])] for r in rows],
+    )
+    return Answer({"policies": rows}, text)
+
+
+def _rules_text(rules: list[dict[str, list[Any]]]) -> str:
+    """One rule as "from X ports Y", rules joined by " | "; "(none)" matches nothing."""
+    parts = []
+    for rule in rules:
+        sources = (
+            rule["source_principals"]
+            + [f"ns:{n}" for n in rule["source_namespaces"]]
+            + rule["source_ip_blocks"]
+        )
+        ports = ",".join(str(p) for p in rule["destination_ports"])
+        parts.append(f"from {','.join(sources) or 'any'}" + (f" to {ports}" if ports else ""))
+    return " | ".join(parts) or "(none)"
 
 
 # -- certs -----------------------------------------------------------------------

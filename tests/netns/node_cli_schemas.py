@@ -155,3 +155,33 @@ TRACE = {
     ],
     "problems": PROBLEMS,
 }
+SERVICES = {
+    "services": [
+        {
+            "service": str,
+            "vips": [str],
+            "ports": [{"port": int, "target_port": int}],
+            "endpoints": [{"workload": str, "node": str, "ips": [str]}],
+        }
+    ],
+    "problems": PROBLEMS,
+}
+POLICIES = {
+    "policies": [
+        {
+            "policy": str,
+            "action": OneOf("ALLOW", "DENY"),
+            "selector": {"*": str},
+            "selects": [str],
+            "rules": [
+                {
+                    "source_principals": [str],
+                    "source_namespaces": [str],
+                    "source_ip_blocks": [str],
+                    "destination_ports": [int],
+                }
+            ],
+        }
+    ],
+    "problems": PROBLEMS,
+}

@@ -125,6 +125,23 @@ def test_status_workloads_and_certs_answer_from_the_running_node(mesh):
         assert int(cert["serial"], 16) > 0
 
 
+def test_services_and_policies_are_those_in_force_on_the_node(mesh):
+    services = mesh.json("node-1", "services", schema=schemas.SERVICES)["services"]
+    assert [(s["service"], s["vips"], [e["ips"] for e in s["endpoints"]]) for s in services] == [
+        ("default/db", ["10.96.0.11"], [[str(mesh.pods["db"].ipv4)]]),
+        ("default/server", [SERVER_VIP], [[str(mesh.pods["server"].ipv4)]]),
+    ]
+    # A node gets only the policies that select its own pods.
+    assert mesh.json("node-1", "policies", schema=schemas.POLICIES)["policies"] == []
+    policies = mesh.json("node-2", "policies", schema=schemas.POLICIES)["policies"]
+    assert [(p["policy"], p["action"], p["selects"]) for p in policies] == [
+        ("default/db-allow-server", "ALLOW", ["default/db"]),
+        ("default/db-deny-legacy", "DENY", ["default/db"]),
+        ("default/server-allow-client", "ALLOW", ["default/server"]),
+    ]
+    assert policies[1]["rules"][0]["source_namespaces"] == ["legacy"]
+
+
 def test_connections_shows_a_live_connection_from_both_ends(mesh):
     # Nothing accepts on the server's 8080: the kernel's backlog takes the
     # connection and its bytes, so it stays open as long as the client holds it.

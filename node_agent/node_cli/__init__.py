@@ -88,9 +88,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                 help="an IP, or a service or pod as NAMESPACE/NAME; PORT may be left out "
                 "for a service with one port",
             )
-        if verb in ("pod", "trace"):
-            if verb == "pod":
-                p.add_argument("pod", type=pod_key, metavar="NAMESPACE/NAME")
+        if verb == "pod":
+            p.add_argument("pod", type=pod_key, metavar="NAMESPACE/NAME")
+        if verb in ("status", "workloads", "pod", "trace"):  # those that check capture
             p.add_argument(
                 "--bpf-pin-root",
                 type=Path,
@@ -165,10 +165,15 @@ def status(args: argparse.Namespace) -> Answer:
     ready, reasons = _ready(agent)
     controlplane = agent.section("controlplane")
     pods = agent.section("pods")
-    captured = sum(1 for p in pods if p["status"] == "captured")
+    # Captured in the agent's eyes and in the kernel's: rules can go behind its back.
+    captured = sum(
+        1 for p in pods if p["status"] == "captured" and _in_kernel(p, args.bpf_pin_root)
+    )
     problems = [f"agent not ready: {name}: {why}" for name, why in sorted(reasons.items())]
     if captured < len(pods):
-        problems.append(f"{len(pods) - captured} of {len(pods)} pods not captured")
+        problems.append(
+            f"{len(pods) - captured} of {len(pods)} pods not captured (weir node workloads)"
+        )
     data: dict[str, Any] = {
         "node": node["node"],
         "agent": {"version": node["version"], "pid": node["pid"], "ready": ready},
@@ -245,6 +250,7 @@ def workloads(args: argparse.Namespace) -> Answer:
     for record in sorted(pods, key=lambda p: (p["namespace"], p["name"])):
         key = f"{record['namespace']}/{record['name']}"
         held = served.get(record["uid"]) if served is not None else None
+        in_kernel = _in_kernel(record, args.bpf_pin_root)
         rows.append(
             {
                 "pod": key,
@@ -252,24 +258,28 @@ def workloads(args: argparse.Namespace) -> Answer:
                 "ips": [ip.split("/")[0] for ip in record["ips"]],
                 "mode": record["mode"],
                 "status": record["status"],
+                "capture_in_kernel": in_kernel,
                 "served_by_proxy": held is not None,
                 "identity": held["identity"] if held else None,
             }
         )
         if record["status"] != "captured":
             problems.append(f"{key}: {record['status']}")
+        if not in_kernel:
+            problems.append(f"{key}: capture not as expected in the kernel (weir node pod {key})")
         if served is not None and held is None:
             problems.append(f"{key}: not served by the proxy")
     if served is None:
         problems.append("the proxy's admin does not answer: cannot tell which pods it serves")
     text = render.table(
-        ["pod", "ips", "mode", "status", "proxy", "identity"],
+        ["pod", "ips", "mode", "agent", "kernel", "proxy", "identity"],
         [
             [
                 r["pod"],
                 ",".join(r["ips"]),
                 r["mode"],
                 r["status"],
+                "captured" if r["capture_in_kernel"] else "NOT CAPTURED",
                 "serving" if r["served_by_proxy"] else "NOT SERVED",
                 r["identity"],
             ]
@@ -543,6 +553,27 @@ def pod(args: argparse.Namespace) -> Answer:
     return Answer(data, "\n".join(lines), problems)
 
 
+def _capture_diff(record: PodRecord, ns: Netns, pin_root: Path) -> list[str]:
+    """Installed capture versus expected, by the redirect code's own check; empty: as expected."""
+    if ns.inode != record.netns_inode:
+        return [f"{record.netns} is another netns than the one enrolled"]
+    if record.mode == "ebpf":
+        with EbpfCapture(PinLayout(pin_root)) as ebpf:
+            return ebpf.check(ns, record.capture)
+    backend = Backend(record.mode.removeprefix("iptables-"))
+    return IptablesCapture(backend).check(ns, record.capture)
+
+
+def _in_kernel(record: dict[str, Any], pin_root: Path) -> bool:
+    """Whether an enrolled pod's capture is in the kernel exactly as expected."""
+    parsed = PodRecord.from_json(record)
+    try:
+        ns = Netns.validate(parsed.netns)
+    except WeirError:
+        return False
+    return not _capture_diff(parsed, ns, pin_root)
+
+
 def _kernel(
     record: PodRecord, pin_root: Path, problems: list[str]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -556,15 +587,7 @@ def _kernel(
             {"mode": record.mode, "as_expected": False, "diff": [f"netns: {e.message}"]},
             {"expected": expected_ports, "present": [], "missing": expected_ports},
         )
-    diff: list[str] = []
-    if ns.inode != record.netns_inode:
-        diff.append(f"{record.netns} is another netns than the one enrolled")
-    elif record.mode == "ebpf":
-        with EbpfCapture(PinLayout(pin_root)) as ebpf:
-            diff = ebpf.check(ns, record.capture)
-    else:
-        backend = Backend(record.mode.removeprefix("iptables-"))
-        diff = IptablesCapture(backend).check(ns, record.capture)
+    diff = _capture_diff(record, ns, pin_root)
     if diff:
         problems.append(f"capture: NOT as expected ({len(diff)} differences)")
     families = {6 if ":" in ip else 4 for ip in record.ips}

@@ -94,6 +94,7 @@ WORKLOADS = {
             "ips": [str],
             "mode": str,
             "status": str,
+            "capture_in_kernel": bool,
             "served_by_proxy": bool,
             "identity": Opt(str),
         }

@@ -104,13 +104,17 @@ def test_status_workloads_and_certs_answer_from_the_running_node(mesh):
     client = mesh.pods["client"]
     assert by_pod["default/client"]["ips"] == [str(client.ipv4)]
     assert by_pod["default/client"]["identity"] == CLIENT_ID
-    assert {(w["status"], w["served_by_proxy"]) for w in by_pod.values()} == {("captured", True)}
+    assert {
+        (w["status"], w["capture_in_kernel"], w["served_by_proxy"]) for w in by_pod.values()
+    } == {("captured", True, True)}
     # YAML is the same answer.
     rc, out = mesh.weir_node("node-1", "workloads", "-o", "yaml")
     assert (rc, yaml.safe_load(out)) == (0, workloads)
     rc, out = mesh.weir_node("node-1", "workloads")
     assert rc == 0
-    assert out.splitlines()[0].split() == ["POD", "IPS", "MODE", "STATUS", "PROXY", "IDENTITY"]
+    assert out.splitlines()[0].split() == [
+        "POD", "IPS", "MODE", "AGENT", "KERNEL", "PROXY", "IDENTITY"
+    ]  # fmt: skip
 
     certs = mesh.json("node-2", "certs", schema=schemas.CERTS)["certificates"]
     assert [c["identity"] for c in certs] == [
@@ -198,6 +202,14 @@ def test_pod_reports_capture_removed_behind_the_agents_back(mesh):
     assert rc == 1
     assert "NOT CAPTURED" in out and "capture diff (expected vs installed):" in out
 
+    # The node-wide answers see it too, from the kernel, though the agent does not.
+    status = mesh.json("node-1", "status", schema=schemas.STATUS, code=1)
+    assert status["pods"] == {"seen": 2, "captured": 1}
+    workloads = mesh.json("node-1", "workloads", schema=schemas.WORKLOADS, code=1)
+    assert [(w["pod"], w["capture_in_kernel"]) for w in workloads["workloads"]] == [
+        ("default/client", True),
+        ("legacy/intruder", False),
+    ]
     # The other pod's capture is untouched.
     mesh.json("node-1", "pod", "default/client", schema=schemas.POD)
     rc, out = mesh.weir_node("node-1", "pod", "default/nobody")

@@ -61,8 +61,8 @@ from node_agent.localmesh.wiring import NETNS_DIR, NO_DAD, Route
 from node_agent.netns import Netns
 from weir_common.errors import InvalidInputError, NodeSetupError, WeirError
 
-# NETNS_DIR, node_conflist, open_connection and sweep live in their own
-# modules; testbed/k8s_cluster still imports them from here.
+# NETNS_DIR, node_conflist and open_connection live in wiring, conflists and
+# sockets; testbed/k8s_cluster still imports them from here.
 __all__ = [
     "CNI_BIN_DIR",
     "DEFAULT_UNDERLAY_V4",
@@ -74,7 +74,6 @@ __all__ = [
     "Pod",
     "node_conflist",
     "open_connection",
-    "sweep",
 ]
 
 CNI_BIN_DIR: Final = Path("/usr/lib/cni")

@@ -270,7 +270,9 @@ def test_an_agent_killed_mid_add_leaves_no_capture_once_restarted(mesh):
 
 
 def registered_ips(local: LocalMesh) -> dict[str, list[str]]:
-    """Pod -> IPs as the control plane holds them (what it builds endpoints from)."""
+    """Pod -> IPs as the control plane holds them (what it builds endpoints from), for the
+    two long-lived pods: the frozen control plane of the mid-ADD test may still apply a
+    dead agent's registration after it thaws, which is not what this checks."""
     status, body = http_get(
         local.topology.underlay,
         str(local.topology.router_v4),
@@ -279,7 +281,11 @@ def registered_ips(local: LocalMesh) -> dict[str, list[str]]:
     )
     assert status == 200, body
     registrations = json.loads(body)["registrations"]
-    return {key: entry["ips"] for key, entry in registrations.items()}
+    return {
+        key: entry["ips"]
+        for key, entry in registrations.items()
+        if key in ("default/echo", "default/steady")
+    }
 
 
 def test_pods_stay_registered_across_an_agent_restart_then_a_controlplane_restart(mesh):

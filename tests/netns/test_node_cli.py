@@ -234,16 +234,21 @@ def test_admin_listeners_answer_only_on_loopback(mesh):
                 socket.create_connection((str(node1.underlay_ipv4), port), timeout=5)
 
 
-def test_a_logging_change_takes_effect_in_the_running_proxy(mesh):
+@pytest.mark.parametrize("which", ["proxy", "agent"])
+def test_a_logging_change_takes_effect_in_the_running_process(mesh, which):
     node = mesh.local.nodes["node-1"]
-    assert node.proxy is not None
-    status, levels = admin_request(node.node.netns, "GET", PROXY_ADMIN_PORT, "/logging")
-    assert status == 200 and levels["admin"] == "warning"
+    process = node.proxy if which == "proxy" else node.agent
+    port = PROXY_ADMIN_PORT if which == "proxy" else ADMIN_PORT
+    assert process is not None
+    status, levels = admin_request(node.node.netns, "GET", port, "/logging")
+    assert status == 200
+    initial = levels["admin"]
+    assert initial in ("info", "warning")
 
     def drop_a_request() -> None:
         """A request head cut short: the endpoint logs it at debug, and only at debug."""
         with netns_mod.entered(node.node.netns):
-            sock = socket.create_connection(("127.0.0.1", PROXY_ADMIN_PORT), timeout=5)
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         with sock:
             sock.sendall(b"GET /cut-short")
             sock.shutdown(socket.SHUT_WR)
@@ -251,25 +256,23 @@ def test_a_logging_change_takes_effect_in_the_running_proxy(mesh):
             assert sock.recv(1) == b""
 
     def dropped() -> int:
-        return node.proxy.log.read_text(errors="replace").count("HTTP request dropped")
+        return process.log.read_text(errors="replace").count("HTTP request dropped")
 
     before = dropped()
     drop_a_request()
-    status, levels = admin_request(
-        node.node.netns, "POST", PROXY_ADMIN_PORT, "/logging?admin=debug"
-    )
+    status, levels = admin_request(node.node.netns, "POST", port, "/logging?admin=debug")
     assert (status, levels["admin"]) == (200, "debug")
     try:
         drop_a_request()
         deadline = time.monotonic() + 5
         while dropped() == before:
-            assert time.monotonic() < deadline, node.proxy.tail()
+            assert time.monotonic() < deadline, process.tail()
             time.sleep(0.1)
-        # Only the one after the change: the first was dropped at warning level.
+        # Only the one after the change: the first was dropped below the level in force.
         assert dropped() == before + 1
     finally:
-        admin_request(node.node.netns, "POST", PROXY_ADMIN_PORT, "/logging?admin=warning")
-    status, body = admin_request(node.node.netns, "POST", PROXY_ADMIN_PORT, "/logging?admin=loud")
+        admin_request(node.node.netns, "POST", port, f"/logging?admin={initial}")
+    status, body = admin_request(node.node.netns, "POST", port, "/logging?admin=loud")
     assert status == 400 and "not one of" in body["error"]
 
 
@@ -319,3 +322,24 @@ def test_trace_names_the_deciding_policy_on_the_destinations_node(mesh):
     assert (outside["route"], outside["endpoints"]) == ("passthrough", [])
     rc, _ = mesh.weir_node("node-1", "trace", "default/client", "default/server:x")
     assert rc == 2
+
+
+def test_quitquitquit_stops_the_agent_gracefully_and_pods_stay_captured(mesh):
+    node = mesh.local.nodes["node-1"]
+    agent = node.agent
+    assert agent is not None
+    status, body = admin_request(node.node.netns, "POST", ADMIN_PORT, "/quitquitquit")
+    assert (status, body) == (200, {"status": "stopping"})
+    assert agent.popen.wait(timeout=30) == 0
+    rc, out = mesh.weir_node("node-1", "status")
+    assert (rc, out) == (1, "")  # the reason is on stderr: nothing answers on 15000
+    # Capture lives in the pods' netns, not in the agent: it outlives the agent.
+    rules = subprocess.run(
+        ["ip", "netns", "exec", mesh.pods["client"].netns_name, "iptables-save", "-t", "nat"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout  # fmt: skip
+    assert "-j WEIR-OUTBOUND" in rules
+    mesh.local.restart_agent("node-1")
+    mesh.local.wait_agent_ready("node-1")
+    client = mesh.json("node-1", "pod", "default/client", schema=schemas.POD)
+    assert client["capture"]["as_expected"] is True

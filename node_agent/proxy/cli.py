@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 from dataclasses import replace
@@ -104,7 +105,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     run.add_argument(
         "--admin-listen",
-        type=parse_listen,
+        type=parse_loopback_listen,
         default=("127.0.0.1", PROXY_ADMIN_PORT),
         metavar="HOST:PORT",
         help=f"the admin listener, loopback only (default: 127.0.0.1:{PROXY_ADMIN_PORT})",
@@ -132,6 +133,18 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def parse_loopback_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT on loopback: the admin routes stop the proxy and change its logging."""
+    host, port = parse_listen(text)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise argparse.ArgumentTypeError(f"{text!r}: the admin listener must be on loopback")
+    return host, port
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 import pytest
 
 from node_agent.admin.server import AdminRegistry, HttpEndpoint
+from node_agent.proxy.cli import parse_loopback_listen
 from tests.unit.test_admin_server import get, run
 from weir_common.errors import InvalidInputError
 
@@ -76,3 +78,11 @@ def test_the_health_listener_serves_neither_logging_nor_quit():
 def test_the_admin_listener_refuses_an_address_off_loopback(host):
     with pytest.raises(InvalidInputError, match="must be on loopback"):
         HttpEndpoint(AdminRegistry(), host, 0, admin=True)
+
+
+def test_the_proxys_admin_flag_takes_only_loopback():
+    assert parse_loopback_listen("127.0.0.1:15019") == ("127.0.0.1", 15019)
+    assert parse_loopback_listen("[::1]:15019") == ("::1", 15019)
+    for bad in ("0.0.0.0:15019", "10.0.0.1:15019", "localhost:15019", "127.0.0.1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_loopback_listen(bad)

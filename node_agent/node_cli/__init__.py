@@ -46,8 +46,7 @@ PIN_ROOT_ENV: Final = "WEIR_BPF_PIN_ROOT"
 RENEWAL_GRACE: Final = datetime.timedelta(minutes=5)
 CAPTURE_PORTS: Final = (OUTBOUND_CAPTURE_PORT, INBOUND_PLAINTEXT_CAPTURE_PORT, INBOUND_TUNNEL_PORT)
 EXIT_OK: Final = 0
-EXIT_PROBLEM: Final = 1
-EXIT_USAGE: Final = 2
+EXIT_PROBLEM: Final = 1  # bad usage is argparse's 2
 
 
 @dataclass

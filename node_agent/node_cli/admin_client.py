@@ -11,8 +11,6 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
-from node_agent.constants import ADMIN_PORT, PROXY_ADMIN_PORT
-
 TIMEOUT_S: Final = 5.0
 
 
@@ -31,9 +29,6 @@ class Admin:
     def get(self, path: str) -> tuple[int, Any]:
         """Status and decoded JSON body of GET `path`."""
         return self._request("GET", path)
-
-    def post(self, path: str) -> tuple[int, Any]:
-        return self._request("POST", path)
 
     def section(self, name: str) -> Any:  # noqa: ANN401 - a config_dump section is any JSON
         status, body = self.get(f"/config_dump?section={name}")
@@ -61,11 +56,3 @@ class Admin:
             raise AdminUnreachable(
                 f"the {self.name} admin at {self.host}:{self.port} answered non-JSON to {path}"
             ) from e
-
-
-def agent(host: str = "127.0.0.1", port: int = ADMIN_PORT) -> Admin:
-    return Admin("agent", host, port)
-
-
-def proxy(host: str = "127.0.0.1", port: int = PROXY_ADMIN_PORT) -> Admin:
-    return Admin("proxy", host, port)

@@ -36,7 +36,7 @@ from node_agent.node_cli.admin_client import Admin, AdminUnreachable
 from node_agent.proxy.model import Workload
 from node_agent.redirect.backend import Backend
 from node_agent.redirect.ebpf.capture import EbpfCapture
-from node_agent.redirect.ebpf.pins import DEFAULT_PIN_ROOT, PinLayout
+from node_agent.redirect.ebpf.pins import BPFFS, DEFAULT_PIN_ROOT, PinLayout
 from node_agent.redirect.iptables import IptablesCapture
 from node_agent.redirect.podnet import TCP_LISTEN, tcp_sockets
 from weir_common.errors import InvalidInputError, WeirError
@@ -557,6 +557,12 @@ def _capture_diff(record: PodRecord, ns: Netns, pin_root: Path) -> list[str]:
     if ns.inode != record.netns_inode:
         return [f"{record.netns} is another netns than the one enrolled"]
     if record.mode == "ebpf":
+        if not BPFFS.is_mount():
+            # `ip netns exec` remounts /sys in a mount namespace of its own.
+            return [
+                f"cannot see the eBPF pins: no bpffs mounted at {BPFFS} here "
+                "(run in the node's netns with nsenter --net=NETNS, not ip netns exec)"
+            ]
         with EbpfCapture(PinLayout(pin_root)) as ebpf:
             return ebpf.check(ns, record.capture)
     backend = Backend(record.mode.removeprefix("iptables-"))

@@ -343,3 +343,45 @@ def test_quitquitquit_stops_the_agent_gracefully_and_pods_stay_captured(mesh):
     mesh.local.wait_agent_ready("node-1")
     client = mesh.json("node-1", "pod", "default/client", schema=schemas.POD)
     assert client["capture"]["as_expected"] is True
+
+
+def test_pod_checks_ebpf_capture_and_reports_entries_removed_behind_the_agents_back(monkeypatch):
+    # The agents read the mode from the environment they are started with.
+    monkeypatch.setenv("WEIR_REDIRECT_MODE", "ebpf")
+    with LocalMesh(MESH_YAML, real_proxy) as local:
+        node = local.add_node("node-1", "10.244.1.0/24")
+        client = local.add_pod("node-1", "client")
+
+        def weir(*args: str) -> tuple[int, str]:
+            # nsenter, not ip netns exec: that one remounts /sys, hiding the eBPF pins.
+            proc = subprocess.run(
+                ["nsenter", f"--net={node.node.netns.path}", *weir_command(), *args],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert "Traceback" not in proc.stderr, proc.stderr
+            return proc.returncode, proc.stdout
+
+        pins = ("--bpf-pin-root", str(node.pins.root))
+        rc, out = weir("node", "pod", "default/client", *pins, "-o", "json")
+        ok = json.loads(out)
+        assert schemas.errors(ok, schemas.POD) == []
+        assert (rc, ok["capture"]) == (0, {"mode": "ebpf", "as_expected": True, "diff": []})
+
+        rc, _ = weir("redirect", "remove", "--mode", "ebpf", "--netns", str(client.netns.path),
+                     *pins)  # fmt: skip
+        assert rc == 0
+        rc, out = weir("node", "pod", "default/client", *pins, "-o", "json")
+        broken = json.loads(out)
+        assert rc == 1
+        assert broken["agent_status"] == "captured"
+        assert broken["capture"]["as_expected"] is False and broken["capture"]["diff"]
+        rc, out = weir("node", "status", *pins, "-o", "json")
+        assert (rc, json.loads(out)["pods"]) == (1, {"seen": 1, "captured": 0})
+
+        # Under ip netns exec the pins cannot be seen, and the answer says why.
+        proc = subprocess.run(
+            ["ip", "netns", "exec", node.node.netns_name, *weir_command(), "node", "pod",
+             "default/client", *pins],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 1 and "cannot see the eBPF pins" in proc.stdout

@@ -290,6 +290,20 @@ def test_gc_passes_the_valid_attachments_to_the_agent(run_plugin, agent, netns_f
     assert handler.captured() == set()  # c0ffee was not listed: stale
 
 
+def test_gc_without_its_attachment_list_is_refused_and_unenrolls_nothing(
+    run_plugin, agent, netns_file
+):
+    handler, sock = agent
+    assert run_plugin("ADD", config(sock), netns=netns_file).returncode == 0
+
+    proc = run_plugin("GC", config(sock, "1.1.0", prevResult=None))
+
+    assert cni_error(proc)["code"] == 7
+    assert "cni.dev/valid-attachments" in cni_error(proc)["msg"]
+    assert handler.events("gc") == []
+    assert handler.captured() == {"c0ffee"}
+
+
 def test_version_lists_what_we_speak(run_plugin):
     proc = run_plugin("VERSION", {"cniVersion": "1.1.0"})
     assert proc.returncode == 0

@@ -502,19 +502,26 @@ class LocalTopology:
             raise InvalidInputError(f"pod {pod.namespace}/{pod.name} is not in this topology")
         del self._pods[(pod.namespace, pod.name)]
         try:
-            invoke_chain(
-                pod.conflist,
-                "DEL",
-                container_id=pod.container_id,
-                netns_path=pod.netns.path,
-                ifname=POD_IFNAME,
-                cni_path=self.cni_path,
-                cni_args=pod.cni_args,
-                prev_result=pod.cni_result,
-                netns=pod.node.netns,
-            )
+            self.delete_attachment(pod)
         finally:
             wiring.delete_netns(pod.netns_name)
+
+    def delete_attachment(self, pod: Pod) -> None:
+        """The CNI DEL a runtime runs for `pod` (with its ADD result), keeping the netns.
+
+        Safe to repeat, as DEL must be; remove_pod runs it again before the netns goes.
+        """
+        invoke_chain(
+            pod.conflist,
+            "DEL",
+            container_id=pod.container_id,
+            netns_path=pod.netns.path,
+            ifname=POD_IFNAME,
+            cni_path=self.cni_path,
+            cni_args=pod.cni_args,
+            prev_result=pod.cni_result,
+            netns=pod.node.netns,
+        )
 
 
 _Net = TypeVar("_Net", IPv4Network, IPv6Network)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 
 from node_agent.localmesh.topology import LocalTopology
 from node_agent.localmesh.wiring import NETNS_DIR
+from node_agent.redirect.ebpf import loader
+from node_agent.redirect.ebpf.pins import BPFFS, PinLayout
 
 
 def _leftovers(prefix: str) -> list[str]:
@@ -36,3 +39,13 @@ def topology() -> Iterator[LocalTopology]:
             yield topo
     finally:
         assert _leftovers(topo.prefix) == [], f"topology {topo.prefix} left things behind"
+
+
+@pytest.fixture
+def pins() -> Iterator[PinLayout]:
+    """A private eBPF pin root (other tests and agents use their own), always uninstalled."""
+    layout = PinLayout(BPFFS / f"weirtest-{uuid.uuid4().hex[:8]}")
+    try:
+        yield layout
+    finally:
+        loader.uninstall(layout)

@@ -178,21 +178,8 @@ def test_twenty_concurrent_adds_are_all_kept_and_served_after_a_proxy_restart(me
     assert {f"default/{name}" for name in names} <= sources
 
     # DEL of every one of them (at once, as a node drain does) removes its capture.
-    def delete(pod: Pod) -> None:
-        invoke_chain(
-            pod.conflist,
-            "DEL",
-            container_id=pod.container_id,
-            netns_path=pod.netns.path,
-            ifname=POD_IFNAME,
-            cni_path=local.topology.cni_path,
-            cni_args=pod.cni_args,
-            prev_result=pod.cni_result,
-            netns=pod.node.netns,
-        )
-
     with concurrent.futures.ThreadPoolExecutor(BURST) as pool:
-        list(pool.map(delete, pods))
+        list(pool.map(local.topology.delete_attachment, pods))
     for pod in pods:
         assert nat_rules(pod.netns_name) == [], pod.name
     assert [p["name"] for p in enrolled_pods(local, "node-1")] == ["steady"]

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from node_agent.redirect.ebpf.maps import (
     encode_layout_version,
     key_cookie,
 )
-from node_agent.redirect.ebpf.pins import BPFFS, PinLayout
+from node_agent.redirect.ebpf.pins import PinLayout
 from node_agent.redirect.ebpf.sys_bpf import MapType
 from node_agent.redirect.podnet import netns_cookie
 from weir_common.errors import NodeSetupError
@@ -51,15 +50,6 @@ CONFIG = CaptureConfig(
     exclude_inbound_ports=(9090,),
     exclude_outbound_cidrs=parse_cidrs(["169.254.169.254"], "test"),
 )
-
-
-@pytest.fixture
-def pins() -> Iterator[PinLayout]:
-    layout = PinLayout(BPFFS / f"weirtest-{uuid.uuid4().hex[:8]}")
-    try:
-        yield layout
-    finally:
-        loader.uninstall(layout)
 
 
 def pod_entries_in_maps(pins: PinLayout, cookie: int) -> list[str]:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from node_agent.proxy.original_dst import original_destination
 from node_agent.redirect.config import CaptureConfig
 from node_agent.redirect.ebpf import loader, sys_bpf
 from node_agent.redirect.ebpf.capture import EbpfCapture
-from node_agent.redirect.ebpf.pins import BPFFS, PinLayout, cgroup2_root
+from node_agent.redirect.ebpf.pins import cgroup2_root
 from node_agent.redirect.ebpf.sys_bpf import AttachType, ProgType
 from weir_common.errors import NodeSetupError
 
@@ -44,15 +43,6 @@ def weir(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     return subprocess.run(
         [WEIR, "--log-level", "error", *args], capture_output=True, text=True, env=env, check=False
     )
-
-
-@pytest.fixture
-def pins() -> Iterator[PinLayout]:
-    layout = PinLayout(BPFFS / f"weirtest-{uuid.uuid4().hex[:8]}")
-    try:
-        yield layout
-    finally:
-        loader.uninstall(layout)
 
 
 @pytest.fixture

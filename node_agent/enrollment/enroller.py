@@ -242,12 +242,7 @@ class Enroller:
         A new proxy process opens new listening sockets; eBPF capture refers to
         them, so capture is re-checked (and re-applied) whenever a proxy synced.
         """
-        for listed in list(self._registry):
-            async with self._locks[listed.container_id]:
-                # Re-read under the lock: an ADD or DEL may have changed it meanwhile.
-                record = self._registry.get(listed.uid)
-                if record is not None:
-                    await self._converge_one(record)
+        await self._each_pod(self._converge_one)
         await self._prune_capture()
 
     async def prune(self) -> None:
@@ -256,13 +251,23 @@ class Enroller:
         A runtime that crashes or a node that loses a sandbox never sends DEL;
         without this, their records and eBPF entries would pile up.
         """
+
+        async def forget_if_gone(record: PodRecord) -> None:
+            if record.enrolled and not _netns_alive(record):
+                log.info("pod %s went away without a CNI DEL", record.key())
+                await self._unenroll(record)
+
+        await self._each_pod(forget_if_gone)
+        await self._prune_capture()
+
+    async def _each_pod(self, action: Callable[[PodRecord], Awaitable[None]]) -> None:
+        """`action` on every recorded pod, each under its lock and as it is then."""
         for listed in list(self._registry):
             async with self._locks[listed.container_id]:
+                # Re-read under the lock: an ADD or DEL may have changed it meanwhile.
                 record = self._registry.get(listed.uid)
-                if record is not None and record.enrolled and not _netns_alive(record):
-                    log.info("pod %s went away without a CNI DEL", record.key())
-                    await self._unenroll(record)
-        await self._prune_capture()
+                if record is not None:
+                    await action(record)
 
     async def _prune_capture(self) -> None:
         try:

@@ -9,7 +9,7 @@ from weir_common.kubernetes import namespace_in_mesh, outside_mesh
 MESHED_NS = {"metadata": {"name": "shop", "labels": {"weir.dev/mesh": "enabled"}}}
 
 
-def _pod(**spec: Any) -> dict[str, Any]:  # noqa: ANN401
+def _pod(**spec: Any) -> dict[str, Any]:
     return {
         "metadata": {"name": "web", "namespace": "shop", "labels": {"app": "web"}},
         "spec": {"nodeName": "n1", **spec},

@@ -592,6 +592,10 @@ def mount_setup_script(spec: ClusterSpec, node: NodeSpec) -> str:
         'findmnt -rn -t nsfs -o TARGET | tac | while read -r t; do umount -l "$t" || true; done',
         "if findmnt -rn -t nsfs; then echo 'nsfs mounts remain' >&2; exit 1; fi",
         "mount -t tmpfs -o mode=0755 tmpfs /run",
+        # Shared, as /run is on a systemd host: the netns files containerd mounts
+        # there later must reach containers that mount /var/run/netns with
+        # HostToContainer propagation (the Weir agent opens the netns the CNI names).
+        "mount --make-shared /run",
         "mkdir /run/cgroup-keep",
         "mount --rbind /sys/fs/cgroup /run/cgroup-keep",
         "mount -t sysfs sysfs /sys",

@@ -592,15 +592,15 @@ def mount_setup_script(spec: ClusterSpec, node: NodeSpec) -> str:
         'findmnt -rn -t nsfs -o TARGET | tac | while read -r t; do umount -l "$t" || true; done',
         "if findmnt -rn -t nsfs; then echo 'nsfs mounts remain' >&2; exit 1; fi",
         "mount -t tmpfs -o mode=0755 tmpfs /run",
-        # Shared, as /run is on a systemd host: the netns files containerd mounts
-        # there later must reach containers that mount /var/run/netns with
-        # HostToContainer propagation (the Weir agent opens the netns the CNI names).
-        "mount --make-shared /run",
         "mkdir /run/cgroup-keep",
         "mount --rbind /sys/fs/cgroup /run/cgroup-keep",
         "mount -t sysfs sysfs /sys",
         "mount --move /run/cgroup-keep /sys/fs/cgroup",
         "rmdir /run/cgroup-keep",
+        # Shared, as on a systemd host (and only now: a move out of a shared mount
+        # is refused): the netns files containerd mounts here later must reach
+        # containers that mount /var/run/netns with HostToContainer propagation.
+        "mount --make-shared /run",
     ]
     for path, layer in overlay_dirs(spec, node).items():
         lines.append(

@@ -35,3 +35,12 @@ PROXY_MARK_MASK: Final = 0xFFF
 CHAIN_PREFIX: Final = "WEIR-"
 # Every rule carries `-m comment --comment "weir/<purpose>"`.
 RULE_COMMENT_PREFIX: Final = "weir/"
+
+# The node SNATs its own TCP connections to enrolled pods (kubelet probes) to
+# this link-local source, and pod capture (iptables WEIR-INBOUND, eBPF
+# sk_lookup) lets connections from it through to the app. The values are
+# Istio ambient's: nothing on a node uses them, 169.254.0.0/16 is never routed
+# off a link, and an operator running both meshes side by side gets one
+# meaning for them. docs/kubernetes.md "Kubelet probes" has the trust argument.
+PROBE_SNAT_IPV4: Final = "169.254.7.127"
+PROBE_SNAT_IPV6: Final = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"

@@ -15,7 +15,7 @@ apply either fully happens or leaves the netns unchanged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from node_agent import netns as netns_mod
@@ -53,65 +53,82 @@ def dry_run_text(config: CaptureConfig, backend: Backend) -> str:
     return "".join(parts)
 
 
+def read_owned(ns: Netns, family: Family, backend: Backend) -> Ruleset:
+    """Weir's rules, per table, in one family of one backend of `ns`."""
+    proc = netns_mod.run(ns, [tool(backend, family, "save")])
+    if proc.returncode != 0:
+        raise TransientError(
+            f"{tool(backend, family, 'save')} in {ns.path} failed: {proc.stderr.strip()}"
+        )
+    return owned_tables(proc.stdout)
+
+
+def _write(ns: Netns, family: Family, backend: Backend, script: str) -> None:
+    # -w: legacy iptables takes a host-wide lock; wait for it rather than fail.
+    argv = [tool(backend, family, "restore"), "--noflush", "-w", "10"]
+    log.debug("running %s in %s:\n%s", argv[0], ns.path, script)
+    proc = netns_mod.run(ns, argv, stdin=script)
+    if proc.returncode != 0:
+        raise RestoreError(f"{argv[0]} in {ns.path} failed: {proc.stderr.strip()}")
+
+
+def converge(
+    ns: Netns,
+    backend: Backend,
+    desired: Mapping[Family, Ruleset],
+    scope: Callable[[Ruleset], Ruleset] = lambda owned: owned,
+) -> dict[Family, bool]:
+    """Make the part of Weir's rules that `scope` selects exactly `desired`, per family.
+
+    Either every family converges or each is put back as it was. `scope`
+    narrows what counts as current, so a caller owning a few chains of a
+    shared netns (the node's) never touches Weir's other chains there.
+    """
+    before = {family: scope(read_owned(ns, family, backend)) for family in FAMILIES}
+    done: list[Family] = []
+    try:
+        for family in FAMILIES:
+            script = reconcile_script(desired[family], before[family])
+            if script:
+                _write(ns, family, backend, script)
+                done.append(family)
+    except WeirError:
+        for family in done:
+            now = scope(read_owned(ns, family, backend))
+            _write(ns, family, backend, reconcile_script(before[family], now))
+        raise
+    return {family: family in done for family in FAMILIES}
+
+
+def other_backend(backend: Backend) -> Backend | None:
+    """The other backend when its tools are installed: where stale rules of ours may sit."""
+    other = Backend.LEGACY if backend == Backend.NFT else Backend.NFT
+    try:
+        require_tools(other)
+    except WeirError:
+        return None
+    return other
+
+
 class IptablesCapture:
     """Capture rules in pod netns through one backend, with cleanup of the other."""
 
     def __init__(self, backend: Backend) -> None:
         require_tools(backend)
         self.backend = backend
-        other = Backend.LEGACY if backend == Backend.NFT else Backend.NFT
-        try:
-            require_tools(other)
-        except WeirError:
-            self._other: Backend | None = None
-        else:
-            self._other = other
-
-    def _read(self, ns: Netns, family: Family, backend: Backend) -> Ruleset:
-        proc = netns_mod.run(ns, [tool(backend, family, "save")])
-        if proc.returncode != 0:
-            raise TransientError(
-                f"{tool(backend, family, 'save')} in {ns.path} failed: {proc.stderr.strip()}"
-            )
-        return owned_tables(proc.stdout)
-
-    def _write(self, ns: Netns, family: Family, backend: Backend, script: str) -> None:
-        # -w: legacy iptables takes a host-wide lock; wait for it rather than fail.
-        argv = [tool(backend, family, "restore"), "--noflush", "-w", "10"]
-        log.debug("running %s in %s:\n%s", argv[0], ns.path, script)
-        proc = netns_mod.run(ns, argv, stdin=script)
-        if proc.returncode != 0:
-            raise RestoreError(f"{argv[0]} in {ns.path} failed: {proc.stderr.strip()}")
-
-    def _converge(
-        self, ns: Netns, backend: Backend, desired: Mapping[Family, Ruleset]
-    ) -> dict[Family, bool]:
-        before = {family: self._read(ns, family, backend) for family in FAMILIES}
-        done: list[Family] = []
-        try:
-            for family in FAMILIES:
-                script = reconcile_script(desired[family], before[family])
-                if script:
-                    self._write(ns, family, backend, script)
-                    done.append(family)
-        except WeirError:
-            for family in done:
-                now = self._read(ns, family, backend)
-                self._write(ns, family, backend, reconcile_script(before[family], now))
-            raise
-        return {family: family in done for family in FAMILIES}
+        self._other = other_backend(backend)
 
     def apply(self, ns: Netns, config: CaptureConfig) -> ApplyReport:
         desired = {family: capture_rules(config, family) for family in FAMILIES}
-        changed = self._converge(ns, self.backend, desired)
+        changed = converge(ns, self.backend, desired)
         cleaned: list[Family] = []
         if self._other is not None:
             # Rules left in the other backend (an upgrade that switched backends,
             # an override changed by the operator) would capture traffic twice.
-            stale = {family: self._read(ns, family, self._other) for family in FAMILIES}
+            stale = {family: read_owned(ns, family, self._other) for family in FAMILIES}
             if any(stale.values()):
                 empty: dict[Family, Ruleset] = {family: {} for family in FAMILIES}
-                cleaned_map = self._converge(ns, self._other, empty)
+                cleaned_map = converge(ns, self._other, empty)
                 cleaned = [family for family, did in cleaned_map.items() if did]
                 log.warning("removed stale Weir rules from iptables-%s in %s", self._other, ns.path)
         return ApplyReport(self.backend, changed, cleaned)
@@ -120,12 +137,12 @@ class IptablesCapture:
         """Drift between expected and installed rules; empty when exactly as expected."""
         problems: list[str] = []
         for family in FAMILIES:
-            installed = self._read(ns, family, self.backend)
+            installed = read_owned(ns, family, self.backend)
             problems += [
                 f"IPv{family} {line}"
                 for line in differences(capture_rules(config, family), installed)
             ]
-            if self._other is not None and self._read(ns, family, self._other):
+            if self._other is not None and read_owned(ns, family, self._other):
                 problems.append(
                     f"IPv{family}: Weir rules also present in iptables-{self._other}; "
                     "both rulesets run (re-apply to remove them)"
@@ -139,7 +156,7 @@ class IptablesCapture:
     def remove(self, ns: Netns) -> bool:
         """Remove every Weir rule and chain from both backends. Whether anything was removed."""
         empty: dict[Family, Ruleset] = {family: {} for family in FAMILIES}
-        changed = any(self._converge(ns, self.backend, empty).values())
+        changed = any(converge(ns, self.backend, empty).values())
         if self._other is not None:
-            changed |= any(self._converge(ns, self._other, empty).values())
+            changed |= any(converge(ns, self._other, empty).values())
         return changed

@@ -4,14 +4,22 @@ Only the nat table is used: REDIRECT rewrites the destination to the proxy's
 port inside the pod netns and conntrack keeps the original for
 SO_ORIGINAL_DST. Exemptions come first so that the proxy's own sockets (UID
 or GID 1337, or the mark) and loopback are never looped back into it.
+Inbound connections from the probe source are not captured: only the node
+can complete a connection from it (host_probes.py, docs/kubernetes.md
+"Kubelet probes").
 """
 
 from __future__ import annotations
+
+import ipaddress
+from typing import Final
 
 from node_agent.constants import (
     INBOUND_PLAINTEXT_CAPTURE_PORT,
     INBOUND_TUNNEL_PORT,
     OUTBOUND_CAPTURE_PORT,
+    PROBE_SNAT_IPV4,
+    PROBE_SNAT_IPV6,
     PROXY_GID,
     PROXY_MARK,
     PROXY_MARK_MASK,
@@ -24,6 +32,11 @@ from node_agent.redirect.iptables_model import OwnedTable
 NAT = "nat"
 OUTBOUND_CHAIN = "WEIR-OUTBOUND"
 INBOUND_CHAIN = "WEIR-INBOUND"
+# The source the node gives its own connections to enrolled pods (host_probes.py).
+PROBE_SOURCES: Final[dict[Family, ipaddress.IPv4Address | ipaddress.IPv6Address]] = {
+    4: ipaddress.IPv4Address(PROBE_SNAT_IPV4),
+    6: ipaddress.IPv6Address(PROBE_SNAT_IPV6),
+}
 
 
 def _rule(match: str, purpose: str, target: str) -> str:
@@ -71,14 +84,21 @@ def _outbound(config: CaptureConfig, family: Family) -> tuple[str, ...]:
     return tuple(rules)
 
 
-def _inbound(config: CaptureConfig) -> tuple[str, ...]:
+def _inbound(config: CaptureConfig, family: Family) -> tuple[str, ...]:
     redirect = f"-j REDIRECT --to-ports {INBOUND_PLAINTEXT_CAPTURE_PORT}"
+    probe = PROBE_SOURCES[family]
     rules = [
         _rule(
             f"-p tcp -m tcp --dport {INBOUND_TUNNEL_PORT}",
             f"inbound: mTLS tunnel port {INBOUND_TUNNEL_PORT} belongs to the proxy",
             "-j RETURN",
-        )
+        ),
+        # Before every port rule: a probe reaches whatever port it targets.
+        _rule(
+            f"-s {probe}/{probe.max_prefixlen}",
+            f"inbound: kubelet probes, SNATed to {probe} by the node",
+            "-j RETURN",
+        ),
     ]
     rules += [
         _rule(f"-p tcp -m tcp --dport {p}", f"inbound: excluded port {p}", "-j RETURN")
@@ -107,7 +127,7 @@ def _inbound(config: CaptureConfig) -> tuple[str, ...]:
 def capture_rules(config: CaptureConfig, family: Family) -> dict[str, OwnedTable]:
     """Everything Weir installs in a pod netns for one IP family, per table."""
     nat = OwnedTable(
-        chains={OUTBOUND_CHAIN: _outbound(config, family), INBOUND_CHAIN: _inbound(config)},
+        chains={OUTBOUND_CHAIN: _outbound(config, family), INBOUND_CHAIN: _inbound(config, family)},
         jumps=(
             (
                 "PREROUTING",

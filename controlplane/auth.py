@@ -2,8 +2,10 @@
 
 A node authenticates on every RPC with gRPC metadata
 `authorization: Bearer <token>`. In local mode the token is the node's
-bootstrap token from the mesh config; in Kubernetes a TokenReview-backed
-authenticator will implement the same NodeAuthenticator protocol.
+bootstrap token from the mesh config; in Kubernetes mode it is a projected
+ServiceAccount token checked by a TokenReview
+(controlplane/kubernetes/tokenreview.py). Authentication is async so that an
+authenticator asking the API server never blocks the event loop.
 """
 
 import hmac
@@ -39,7 +41,7 @@ def invalid_argument(reason: str, message: str) -> RequestRefusedError:
 
 
 class NodeAuthenticator(Protocol):
-    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> str:
+    async def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> str:
         """The node name the caller proved, or raise RequestRefusedError(UNAUTHENTICATED)."""
         ...
 
@@ -50,7 +52,7 @@ class BootstrapTokenAuthenticator:
     def __init__(self, mesh: Callable[[], MeshConfig]) -> None:
         self._mesh = mesh
 
-    def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> str:
+    async def authenticate(self, metadata: Iterable[tuple[str, str | bytes]]) -> str:
         token = bearer_token(metadata)
         found = None
         # Compare against every node, in constant time per comparison.
@@ -114,6 +116,12 @@ def authorize_registration(
         )
     if not registration.uid:
         raise invalid_argument("bad_registration", "uid is empty")
+    if mesh.status_from_source and workload.uid and workload.uid != registration.uid:
+        raise RequestRefusedError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "uid_mismatch",
+            f"{name} has uid {workload.uid!r} in the API server, not {registration.uid!r}",
+        )
     for other_name, other in registrations.items():
         clash = set(other.ips) & set(registration.ips)
         if other_name != name and clash:

@@ -361,11 +361,23 @@ class _Parser:
                 _join(path, "selector"),
                 f"selects no workload in namespace {namespace!r} (selector {selector})",
             )
+        name = self.name(fields["name"], _join(path, "name"))
+        return self.policy_body(fields, path, trust_domain, name=name, namespace=namespace)
+
+    def policy_body(
+        self,
+        fields: Mapping[str, Any],
+        path: str,
+        trust_domain: str,
+        *,
+        name: str,
+        namespace: str,
+    ) -> mesh_pb2.AuthorizationPolicy:
         rules_path = _join(path, "rules")
         return mesh_pb2.AuthorizationPolicy(
-            name=self.name(fields["name"], _join(path, "name")),
+            name=name,
             namespace=namespace,
-            selector=selector,
+            selector=self.labels(fields.get("selector"), _join(path, "selector")),
             action=self.enum(fields["action"], _join(path, "action"), _ACTIONS),
             rules=[
                 self.rule(rule, f"{rules_path}[{i}]", trust_domain)
@@ -414,6 +426,34 @@ class _Parser:
                 for i, port in enumerate(self.items(fields.get("destinationPorts"), ports_path))
             ],
         )
+
+
+def parse_authorization_policy_spec(
+    spec: object, *, source: str, namespace: str, name: str, trust_domain: str
+) -> mesh_pb2.AuthorizationPolicy:
+    """The spec of an AuthorizationPolicy custom resource (Kubernetes mode).
+
+    The same fields and checks as an `authorizationPolicies` entry, with name
+    and namespace from the object's metadata (the API server checked those);
+    selecting no workload is fine, as pods come and go.
+    """
+    parser = _Parser(source)
+    fields = parser.mapping(
+        spec, "spec", required=frozenset({"action"}), optional=frozenset({"selector", "rules"})
+    )
+    return parser.policy_body(fields, "spec", trust_domain, name=name, namespace=namespace)
+
+
+def parse_peer_authentication_spec(
+    spec: object, *, source: str
+) -> tuple[dict[str, str], "mesh_pb2.MtlsMode.ValueType"]:
+    """(selector, mode) of a PeerAuthentication resource; an empty selector is namespace-wide."""
+    parser = _Parser(source)
+    fields = parser.mapping(
+        spec, "spec", required=frozenset({"mode"}), optional=frozenset({"selector"})
+    )
+    selector = parser.labels(fields.get("selector"), "spec.selector")
+    return selector, parser.enum(fields["mode"], "spec.mode", _MTLS_MODES)
 
 
 def _join(path: str, key: str) -> str:

@@ -1,6 +1,6 @@
 """The mesh as the control plane holds it: one immutable MeshConfig.
 
-A config source (the YAML file today, Kubernetes later) produces a whole
+A config source (the YAML file, or the Kubernetes API) produces a whole
 MeshConfig; local registrations overlay what nodes report on top of it; the
 snapshot builder turns both into xDS resources. The protobuf messages held
 here are never mutated after construction.
@@ -38,6 +38,11 @@ class MeshConfig:
     workloads: Mapping[str, mesh_pb2.Workload]
     services: Mapping[str, ServiceConfig]
     policies: Mapping[str, mesh_pb2.AuthorizationPolicy]
+    # True when the source itself reports each pod's uid and IPs (Kubernetes:
+    # metadata.uid, status.podIPs). A node's registration must then match the
+    # source's uid, and only stands in for IPs the source does not have yet,
+    # so that every replica serves the same IPs once the kubelet reports them.
+    status_from_source: bool = False
 
     def service_accounts_on(self, node: str) -> frozenset[tuple[str, str]]:
         """(namespace, service account) of every workload the config puts on `node`."""

@@ -43,7 +43,7 @@ class CertificateService(ca_pb2_grpc.CertificateAuthorityServicer):
     ) -> ca_pb2.SignCertificateResponse:
         node = "<unauthenticated>"
         try:
-            node = self._authenticator.authenticate(context.invocation_metadata() or ())
+            node = await self._authenticator.authenticate(context.invocation_metadata() or ())
             identity = authorize_identity(self._state.mesh, node, request.spiffe_id)
             ttl = (
                 datetime.timedelta(seconds=request.validity_seconds)
@@ -113,7 +113,7 @@ class RegistryService(registry_pb2_grpc.WorkloadRegistryServicer):
     ) -> None:
         node = "<unauthenticated>"
         try:
-            node = self._authenticator.authenticate(context.invocation_metadata() or ())
+            node = await self._authenticator.authenticate(context.invocation_metadata() or ())
             change(node)
         except RequestRefusedError as refusal:
             self._metrics.inc(m.REGISTRATIONS_REFUSED, reason=refusal.reason)

@@ -95,7 +95,7 @@ def build_snapshot(
 ) -> Snapshot:
     """The resources every node should have, reusing `previous` where unchanged."""
     workloads = {
-        name: _registered(workload, registrations.get(name))
+        name: _registered(workload, registrations.get(name), mesh.status_from_source)
         for name, workload in mesh.workloads.items()
     }
     nodes_by_namespace: dict[str, list[mesh_pb2.Workload]] = defaultdict(list)
@@ -143,10 +143,14 @@ def changed_names(old: Snapshot, new: Snapshot) -> dict[str, frozenset[str]]:
 
 
 def _registered(
-    workload: mesh_pb2.Workload, registration: Registration | None
+    workload: mesh_pb2.Workload, registration: Registration | None, status_from_source: bool
 ) -> mesh_pb2.Workload:
     # A registration from a node the pod is no longer declared on is stale.
     if registration is None or registration.node != workload.node:
+        return workload
+    # The API server's status is the same on every replica; a registration
+    # (held by one replica only) just bridges the time until it is reported.
+    if status_from_source and (workload.ips or registration.uid != workload.uid):
         return workload
     merged = mesh_pb2.Workload()
     merged.CopyFrom(workload)

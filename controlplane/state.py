@@ -59,6 +59,9 @@ class MeshState:
             if workload is None or workload.node != registration.node:
                 log.info("dropping registration of %s: not declared on its node any more", name)
                 del self._registrations[name]
+            elif mesh.status_from_source and workload.uid not in ("", registration.uid):
+                log.info("dropping registration of %s: the pod was replaced (new uid)", name)
+                del self._registrations[name]
         self._rebuild()
 
     def register(self, node: str, namespace: str, name: str, uid: str, ips: Iterable[str]) -> None:

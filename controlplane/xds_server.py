@@ -159,7 +159,7 @@ class DistributionServer:
         context: grpc.aio.ServicerContext[DeltaRequest, bytes],
     ) -> None:
         try:
-            node = self._authenticator.authenticate(context.invocation_metadata() or ())
+            node = await self._authenticator.authenticate(context.invocation_metadata() or ())
         except RequestRefusedError as refusal:
             await context.abort(refusal.code, refusal.message)
         stream = _Stream(node)

@@ -6,6 +6,8 @@
  * also filed for the getsockopt program so SO_ORIGINAL_DST answers as under
  * iptables.
  *
+ * Connections from the kubelet probe source are never captured.
+ *
  * sk_lookup may not read the netns cookie, so the pod is found by the local
  * address the connection arrives at (weir_pod_addrs, filled at apply). */
 #include "lib/weir_policy.h"
@@ -59,6 +61,9 @@ int weir_sk_lookup(struct bpf_sk_lookup *ctx)
 		weir_copy_ip6(conn.local_ip, local6);
 		weir_copy_ip6(conn.peer_ip, remote6);
 	}
+	/* Kubelet probes reach the app as iptables' WEIR-INBOUND lets them. */
+	if (weir_is_probe_source(&remote))
+		return SK_PASS;
 	__u64 *cookie = weir_pod_addrs.lookup(&local);
 	if (!cookie)
 		return SK_PASS;

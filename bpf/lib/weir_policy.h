@@ -47,6 +47,20 @@ static __always_inline int weir_v6_is_local_only(const __u32 ip6[4])
 	       (ip6[3] == 0 || ip6[3] == bpf_htonl(1));
 }
 
+/* The source the node SNATs its own connections to pods to (kubelet probes,
+ * node_agent/redirect/host_probes.py). Only the node can complete a
+ * handshake from it: replies to it are routed to the node, which de-NATs
+ * only the connections it SNATed itself. */
+static __always_inline int weir_is_probe_source(const struct weir_addr *a)
+{
+	if (a->family == 4)
+		return bpf_ntohl(a->addr[0]) == WEIR_PROBE_SOURCE_V4;
+	return bpf_ntohl(a->addr[0]) == WEIR_PROBE_SOURCE_V6_0 &&
+	       bpf_ntohl(a->addr[1]) == WEIR_PROBE_SOURCE_V6_1 &&
+	       bpf_ntohl(a->addr[2]) == WEIR_PROBE_SOURCE_V6_2 &&
+	       bpf_ntohl(a->addr[3]) == WEIR_PROBE_SOURCE_V6_3;
+}
+
 /* The proxy's own connections: by UID or GID of the caller, or by the mark
  * on the socket (only our bits of it: other tools own the rest). */
 static __always_inline int weir_is_proxy(struct bpf_sock_addr *ctx)

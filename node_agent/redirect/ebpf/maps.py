@@ -18,6 +18,8 @@ from typing import Final
 from node_agent.constants import (
     INBOUND_TUNNEL_PORT,
     OUTBOUND_CAPTURE_PORT,
+    PROBE_SNAT_IPV4,
+    PROBE_SNAT_IPV6,
     PROXY_GID,
     PROXY_MARK,
     PROXY_MARK_MASK,
@@ -79,7 +81,9 @@ BPF_F_NO_PREALLOC: Final = 1
 # Bumped whenever bpf/ changes what the pinned maps or programs mean in a way
 # map shapes alone do not show (a field reinterpreted, a flag added): pins
 # made under another version are refused rather than reused.
-LAYOUT_VERSION: Final = 1
+# 2: sk_lookup lets the kubelet probe source through; a version-1 sk_lookup,
+#    reused, would send probes to the proxy and fail them under STRICT.
+LAYOUT_VERSION: Final = 2
 # One-entry array, pinned beside the maps, holding the LAYOUT_VERSION of the
 # install. bpffs holds only BPF objects, so a map is the one thing that can
 # sit next to the pins and vanish with them (reboot, uninstall).
@@ -152,6 +156,10 @@ class CConstant:
     hex: bool = False
 
 
+# The probe source, in host byte order: the programs compare after bpf_ntohl.
+_PROBE_V4: Final = int(ipaddress.IPv4Address(PROBE_SNAT_IPV4))
+_PROBE_V6_WORDS: Final = struct.unpack(">4I", ipaddress.IPv6Address(PROBE_SNAT_IPV6).packed)
+
 # Every load-time constant of bpf/, declared once. Map sizes bound kernel
 # memory; a full map makes updates fail loudly in apply, never silently.
 C_CONSTANTS: Final = (
@@ -163,6 +171,11 @@ C_CONSTANTS: Final = (
     CConstant("WEIR_PROXY_MARK_MASK", PROXY_MARK_MASK, "the bits of the mark Weir owns", hex=True),
     CConstant("WEIR_LOOPBACK_V4", 0x7F000001, "127.0.0.1, where captured connects go", hex=True),
     CConstant("WEIR_LOOPBACK_IFINDEX", 1, "lo is ifindex 1 in every netns"),
+    CConstant("WEIR_PROBE_SOURCE_V4", _PROBE_V4, "kubelet probes, SNATed by the node", hex=True),
+    *(
+        CConstant(f"WEIR_PROBE_SOURCE_V6_{i}", word, f"kubelet probes (IPv6), word {i}", hex=True)
+        for i, word in enumerate(_PROBE_V6_WORDS)
+    ),
     CConstant("WEIR_POD_INBOUND_INCLUDED_ONLY", POD_INBOUND_INCLUDED_ONLY, "weir_pod.flags"),
     CConstant("WEIR_DIR_OUTBOUND", Direction.OUTBOUND, "weir_port_key.direction"),
     CConstant("WEIR_DIR_INBOUND", Direction.INBOUND, "weir_port_key.direction"),

@@ -9,6 +9,11 @@
 #define WEIR_PROXY_MARK_MASK 0xfff /* the bits of the mark Weir owns */
 #define WEIR_LOOPBACK_V4 0x7f000001 /* 127.0.0.1, where captured connects go */
 #define WEIR_LOOPBACK_IFINDEX 1 /* lo is ifindex 1 in every netns */
+#define WEIR_PROBE_SOURCE_V4 0xa9fe077f /* kubelet probes, SNATed by the node */
+#define WEIR_PROBE_SOURCE_V6_0 0xfd169254 /* kubelet probes (IPv6), word 0 */
+#define WEIR_PROBE_SOURCE_V6_1 0x71271337 /* kubelet probes (IPv6), word 1 */
+#define WEIR_PROBE_SOURCE_V6_2 0xffffffff /* kubelet probes (IPv6), word 2 */
+#define WEIR_PROBE_SOURCE_V6_3 0xffffffff /* kubelet probes (IPv6), word 3 */
 #define WEIR_POD_INBOUND_INCLUDED_ONLY 1 /* weir_pod.flags */
 #define WEIR_DIR_OUTBOUND 1 /* weir_port_key.direction */
 #define WEIR_DIR_INBOUND 2 /* weir_port_key.direction */

@@ -3,6 +3,9 @@
 - ControlPlaneEndpoint: where the control plane is and how to check it is the
   real one (TLS, verified against the mesh root; plaintext only to reach a
   control plane started with --insecure-listen).
+- TokenSource: where the node's bearer token comes from. A fixed string
+  (StaticToken), or a file re-read whenever it changes (TokenFile): the
+  kubelet rotates projected ServiceAccount tokens in place.
 - ControlPlaneClient: one node's connection. It presents the node's bearer
   token on every call, signs certificates (the key is generated here, only the
   CSR is sent), registers and deregisters enrolled workloads (local mode), and
@@ -20,6 +23,7 @@ restart, the node's workloads come back without the agent doing anything.
 
 import asyncio
 import datetime
+import errno
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +44,7 @@ from weir_common._generated.weir.v1 import (
     registry_pb2,
     registry_pb2_grpc,
 )
-from weir_common.errors import InvalidInputError
+from weir_common.errors import InvalidInputError, TransientError
 from weir_common.mesh import (
     MESSAGE_TYPES,
     RESOURCE_TYPES,
@@ -113,6 +117,77 @@ class ControlPlaneEndpoint:
         return grpc.aio.secure_channel(self.target, credentials, options=options)
 
 
+class TokenSource(Protocol):
+    def token(self) -> str:
+        """The token to send now; raises TransientError when there is none to send."""
+        ...
+
+
+@dataclass(frozen=True)
+class StaticToken:
+    value: str
+
+    def __repr__(self) -> str:
+        return "StaticToken(...)"
+
+    def token(self) -> str:
+        return self.value
+
+
+class TokenFile:
+    """A token file, read again whenever it changes (stat on every call, read on change).
+
+    An unreadable or empty file is never sent: the call fails with a
+    TransientError, logged once per distinct problem, and the caller retries.
+    `keep_when_denied` is for a process that read the file as root and then
+    dropped privileges (the proxy in local mode): when it may no longer look at
+    the file, it keeps the token it read and says so once.
+    """
+
+    def __init__(self, path: Path, *, keep_when_denied: bool = False) -> None:
+        self.path = path
+        self._keep_when_denied = keep_when_denied
+        self._value: str | None = None
+        # (inode, size, mtime) of the file the held value was read from.
+        self._seen: tuple[int, int, int] | None = None
+        self._reported: str | None = None
+
+    def __repr__(self) -> str:
+        return f"TokenFile({self.path})"
+
+    def token(self) -> str:
+        try:
+            st = self.path.stat()  # follows the kubelet's ..data symlink swap
+            identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if self._value is not None and identity == self._seen:
+                return self._value
+            text = self.path.read_text().strip()
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM) and self._keep_when_denied and self._value:
+                self._report(
+                    f"token file {self.path} is not readable any more ({e.strerror}); "
+                    "keeping the token read at start",
+                    logging.WARNING,
+                )
+                return self._value
+            raise self._problem(f"cannot read token file {self.path}: {e.strerror}") from None
+        if not text:
+            raise self._problem(f"token file {self.path} is empty")
+        if self._value is not None and text != self._value:
+            log.info("token file %s changed; using the new token", self.path)
+        self._value, self._seen, self._reported = text, identity, None
+        return text
+
+    def _problem(self, message: str) -> TransientError:
+        self._report(message, logging.ERROR)
+        return TransientError(message)
+
+    def _report(self, message: str, level: int) -> None:
+        if message != self._reported:
+            log.log(level, "%s", message)
+            self._reported = message
+
+
 class ConfigHandler(Protocol):
     def apply(
         self,
@@ -136,7 +211,7 @@ class IssuedCertificate:
 
 
 async def request_certificate(
-    channel: grpc.aio.Channel, token: str, spiffe_id: str, validity_seconds: int = 0
+    channel: grpc.aio.Channel, token: str | TokenSource, spiffe_id: str, validity_seconds: int = 0
 ) -> IssuedCertificate:
     """Generate a P-256 key here and get it certified for `spiffe_id`.
 
@@ -152,6 +227,7 @@ async def request_certificate(
         )
         .sign(key, hashes.SHA256())
     )
+    metadata = auth_metadata(token if isinstance(token, str) else token.token())
     stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
     response = await stub.SignCertificate(
         ca_pb2.SignCertificateRequest(
@@ -159,7 +235,7 @@ async def request_certificate(
             spiffe_id=spiffe_id,
             validity_seconds=validity_seconds,
         ),
-        metadata=auth_metadata(token),
+        metadata=metadata,
         timeout=RPC_TIMEOUT_SECONDS,
     )
     return IssuedCertificate(
@@ -188,13 +264,13 @@ class ControlPlaneClient:
         self,
         endpoint: ControlPlaneEndpoint,
         node: str,
-        token: str,
+        token: str | TokenSource,
         *,
         backoff: Backoff | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.node = node
-        self._token = token
+        self._token: TokenSource = StaticToken(token) if isinstance(token, str) else token
         self.backoff = backoff or Backoff()
         self.channel = endpoint.open_channel(self.backoff)
         # "<namespace>/<name>" -> what this node registered and has not removed.
@@ -216,7 +292,8 @@ class ControlPlaneClient:
 
     @property
     def metadata(self) -> tuple[tuple[str, str]]:
-        return auth_metadata(self._token)
+        """The call's credentials; raises TransientError while the token cannot be read."""
+        return auth_metadata(self._token.token())
 
     @property
     def registrations(self) -> Mapping[str, WorkloadRegistration]:
@@ -281,6 +358,9 @@ class ControlPlaneClient:
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in PERMANENT_REFUSALS:
                 self._unconfirmed_removals[uid] = removal
+            raise
+        except TransientError:
+            self._unconfirmed_removals[uid] = removal
             raise
 
     @property
@@ -400,6 +480,9 @@ class XdsClient:
             except grpc.aio.AioRpcError as exc:
                 self._last_failure = f"{exc.code().name}: {exc.details()}"
                 log.warning("xDS stream to %s failed: %s", target, self._last_failure)
+            except TransientError as exc:
+                # No token to present (the token source logged why): nothing was sent.
+                self._last_failure = exc.message
             else:
                 self._last_failure = "closed by the server"
                 log.info("xDS stream to %s closed by the server", target)

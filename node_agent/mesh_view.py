@@ -10,7 +10,7 @@ resource passed. Enrollment asks it who a pod is.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -36,6 +36,8 @@ class MeshView:
     def __init__(self, node: str) -> None:
         self.node = node
         self._state: dict[str, dict[str, Message]] = {}
+        # Called after every accepted push (the Kubernetes reconcile loop wakes on it).
+        self.on_change: list[Callable[[], None]] = []
 
     @property
     def synced(self) -> bool:
@@ -51,6 +53,8 @@ class MeshView:
     ) -> None:
         _check(type_url, resources)
         self._state[type_url] = dict(resources)
+        for listener in self.on_change:
+            listener()
         log.info(
             "mesh config %s: %d resources (%d updated, %d removed)",
             type_url.rsplit(".", 1)[-1],

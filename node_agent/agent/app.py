@@ -8,10 +8,16 @@ Shutdown closes the CNI socket first (new pods fail closed and are retried
 by the runtime) and never removes capture: pods stay captured across agent
 restarts and upgrades.
 
+On Kubernetes (`kubernetes` given), the agent also follows this node's pods
+and the namespaces' mesh labels (node_agent/kubernetes/): it enrolls meshed
+pods that were running before it, unenrolls pods that leave the mesh, and
+holds the ADD of a meshed pod the control plane has not pushed yet.
+
 The long-lived parts (the config subscription, the proxy handoff's accept
-loop, the CNI socket) run under a Supervisor: one that dies takes readiness
-down at once and is restarted; one that keeps dying stops the agent with a
-failure, so that the DaemonSet restarts it where an operator can see it.
+loop, the CNI socket, the Kubernetes watches and reconcile loop) run under a
+Supervisor: one that dies takes readiness down at once and is restarted;
+one that keeps dying stops the agent with a failure, so that the DaemonSet
+restarts it where an operator can see it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from kubernetes.client import CoreV1Api
+
 from node_agent.admin.log_levels import AGENT_COMPONENTS
 from node_agent.admin.server import AdminRegistry, HttpEndpoint, node_info
 from node_agent.agent.cni_bridge import EnrollmentCniHandler
@@ -29,9 +37,12 @@ from node_agent.agent.cni_setup import CniSetup, CniSetupSettings
 from node_agent.agent.registrar import ControlPlaneRegistrar
 from node_agent.cni_events.server import CniEventServer
 from node_agent.constants import ADMIN_PORT, READINESS_PORT
-from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint
+from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint, TokenSource
 from node_agent.enrollment.enroller import CaptureEngine, Enroller
 from node_agent.enrollment.registry import PodRegistry
+from node_agent.kubernetes.discovery import HostProc
+from node_agent.kubernetes.follower import NAMESPACES, PODS, PodFollower
+from node_agent.kubernetes.watch import ListWatch
 from node_agent.mesh_view import MeshView
 from node_agent.proxy_handoff.agent_side import ProxyHandoffServer
 from weir_common.errors import NodeSetupError, WeirError
@@ -49,7 +60,7 @@ DEPARTED_POD_SWEEP_S = 60.0
 class AgentSettings:
     node: str
     controlplane: ControlPlaneEndpoint
-    token: str
+    token: str | TokenSource
     state_dir: Path
     run_dir: Path
     admin_host: str = "127.0.0.1"
@@ -69,10 +80,30 @@ class AgentSettings:
 
 
 class Agent:
-    def __init__(self, settings: AgentSettings, capture: CaptureEngine, mode: str) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        capture: CaptureEngine,
+        mode: str,
+        *,
+        kubernetes: CoreV1Api | None = None,
+    ) -> None:
         self.settings = settings
         self.registry = PodRegistry(settings.state_dir / "pods.json")
         self.mesh = MeshView(settings.node)
+        self.follower: PodFollower | None = None
+        self.watches: list[ListWatch] = []
+        if kubernetes is not None:
+            self.follower = PodFollower(settings.node, self.mesh, self.registry, HostProc())
+            self.watches = [
+                ListWatch(
+                    PODS,
+                    kubernetes.list_pod_for_all_namespaces,
+                    self.follower,
+                    field_selector=f"spec.nodeName={settings.node}",
+                ),
+                ListWatch(NAMESPACES, kubernetes.list_namespace, self.follower),
+            ]
         self.client = ControlPlaneClient(settings.controlplane, settings.node, settings.token)
         # A proxy that (re)connects gets every enrolled pod; once it holds them,
         # capture is re-checked, since eBPF steers to that proxy's own sockets.
@@ -87,9 +118,11 @@ class Agent:
             mode=mode,
             proxy=self.handoff,
             registrar=self.registrar,
-            directory=self.mesh,
+            directory=self.mesh if self.follower is None else self.follower,
             registry=self.registry,
         )
+        if self.follower is not None:
+            self.follower.enroller = self.enroller
         self.subscription = self.client.subscribe(self.mesh)
         self.supervisor = Supervisor(self._give_up)
         self.failure: str | None = None
@@ -115,6 +148,10 @@ class Agent:
         self.admin.add_readiness(
             "config", lambda: None if self.mesh.synced else "mesh config not received yet"
         )
+        if self.follower is not None:
+            # Not in "pods": `weir node` reads that section as enrolled pods only.
+            self.admin.add_section("kubernetes", self.follower.dump)
+            self.admin.add_readiness("pod watch", self.follower.not_synced)
         self._stop = asyncio.Event()
 
     def _proxy_ready(self) -> str | None:
@@ -150,9 +187,15 @@ class Agent:
         if self.cni_setup is not None:
             self.cni_setup.start()
         self.supervisor.start("config subscription", self.subscription.run)
+        if self.follower is not None:
+            self.follower.attach(loop)
+            for watch in self.watches:
+                self.supervisor.start(f"{watch.kind} watch", watch.run)
         await self.handoff.start(self.supervisor)
         await self.enroller.converge()
         self.supervisor.start("departed pod sweep", self._sweep_departed_pods)
+        if self.follower is not None:
+            self.supervisor.start("kubernetes reconcile", self.follower.run)
         cni_started = loop.create_future()
         self.supervisor.start("CNI socket", lambda: self._serve_cni(cni_started))
         try:
@@ -193,7 +236,7 @@ class Agent:
 
         server = CniEventServer(
             self.settings.cni_socket,
-            EnrollmentCniHandler(self.enroller, loop, self.mesh),
+            EnrollmentCniHandler(self.enroller, loop, self.mesh, gate=self.follower),
             on_failure=report,
         )
         try:

@@ -9,19 +9,22 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from kubernetes import config as k8s_config
+from kubernetes.client import ApiClient, Configuration, CoreV1Api
+
 from node_agent.agent.app import CNI_SOCKET_NAME, Agent, AgentSettings
 from node_agent.agent.cni_setup import CniSetupSettings
 from node_agent.cni_install.cli import DEFAULT_BIN_DIR, DEFAULT_PLUGIN_BUNDLE
 from node_agent.cni_install.conflist import PluginSettings
 from node_agent.constants import ADMIN_PORT, READINESS_PORT
-from node_agent.controlplane_client import ControlPlaneEndpoint
+from node_agent.controlplane_client import ControlPlaneEndpoint, TokenFile
 from node_agent.enrollment.enroller import CaptureEngine
 from node_agent.redirect.backend import Backend, choose_backend, probe_host
 from node_agent.redirect.ebpf.capture import EbpfCapture
 from node_agent.redirect.ebpf.pins import DEFAULT_PIN_ROOT, PinLayout
 from node_agent.redirect.iptables import IptablesCapture
 from node_agent.redirect.modes import Mode, select_mode
-from weir_common.errors import InvalidInputError
+from weir_common.errors import InvalidInputError, TransientError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -37,7 +40,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="plaintext to the control plane (debugging only)",
     )
-    p.add_argument("--token-file", type=Path, required=True, help="file holding this node's token")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        required=True,
+        help="file holding this node's token; read again whenever it changes (rotation)",
+    )
+    p.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="follow this node's pods and the namespaces' mesh labels (in-cluster config)",
+    )
+    p.add_argument(
+        "--kubeconfig", type=Path, help="with --kubernetes: this kubeconfig, not the in-cluster one"
+    )
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/weir/agent"))
     p.add_argument(
         "--run-dir", type=Path, default=Path("/var/run/weir"), help="CNI and proxy sockets"
@@ -84,11 +100,35 @@ def _cni_setup(args: argparse.Namespace) -> CniSetupSettings | None:
     )
 
 
-def _run(args: argparse.Namespace) -> int:
+def kubernetes_api(args: argparse.Namespace) -> CoreV1Api | None:
+    """The API client --kubernetes asks for: --kubeconfig's, else the pod's in-cluster config."""
+    if args.kubeconfig is not None and not args.kubernetes:
+        raise InvalidInputError("--kubeconfig is for --kubernetes")
+    if not args.kubernetes:
+        return None
+    configuration = Configuration()
     try:
-        token = args.token_file.read_text().strip()
-    except OSError as e:
-        raise InvalidInputError(f"cannot read token file {args.token_file}: {e.strerror}") from None
+        if args.kubeconfig is not None:
+            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=str(args.kubeconfig), client_configuration=configuration
+            )
+        else:
+            k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
+                client_configuration=configuration
+            )
+    except (k8s_config.ConfigException, OSError) as e:
+        where = args.kubeconfig or "the in-cluster configuration"
+        raise InvalidInputError(f"cannot load Kubernetes client config from {where}: {e}") from None
+    return CoreV1Api(ApiClient(configuration))
+
+
+def _run(args: argparse.Namespace) -> int:
+    token = TokenFile(args.token_file)
+    try:
+        token.token()  # a file that cannot be read at start is a setup error, not a retry
+    except TransientError as e:
+        raise InvalidInputError(e.message) from None
+    kubernetes = kubernetes_api(args)
     endpoint = (
         ControlPlaneEndpoint.insecure(args.controlplane)
         if args.controlplane_insecure
@@ -107,6 +147,6 @@ def _run(args: argparse.Namespace) -> int:
         )
 
         async def main() -> int:
-            return await Agent(settings, capture, mode).run()
+            return await Agent(settings, capture, mode, kubernetes=kubernetes).run()
 
         return asyncio.run(main())

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from cni_plugin.protocol import PodInfo
 from node_agent.cni_events.handler import AddDecision, Attachment
@@ -21,6 +22,14 @@ from weir_common.errors import TransientError
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
+
+class AdmissionGate(Protocol):
+    async def admit(self, pod: PodInfo) -> str | None:
+        """None to go on with the ADD, else why the pod starts uncaptured; may raise WeirError."""
+        ...
+
 
 class EnrollmentCniHandler:
     def __init__(
@@ -29,9 +38,13 @@ class EnrollmentCniHandler:
         loop: asyncio.AbstractEventLoop,
         mesh: MeshView,
         timeout_s: float = 20.0,
+        *,
+        gate: AdmissionGate | None = None,
     ) -> None:
         self._enroller = enroller
         self._mesh = mesh
+        # On Kubernetes: holds a meshed pod's ADD until the control plane knows it.
+        self._gate = gate
         self._loop = loop
         self._timeout_s = timeout_s
 
@@ -54,6 +67,11 @@ class EnrollmentCniHandler:
 
     def on_add(self, pod: PodInfo) -> AddDecision:
         pod = self._identified(pod)
+        if self._gate is not None:
+            outside = self._run(f"admitting {pod.describe()}", self._gate.admit(pod))
+            if outside is not None:
+                log.info("pod %s starts outside the mesh: %s", pod.describe(), outside)
+                return AddDecision(captured=False, reason=outside)
         outcome = self._run(f"enrolling {pod.describe()}", self._enroller.add(pod))
         return AddDecision(captured=outcome.captured, reason=outcome.reason)
 

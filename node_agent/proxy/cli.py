@@ -34,7 +34,7 @@ from node_agent.constants import (
     PROXY_UID,
     READINESS_PORT,
 )
-from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint
+from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint, TokenFile
 from node_agent.netns import Netns
 from node_agent.proxy import privileges
 from node_agent.proxy.agent_pods import AgentPods
@@ -149,7 +149,13 @@ def parse_loopback_listen(text: str) -> tuple[str, int]:
 
 def _run(args: argparse.Namespace) -> int:
     # Read what only root may read (the token, the roots) before dropping privileges.
-    token = args.token_file.read_text().strip()
+    # The token file is read again when it changes (the kubelet rotates it; on
+    # Kubernetes its group 1337 may read it); where it no longer may, the token read here stays.
+    token = TokenFile(args.token_file, keep_when_denied=True)
+    try:
+        token.token()
+    except TransientError as e:
+        raise InvalidInputError(e.message) from None
     if args.insecure:
         endpoint = ControlPlaneEndpoint.insecure(args.control_plane)
     else:
@@ -188,7 +194,7 @@ async def _serve(
     endpoint: ControlPlaneEndpoint,
     *,
     node: str,
-    token: str,
+    token: TokenFile,
     pods: list[tuple[str, Netns]],
     agent_socket: Path | None,
     drain_seconds: float,

@@ -1,5 +1,6 @@
 """vagrant/: the Vagrantfile validates, its provisioning scripts parse and pass
-shellcheck, and the sample app is what the walk-through says it is.
+shellcheck, and the sample app is valid (Kubernetes 1.34's schemas, the CRD
+deploy/ installs) and is what the walk-through says it is.
 
 Nothing is booted: `vagrant validate --ignore-provider` needs neither a
 provider nor a box nor the network (a provider block's own settings are
@@ -14,6 +15,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -25,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 VAGRANT_DIR = ROOT / "vagrant"
 SCRIPTS = sorted((VAGRANT_DIR / "provision").glob("*.sh"))
 SAMPLE_APP = VAGRANT_DIR / "sample-app"
+AUTHORIZATION_POLICY_CRD = ROOT / "deploy" / "base" / "crds" / "authorizationpolicies.yaml"
+KUBERNETES_VERSION = "1.34"
 VALIDATED = "Vagrantfile validated successfully."
 
 
@@ -149,6 +154,18 @@ def test_shellcheck_catches_a_broken_script(tmp_path):
 
 def load(name: str) -> list[Any]:
     return [doc for doc in yaml.safe_load_all((SAMPLE_APP / name).read_text()) if doc]
+
+
+def test_the_sample_app_is_valid_for_kubernetes_1_34():
+    for doc in load("app.yaml"):
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_the_sample_policy_is_valid_for_the_installed_crd():
+    crd = yaml.safe_load(AUTHORIZATION_POLICY_CRD.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    (policy,) = load("deny-client.yaml")
+    jsonschema.validate(policy, version["schema"]["openAPIV3Schema"])
 
 
 def test_the_sample_namespace_is_in_the_mesh_and_the_client_avoids_the_servers_node():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 from cni_plugin.protocol import PodInfo
@@ -102,7 +102,7 @@ class PodFollower:
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def replace(self, kind: str, objects: list[Obj]) -> None:
+    def replace(self, kind: str, objects: Sequence[Obj]) -> None:
         self._attached().call_soon_threadsafe(self._replace, kind, objects)
 
     def event(self, kind: str, event_type: str, obj: Obj) -> None:
@@ -113,7 +113,7 @@ class PodFollower:
             raise RuntimeError("PodFollower.attach(loop) was not called before the watches")
         return self._loop
 
-    def _replace(self, kind: str, objects: list[Obj]) -> None:
+    def _replace(self, kind: str, objects: Sequence[Obj]) -> None:
         if kind == PODS:
             self._pods = {str(_meta(o).get("uid")): o for o in objects if self._on_node(o)}
         else:

@@ -17,7 +17,7 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 from kubernetes import watch as k8s_watch
@@ -40,7 +40,7 @@ Obj = Mapping[str, Any]
 class WatchSink(Protocol):
     """Receives what the watch sees; called on the watch's thread."""
 
-    def replace(self, kind: str, objects: list[Obj]) -> None:
+    def replace(self, kind: str, objects: Sequence[Obj]) -> None:
         """The full current state (after every list)."""
         ...
 

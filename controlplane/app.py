@@ -1,7 +1,9 @@
 """Assembly: one place where the source, CA, authenticator and servers meet.
 
 Tests plug in their own source, CA or authenticator here; the CLI plugs in
-the file source and the persisted root.
+the file source and the persisted root, or in Kubernetes mode the
+Kubernetes source, the root from Secret weir-ca and the TokenReview
+authenticator.
 """
 
 import asyncio
@@ -56,6 +58,9 @@ GRPC_OPTIONS: Final = (
 class Settings:
     grpc_listen: str = DEFAULT_GRPC_LISTEN
     http_listen: str | None = DEFAULT_HTTP_LISTEN
+    # Only /healthz/ready and /metrics, for the kubelet and Prometheus; unlike
+    # http_listen (which also serves /debug/config_dump) it may face the network.
+    health_listen: str | None = None
     # Names and IPs in the serving certificate; None: serving_tls.default_names.
     serving_names: tuple[str, ...] | None = None
     serving_ttl: datetime.timedelta = DEFAULT_SERVING_TTL
@@ -97,9 +102,11 @@ class ControlPlane:
         self.failed = asyncio.Event()
         self.failure = ""
         self._http = http_endpoint.HttpEndpoint(self._http_routes())
+        self._health = http_endpoint.HttpEndpoint(self._health_routes())
         self._ready = False
         self.grpc_port = 0
         self.http_port = 0
+        self.health_port = 0
 
     async def start(self) -> None:
         server = self._server
@@ -121,7 +128,9 @@ class ControlPlane:
         await server.start()
         self.supervisor.start("config watch", lambda: self._source.watch(self.state.set_mesh))
         if self._settings.http_listen is not None:
-            await self._start_http(self._settings.http_listen)
+            self.http_port = await _start_http(self._http, self._settings.http_listen)
+        if self._settings.health_listen is not None:
+            self.health_port = await _start_http(self._health, self._settings.health_listen)
         self._ready = True
         if self.serving is None:
             log.warning(
@@ -144,6 +153,7 @@ class ControlPlane:
         await self.supervisor.close()
         await self._server.stop(grace)
         await self._http.close()
+        await self._health.close()
 
     @property
     def ready(self) -> bool:
@@ -174,9 +184,16 @@ class ControlPlane:
             "/debug/config_dump": config_dump,
         }
 
-    async def _start_http(self, listen: str) -> None:
-        host, _, port = listen.rpartition(":")
-        try:
-            self.http_port = await self._http.start(host.strip("[]"), int(port))
-        except (OSError, ValueError) as exc:
-            raise NodeSetupError(f"cannot listen on {listen}: {exc}") from exc
+    def _health_routes(self) -> dict[str, http_endpoint.Route]:
+        return {
+            "/healthz/ready": http_endpoint.readiness(lambda: self.ready),
+            "/metrics": http_endpoint.prometheus(self.metrics.render),
+        }
+
+
+async def _start_http(endpoint: http_endpoint.HttpEndpoint, listen: str) -> int:
+    host, _, port = listen.rpartition(":")
+    try:
+        return await endpoint.start(host.strip("[]"), int(port))
+    except (OSError, ValueError) as exc:
+        raise NodeSetupError(f"cannot listen on {listen}: {exc}") from exc

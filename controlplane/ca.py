@@ -180,22 +180,48 @@ def load_or_create_root(
             "to create a new root (every workload certificate will change)"
         )
     if not cert_path.exists():
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _self_signed_root(key, trust_domain, now)
+        cert_pem, key_pem = generate_root(trust_domain, now=now)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_atomically(
-            key_path,
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-        )
-        write_atomically(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        write_atomically(key_path, key_pem)
+        write_atomically(cert_path, cert_pem)
     cert = _load_certs(cert_path)[0]
     return CertificateAuthority(
         signing_cert=cert, signing_key=_load_key(key_path), intermediates=[], roots=[cert]
     )
+
+
+def generate_root(trust_domain: str, *, now: datetime.datetime) -> tuple[bytes, bytes]:
+    """A new self-signed mesh root: (certificate PEM, PKCS#8 key PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _self_signed_root(key, trust_domain, now)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def root_authority(cert_pem: bytes, key_pem: bytes, *, source: str) -> CertificateAuthority:
+    """The CA of a self-signed root kept elsewhere (a Secret); `source` names it in errors."""
+    try:
+        certs = x509.load_pem_x509_certificates(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        # The loader's message never quotes the key material.
+        raise InvalidInputError(f"{source}: cannot load the root: {exc}") from None
+    if len(certs) != 1:
+        raise InvalidInputError(f"{source}: expected one root certificate, found {len(certs)}")
+    cert = certs[0]
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InvalidInputError(f"{source}: the CA key must be ECDSA")
+    if cert.public_key() != key.public_key():
+        raise InvalidInputError(f"{source}: the key is not the certificate's")
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is None or not constraints.ca:
+        raise InvalidInputError(f"{source}: the certificate is not a CA")
+    return CertificateAuthority(signing_cert=cert, signing_key=key, intermediates=[], roots=[cert])
 
 
 def load_intermediate(cert_path: Path, key_path: Path, roots_path: Path) -> CertificateAuthority:

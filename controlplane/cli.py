@@ -1,15 +1,17 @@
-"""`weir controlplane`: serve a mesh config file over delta xDS, and sign certificates."""
+"""`weir controlplane`: serve a mesh (config file or cluster) over delta xDS; sign certificates."""
 
 import argparse
 import asyncio
 import datetime
 import logging
+import re
 import signal
 import sys
 from pathlib import Path
 from typing import Final
 
 from controlplane.app import DEFAULT_GRPC_LISTEN, DEFAULT_HTTP_LISTEN, ControlPlane, Settings
+from controlplane.auth import NodeAuthenticator
 from controlplane.ca import CertificateAuthority, load_intermediate, load_or_create_root
 from controlplane.metrics import Metrics
 from controlplane.sources import FileSource
@@ -18,11 +20,61 @@ from weir_common.supervision import wait_any
 
 DEFAULT_STATE_DIR: Final = Path("/var/lib/weir/controlplane")
 SHUTDOWN_GRACE_SECONDS: Final = 5.0
+# Kubernetes mode (docs/kubernetes.md).
+DEFAULT_NAMESPACE: Final = "weir-system"
+DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
+DEFAULT_NODE_SERVICE_ACCOUNTS: Final = ("weir-system/weir-agent", "weir-system/weir-proxy")
+DEFAULT_TOKEN_AUDIENCE: Final = "weir"  # noqa: S105 (an audience, not a secret)
+_DNS_LABEL: Final = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_TRUST_DOMAIN: Final = re.compile(r"[a-z0-9.\-_]+")
+# Flags that only mean something with --kubernetes (dest names).
+_KUBERNETES_ONLY: Final = (
+    "kubeconfig",
+    "namespace",
+    "trust_domain",
+    "node_service_account",
+    "token_audience",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="weir controlplane", description=__doc__)
-    parser.add_argument("--config", type=Path, required=True, help="mesh config YAML")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--config", type=Path, help="mesh config YAML (local mode)")
+    mode.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="read the mesh from the Kubernetes API; nodes authenticate by TokenReview",
+    )
+    parser.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="kubeconfig of the cluster (default: the in-cluster service account)",
+    )
+    parser.add_argument(
+        "--namespace",
+        help=f"where Secret weir-ca and ConfigMap weir-ca-root live (default {DEFAULT_NAMESPACE})",
+    )
+    parser.add_argument(
+        "--trust-domain", help=f"SPIFFE trust domain (default {DEFAULT_TRUST_DOMAIN})"
+    )
+    parser.add_argument(
+        "--node-service-account",
+        action="append",
+        metavar="NS/NAME",
+        help="ServiceAccount whose pod-bound tokens identify a node (repeatable; default "
+        + " and ".join(DEFAULT_NODE_SERVICE_ACCOUNTS)
+        + ")",
+    )
+    parser.add_argument(
+        "--token-audience",
+        help=f"audience node tokens must carry (default {DEFAULT_TOKEN_AUDIENCE})",
+    )
+    parser.add_argument(
+        "--health-listen",
+        metavar="HOST:PORT",
+        help="a second HTTP listener serving only /healthz/ready and /metrics (for the kubelet)",
+    )
     parser.add_argument(
         "--listen",
         default=DEFAULT_GRPC_LISTEN,
@@ -48,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--state-dir",
         type=Path,
-        default=DEFAULT_STATE_DIR,
         help="where the generated root CA is kept; nodes verify the control plane "
         f"against its root-cert.pem (default {DEFAULT_STATE_DIR})",
     )
@@ -62,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--ca-cert, --ca-key and --ca-roots go together")
     if args.insecure_listen and args.serving_name:
         parser.error("--serving-name has no use with --insecure-listen")
+    if args.kubernetes:
+        if any(intermediate) or args.state_dir is not None:
+            parser.error(
+                "--state-dir and --ca-* have no use with --kubernetes (the root is Secret weir-ca)"
+            )
+        _kubernetes_defaults(parser, args)
+    else:
+        given = [f"--{d.replace('_', '-')}" for d in _KUBERNETES_ONLY if getattr(args, d)]
+        if given:
+            parser.error(f"{', '.join(given)}: only with --kubernetes")
+        args.state_dir = args.state_dir or DEFAULT_STATE_DIR
     logging.basicConfig(
         level=args.log_level,
         stream=sys.stderr,
@@ -75,8 +137,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _kubernetes_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    args.namespace = args.namespace or DEFAULT_NAMESPACE
+    args.trust_domain = args.trust_domain or DEFAULT_TRUST_DOMAIN
+    args.token_audience = args.token_audience or DEFAULT_TOKEN_AUDIENCE
+    if not _DNS_LABEL.fullmatch(args.namespace):
+        parser.error(f"--namespace {args.namespace!r} is not a namespace name")
+    if not _TRUST_DOMAIN.fullmatch(args.trust_domain):
+        parser.error(f"--trust-domain {args.trust_domain!r} is not a valid trust domain")
+    accounts = []
+    for text in args.node_service_account or DEFAULT_NODE_SERVICE_ACCOUNTS:
+        namespace, _, name = text.partition("/")
+        if not _DNS_LABEL.fullmatch(namespace) or not re.fullmatch(r"[a-z0-9][-a-z0-9.]*", name):
+            parser.error(f"--node-service-account {text!r} is not NAMESPACE/NAME")
+        accounts.append((namespace, name))
+    args.node_service_accounts = tuple(accounts)
+
+
 async def _serve(args: argparse.Namespace) -> None:
     metrics = Metrics()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    settings = Settings(
+        grpc_listen=args.listen,
+        http_listen=args.http_listen,
+        health_listen=args.health_listen,
+        serving_names=tuple(args.serving_name) if args.serving_name else None,
+        insecure=args.insecure_listen,
+    )
+    if args.kubernetes:
+        await _serve_kubernetes(args, settings, metrics, stop)
+        return
     source = FileSource(args.config, metrics)
     mesh = source.load()
     ca: CertificateAuthority
@@ -86,22 +179,59 @@ async def _serve(args: argparse.Namespace) -> None:
         ca = load_or_create_root(
             args.state_dir, mesh.trust_domain, now=datetime.datetime.now(datetime.UTC)
         )
-    plane = ControlPlane(
-        source=source,
-        mesh=mesh,
-        ca=ca,
-        settings=Settings(
-            grpc_listen=args.listen,
-            http_listen=args.http_listen,
-            serving_names=tuple(args.serving_name) if args.serving_name else None,
-            insecure=args.insecure_listen,
-        ),
-        metrics=metrics,
+    plane = ControlPlane(source=source, mesh=mesh, ca=ca, settings=settings, metrics=metrics)
+    await _run(plane, stop)
+
+
+async def _serve_kubernetes(
+    args: argparse.Namespace, settings: Settings, metrics: Metrics, stop: asyncio.Event
+) -> None:
+    # Imported here: file mode must not need a reachable cluster nor its client's import cost.
+    from controlplane.kubernetes import tokenreview  # noqa: PLC0415
+    from controlplane.kubernetes.api import new_api_client  # noqa: PLC0415
+    from controlplane.kubernetes.ca_store import load_or_create_root_secret  # noqa: PLC0415
+    from controlplane.kubernetes.source import KubernetesSource, cluster_resources  # noqa: PLC0415
+
+    api_client = new_api_client(args.kubeconfig)
+    ca = await asyncio.to_thread(
+        load_or_create_root_secret,
+        api_client,
+        args.namespace,
+        args.trust_domain,
+        now=datetime.datetime.now(datetime.UTC),
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    source = KubernetesSource(cluster_resources(api_client), args.trust_domain, metrics)
+    try:
+        # Nothing is served before the first whole view: an empty mesh pushed
+        # to a node would withdraw every workload it knows.
+        synced = asyncio.ensure_future(source.start())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((synced, stopped), return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not synced.done():
+            synced.cancel()
+            return
+        authenticator: NodeAuthenticator = tokenreview.TokenReviewAuthenticator(
+            tokenreview.api_review(api_client),
+            tokenreview.api_read_pod(api_client),
+            audience=args.token_audience,
+            service_accounts=args.node_service_accounts,
+            metrics=metrics,
+        )
+        plane = ControlPlane(
+            source=source,
+            mesh=synced.result(),
+            ca=ca,
+            settings=settings,
+            authenticator=authenticator,
+            metrics=metrics,
+        )
+        await _run(plane, stop)
+    finally:
+        await source.close()
+
+
+async def _run(plane: ControlPlane, stop: asyncio.Event) -> None:
     await plane.start()
     try:
         await wait_any(stop, plane.failed)

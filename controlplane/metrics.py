@@ -24,6 +24,10 @@ REGISTRATIONS: Final = "weir_controlplane_registrations_total"
 REGISTRATIONS_REFUSED: Final = "weir_controlplane_registrations_refused_total"
 CONFIG_REJECTED: Final = "weir_controlplane_config_rejected_total"
 SNAPSHOT_GENERATION: Final = "weir_controlplane_snapshot_generation"
+K8S_RELISTS: Final = "weir_controlplane_kubernetes_relists_total"
+K8S_WATCH_ERRORS: Final = "weir_controlplane_kubernetes_watch_errors_total"
+K8S_INVALID_OBJECTS: Final = "weir_controlplane_kubernetes_invalid_objects"
+NODE_AUTH_REFUSED: Final = "weir_controlplane_node_authentications_refused_total"
 
 METRICS: Final[dict[str, tuple[Kind, str]]] = {
     CONNECTED_NODES: ("gauge", "xDS streams open, one per connected node agent"),
@@ -36,6 +40,10 @@ METRICS: Final[dict[str, tuple[Kind, str]]] = {
     REGISTRATIONS_REFUSED: ("counter", "workload registrations refused, by reason"),
     CONFIG_REJECTED: ("counter", "config file contents rejected (last good config kept)"),
     SNAPSHOT_GENERATION: ("gauge", "generation of the snapshot being served"),
+    K8S_RELISTS: ("counter", "lists started again after 410 Gone, by resource"),
+    K8S_WATCH_ERRORS: ("counter", "failed Kubernetes lists and watches (retried), by resource"),
+    K8S_INVALID_OBJECTS: ("gauge", "invalid custom resources being ignored, by kind"),
+    NODE_AUTH_REFUSED: ("counter", "node tokens refused (TokenReview mode), by reason"),
 }
 LATENCY_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -56,9 +64,9 @@ class Metrics:
             series = self._values[name]
             series[key] = series.get(key, 0.0) + amount
 
-    def set(self, name: str, value: float) -> None:
+    def set(self, name: str, value: float, **labels: str) -> None:
         with self._lock:
-            self._values[name][()] = value
+            self._values[name][tuple(sorted(labels.items()))] = value
 
     def observe(self, name: str, value: float) -> None:
         with self._lock:

@@ -38,7 +38,7 @@ from node_agent.agent.registrar import ControlPlaneRegistrar
 from node_agent.cni_events.server import CniEventServer
 from node_agent.constants import ADMIN_PORT, READINESS_PORT
 from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint, TokenSource
-from node_agent.enrollment.enroller import CaptureEngine, Enroller
+from node_agent.enrollment.enroller import CaptureEngine, Enroller, HostRules
 from node_agent.enrollment.registry import PodRegistry
 from node_agent.kubernetes.discovery import HostProc
 from node_agent.kubernetes.follower import NAMESPACES, PODS, PodFollower
@@ -87,7 +87,9 @@ class Agent:
         mode: str,
         *,
         kubernetes: CoreV1Api | None = None,
+        host_rules: HostRules | None = None,
     ) -> None:
+        # host_rules go into the agent's own netns (the node's); None leaves it untouched.
         self.settings = settings
         self.registry = PodRegistry(settings.state_dir / "pods.json")
         self.mesh = MeshView(settings.node)
@@ -120,6 +122,7 @@ class Agent:
             registrar=self.registrar,
             directory=self.mesh if self.follower is None else self.follower,
             registry=self.registry,
+            host_rules=host_rules,
         )
         if self.follower is not None:
             self.follower.enroller = self.enroller

@@ -22,6 +22,7 @@ from node_agent.enrollment.enroller import CaptureEngine
 from node_agent.redirect.backend import Backend, choose_backend, probe_host
 from node_agent.redirect.ebpf.capture import EbpfCapture
 from node_agent.redirect.ebpf.pins import DEFAULT_PIN_ROOT, PinLayout
+from node_agent.redirect.host_probes import HostProbes
 from node_agent.redirect.iptables import IptablesCapture
 from node_agent.redirect.modes import Mode, select_mode
 from weir_common.errors import InvalidInputError, TransientError
@@ -134,6 +135,10 @@ def _run(args: argparse.Namespace) -> int:
         if args.controlplane_insecure
         else ControlPlaneEndpoint.tls(args.controlplane, args.controlplane_ca)
     )
+    # Kubelet probes under STRICT: the node's SNAT goes into the backend its
+    # other rules (kube-proxy's) use, whatever the pods' capture mode.
+    requested = None if args.iptables_backend == "auto" else Backend(args.iptables_backend)
+    host_rules = HostProbes(choose_backend(requested, probe_host()).backend)
     with capture_engine(args) as (capture, mode):
         settings = AgentSettings(
             node=args.node,
@@ -147,6 +152,8 @@ def _run(args: argparse.Namespace) -> int:
         )
 
         async def main() -> int:
-            return await Agent(settings, capture, mode, kubernetes=kubernetes).run()
+            return await Agent(
+                settings, capture, mode, kubernetes=kubernetes, host_rules=host_rules
+            ).run()
 
         return asyncio.run(main())

@@ -7,6 +7,8 @@ starts clean:
     0. record it on disk as in flight       (undo: forget it)
     1. hand the pod to the proxy, acked     (undo: take it back)
     2. capture in the pod netns             (undo: remove it)
+       then the node's SNAT rule for its kubelet probes, when the agent
+       manages those (undo: remove it; redirect/host_probes.py)
     3. register the workload                (undo: deregister)
     4. record it on disk as enrolled        (the point of no return)
 
@@ -28,7 +30,7 @@ import asyncio
 import dataclasses
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,6 +55,18 @@ class CaptureEngine(Protocol):
 
     def prune(self) -> list[str]:
         """Forget node-wide state of pods whose netns is gone; what was forgotten."""
+        ...
+
+
+class HostRules(Protocol):
+    """Rules in the node's own netns that follow the enrolled pods (kubelet probes); blocking."""
+
+    def add(self, uid: str, ips: Iterable[str]) -> None: ...
+
+    def remove(self, uid: str) -> None: ...
+
+    def converge(self) -> None:
+        """Make the node's rules exactly those of the pods added (and not removed) since start."""
         ...
 
 
@@ -104,8 +118,10 @@ class Enroller:
         registrar: Registrar,
         directory: WorkloadDirectory,
         registry: PodRegistry,
+        host_rules: HostRules | None = None,
     ) -> None:
         self._capture = capture
+        self._host_rules = host_rules
         self._mode = mode
         self._proxy = proxy
         self._registrar = registrar
@@ -160,6 +176,17 @@ class Enroller:
                 lambda: self._registrar.deregister(record),
             ),
         ]
+        host = self._host_rules
+        if host is not None:
+            # Before registration: a pod that peers can reach also passes its probes.
+            steps.insert(
+                2,
+                (
+                    "host probe rules",
+                    lambda: asyncio.to_thread(host.add, record.uid, record.ips),
+                    lambda: asyncio.to_thread(host.remove, record.uid),
+                ),
+            )
         await asyncio.to_thread(self._registry.put, record)
         try:
             for name, do, undo_step in steps:
@@ -213,6 +240,12 @@ class Enroller:
                 await asyncio.to_thread(self._capture.remove, ns)
             except WeirError as e:
                 log.warning("removing capture from %s failed: %s", what, e.message)
+        if self._host_rules is not None:
+            try:
+                await asyncio.to_thread(self._host_rules.remove, record.uid)
+            except WeirError as e:
+                # Already forgotten: the next converge of the node's rules drops it.
+                log.warning("removing the node's probe rule for %s failed: %s", what, e.message)
         try:
             await self._registrar.deregister(record)
         except WeirError as e:
@@ -244,6 +277,7 @@ class Enroller:
         """
         await self._each_pod(self._converge_one)
         await self._prune_capture()
+        await self._converge_host_rules()
 
     async def prune(self) -> None:
         """Forget pods whose netns went away without a DEL, and what capture kept of them.
@@ -259,6 +293,16 @@ class Enroller:
 
         await self._each_pod(forget_if_gone)
         await self._prune_capture()
+        await self._converge_host_rules()
+
+    async def _converge_host_rules(self) -> None:
+        """Repair the node's rules, and drop those an earlier agent left for departed pods."""
+        if self._host_rules is None:
+            return
+        try:
+            await asyncio.to_thread(self._host_rules.converge)
+        except WeirError as e:
+            log.error("the node's kubelet probe rules could not be converged: %s", e.message)
 
     async def _each_pod(self, action: Callable[[PodRecord], Awaitable[None]]) -> None:
         """`action` on every recorded pod, each under its lock and as it is then."""
@@ -295,6 +339,8 @@ class Enroller:
             if drift:
                 log.warning("capture of %s drifted (%s); re-applying", record.key(), drift[0])
                 await asyncio.to_thread(self._capture.apply, ns, record.capture)
+            if self._host_rules is not None:
+                await asyncio.to_thread(self._host_rules.add, record.uid, record.ips)
         except WeirError as e:
             self.unhealthy[record.uid] = f"capture could not be restored: {e.message}"
             log.error("pod %s is NOT captured: %s", record.key(), e.message)

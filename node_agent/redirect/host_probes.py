@@ -127,9 +127,15 @@ class HostProbes:
             log.warning("removed stale host probe rules from iptables-%s", self._other)
 
     def add(self, uid: str, ips: Iterable[str]) -> None:
-        """SNAT the node's connections to the pod's IPs; on failure nothing changed."""
+        """SNAT the node's connections to the pod's IPs; on failure nothing changed.
+
+        A pod already added with the same IPs writes nothing (the agent re-adds
+        every pod when it converges); `converge` is what repairs the kernel.
+        """
         addresses = pod_ips(ips)
         with self._lock:
+            if self._pods.get(uid) == addresses:
+                return
             pods = {**self._pods, uid: addresses}
             self._write(pods)
             self._pods = pods

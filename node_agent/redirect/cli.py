@@ -1,8 +1,9 @@
 """`weir redirect ...`: the capture engine, by hand, for one netns, in either mode.
 
 apply|check|remove take `--mode iptables|ebpf|auto`; uninstall-ebpf removes
-the node-wide eBPF programs and pins; preflight says whether eBPF can run
-here; verify opens a real connection from inside a pod to prove capture.
+the node-wide eBPF programs and pins; uninstall-host-probes removes the
+node's kubelet-probe SNAT rules (run in the node's netns); preflight says
+whether eBPF can run here; verify opens a real connection from inside a pod to prove capture.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from node_agent.redirect.ebpf.capture import EbpfCapture
 from node_agent.redirect.ebpf.maps import pod_entries, render
 from node_agent.redirect.ebpf.pins import DEFAULT_PIN_ROOT, PinLayout
 from node_agent.redirect.ebpf.preflight import Preflight, run_preflight
+from node_agent.redirect.host_probes import HOST_PROBES_CHAIN, remove_host_probes
 from node_agent.redirect.iptables import IptablesCapture, dry_run_text
 from node_agent.redirect.modes import Mode, select_mode
 from node_agent.redirect.podnet import netns_cookie, pod_addresses
@@ -76,6 +78,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     _add_pin_root(p)
     p.set_defaults(func=_uninstall)
+
+    p = verbs.add_parser(
+        "uninstall-host-probes",
+        help=f"remove the node's kubelet-probe SNAT ({HOST_PROBES_CHAIN}) from every backend",
+        description=f"remove {HOST_PROBES_CHAIN} and its jump from this netns (the node's), "
+        "in both iptables backends; probes of STRICT pods fail afterwards",
+    )
+    p.set_defaults(func=_uninstall_host_probes)
 
     p = verbs.add_parser(
         "preflight",
@@ -239,6 +249,12 @@ def _uninstall(args: argparse.Namespace) -> int:
     for pin in removed:
         print(f"removed {args.bpf_pin_root}/{pin}")
     print("eBPF capture uninstalled" if removed else "nothing installed")
+    return 0
+
+
+def _uninstall_host_probes(_args: argparse.Namespace) -> int:
+    removed = remove_host_probes()
+    print(f"removed {HOST_PROBES_CHAIN}" if removed else "nothing installed")
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -176,3 +177,27 @@ def test_a_pod_gone_without_del_loses_its_rule_at_the_sweep(tmp_path, node):
     next(paths, None)  # the sandbox's netns is deleted, no DEL comes
     asyncio.run(enroller.prune())
     assert snat_targets(node) == []
+
+
+WEIR = "import sys; from weir_cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def test_uninstall_removes_the_rules_from_both_backends_and_nothing_else(node):
+    HostProbes(Backend.NFT, node).add("uid-1", ["10.244.1.5"])
+    HostProbes(Backend.LEGACY, node).add("uid-1", ["10.244.1.5"])
+    # Another Weir chain in the same netns is not the host probes' to remove.
+    other = "*nat\n:WEIR-OTHER - [0:0]\n-A WEIR-OTHER -j RETURN\nCOMMIT\n"
+    netns_run = ["ip", "netns", "exec", node.path.name]
+    subprocess.run(
+        [*netns_run, "iptables-nft-restore", "--noflush"], input=other, text=True, check=True
+    )
+    argv = [*netns_run, sys.executable, "-c", WEIR, "redirect", "uninstall-host-probes"]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert (first.returncode, first.stdout.strip()) == (0, f"removed {HOST_PROBES_CHAIN}"), (
+        first.stderr
+    )
+    assert snat_targets(node) == ["no chain"]
+    assert ours(read_owned(node, 4, Backend.LEGACY)) == {}
+    assert "WEIR-OTHER" in read_owned(node, 4, Backend.NFT)["nat"].chains
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert (again.returncode, again.stdout.strip()) == (0, "nothing installed"), again.stderr

@@ -97,7 +97,8 @@ protos: deps
 
 # Regenerate golden files after an intended change to generated artifacts; review the diff.
 goldens: deps
-	WEIR_UPDATE_GOLDENS=1 $(VENV)/bin/pytest -q tests/unit tests/k8s/test_config.py
+	WEIR_UPDATE_GOLDENS=1 $(VENV)/bin/pytest -q tests/unit tests/k8s/test_config.py \
+		tests/k8s/test_manifests.py::test_base_matches_golden
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .ruff_cache .pytest_cache

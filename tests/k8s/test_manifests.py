@@ -15,6 +15,7 @@ import copy
 import re
 import shlex
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
@@ -623,11 +624,23 @@ def test_command_lines_are_the_documented_ones() -> None:
 # -- a real API server -------------------------------------------------------
 
 
+REAL_KINDS = (
+    "CustomResourceDefinition",
+    "Namespace",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+)
+
+
 @pytest.fixture(scope="module")
 def with_crds(k8s_cluster: Cluster) -> Cluster:
-    """The cluster with the CRDs and weir-system created for real (the dry runs need both)."""
+    """The cluster with the CRDs, weir-system and the namespace guard created for real.
+
+    The dry runs need the first two (a custom resource or a namespaced object
+    is checked against what exists); the guard is what one test exercises.
+    """
     cluster = k8s_cluster
-    real = [o for o in _render("base") if o["kind"] in ("CustomResourceDefinition", "Namespace")]
+    real = [o for o in _render("base") if o["kind"] in REAL_KINDS]
     applied = cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(real))
     assert applied.returncode == 0, applied.stderr
     established = cluster.kubectl(
@@ -668,3 +681,26 @@ def test_api_server_refuses_invalid_policies(with_crds: Cluster, case: str) -> N
     dry = with_crds.kubectl("apply", "--dry-run=server", "-f", "-", stdin=yaml.safe_dump(obj))
     assert dry.returncode != 0, f"{case}: admitted: {dry.stdout}"
     assert field in dry.stderr, dry.stderr
+
+
+def _label(cluster: Cluster, namespace: str) -> subprocess.CompletedProcess[str]:
+    return cluster.kubectl(
+        "label", "--dry-run=server", "namespace", namespace, "weir.dev/mesh=enabled"
+    )
+
+
+@pytest.mark.k8s
+@pytest.mark.netns
+@pytest.mark.timeout(600)
+def test_system_namespaces_cannot_join_the_mesh(with_crds: Cluster) -> None:
+    # A new admission policy is enforced once the API server has compiled it: within seconds.
+    deadline = time.monotonic() + 30
+    while (labeled := _label(with_crds, "kube-system")).returncode == 0:
+        assert time.monotonic() < deadline, "kube-system could still be labeled after 30 s"
+        time.sleep(0.5)
+    assert "never in the mesh" in labeled.stderr, labeled.stderr
+    refused = _label(with_crds, NAMESPACE)
+    assert refused.returncode != 0, refused.stdout
+    assert "never in the mesh" in refused.stderr, refused.stderr
+    shop = _label(with_crds, "shop")
+    assert shop.returncode == 0, shop.stderr

@@ -12,6 +12,7 @@ a real API server at the end, with invalid ones refused at admission.
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shlex
 import subprocess
@@ -152,7 +153,44 @@ def test_every_overlay_is_checked() -> None:
     # An overlay added without a kustomization would be silently skipped.
     assert OVERLAYS == ["auto", "ebpf", "gke", "k3s", "trust-domain"]
     for name in OVERLAYS:
-        assert (DEPLOY / "overlays" / name / "kustomization.yaml").is_file()
+        overlay = yaml.safe_load((DEPLOY / "overlays" / name / "kustomization.yaml").read_text())
+        assert overlay["resources"] == ["../../base"], name
+        assert overlay["components"] == [f"../../components/{name}"], name
+
+
+def test_components_combine(tmp_path: Path) -> None:
+    # Overlays are one component each; a cluster needing several composes them.
+    def rel(path: Path) -> str:
+        return os.path.relpath(path, tmp_path)
+
+    components = ["k3s", "ebpf", "trust-domain"]
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [rel(DEPLOY / "base")],
+                "components": [rel(DEPLOY / "components" / c) for c in components],
+            }
+        )
+    )
+    done = subprocess.run(
+        [str(_kubectl()), "kustomize", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    objects = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    agent = _one(objects, "DaemonSet", "weir-agent")["spec"]["template"]["spec"]
+    assert "--redirect-mode=ebpf" in agent["containers"][0]["args"]
+    paths = {v["hostPath"]["path"] for v in agent["volumes"] if "hostPath" in v}
+    assert {"/sys/fs/bpf", "/var/lib/rancher/k3s/agent/etc/cni/net.d"} <= paths
+    controlplane = _one(objects, "Deployment", "weir-controlplane")["spec"]["template"]["spec"]
+    assert "--trust-domain=example.org" in controlplane["containers"][0]["args"]
+    for obj in objects:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[-1], strict=True)
 
 
 def test_base_matches_golden(golden: Callable[[str, str], None]) -> None:

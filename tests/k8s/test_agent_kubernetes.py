@@ -10,7 +10,13 @@ capture (with the pod's annotated exclusion) in the pod's netns. Labeling
 the pod weir.dev/mesh=disabled removes the capture; removing the label puts
 it back.
 
-The control plane is the local-mode one (a YAML file declaring the pod),
+With weir-cni installed in n1's conflist by the agent, new pods meet the
+ADD gate: a meshed pod the control plane declares is captured by its ADD, a
+bad capture annotation is refused by name, a meshed pod the control plane
+never pushes is held back (retryable ADD), and a pod of an unlabeled
+namespace starts uncaptured.
+
+The control plane is the local-mode one (a YAML file declaring the pods),
 TLS on the node's loopback; the proxy is a stand-in that follows the
 agent's handoff socket, since this test is about enrollment.
 """
@@ -31,7 +37,7 @@ from typing import Any
 import pytest
 import yaml
 
-from node_agent.localmesh.mesh import http_get, weir_command
+from node_agent.localmesh.mesh import PLUGIN_BUNDLE, REPO, http_get, weir_command
 from node_agent.netns import Netns
 from node_agent.proxy_handoff.protocol import EnrolledPod
 from node_agent.proxy_handoff.proxy_side import ProxyHandoffClient
@@ -104,6 +110,8 @@ class NodeSide:
         self.mount_ns = cluster.spec.mount_ns(self.node)
         self.work = work
         self.processes: list[tuple[str, subprocess.Popen[bytes]]] = []
+        # Deleted at the end (their pods with them).
+        self.namespaces: list[str] = []
 
     def enter(self) -> list[str]:
         return ["nsenter", f"--mount={self.mount_ns}", f"--net={self.netns_path}", "--"]
@@ -152,32 +160,101 @@ class NodeSide:
         return status, body.decode(errors="replace")
 
 
-def mesh_config() -> dict[str, Any]:
+def start_controlplane(side: NodeSide, mesh: dict[str, Any]) -> Path:
+    """The local-mode control plane on the node's loopback (TLS); its root's path."""
+    (side.work / "mesh.yaml").write_text(yaml.safe_dump(mesh))
+    side.start(
+        "controlplane",
+        [
+            *weir_command(),
+            "controlplane",
+            "--config",
+            str(side.work / "mesh.yaml"),
+            "--listen",
+            CP_GRPC,
+            "--http-listen",
+            CP_HTTP,
+            "--state-dir",
+            str(side.work / "cp"),
+        ],
+    )
+    root = side.work / "cp" / "root-cert.pem"
+    eventually("control plane root", root.exists, 30)
+    return root
+
+
+def start_agent(
+    side: NodeSide, cluster: Cluster, root: Path, token: Path, *extra: str
+) -> subprocess.Popen[bytes]:
+    """`weir agent --kubernetes` for n1; it reaches the API server over the underlay."""
+    kubeconfig = side.work / "kubeconfig"
+    kubeconfig.write_text(config.kubeconfig(cluster.spec, cluster.spec.apiserver_url, "admin"))
+    (side.work / "run").mkdir()
+    return side.start(
+        "agent",
+        [
+            *weir_command(),
+            "--log-level",
+            "info",
+            "agent",
+            "--kubernetes",
+            "--kubeconfig",
+            str(kubeconfig),
+            "--node",
+            "n1",
+            "--controlplane",
+            CP_GRPC,
+            "--controlplane-ca",
+            str(root),
+            "--token-file",
+            str(token),
+            "--state-dir",
+            str(side.work / "state"),
+            "--run-dir",
+            str(side.work / "run"),
+            "--redirect-mode",
+            "iptables",
+            *extra,
+        ],
+    )
+
+
+def mesh_config(*pods: tuple[str, str]) -> dict[str, Any]:
+    """Node n1 and the pods (namespace, name) the control plane declares, all on n1."""
     return {
         "trustDomain": "cluster.local",
         "nodes": [{"name": "n1", "bootstrapToken": GOOD_TOKEN}],
-        "namespaces": [{"name": "shop", "mtlsMode": "STRICT"}],
+        "namespaces": [
+            {"name": namespace, "mtlsMode": "STRICT"} for namespace in sorted({n for n, _ in pods})
+        ],
         "workloads": [
             {
-                "name": "web",
-                "namespace": "shop",
-                "serviceAccount": "web",
+                "name": name,
+                "namespace": namespace,
+                "serviceAccount": name,
                 "node": "n1",
-                "labels": {"app": "web"},
+                "labels": {"app": name},
             }
+            for namespace, name in pods
         ],
     }
 
 
-def pod_manifest() -> dict[str, Any]:
+def pod_manifest(
+    namespace: str = "shop",
+    name: str = "web",
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": "web",
-            "namespace": "shop",
-            "labels": {"app": "web"},
-            "annotations": {"weir.dev/exclude-outbound-ports": "22"},
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app": name},
+            "annotations": (
+                {"weir.dev/exclude-outbound-ports": "22"} if annotations is None else annotations
+            ),
         },
         "spec": {
             "nodeSelector": {"kubernetes.io/hostname": "n1"},
@@ -202,7 +279,8 @@ def node_side(k8s_cluster: Cluster) -> Iterator[NodeSide]:
         yield side
     finally:
         side.stop_all()
-        k8s_cluster.kubectl("delete", "namespace", "shop", "--wait=false")
+        for namespace in side.namespaces:
+            k8s_cluster.kubectl("delete", "namespace", namespace, "--wait=false")
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -247,6 +325,7 @@ def test_agent_enrolls_a_running_pod_follows_its_label_and_a_rotated_token(
     k8s_cluster: Cluster, node_side: NodeSide
 ) -> None:
     cluster, side, work = k8s_cluster, node_side, node_side.work
+    side.namespaces.append("shop")
     ok(cluster, "create", "namespace", "shop")
     ok(cluster, "label", "namespace", "shop", f"{MESH_LABEL}=enabled")
     ok(cluster, "apply", "-f", "-", stdin=json.dumps(pod_manifest()))
@@ -254,59 +333,11 @@ def test_agent_enrolls_a_running_pod_follows_its_label_and_a_rotated_token(
     pod = json.loads(ok(cluster, "-n", "shop", "get", "pod", "web", "-o", "json"))
     uid = pod["metadata"]["uid"]
 
-    # The control plane, on the node's loopback (TLS, its root in its state dir).
-    (work / "mesh.yaml").write_text(yaml.safe_dump(mesh_config()))
-    side.start(
-        "controlplane",
-        [
-            *weir_command(),
-            "controlplane",
-            "--config",
-            str(work / "mesh.yaml"),
-            "--listen",
-            CP_GRPC,
-            "--http-listen",
-            CP_HTTP,
-            "--state-dir",
-            str(work / "cp"),
-        ],
-    )
-    root = work / "cp" / "root-cert.pem"
-    eventually("control plane root", root.exists, 30)
-
-    # The agent reaches the API server over the underlay, as a pod on n1 would.
-    kubeconfig = work / "kubeconfig"
-    kubeconfig.write_text(config.kubeconfig(cluster.spec, cluster.spec.apiserver_url, "admin"))
+    root = start_controlplane(side, mesh_config(("shop", "web")))
     token = work / "token"
     token.write_text("not-the-right-token\n")
+    agent = start_agent(side, cluster, root, token)
     run_dir = work / "run"
-    run_dir.mkdir()
-    agent = side.start(
-        "agent",
-        [
-            *weir_command(),
-            "--log-level",
-            "info",
-            "agent",
-            "--kubernetes",
-            "--kubeconfig",
-            str(kubeconfig),
-            "--node",
-            "n1",
-            "--controlplane",
-            CP_GRPC,
-            "--controlplane-ca",
-            str(root),
-            "--token-file",
-            str(token),
-            "--state-dir",
-            str(work / "state"),
-            "--run-dir",
-            str(run_dir),
-            "--redirect-mode",
-            "iptables",
-        ],
-    )
     eventually("agent handoff socket", (run_dir / "proxy.sock").exists, 30)
     proxy = StandInProxy(run_dir / "proxy.sock")
     try:
@@ -360,3 +391,120 @@ def test_agent_enrolls_a_running_pod_follows_its_label_and_a_rotated_token(
         assert agent.poll() is None, side.log("agent")
     finally:
         proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def plugin_bundle() -> Path:
+    subprocess.run(["scripts/build-cni-plugin.sh"], cwd=REPO, check=True, timeout=300)
+    return PLUGIN_BUNDLE
+
+
+def events_of(cluster: Cluster, namespace: str, pod: str) -> str:
+    listed = cluster.kubectl(
+        "-n",
+        namespace,
+        "get",
+        "events",
+        f"--field-selector=involvedObject.name={pod}",
+        "-o",
+        "json",
+    )
+    if listed.returncode != 0:
+        return ""
+    return "\n".join(e.get("message", "") for e in json.loads(listed.stdout)["items"])
+
+
+def test_cni_add_captures_meshed_pods_refuses_bad_annotations_and_holds_unpushed_ones(
+    k8s_cluster: Cluster, node_side: NodeSide, plugin_bundle: Path
+) -> None:
+    cluster, side = k8s_cluster, node_side
+    for namespace in ("store", "plain"):
+        side.namespaces.append(namespace)
+        ok(cluster, "create", "namespace", namespace)
+    ok(cluster, "label", "namespace", "store", f"{MESH_LABEL}=enabled")
+    root = start_controlplane(side, mesh_config(("store", "late"), ("store", "bad")))
+    token = side.work / "token"
+    token.write_text(GOOD_TOKEN + "\n")
+    agent = start_agent(
+        side,
+        cluster,
+        root,
+        token,
+        "--cni-conf-dir",
+        config.NODE_CNI_CONF_DIR,
+        "--cni-bin-dir",
+        config.NODE_CNI_BIN_DIR,
+        "--cni-plugin-bundle",
+        str(plugin_bundle),
+    )
+    run_dir = side.work / "run"
+    eventually("agent handoff socket", (run_dir / "proxy.sock").exists, 30)
+    proxy = StandInProxy(run_dir / "proxy.sock")
+    try:
+        eventually("agent ready (weir-cni installed)", lambda: side.ready()[0] == 200, 60)
+        bad_annotation = {"weir.dev/exclude-inbound-ports": "ssh"}
+        pods = [
+            pod_manifest("store", "late"),
+            pod_manifest("store", "bad", bad_annotation),
+            pod_manifest("store", "unpushed"),
+            pod_manifest("plain", "open"),
+        ]
+        manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": pods})
+        ok(cluster, "apply", "-f", "-", stdin=manifest)
+        ok(cluster, "-n", "store", "wait", "--for=condition=Ready", "pod/late", "--timeout=90s")
+        ok(cluster, "-n", "plain", "wait", "--for=condition=Ready", "pod/open", "--timeout=90s")
+
+        # Captured by its ADD: the record holds the sandbox id and netns the runtime passed.
+        late = json.loads(ok(cluster, "-n", "store", "get", "pod", "late", "-o", "json"))
+        records = {p["name"]: p for p in side.admin("pods")}
+        assert set(records) == {"late"}, records
+        record = records["late"]
+        assert (record["uid"], record["status"]) == (late["metadata"]["uid"], "captured")
+        sandbox = sandbox_of(side, record["container_id"])
+        assert sandbox["Labels"]["io.cri-containerd.kind"] == "sandbox"
+        assert sandbox["Labels"]["io.kubernetes.pod.uid"] == late["metadata"]["uid"]
+        backend = side.admin("capture")["mode"].removeprefix("iptables-")
+        checked = capture_check(side, record["netns"], backend)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+        # The bad annotation is refused by name, not retried into a running pod.
+        refused = eventually(
+            "bad annotation in the pod's events",
+            lambda: (
+                "annotation weir.dev/exclude-inbound-ports" in events_of(cluster, "store", "bad")
+            ),
+        )
+        assert refused
+        # Meshed, but the control plane never pushes it: held back, never started uncaptured.
+        held = eventually(
+            "unpushed pod held back",
+            lambda: "has not pushed its workload yet" in events_of(cluster, "store", "unpushed"),
+        )
+        assert held
+        status = side.admin("kubernetes")["pods"]
+        assert status["store/bad"].startswith(
+            "not enrolled: annotation weir.dev/exclude-inbound-ports: 'ssh'"
+        )
+        assert status["plain/open"] == (
+            "not in the mesh: namespace is not labeled weir.dev/mesh=enabled"
+        )
+        for name in ("bad", "unpushed"):
+            phase = ok(cluster, "-n", "store", "get", "pod", name, "-o", "jsonpath={.status.phase}")
+            assert phase == "Pending", name
+        assert agent.poll() is None, side.log("agent")
+    finally:
+        proxy.stop()
+        # Stopped first: its installer would put weir-cni back.
+        agent.terminate()
+        agent.wait(15)
+        side.run(
+            [
+                *weir_command(),
+                "cni",
+                "uninstall",
+                "--conf-dir",
+                config.NODE_CNI_CONF_DIR,
+                "--bin-dir",
+                config.NODE_CNI_BIN_DIR,
+            ]
+        )

@@ -597,10 +597,6 @@ def mount_setup_script(spec: ClusterSpec, node: NodeSpec) -> str:
         "mount -t sysfs sysfs /sys",
         "mount --move /run/cgroup-keep /sys/fs/cgroup",
         "rmdir /run/cgroup-keep",
-        # Shared, as on a systemd host (and only now: a move out of a shared mount
-        # is refused): the netns files containerd mounts here later must reach
-        # containers that mount /var/run/netns with HostToContainer propagation.
-        "mount --make-shared /run",
     ]
     for path, layer in overlay_dirs(spec, node).items():
         lines.append(
@@ -615,6 +611,12 @@ def mount_setup_script(spec: ClusterSpec, node: NodeSpec) -> str:
     for source, target in binds.items():
         lines.append(f"mkdir -p {target}")
         lines.append(f"mount --bind {q(str(source))} {target}")
+    # Shared, as on a systemd host, and only now (a move out of a shared mount is
+    # refused): the netns files containerd mounts later must reach containers
+    # that mount /var/run/netns with HostToContainer propagation, and containerd
+    # refuses that propagation from a private mount. The peer groups are new ones
+    # of this namespace (it was made private), so nothing reaches the machine's.
+    lines.append("mount --make-rshared /")
     return "\n".join(lines) + "\n"
 
 

@@ -14,13 +14,14 @@ which is what weir_common.kubernetes reads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final, Protocol
 
-from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 
 from weir_common.retry import Backoff
@@ -66,6 +67,8 @@ class ListWatch:
         self._selector = {"field_selector": field_selector} if field_selector else {}
         self._backoff = backoff or Backoff(initial=0.5, maximum=30.0)
         self._watch_timeout_s = watch_timeout_s
+        # The watch response being read: shut down at stop, so the thread ends now.
+        self._current: Any = None
 
     def run_blocking(self, stop: threading.Event) -> None:
         """List and watch until `stop` is set; failures are logged and retried, never raised."""
@@ -106,28 +109,45 @@ class ListWatch:
         return version
 
     def _watch_from(self, version: str, stop: threading.Event) -> str:
-        """Watch until the server ends the watch; the last version seen."""
-        for event in k8s_watch.Watch().stream(  # type: ignore[no-untyped-call]
-            self._list_call,
+        """Watch until the server ends the watch; the last version seen.
+
+        The response is read here line by line rather than through the
+        client's Watch helper, whose raw mode cannot report an ERROR event
+        (it fails on the 410 this must answer with a list).
+        """
+        response = self._list_call(
+            watch=True,
             resource_version=version,
             allow_watch_bookmarks=True,
             timeout_seconds=self._watch_timeout_s,
             _request_timeout=CLIENT_TIMEOUT_S,
-            deserialize=False,
+            _preload_content=False,
             **self._selector,
-        ):
-            event_type = event.get("type")
-            obj = event.get("object")
-            if not isinstance(obj, Mapping):
-                continue
-            seen = (obj.get("metadata") or {}).get("resourceVersion")
-            if event_type in ("ADDED", "MODIFIED", "DELETED"):
-                self._sink.event(self.kind, str(event_type), obj)
-            if seen:
-                version = str(seen)
-            if stop.is_set():
-                break
+        )
+        self._current = response
+        try:
+            for line in _lines(response):
+                if stop.is_set():
+                    break
+                version = self._handle(json.loads(line), version)
+        finally:
+            self._current = None
+            response.close()
+            response.release_conn()
         return version
+
+    def _handle(self, event: Obj, version: str) -> str:
+        """Hand one watch event on; the version to resume from after it."""
+        event_type = event.get("type")
+        obj = event.get("object")
+        if not isinstance(obj, Mapping):
+            return version
+        if event_type == "ERROR":
+            raise ApiException(status=obj.get("code"), reason=str(obj.get("message", "")))
+        if event_type in ("ADDED", "MODIFIED", "DELETED"):
+            self._sink.event(self.kind, str(event_type), obj)
+        seen = (obj.get("metadata") or {}).get("resourceVersion")
+        return str(seen) if seen else version
 
     async def run(self) -> None:
         """run_blocking on its own thread until cancelled (a supervised task)."""
@@ -148,8 +168,8 @@ class ListWatch:
         try:
             await ended
         finally:
-            # The thread ends at its next event or at the watch's server timeout.
             stop.set()
+            _interrupt(self._current)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
@@ -159,3 +179,27 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_result(None)
     else:
         future.set_exception(error)
+
+
+def _lines(response: Any) -> Iterator[str]:  # noqa: ANN401 - a urllib3 response
+    """The non-empty lines of a streamed response (one JSON event each)."""
+    buffer = b""
+    for chunk in response.stream(amt=None, decode_content=False):
+        buffer += chunk if isinstance(chunk, bytes) else str(chunk).encode()
+        *complete, buffer = buffer.split(b"\n")
+        for line in complete:
+            if line.strip():
+                yield line.decode("utf-8", errors="replace")
+    if buffer.strip():
+        yield buffer.decode("utf-8", errors="replace")
+
+
+def _interrupt(response: Any) -> None:  # noqa: ANN401 - a urllib3 response
+    """Shut the response's socket down from another thread, so a blocked read returns now.
+
+    Closing it instead could wait on the TLS lock the blocked read holds.
+    """
+    sock = getattr(getattr(response, "connection", None), "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)

@@ -58,8 +58,8 @@ GRPC_OPTIONS: Final = (
 class Settings:
     grpc_listen: str = DEFAULT_GRPC_LISTEN
     http_listen: str | None = DEFAULT_HTTP_LISTEN
-    # Only /healthz/ready and /metrics, for the kubelet and Prometheus; unlike
-    # http_listen (which also serves /debug/config_dump) it may face the network.
+    # Only /healthz, /healthz/ready and /metrics, for the kubelet and Prometheus;
+    # unlike http_listen (which also serves /debug/config_dump) it may face the network.
     health_listen: str | None = None
     # Names and IPs in the serving certificate; None: serving_tls.default_names.
     serving_names: tuple[str, ...] | None = None
@@ -128,9 +128,9 @@ class ControlPlane:
         await server.start()
         self.supervisor.start("config watch", lambda: self._source.watch(self.state.set_mesh))
         if self._settings.http_listen is not None:
-            self.http_port = await _start_http(self._http, self._settings.http_listen)
+            self.http_port = await start_http(self._http, self._settings.http_listen)
         if self._settings.health_listen is not None:
-            self.health_port = await _start_http(self._health, self._settings.health_listen)
+            self.health_port = await start_http(self._health, self._settings.health_listen)
         self._ready = True
         if self.serving is None:
             log.warning(
@@ -185,13 +185,21 @@ class ControlPlane:
         }
 
     def _health_routes(self) -> dict[str, http_endpoint.Route]:
-        return {
-            "/healthz/ready": http_endpoint.readiness(lambda: self.ready),
-            "/metrics": http_endpoint.prometheus(self.metrics.render),
-        }
+        return health_routes(lambda: self.ready, self.metrics)
 
 
-async def _start_http(endpoint: http_endpoint.HttpEndpoint, listen: str) -> int:
+def health_routes(ready: Callable[[], bool], metrics: m.Metrics) -> dict[str, http_endpoint.Route]:
+    """What --health-listen serves: probes and metrics, never the config dump."""
+    return {
+        # Liveness: the process answers at all (readiness may fail meanwhile).
+        "/healthz": lambda _query: http_endpoint.text("ok\n"),
+        "/healthz/ready": http_endpoint.readiness(ready),
+        "/metrics": http_endpoint.prometheus(metrics.render),
+    }
+
+
+async def start_http(endpoint: http_endpoint.HttpEndpoint, listen: str) -> int:
+    """Start `endpoint` on "host:port" (port 0: any); the port listened on."""
     host, _, port = listen.rpartition(":")
     try:
         return await endpoint.start(host.strip("[]"), int(port))

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import logging
 import re
@@ -10,11 +11,18 @@ import sys
 from pathlib import Path
 from typing import Final
 
-from controlplane.app import DEFAULT_GRPC_LISTEN, DEFAULT_HTTP_LISTEN, ControlPlane, Settings
-from controlplane.auth import NodeAuthenticator
+from controlplane.app import (
+    DEFAULT_GRPC_LISTEN,
+    DEFAULT_HTTP_LISTEN,
+    ControlPlane,
+    Settings,
+    health_routes,
+    start_http,
+)
 from controlplane.ca import CertificateAuthority, load_intermediate, load_or_create_root
 from controlplane.metrics import Metrics
 from controlplane.sources import FileSource
+from weir_common import http_endpoint
 from weir_common.errors import NodeSetupError, WeirError
 from weir_common.supervision import wait_any
 
@@ -181,25 +189,61 @@ async def _serve(args: argparse.Namespace) -> None:
         )
     plane = ControlPlane(source=source, mesh=mesh, ca=ca, settings=settings, metrics=metrics)
     await _run(plane, stop)
+    if plane.failure:
+        raise NodeSetupError(f"stopped: {plane.failure}")
 
 
 async def _serve_kubernetes(
     args: argparse.Namespace, settings: Settings, metrics: Metrics, stop: asyncio.Event
 ) -> None:
-    # Imported here: file mode must not need a reachable cluster nor its client's import cost.
+    # Probes are answered from the start: liveness while the first lists are
+    # pending (a slow API server is no reason to be restarted), readiness once
+    # the control plane serves.
+    serving: list[ControlPlane] = []
+    health = http_endpoint.HttpEndpoint(
+        health_routes(lambda: bool(serving) and serving[0].ready, metrics)
+    )
+    if settings.health_listen is not None:
+        await start_http(health, settings.health_listen)
+    try:
+        failure = await _kubernetes_plane(
+            args, dataclasses.replace(settings, health_listen=None), metrics, stop, serving
+        )
+    finally:
+        await health.close()
+    if failure:
+        raise NodeSetupError(f"stopped: {failure}")
+
+
+async def _kubernetes_plane(
+    args: argparse.Namespace,
+    settings: Settings,
+    metrics: Metrics,
+    stop: asyncio.Event,
+    serving: list[ControlPlane],
+) -> str:
+    """Serve until stopped; why the control plane gave up, or "" when it was stopped."""
+    # Imported here: file mode needs neither the client nor its import time.
     from controlplane.kubernetes import tokenreview  # noqa: PLC0415
-    from controlplane.kubernetes.api import new_api_client  # noqa: PLC0415
+    from controlplane.kubernetes.api import describe, new_api_client  # noqa: PLC0415
     from controlplane.kubernetes.ca_store import load_or_create_root_secret  # noqa: PLC0415
     from controlplane.kubernetes.source import KubernetesSource, cluster_resources  # noqa: PLC0415
 
     api_client = new_api_client(args.kubeconfig)
-    ca = await asyncio.to_thread(
-        load_or_create_root_secret,
-        api_client,
-        args.namespace,
-        args.trust_domain,
-        now=datetime.datetime.now(datetime.UTC),
-    )
+    try:
+        ca = await asyncio.to_thread(
+            load_or_create_root_secret,
+            api_client,
+            args.namespace,
+            args.trust_domain,
+            now=datetime.datetime.now(datetime.UTC),
+        )
+    except WeirError:
+        raise
+    except Exception as exc:
+        raise NodeSetupError(
+            f"cannot load or create the root CA (Secret {args.namespace}/weir-ca): {describe(exc)}"
+        ) from exc
     source = KubernetesSource(cluster_resources(api_client), args.trust_domain, metrics)
     try:
         # Nothing is served before the first whole view: an empty mesh pushed
@@ -210,23 +254,24 @@ async def _serve_kubernetes(
         stopped.cancel()
         if not synced.done():
             synced.cancel()
-            return
-        authenticator: NodeAuthenticator = tokenreview.TokenReviewAuthenticator(
-            tokenreview.api_review(api_client),
-            tokenreview.api_read_pod(api_client),
-            audience=args.token_audience,
-            service_accounts=args.node_service_accounts,
-            metrics=metrics,
-        )
+            return ""
         plane = ControlPlane(
             source=source,
             mesh=synced.result(),
             ca=ca,
             settings=settings,
-            authenticator=authenticator,
+            authenticator=tokenreview.TokenReviewAuthenticator(
+                tokenreview.api_review(api_client),
+                tokenreview.api_read_pod(api_client),
+                audience=args.token_audience,
+                service_accounts=args.node_service_accounts,
+                metrics=metrics,
+            ),
             metrics=metrics,
         )
+        serving.append(plane)
         await _run(plane, stop)
+        return plane.failure
     finally:
         await source.close()
 
@@ -237,5 +282,3 @@ async def _run(plane: ControlPlane, stop: asyncio.Event) -> None:
         await wait_any(stop, plane.failed)
     finally:
         await plane.stop(SHUTDOWN_GRACE_SECONDS)
-    if plane.failure:
-        raise NodeSetupError(f"stopped: {plane.failure}")

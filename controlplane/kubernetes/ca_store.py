@@ -118,10 +118,8 @@ def publish_root(core: Any, namespace: str, cert_pem: bytes) -> None:  # noqa: A
         return
     current = call_json(core.read_namespaced_config_map, CONFIGMAP_NAME, namespace)
     if (current.get("data") or {}).get(ROOT_CERT_KEY) != body["data"][ROOT_CERT_KEY]:
-        call_json(
-            core.patch_namespaced_config_map,
-            CONFIGMAP_NAME,
-            namespace,
-            {"data": body["data"]},
-        )
+        # An update carrying the resourceVersion read: a concurrent writer makes it fail (409).
+        meta = current.get("metadata") or {}
+        body["metadata"]["resourceVersion"] = meta.get("resourceVersion", "")
+        call_json(core.replace_namespaced_config_map, CONFIGMAP_NAME, namespace, body)
         log.info("updated the root certificate in ConfigMap %s/%s", namespace, CONFIGMAP_NAME)

@@ -286,6 +286,10 @@ class Reflector:
         threading.Thread(target=work, name=f"watch {self.resource.name}", daemon=True).start()
         try:
             status = await done
+        except Exception as exc:
+            if status_of(exc) == 410:  # refused before the stream started
+                raise ResourceGoneError from exc
+            raise
         finally:
             stream.stop()
         if status is not None:

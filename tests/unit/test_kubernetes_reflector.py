@@ -5,6 +5,7 @@ import json
 import threading
 
 from controlplane import metrics as m
+from controlplane.kubernetes.api import ApiException
 from controlplane.kubernetes.source import (
     NAMESPACES,
     PODS,
@@ -70,7 +71,10 @@ class ScriptedApi:
         if kwargs.get("watch"):
             if not self.watches:
                 return Streamed([], hold=True)
-            return Streamed(self.watches.pop(0), hold=False, gate=self.gate)
+            script = self.watches.pop(0)
+            if isinstance(script, Exception):
+                raise script
+            return Streamed(script, hold=False, gate=self.gate)
         if self.list_failures:
             self.list_failures -= 1
             raise ConnectionError("apiserver not there yet")
@@ -128,6 +132,32 @@ def test_pages_events_bookmarks_and_relist_after_410():
     assert metrics.value(m.K8S_RELISTS, resource="namespaces") == 1
     # Each list and each ADDED/MODIFIED/DELETED is a change; bookmarks are not.
     assert len(changes) == 5
+
+
+def test_a_watch_refused_with_http_410_lists_again():
+    gone = ApiException(status=410, reason="Gone")
+    api = ScriptedApi(
+        pages=[
+            {"items": [ns("a", 5)], "metadata": {"resourceVersion": "10"}},
+            {"items": [ns("b", 30)], "metadata": {"resourceVersion": "30"}},
+        ],
+        watches=[gone],
+    )
+    metrics = m.Metrics()
+
+    async def scenario():
+        reflector = Reflector(NAMESPACES, api, lambda: None, metrics, backoff=FAST)
+        task = asyncio.create_task(reflector.run())
+        try:
+            await until(lambda: reflector.resource_version == "30")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return reflector
+
+    assert set(asyncio.run(scenario()).items) == {"b"}
+    assert metrics.value(m.K8S_RELISTS, resource="namespaces") == 1
+    assert metrics.value(m.K8S_WATCH_ERRORS, resource="namespaces") == 0
 
 
 def test_list_failures_back_off_and_retry():

@@ -4,11 +4,13 @@ No Docker engine runs on the test machines and no registry is reachable, so
 the images tests run are written here as OCI image layout tars, which
 `ctr images import` takes as they are: small ones from Debian's
 busybox-static (one layer made here), and whole root filesystems made by
-mmdebstrap (scripts/build-weir-image.sh), whose tar becomes the one layer.
+mmdebstrap (scripts/build-weir-image.sh), whose tar becomes the bottom layer
+under a small one of the project's own files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -59,17 +61,16 @@ def _write_layout(
     out: Path,
     name: str,
     image_config: Mapping[str, object],
-    layer: tuple[str, int, IO[bytes]],
+    layers: Sequence[tuple[str, int, IO[bytes]]],
 ) -> None:
-    """The OCI layout tar of a one-layer image: `layer` is (digest, size, its bytes)."""
-    layer_digest, layer_size, layer_data = layer
+    """The OCI layout tar of an image: each layer is (digest, size, its bytes), bottom first."""
     config = json.dumps(
         {
             "architecture": "amd64",
             "os": "linux",
             "config": dict(image_config),
-            # Uncompressed, so the layer's digest is also its diff id.
-            "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+            # Uncompressed, so a layer's digest is also its diff id.
+            "rootfs": {"type": "layers", "diff_ids": [digest for digest, _, _ in layers]},
         }
     ).encode()
     manifest = json.dumps(
@@ -82,11 +83,8 @@ def _write_layout(
                 "size": len(config),
             },
             "layers": [
-                {
-                    "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                    "digest": layer_digest,
-                    "size": layer_size,
-                }
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d, "size": n}
+                for d, n, _ in layers
             ],
         }
     ).encode()
@@ -111,9 +109,10 @@ def _write_layout(
             info = tarfile.TarInfo(entry)
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
-        info = tarfile.TarInfo(f"blobs/sha256/{layer_digest[7:]}")
-        info.size, info.mode = layer_size, 0o644
-        tar.addfile(info, layer_data)
+        for layer_digest, layer_size, layer_data in layers:
+            info = tarfile.TarInfo(f"blobs/sha256/{layer_digest[7:]}")
+            info.size, info.mode = layer_size, 0o644
+            tar.addfile(info, layer_data)
 
 
 def build_busybox_image(
@@ -133,26 +132,51 @@ def build_busybox_image(
     image_config: dict[str, object] = {"Env": ["PATH=/bin"], "Cmd": list(cmd)}
     if entrypoint:
         image_config["Entrypoint"] = list(entrypoint)
-    _write_layout(out, name, image_config, (_digest(layer), len(layer), io.BytesIO(layer)))
+    _write_layout(out, name, image_config, [(_digest(layer), len(layer), io.BytesIO(layer))])
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
 
 
 def build_rootfs_image(
-    rootfs: Path,
+    layers: Sequence[Path],
     out: Path,
     name: str,
     *,
     entrypoint: Sequence[str],
     env: Sequence[str] = (DEBIAN_PATH,),
 ) -> None:
-    """Write an OCI image layout tar named `name` whose one layer is the tar `rootfs`.
+    """Write an OCI image layout tar named `name` from layer tars, bottom first.
 
-    The layer (a whole Debian root, hundreds of MB) is streamed, never held in memory.
+    Layers (a whole Debian root is hundreds of MB) are streamed, never held in memory.
     """
-    digest = hashlib.sha256()
-    with rootfs.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
     image_config = {"Env": list(env), "Entrypoint": list(entrypoint)}
-    with rootfs.open("rb") as layer:
-        layer_ref = ("sha256:" + digest.hexdigest(), rootfs.stat().st_size, layer)
-        _write_layout(out, name, image_config, layer_ref)
+    with contextlib.ExitStack() as stack:
+        refs = [
+            (_file_digest(path), path.stat().st_size, stack.enter_context(path.open("rb")))
+            for path in layers
+        ]
+        _write_layout(out, name, image_config, refs)
+
+
+def write_directory_layer(root: Path, out: Path) -> None:
+    """A layer tar of everything under `root`, owned by root, with fixed times and order.
+
+    The same files give the same bytes, hence the same digest: containerd keeps
+    one copy of a layer that did not change between builds.
+    """
+
+    def normalized(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        info.mtime = 0
+        return info
+
+    with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(root.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(root)), recursive=False, filter=normalized)

@@ -257,9 +257,15 @@ def _node_pod_token(cluster, pod, *, account="weir-agent", audience="weir"):
 
 
 def _agent_setup(cluster):
-    for account in ("weir-agent", "other"):
-        done = cluster.kubectl("create", "serviceaccount", account, "-n", "weir-system")
-        assert done.returncode == 0 or "AlreadyExists" in done.stderr, done.stderr
+    accounts = [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": account, "namespace": "weir-system"},
+        }
+        for account in ("weir-agent", "other")
+    ]
+    _apply(cluster, *accounts)
     for name, node, account in (
         ("agent-n1", "n1", "weir-agent"),
         ("agent-gone", "n2", "weir-agent"),
@@ -399,7 +405,7 @@ def test_root_in_a_secret_and_certificates_only_for_pods_on_the_node(cluster, tm
         return issued, refused.value, unauthenticated.value
 
     issued, refused, unauthenticated = asyncio.run(scenario())
-    assert issued.trust_bundle_pem == [published]
+    assert list(issued.trust_bundle_pem) == [published]
     assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "n1" in refused.details()
     assert unauthenticated.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -203,7 +203,7 @@ def test_source_publishes_nothing_before_every_list_then_coalesces():
             [(NAMESPACES, namespaces), (PODS, pods)],
             "cluster.local",
             m.Metrics(),
-            coalesce_s=0.2,
+            coalesce_s=1.0,
             backoff=FAST,
         )
         try:
@@ -211,7 +211,7 @@ def test_source_publishes_nothing_before_every_list_then_coalesces():
             watching = asyncio.create_task(source.watch(published.append))
             gate.set()
             await until(lambda: published)
-            await asyncio.sleep(0.4)
+            await asyncio.sleep(1.2)
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
         finally:

@@ -5,8 +5,10 @@ restart: capture already in pod netns is left alone, the proxy handoff comes
 up before pods are re-checked, and the CNI socket (which makes the plugin
 stop failing closed) opens last, once the agent can really enroll pods.
 Shutdown closes the CNI socket first (new pods fail closed and are retried
-by the runtime) and never removes capture: pods stay captured across agent
-restarts and upgrades.
+by the runtime) and leaves capture in place: pods stay captured across agent
+restarts and upgrades. The one exception is an uninstall on Kubernetes, told
+apart from an upgrade by positive evidence from the API server
+(node_agent/kubernetes/uninstall.py): then the node is left clean.
 
 On Kubernetes (`kubernetes` given), the agent also follows this node's pods
 and the namespaces' mesh labels (node_agent/kubernetes/): it enrolls meshed
@@ -42,9 +44,11 @@ from node_agent.enrollment.enroller import CaptureEngine, Enroller, HostRules
 from node_agent.enrollment.registry import PodRegistry
 from node_agent.kubernetes.discovery import HostProc
 from node_agent.kubernetes.follower import NAMESPACES, PODS, PodFollower
+from node_agent.kubernetes.uninstall import NodeCleanup, UninstallCheck
 from node_agent.kubernetes.watch import ListWatch
 from node_agent.mesh_view import MeshView
 from node_agent.proxy_handoff.agent_side import ProxyHandoffServer
+from node_agent.redirect.ebpf.pins import PinLayout
 from weir_common.errors import NodeSetupError, WeirError
 from weir_common.supervision import Supervisor
 
@@ -69,6 +73,12 @@ class AgentSettings:
     health_port: int = READINESS_PORT
     # None in local mode, where the node's conflist comes with the topology.
     cni_setup: CniSetupSettings | None = None
+    # On Kubernetes: the agent's own pod (downward API), whose DaemonSet tells an
+    # uninstall from an upgrade at shutdown; None keeps capture at every exit.
+    pod_name: str | None = None
+    pod_namespace: str | None = None
+    # eBPF pins an uninstall removes, whatever the capture mode.
+    bpf_pin_root: Path | None = None
 
     @property
     def cni_socket(self) -> Path:
@@ -91,6 +101,7 @@ class Agent:
     ) -> None:
         # host_rules go into the agent's own netns (the node's); None leaves it untouched.
         self.settings = settings
+        self.capture = capture
         self.registry = PodRegistry(settings.state_dir / "pods.json")
         self.mesh = MeshView(settings.node)
         self.follower: PodFollower | None = None
@@ -106,6 +117,16 @@ class Agent:
                 ),
                 ListWatch(NAMESPACES, kubernetes.list_namespace, self.follower),
             ]
+        self.uninstall_check: UninstallCheck | None = None
+        if kubernetes is not None and settings.pod_name and settings.pod_namespace:
+            self.uninstall_check = UninstallCheck(
+                kubernetes, settings.pod_name, settings.pod_namespace
+            )
+            self.watches.append(self.uninstall_check.watch)
+        elif kubernetes is not None:
+            log.warning(
+                "POD_NAME or POD_NAMESPACE not set: an uninstall will leave capture in place"
+            )
         self.client = ControlPlaneClient(settings.controlplane, settings.node, settings.token)
         # A proxy that (re)connects gets every enrolled pod; once it holds them,
         # capture is re-checked, since eBPF steers to that proxy's own sockets.
@@ -212,13 +233,42 @@ class Agent:
             await self.supervisor.stop("CNI socket")
             if self.cni_setup is not None:
                 await asyncio.to_thread(self.cni_setup.stop)
+            uninstall = await self._uninstalling()
+            # Nothing enrolls or re-applies capture from here on.
             await self.supervisor.close()
+            if uninstall:
+                await self._clean_node()
             await self.handoff.close()
             for endpoint in endpoints:
                 await endpoint.close()
             await self.client.__aexit__(None, None, None)
-            log.info("node agent for %s stopped; pods stay captured", self.settings.node)
+            log.info(
+                "node agent for %s stopped; %s",
+                self.settings.node,
+                "Weir removed from the node" if uninstall else "pods stay captured",
+            )
         return 0 if self.failure is None else 1
+
+    async def _uninstalling(self) -> bool:
+        if self.uninstall_check is None:
+            return False
+        verdict = await self.uninstall_check.verdict()
+        log.warning(
+            "shutdown: %s: %s",
+            "UNINSTALL, removing Weir from the node" if verdict.uninstall else "keeping capture",
+            verdict.reason,
+        )
+        return verdict.uninstall
+
+    async def _clean_node(self) -> None:
+        pins = self.settings.bpf_pin_root
+        await NodeCleanup(
+            registry=self.registry,
+            capture=self.capture,
+            proxy=self.handoff,
+            cni=self.cni_setup,
+            pins=PinLayout(pins) if pins is not None else None,
+        ).run()
 
     async def _sweep_departed_pods(self) -> None:
         while True:

@@ -149,6 +149,11 @@ def _run(args: argparse.Namespace) -> int:
             admin_port=args.admin_port,
             health_port=args.health_port,
             cni_setup=_cni_setup(args),
+            # The downward API's (deploy/base/agent.yaml): with hostNetwork the
+            # hostname is the node's, so it cannot name the agent's pod.
+            pod_name=os.environ.get("POD_NAME") if kubernetes is not None else None,
+            pod_namespace=os.environ.get("POD_NAMESPACE") if kubernetes is not None else None,
+            bpf_pin_root=args.bpf_pin_root,
         )
 
         async def main() -> int:

@@ -5,8 +5,9 @@ network config (the primary CNI may start after us), insert weir-cni last,
 then watch the directory and put the entry back whenever the primary CNI
 rewrites its file. Readiness stays false until the first insert succeeded:
 a node whose pods would start without Weir in their chain is not ready.
-The agent never uninstalls on exit: a restart or an upgrade must not let
-pods start uncaptured (`weir cni uninstall` is for removing Weir).
+The agent does not uninstall on exit: a restart or an upgrade must not let
+pods start uncaptured. Only an uninstall the agent has positive evidence of
+(node_agent/kubernetes/uninstall.py) calls `uninstall`, after `stop`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node_agent.cni_install.conflist import PluginSettings
-from node_agent.cni_install.installer import ConfDirInstaller, install_plugin_binary
+from node_agent.cni_install.installer import (
+    ConfDirInstaller,
+    install_plugin_binary,
+    remove_plugin_binary,
+)
 from weir_common.errors import WeirError
 
 log = logging.getLogger(__name__)
@@ -48,6 +53,18 @@ class CniSetup:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+    def uninstall(self) -> list[str]:
+        """Take weir-cni out of the conf dir, then its binary out of the bin dir; what was done."""
+        if self._thread.is_alive():
+            # Still in a wait for the primary config: it may insert weir-cni after this.
+            log.warning("uninstalling weir-cni while its installer has not stopped")
+        done = []
+        change = self._installer.remove()
+        if change is not None:
+            done.append(f"CNI config: {change}")
+        done += [f"{path} removed" for path in remove_plugin_binary(self.settings.bin_dir)]
+        return done
 
     def not_ready(self) -> str | None:
         if self._installed.is_set():

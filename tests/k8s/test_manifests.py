@@ -96,6 +96,10 @@ GRANTS = {
     ("ClusterRole/weir-agent", "", "pods", "*", "watch"),
     ("ClusterRole/weir-agent", "", "namespaces", "*", "list"),
     ("ClusterRole/weir-agent", "", "namespaces", "*", "watch"),
+    # At shutdown: its own pod, DaemonSet and namespace (uninstall or upgrade).
+    ("ClusterRole/weir-agent", "", "pods", "*", "get"),
+    ("ClusterRole/weir-agent", "", "namespaces", "*", "get"),
+    ("ClusterRole/weir-agent", "apps", "daemonsets", "*", "get"),
 }
 # Which ServiceAccount each role is bound to; the proxy is bound to nothing.
 BINDINGS = {

@@ -44,7 +44,7 @@ from node_agent.enrollment.enroller import CaptureEngine, Enroller, HostRules
 from node_agent.enrollment.registry import PodRegistry
 from node_agent.kubernetes.discovery import HostProc
 from node_agent.kubernetes.follower import NAMESPACES, PODS, PodFollower
-from node_agent.kubernetes.uninstall import NodeCleanup, UninstallCheck
+from node_agent.kubernetes.uninstall import NodeCleanup, UninstallCheck, shutdown
 from node_agent.kubernetes.watch import ListWatch
 from node_agent.mesh_view import MeshView
 from node_agent.proxy_handoff.agent_side import ProxyHandoffServer
@@ -233,11 +233,8 @@ class Agent:
             await self.supervisor.stop("CNI socket")
             if self.cni_setup is not None:
                 await asyncio.to_thread(self.cni_setup.stop)
-            uninstall = await self._uninstalling()
-            # Nothing enrolls or re-applies capture from here on.
-            await self.supervisor.close()
-            if uninstall:
-                await self._clean_node()
+            # After the supervisor closed, nothing enrolls or re-applies capture.
+            uninstall = await shutdown(self.uninstall_check, self.supervisor.close, self._cleanup)
             await self.handoff.close()
             for endpoint in endpoints:
                 await endpoint.close()
@@ -249,26 +246,15 @@ class Agent:
             )
         return 0 if self.failure is None else 1
 
-    async def _uninstalling(self) -> bool:
-        if self.uninstall_check is None:
-            return False
-        verdict = await self.uninstall_check.verdict()
-        log.warning(
-            "shutdown: %s: %s",
-            "UNINSTALL, removing Weir from the node" if verdict.uninstall else "keeping capture",
-            verdict.reason,
-        )
-        return verdict.uninstall
-
-    async def _clean_node(self) -> None:
+    def _cleanup(self) -> NodeCleanup:
         pins = self.settings.bpf_pin_root
-        await NodeCleanup(
+        return NodeCleanup(
             registry=self.registry,
             capture=self.capture,
             proxy=self.handoff,
             cni=self.cni_setup,
             pins=PinLayout(pins) if pins is not None else None,
-        ).run()
+        )
 
     async def _sweep_departed_pods(self) -> None:
         while True:

@@ -40,7 +40,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -288,6 +288,30 @@ def _get(call: Any, deadline: float, *args: str) -> Answer:  # noqa: ANN401 - a 
     except Exception as e:  # connection errors come in many types: all mean "no answer"
         return Answer(None, error=repr(e))
     return Answer(_OK, body if isinstance(body, Mapping) else None)
+
+
+async def shutdown(
+    check: UninstallCheck | None,
+    quiesce: Callable[[], Awaitable[None]],
+    cleanup: Callable[[], NodeCleanup],
+) -> bool:
+    """The agent's exit: decide, stop what could still enroll, clean up on an uninstall.
+
+    `quiesce` runs whatever the verdict; the node is cleaned only after it, so
+    nothing re-applies capture behind the cleanup. Whether Weir was removed.
+    """
+    verdict = await check.verdict() if check is not None else None
+    if verdict is not None:
+        log.warning(
+            "shutdown: %s: %s",
+            "UNINSTALL, removing Weir from the node" if verdict.uninstall else "keeping capture",
+            verdict.reason,
+        )
+    await quiesce()
+    if verdict is None or not verdict.uninstall:
+        return False
+    await cleanup().run()
+    return True
 
 
 # -- leaving the node clean -----------------------------------------------------

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CONF_DIR = "/etc/cni/net.d"
 DEFAULT_BIN_DIR = "/opt/cni/bin"
 # Where the agent's image carries the frozen plugin (scripts/build-cni-plugin.sh).
-DEFAULT_PLUGIN_BUNDLE = "/opt/weir/cni-plugin/weir-cni"
+DEFAULT_PLUGIN_BUNDLE = "/opt/weir/cni/weir-cni"
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

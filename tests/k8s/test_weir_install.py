@@ -1,0 +1,500 @@
+"""Weir installed on a real cluster the way users install it: `kubectl apply -k deploy/`.
+
+One two-node cluster for the module, the Weir image built from this checkout
+(scripts/build-weir-image.sh) and imported into both nodes, then the tests
+run in order against that install: components Ready, meshed Deployments on
+two nodes talking over mTLS, kubelet probes under STRICT, an unlabeled
+namespace left alone, a pod that predates the install captured, a policy
+applied and deleted with kubectl, the CA refusing tokens that do not prove
+the node, and finally `kubectl delete -k deploy/` leaving both nodes clean.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+
+from testbed.k8s_cluster import config
+from testbed.k8s_cluster.cluster import Cluster, import_image
+
+pytestmark = [pytest.mark.netns, pytest.mark.k8s, pytest.mark.timeout(1500)]
+
+REPO: Final = Path(__file__).resolve().parents[2]
+SYSTEM: Final = "weir-system"
+MESHED: Final = "shop"
+PLAIN: Final = "plain"
+TRUST_DOMAIN: Final = "cluster.local"
+# busybox httpd answers with the pod's hostname, so a reply names the pod that served it.
+WEB: Final = "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p {port} -h /www"
+READY_TIMEOUT: Final = "240s"
+
+
+def _spiffe(namespace: str, account: str) -> str:
+    return f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{account}"
+
+
+def _ok(cluster: Cluster, *args: str, stdin: str | None = None, timeout: float = 120) -> str:
+    done = cluster.kubectl(*args, stdin=stdin, timeout=timeout)
+    assert done.returncode == 0, f"kubectl {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def _apply(cluster: Cluster, *objects: dict[str, Any]) -> None:
+    manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)})
+    _ok(cluster, "apply", "-f", "-", stdin=manifest)
+
+
+def _namespace(name: str, *, meshed: bool) -> dict[str, Any]:
+    labels = {"weir.dev/mesh": "enabled"} if meshed else {}
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
+
+
+def _account(namespace: str, name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": name, "namespace": namespace},
+    }
+
+
+def _container(port: int) -> dict[str, Any]:
+    """A web server on `port`, probed by the kubelet over HTTP (readiness) and TCP (liveness).
+
+    Tight periods, so a probe that capture breaks shows within seconds as
+    NotReady or as restarts.
+    """
+    return {
+        "name": "main",
+        "image": config.TEST_IMAGE,
+        "imagePullPolicy": "Never",
+        "command": ["sh", "-c", WEB.format(port=port)],
+        "readinessProbe": {
+            "httpGet": {"path": "/", "port": port},
+            "periodSeconds": 2,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "tcpSocket": {"port": port},
+            "periodSeconds": 2,
+            "failureThreshold": 3,
+        },
+    }
+
+
+def _pod_spec(node: str, account: str, port: int) -> dict[str, Any]:
+    return {
+        "nodeSelector": {"kubernetes.io/hostname": node},
+        "serviceAccountName": account,
+        "terminationGracePeriodSeconds": 1,
+        "containers": [_container(port)],
+    }
+
+
+def _deployment(namespace: str, name: str, node: str, port: int) -> dict[str, Any]:
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": _pod_spec(node, name, port)},
+        },
+    }
+
+
+def _pod(namespace: str, name: str, node: str, account: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
+        "spec": _pod_spec(node, account, 9000),
+    }
+
+
+def _service(namespace: str, name: str, port: int, target: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"selector": {"app": name}, "ports": [{"port": port, "targetPort": target}]},
+    }
+
+
+def _pods(cluster: Cluster, namespace: str, selector: str) -> list[dict[str, Any]]:
+    out = _ok(cluster, "get", "pods", "-n", namespace, "-l", selector, "-o", "json")
+    items: list[dict[str, Any]] = json.loads(out)["items"]
+    return items
+
+
+def _on_node(cluster: Cluster, namespace: str, selector: str, node: str) -> str:
+    names: list[str] = [
+        p["metadata"]["name"]
+        for p in _pods(cluster, namespace, selector)
+        if p["spec"].get("nodeName") == node and not p["metadata"].get("deletionTimestamp")
+    ]
+    assert len(names) == 1, f"{selector} on {node}: {names}"
+    return names[0]
+
+
+def _fetch_local(cluster: Cluster, pod: str, url: str) -> str:
+    """GET `url` from inside a Weir pod (host network: its loopback is the node's)."""
+    script = (
+        "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())"
+    )
+    return _ok(cluster, "exec", "-n", SYSTEM, pod, "--", "python3", "-c", script, url)
+
+
+def _admin_section(cluster: Cluster, node: str, section: str) -> Any:
+    agent = _on_node(cluster, SYSTEM, "app.kubernetes.io/name=weir-agent", node)
+    dump = json.loads(_fetch_local(cluster, agent, "http://127.0.0.1:15000/config_dump"))
+    return dump[section]
+
+
+def _wget(cluster: Cluster, namespace: str, pod: str, url: str) -> subprocess.CompletedProcess[str]:
+    return cluster.kubectl("exec", "-n", namespace, pod, "--", "wget", "-qO-", "-T", "3", url)
+
+
+def _until(
+    what: str, check: Callable[[], object], timeout_s: float, interval_s: float = 0.5
+) -> float:
+    """Call `check` until it returns true; the seconds it took. Fails after `timeout_s`."""
+    started = time.monotonic()
+    last: object = None
+    while time.monotonic() - started < timeout_s:
+        last = check()
+        if last:
+            return time.monotonic() - started
+        time.sleep(interval_s)
+    raise AssertionError(f"{what}: not within {timeout_s} s (last: {last!r})")
+
+
+@pytest.fixture(scope="module")
+def weir_image() -> Iterator[Path]:
+    work = Path(tempfile.mkdtemp(prefix="weir-image-"))
+    archive = work / "weir.tar"
+    try:
+        subprocess.run(
+            ["scripts/build-weir-image.sh", str(archive)],
+            cwd=REPO,
+            check=True,
+            stdin=subprocess.DEVNULL,
+            timeout=1200,
+        )
+        yield archive
+    finally:
+        archive.unlink(missing_ok=True)
+        work.rmdir()
+
+
+@pytest.fixture(scope="module")
+def installed(k8s_cluster: Cluster, weir_image: Path) -> Iterator[Cluster]:
+    """Weir installed with kubectl, after a meshed pod was already running on n1."""
+    cluster = k8s_cluster
+    import_image(cluster.spec.state_dir, weir_image)
+    _apply(
+        cluster,
+        _namespace(MESHED, meshed=True),
+        _namespace(PLAIN, meshed=False),
+        *(_account(MESHED, name) for name in ("server", "client", "early")),
+        _account(PLAIN, "loner"),
+        _pod(MESHED, "early", "n1", "early"),
+    )
+    _ok(cluster, "wait", "-n", MESHED, "--for=condition=Ready", "pod/early", "--timeout=120s")
+    _ok(cluster, "apply", "-k", str(REPO / "deploy"))
+    for workload in (
+        "deployment/weir-controlplane",
+        "daemonset/weir-agent",
+        "daemonset/weir-proxy",
+    ):
+        _ok(
+            cluster,
+            "rollout",
+            "status",
+            "-n",
+            SYSTEM,
+            workload,
+            f"--timeout={READY_TIMEOUT}",
+            timeout=300,
+        )
+    yield cluster
+
+
+def test_the_install_brings_every_component_to_ready(installed: Cluster) -> None:
+    cluster = installed
+    deployment = json.loads(
+        _ok(cluster, "get", "-n", SYSTEM, "deploy/weir-controlplane", "-o", "json")
+    )
+    assert deployment["status"]["readyReplicas"] == 2
+    for name in ("weir-agent", "weir-proxy"):
+        ds = json.loads(_ok(cluster, "get", "-n", SYSTEM, f"ds/{name}", "-o", "json"))
+        assert ds["status"]["numberReady"] == ds["status"]["desiredNumberScheduled"] == 2, name
+
+
+@pytest.fixture(scope="module")
+def app(installed: Cluster) -> Cluster:
+    """A client on n1 and a server on n2 in the meshed namespace, and a loner unmeshed."""
+    cluster = installed
+    _apply(
+        cluster,
+        _deployment(MESHED, "server", "n2", 8080),
+        _deployment(MESHED, "client", "n1", 9000),
+        _service(MESHED, "server", 80, 8080),
+        _pod(PLAIN, "loner", "n1", "loner"),
+    )
+    for namespace, selector in (
+        (MESHED, "app=server"),
+        (MESHED, "app=client"),
+        (PLAIN, "app=loner"),
+    ):
+        _ok(
+            cluster,
+            "wait",
+            "-n",
+            namespace,
+            "--for=condition=Ready",
+            "pod",
+            "-l",
+            selector,
+            f"--timeout={READY_TIMEOUT}",
+            timeout=300,
+        )
+    return cluster
+
+
+def _client(cluster: Cluster) -> str:
+    return _on_node(cluster, MESHED, "app=client", "n1")
+
+
+def _server_url() -> str:
+    return f"http://server.{MESHED}.svc.cluster.local/"
+
+
+def test_meshed_deployments_on_two_nodes_talk_over_mutual_tls(app: Cluster) -> None:
+    cluster = app
+    server = _on_node(cluster, MESHED, "app=server", "n2")
+    _until(
+        "the client reaches the server through its Service",
+        lambda: _wget(cluster, MESHED, _client(cluster), _server_url()).stdout.strip() == server,
+        30,
+    )
+
+    proxy = _on_node(cluster, SYSTEM, "app.kubernetes.io/name=weir-proxy", "n2")
+    metrics = _fetch_local(cluster, proxy, "http://127.0.0.1:15020/metrics")
+    opened = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("istio_tcp_connections_opened_total{")
+        and 'connection_security_policy="mutual_tls"' in line
+        and _spiffe(MESHED, "client") in line
+        and _spiffe(MESHED, "server") in line
+    ]
+    assert opened and float(opened[0].rsplit(" ", 1)[1]) >= 1, metrics
+    log = _ok(cluster, "logs", "-n", SYSTEM, proxy)
+    assert any(
+        _spiffe(MESHED, "client") in line and _spiffe(MESHED, "server") in line
+        for line in log.splitlines()
+    ), log[-3000:]
+
+
+def test_kubelet_http_and_tcp_probes_pass_under_strict(app: Cluster) -> None:
+    cluster = app
+    # Several probe periods after Ready: still Ready, and liveness never restarted anything.
+    time.sleep(10)
+    for selector in ("app=server", "app=client", "app=early"):
+        for pod in _pods(cluster, MESHED, selector):
+            conditions = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
+            assert conditions["Ready"] == "True", (selector, pod["status"])
+            restarts = [s["restartCount"] for s in pod["status"]["containerStatuses"]]
+            assert restarts == [0], (selector, restarts)
+    # And they are captured for real: the agent on each node holds them.
+    for node, name in (("n2", "server"), ("n1", "client")):
+        enrolled = {f"{p['namespace']}/{p['name']}" for p in _admin_section(cluster, node, "pods")}
+        assert any(key.startswith(f"{MESHED}/{name}-") for key in enrolled), enrolled
+
+
+def test_a_pod_in_an_unlabeled_namespace_is_not_captured(app: Cluster) -> None:
+    cluster = app
+    enrolled = {f"{p['namespace']}/{p['name']}" for p in _admin_section(cluster, "n1", "pods")}
+    assert f"{PLAIN}/loner" not in enrolled
+    assert f"{MESHED}/early" in enrolled
+    # Plaintext from outside the mesh to a STRICT workload is refused by its proxy.
+    refused = _wget(cluster, PLAIN, "loner", _server_url())
+    assert refused.returncode != 0, refused.stdout
+
+
+def test_a_pod_running_before_the_install_is_captured_and_meshed(app: Cluster) -> None:
+    cluster = app
+    server = _on_node(cluster, MESHED, "app=server", "n2")
+    assert _wget(cluster, MESHED, "early", _server_url()).stdout.strip() == server
+    proxy = _on_node(cluster, SYSTEM, "app.kubernetes.io/name=weir-proxy", "n2")
+    metrics = _fetch_local(cluster, proxy, "http://127.0.0.1:15020/metrics")
+    assert any(
+        _spiffe(MESHED, "early") in line and 'connection_security_policy="mutual_tls"' in line
+        for line in metrics.splitlines()
+        if line.startswith("istio_tcp_connections_opened_total{")
+    ), metrics
+
+
+def test_an_authorization_policy_applied_with_kubectl_denies_within_5_s(app: Cluster) -> None:
+    cluster = app
+    client = _client(cluster)
+    policy = {
+        "apiVersion": "security.weir.dev/v1alpha1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-client", "namespace": MESHED},
+        "spec": {
+            "selector": {"app": "server"},
+            "action": "DENY",
+            "rules": [{"sourcePrincipals": [_spiffe(MESHED, "client")]}],
+        },
+    }
+    assert _wget(cluster, MESHED, client, _server_url()).returncode == 0
+    _apply(cluster, policy)
+    took = _until(
+        "the policy denies the client",
+        lambda: _wget(cluster, MESHED, client, _server_url()).returncode != 0,
+        5,
+        interval_s=0.2,
+    )
+    # The early pod's identity is not named: it still gets through.
+    assert _wget(cluster, MESHED, "early", _server_url()).returncode == 0
+    _ok(cluster, "delete", "-n", MESHED, "authorizationpolicy/deny-client")
+    took_back = _until(
+        "deleting the policy allows the client again",
+        lambda: _wget(cluster, MESHED, client, _server_url()).returncode == 0,
+        5,
+        interval_s=0.2,
+    )
+    print(f"denied after {took:.1f} s, allowed again after {took_back:.1f} s")
+
+
+_CA_REQUEST: Final = """
+import asyncio, sys
+from pathlib import Path
+import grpc
+from node_agent.controlplane_client import ControlPlaneEndpoint, request_certificate
+from weir_common.retry import Backoff
+
+async def main() -> None:
+    endpoint = ControlPlaneEndpoint.tls(
+        "weir-controlplane.weir-system.svc:15012", Path("/etc/weir/ca/root-cert.pem")
+    )
+    channel = endpoint.open_channel(Backoff(initial=1.0, maximum=1.0))
+    try:
+        await request_certificate(channel, sys.stdin.read().strip(), sys.argv[1])
+        print("SIGNED")
+    except grpc.aio.AioRpcError as e:
+        print(e.code().name, e.details())
+    finally:
+        await channel.close()
+
+asyncio.run(main())
+"""
+
+
+def _ca_answer(cluster: Cluster, token: str, identity: str) -> str:
+    """What the CA says to `token` asking for `identity`, asked from n1's agent pod."""
+    agent = _on_node(cluster, SYSTEM, "app.kubernetes.io/name=weir-agent", "n1")
+    return _ok(
+        cluster,
+        "exec",
+        "-i",
+        "-n",
+        SYSTEM,
+        agent,
+        "--",
+        "python3",
+        "-c",
+        _CA_REQUEST,
+        identity,
+        stdin=token,
+    ).strip()
+
+
+def _bound_token(cluster: Cluster, namespace: str, account: str, pod: str) -> str:
+    uid = _ok(cluster, "get", "-n", namespace, f"pod/{pod}", "-o", "jsonpath={.metadata.uid}")
+    return _ok(
+        cluster,
+        "create",
+        "token",
+        account,
+        "-n",
+        namespace,
+        "--audience=weir",
+        "--bound-object-kind=Pod",
+        f"--bound-object-name={pod}",
+        f"--bound-object-uid={uid}",
+    ).strip()
+
+
+def test_the_ca_signs_only_what_the_tokens_node_hosts(app: Cluster) -> None:
+    cluster = app
+    agent_n1 = _on_node(cluster, SYSTEM, "app.kubernetes.io/name=weir-agent", "n1")
+    agent_n2 = _on_node(cluster, SYSTEM, "app.kubernetes.io/name=weir-agent", "n2")
+    n1_token = _bound_token(cluster, SYSTEM, "weir-agent", agent_n1)
+    n2_token = _bound_token(cluster, SYSTEM, "weir-agent", agent_n2)
+    client, server = _spiffe(MESHED, "client"), _spiffe(MESHED, "server")
+    # The client runs on n1, the server on n2: each agent's token gets its own node's only.
+    assert _ca_answer(cluster, n1_token, client) == "SIGNED"
+    assert _ca_answer(cluster, n1_token, server).startswith("PERMISSION_DENIED")
+    assert _ca_answer(cluster, n2_token, client).startswith("PERMISSION_DENIED")
+    # A token of another service account, bound to a pod on n1, proves no node.
+    other = _bound_token(cluster, MESHED, "client", _client(cluster))
+    assert _ca_answer(cluster, other, client).startswith("UNAUTHENTICATED")
+
+
+def _node_shell(cluster: Cluster, node: config.NodeSpec, script: str) -> str:
+    """Run `script` in the node's mount and network namespaces, as its daemons run."""
+    netns = Path("/var/run/netns") / node.netns
+    done = subprocess.run(
+        ["nsenter", f"--mount={cluster.spec.mount_ns(node)}", f"--net={netns}", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, f"{script}: {done.stderr}"
+    return done.stdout
+
+
+# Every rule set a pod's netns holds, in both iptables backends.
+_POD_RULES: Final = (
+    'for n in /var/run/netns/*; do [ -e "$n" ] || continue; echo "== $n"; '
+    'nsenter --net="$n" iptables-nft-save 2>/dev/null; '
+    'nsenter --net="$n" iptables-legacy-save 2>/dev/null; done'
+)
+
+
+def test_uninstall_leaves_every_node_clean(app: Cluster) -> None:
+    cluster = app
+    # Capture is there before, so its absence after is the uninstall's doing.
+    before = _node_shell(cluster, cluster.spec.nodes[0], _POD_RULES)
+    assert "WEIR-" in before
+    _ok(cluster, "delete", "-k", str(REPO / "deploy"), "--wait=true", timeout=300)
+    for node in cluster.spec.nodes:
+        conf_dir = cluster.spec.node_dir(node) / "cni-conf"
+        for conflist in conf_dir.glob("*.conflist"):
+            assert "weir-cni" not in conflist.read_text(), conflist
+        assert not (cluster.spec.node_dir(node) / "cni-bin" / "weir-cni").exists()
+        pods = _node_shell(cluster, node, _POD_RULES)
+        assert "WEIR" not in pods, pods
+        host = _node_shell(cluster, node, "iptables-nft-save; iptables-legacy-save")
+        assert "WEIR" not in host, host
+        pins = _node_shell(cluster, node, "ls -A /sys/fs/bpf 2>/dev/null || true")
+        assert "weir" not in pins, pins
+    # Meshed pods keep running, now outside the mesh: plaintext reaches the server.
+    server = _on_node(cluster, MESHED, "app=server", "n2")
+    _until(
+        "the client reaches the server in plaintext",
+        lambda: _wget(cluster, MESHED, _client(cluster), _server_url()).stdout.strip() == server,
+        30,
+    )

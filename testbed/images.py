@@ -24,7 +24,7 @@ BUSYBOX: Final = Path("/bin/busybox")
 # What the tests' containers call; each is a link to the one static binary.
 APPLETS: Final = (
     "sh", "ip", "readlink", "echo", "cat", "sleep", "nc", "httpd", "wget", "hostname",
-    "ls", "ps", "grep", "kill", "env", "nslookup",
+    "ls", "ps", "grep", "kill", "env", "nslookup", "timeout",
 )  # fmt: skip
 DEBIAN_PATH: Final = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 

@@ -160,7 +160,8 @@ def _admin_section(cluster: Cluster, node: str, section: str) -> Any:
 
 
 def _wget(cluster: Cluster, namespace: str, pod: str, url: str) -> subprocess.CompletedProcess[str]:
-    return cluster.kubectl("exec", "-n", namespace, pod, "--", "wget", "-qO-", "-T", "3", url)
+    # busybox's own `wget -T` crashes (SIGSEGV) in the static build; its timeout applet does not.
+    return cluster.kubectl("exec", "-n", namespace, pod, "--", "timeout", "3", "wget", "-qO-", url)
 
 
 def _until(

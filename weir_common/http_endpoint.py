@@ -85,9 +85,15 @@ class HttpEndpoint:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    async def start(self, host: str = LOOPBACK, port: int = 0) -> int:
-        """Listen on `host`:`port` (0: any free port); the port listened on."""
-        self._server = await asyncio.start_server(self._handle, host, port, limit=MAX_REQUEST_HEAD)
+    async def start(self, host: str = LOOPBACK, port: int = 0, *, reuse_port: bool = False) -> int:
+        """Listen on `host`:`port` (0: any free port); the port listened on.
+
+        `reuse_port` lets a successor process of the same user listen on the
+        same port while this one still runs (a rolling update's overlap).
+        """
+        self._server = await asyncio.start_server(
+            self._handle, host, port, limit=MAX_REQUEST_HEAD, reuse_port=reuse_port or None
+        )
         return self.port
 
     async def close(self) -> None:

@@ -144,12 +144,20 @@ def _post_routes(registry: AdminRegistry) -> dict[str, Route]:
 class HttpEndpoint:
     """One listener. `admin=False` serves only health, for a non-loopback address."""
 
-    def __init__(self, registry: AdminRegistry, host: str, port: int, admin: bool) -> None:
+    def __init__(
+        self,
+        registry: AdminRegistry,
+        host: str,
+        port: int,
+        admin: bool,
+        *,
+        reuse_port: bool = False,
+    ) -> None:
         # The admin routes change log levels and stop the process: nothing off
         # the node may reach them, whatever the configuration says.
         if admin and not ipaddress.ip_address(host).is_loopback:
             raise InvalidInputError(f"the admin listener must be on loopback, not {host}")
-        self._host, self._port = host, port
+        self._host, self._port, self._reuse_port = host, port, reuse_port
         self._http = http_endpoint.HttpEndpoint(
             _routes(registry, admin),
             post_routes=_post_routes(registry) if admin else None,
@@ -161,7 +169,7 @@ class HttpEndpoint:
         return self._http.port
 
     async def start(self) -> None:
-        await self._http.start(self._host, self._port)
+        await self._http.start(self._host, self._port, reuse_port=self._reuse_port)
 
     async def close(self) -> None:
         await self._http.close()

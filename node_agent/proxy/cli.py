@@ -209,7 +209,8 @@ async def _serve(
             settings, config=XdsConfigSource(client), certificates=CaCertificateProvider(client)
         )
         await proxy.start()
-        admin = HttpEndpoint(_admin(proxy, node, stop), *admin_address, admin=True)
+        # reuse_port: on Kubernetes the next proxy starts beside this one (maxSurge).
+        admin = HttpEndpoint(_admin(proxy, node, stop), *admin_address, admin=True, reuse_port=True)
         if agent_socket is not None:
             follower = ProxyHandoffClient(agent_socket, AgentPods(proxy, node))
             proxy.supervisor.start(HANDOFF_TASK, follower.run)

@@ -161,12 +161,15 @@ class Proxy:
                 f"no mesh config within {self.settings.first_config_timeout:.0f} s"
             ) from None
         self.supervisor.start("idle tunnel sweep", self._sweep_idle_tunnels)
+        # reuse_port: on Kubernetes the proxy runs on the host network and its
+        # successor starts beside it (maxSurge), so both hold these ports for a
+        # while; the kubelet's probe may then reach either one.
         if self.settings.metrics_address is not None:
             host, port = self.settings.metrics_address
-            self.metrics_port = await self._metrics_server.start(host, port)
+            self.metrics_port = await self._metrics_server.start(host, port, reuse_port=True)
         if self.settings.readiness_address is not None:
             host, port = self.settings.readiness_address
-            self.readiness_port = await self._readiness_server.start(host, port)
+            self.readiness_port = await self._readiness_server.start(host, port, reuse_port=True)
         self._accepting = True
 
     @property

@@ -38,6 +38,9 @@ class NetnsSocketFactory:
         sock = self._create(netns, family)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # A proxy's successor (same UID, a rolling update's surge pod)
+            # opens the same ports in the pod while this one still listens.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 # IPv4 gets its own listener: SO_ORIGINAL_DST needs a real AF_INET socket.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

@@ -35,6 +35,10 @@ class HandoffError(TransientError):
     """No proxy took the pod (none connected, a nack, or no ack in time)."""
 
 
+class ProxyGoneError(HandoffError):
+    """The proxy's connection ended before it answered: it is no longer one to wait for."""
+
+
 @dataclass
 class _Pending:
     message: dict[str, Any]
@@ -124,8 +128,12 @@ class ProxyHandoffServer:
                 raise HandoffError(f"no node proxy is connected to take {what}")
             pending = [self._enqueue(conn, dict(message), netns) for conn in targets]
         results = await asyncio.gather(*(p.done for p in pending), return_exceptions=True)
+        # A proxy that went away meanwhile (the old one of a rolling update) is
+        # no longer connected, so its answer is not needed; a refusal or a
+        # missing ack of one still there is.
         errors = [str(r) for r in results if isinstance(r, BaseException)]
-        if errors:
+        gone = [r for r in results if isinstance(r, ProxyGoneError)]
+        if len(gone) < len(errors) or len(gone) == len(results):
             raise HandoffError(f"{what} not taken: {'; '.join(errors)}")
 
     def _enqueue(
@@ -184,7 +192,8 @@ class ProxyHandoffServer:
             except BaseException as e:
                 if not item.done.done():
                     reason = str(e) or type(e).__name__
-                    item.done.set_exception(HandoffError(f"proxy pid {conn.peer_pid}: {reason}"))
+                    kind = ProxyGoneError if isinstance(e, ConnectionError) else HandoffError
+                    item.done.set_exception(kind(f"proxy pid {conn.peer_pid}: {reason}"))
                 raise
 
     async def _deliver(self, conn: _ProxyConnection, item: _Pending) -> None:
@@ -225,7 +234,7 @@ class ProxyHandoffServer:
         while not conn.queue.empty():
             item = conn.queue.get_nowait()
             if not item.done.done():
-                item.done.set_exception(HandoffError(f"proxy pid {conn.peer_pid} disconnected"))
+                item.done.set_exception(ProxyGoneError(f"proxy pid {conn.peer_pid} disconnected"))
 
 
 def _log_failure(done: asyncio.Future[None]) -> None:

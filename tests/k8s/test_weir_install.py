@@ -453,6 +453,35 @@ def test_the_ca_signs_only_what_the_tokens_node_hosts(app: Cluster) -> None:
     assert _ca_answer(cluster, other, client).startswith("UNAUTHENTICATED")
 
 
+def test_the_proxy_rolls_with_a_surge_and_every_pod_stays_served(app: Cluster) -> None:
+    # maxSurge: each node's new proxy starts beside the old one and takes every
+    # pod (SO_REUSEPORT in the pod), then the old one drains and leaves.
+    cluster = app
+    selector = "app.kubernetes.io/name=weir-proxy"
+    before = {p["metadata"]["name"] for p in _pods(cluster, SYSTEM, selector)}
+    _ok(cluster, "rollout", "restart", "-n", SYSTEM, "daemonset/weir-proxy")
+    _ok(cluster, "rollout", "status", "-n", SYSTEM, "daemonset/weir-proxy", "--timeout=180s")
+    _until(
+        "the old proxies are gone",
+        lambda: not before & {p["metadata"]["name"] for p in _pods(cluster, SYSTEM, selector)},
+        60,
+    )
+    for proxy in _pods(cluster, SYSTEM, selector):
+        # The surge pod started at once: no crash loop on ports the old one held.
+        assert [s["restartCount"] for s in proxy["status"]["containerStatuses"]] == [0]
+    server = _on_node(cluster, MESHED, "app=server", "n2")
+    for source in (_client(cluster), "early"):
+        _until(
+            f"{source} reaches the server through the new proxies",
+            lambda source=source: (
+                _wget(cluster, MESHED, source, _server_url()).stdout.strip() == server
+            ),
+            30,
+        )
+    new_proxy = _on_node(cluster, SYSTEM, selector, "n2")
+    assert "mutual_tls" in _fetch_local(cluster, new_proxy, "http://127.0.0.1:15020/metrics")
+
+
 def _node_shell(cluster: Cluster, node: config.NodeSpec, script: str) -> str:
     """Run `script` in the node's mount and network namespaces, as its daemons run."""
     netns = Path("/var/run/netns") / node.netns

@@ -89,9 +89,9 @@ async def following(server: ProxyHandoffServer, proxy: Proxy) -> AsyncIterator[N
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def synced(server: ProxyHandoffServer) -> None:
+async def synced(server: ProxyHandoffServer, proxies: int = 1) -> None:
     async with asyncio.timeout(SYNC_TIMEOUT):
-        while server.synced_proxies != 1:
+        while server.synced_proxies != proxies:
             await asyncio.sleep(0.02)
 
 
@@ -124,6 +124,36 @@ def test_a_port_in_use_nacks_that_pod_and_others_still_sync(tmp_path, namespaces
                 squatter.close()
                 await server.add(pod("taken"), taken)
                 assert proxy.pod("taken") is not None
+        await server.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_successor_proxy_takes_every_pod_while_the_old_one_still_listens(tmp_path, namespaces):
+    # A rolling update with maxSurge: the new proxy opens the same ports in each
+    # pod beside the old one (SO_REUSEPORT, same UID), so both ack every pod,
+    # and the old one leaving takes nothing from the new one.
+    early, late, third = namespaces["early"], namespaces["late"], namespaces["taken"]
+
+    async def scenario() -> None:
+        server = ProxyHandoffServer(tmp_path / "handoff.sock", lambda: [(pod("early"), early)])
+        await server.start()
+        async with real_proxy(tmp_path / "new") as new, following(server, new):
+            async with real_proxy(tmp_path / "old") as old, following(server, old):
+                await synced(server, proxies=2)
+                await server.add(pod("late"), late)
+                for proxy in (old, new):
+                    assert proxy.pod("early") is not None and proxy.pod("late") is not None
+            # The next pod goes to the new proxy alone: the old one's leaving fails nothing.
+            await server.add(pod("third"), third)
+            assert server.synced_proxies == 1
+            for uid in ("early", "late", "third"):
+                assert new.pod(uid) is not None
+            # The new proxy's listener still answers in the pod once the old one is gone.
+            subprocess.run(["ip", "-n", late.path.name, "link", "set", "lo", "up"], check=True)
+            with entered(late):
+                probe = socket.create_connection(("127.0.0.1", OUTBOUND_CAPTURE_PORT), timeout=5)
+            probe.close()
         await server.close()
 
     asyncio.run(scenario())

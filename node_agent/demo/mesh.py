@@ -6,7 +6,8 @@ by running the node's CNI chain (bridge, host-local, weir-cni) as a container
 runtime would. Every pod runs a small server, then every pod connects to
 every other one. The table shows what happened and what the destination's
 proxy reported (identities from verified certificates); a capture of the
-underlay between the nodes shows that no payload crossed in clear.
+underlay between the nodes shows that no payload crossed in clear. Held, the
+mesh then stays up for `weir node ...` until SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from node_agent import netns as netns_mod
@@ -30,6 +34,8 @@ from node_agent.localmesh.traffic import TrafficObserver, connect
 CONFIG = REPO / "examples" / "mesh.yaml"
 NODES = (("node-1", "10.244.1.0/24"), ("node-2", "10.244.2.0/24"))
 _LOG_WAIT_S = 3.0
+# How long a held demo may take to notice the signal that ends it.
+_HOLD_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -169,7 +175,49 @@ def wire_check(pcap: Path, payloads: list[str]) -> tuple[int, list[str]]:
     return packets, [p for p in payloads if p.encode() in raw]
 
 
-def run() -> int:
+def explore_lines(mesh: LocalMesh) -> list[str]:
+    """One `weir node status` command per node, run in the node's real netns.
+
+    Other checks parse these lines: keep their form exactly."""
+    return [
+        f"node {name}: ip netns exec {mesh.nodes[name].node.netns_name} weir node status"
+        for name, _ in NODES
+    ]
+
+
+def hold(mesh: LocalMesh) -> None:
+    """Keep the mesh up, saying how to explore and stop it, until SIGINT or SIGTERM."""
+    stopped: list[int] = []
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        stopped.append(signum)
+
+    # Both signals are the expected way out of a hold, not an interruption:
+    # the demo then cleans up and reports as it does unheld.
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print()
+        for line in explore_lines(mesh):
+            print(line)
+        if os.environ.get("WEIR_REDIRECT_MODE") == "ebpf":
+            # ip netns exec remounts /sys, so the agent's eBPF pins are out of sight there.
+            print("eBPF mode: ip netns exec hides the pins; to check capture, instead:")
+            for name, _ in NODES:
+                node = mesh.nodes[name]
+                print(
+                    f"  nsenter --net={node.node.netns.path} weir node status"
+                    f" --bpf-pin-root {node.pins.root}"
+                )
+        print(f"holding the mesh: Ctrl-C or kill -TERM {os.getpid()} removes it", flush=True)
+        while not stopped:
+            time.sleep(_HOLD_POLL_S)
+        print(f"\n{signal.Signals(stopped[0]).name}: removing the mesh", flush=True)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run(*, hold_mesh: bool = False) -> int:
     started = time.monotonic()
     with LocalMesh(CONFIG, real_proxy) as mesh, TrafficObserver() as apps:
         print(f"control plane: {mesh.controlplane_address} (gRPC over TLS, its own CA)")
@@ -191,6 +239,8 @@ def run() -> int:
             f"\nbetween the nodes: {packets} TCP packets captured on the underlay; "
             f"{len(in_clear)} of {len(payloads)} payloads seen in clear"
         )
+        if hold_mesh:
+            hold(mesh)
     print(f"removed every namespace, link, rule and process; {time.monotonic() - started:.1f}s")
     ok = not in_clear and all(r.security in ("mutual_tls", "-") for r in results)
     print("demo: OK" if ok else "demo: NOT OK")

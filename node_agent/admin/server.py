@@ -8,8 +8,11 @@ including its errors, are JSON.
 
 The admin listener (loopback only, refused otherwise) also serves
 `/logging` (GET: the level per component; POST `?component=level`: change
-it now) and POST `/quitquitquit` (a graceful stop, as SIGTERM). The health
-listener, which kubelet reaches from off the node, serves only health.
+it now), `/logs?lines=N` (the process's last N log records, see log_ring) and
+POST `/quitquitquit` (a graceful stop, as SIGTERM). The health listener,
+which kubelet reaches from off the node, serves only health and the
+Prometheus metrics at `/metrics` when the registry has them (both listeners
+do: Prometheus scrapes the agent's :15021 as it scrapes the proxy's :15020).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from node_agent.admin import log_levels
+from node_agent.admin import log_levels, log_ring
 from weir_common import http_endpoint
 from weir_common.errors import InvalidInputError
 from weir_common.http_endpoint import Query, Reply, Route
@@ -43,6 +46,8 @@ class AdminRegistry:
     log_components: Mapping[str, str] = field(default_factory=dict)
     # What /quitquitquit calls: the same graceful stop as SIGTERM. None: not served.
     on_quit: Callable[[], None] | None = None
+    # What /metrics serves (Prometheus text). None: not served.
+    metrics: Callable[[], str] | None = None
 
     def add_section(self, name: str, section: Section) -> None:
         if name in self.sections:
@@ -110,12 +115,28 @@ def _routes(registry: AdminRegistry, admin: bool) -> dict[str, Route]:
         "/healthz": lambda _query: _json(HTTPStatus.OK, {"status": "alive"}),
         "/healthz/ready": ready,
     }
+    if registry.metrics is not None:
+        routes["/metrics"] = http_endpoint.prometheus(registry.metrics)
     if admin:
         routes["/config_dump"] = config_dump
         routes["/logging"] = lambda _query: _json(
             HTTPStatus.OK, log_levels.levels(registry.log_components)
         )
+        routes["/logs"] = _logs_route(log_ring.process_ring())
     return routes
+
+
+def _logs_route(ring: log_ring.LogRing) -> Route:
+    def logs(query: Query) -> Reply:
+        text = query.get("lines", "100")
+        if not text.isdigit() or not 0 < int(text) <= log_ring.CAPACITY:
+            return _json(
+                HTTPStatus.BAD_REQUEST,
+                {"error": f"lines={text!r}: a number from 1 to {log_ring.CAPACITY}"},
+            )
+        return _json(HTTPStatus.OK, {"records": ring.recent(int(text))})
+
+    return logs
 
 
 def _post_routes(registry: AdminRegistry) -> dict[str, Route]:

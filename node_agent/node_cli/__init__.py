@@ -30,8 +30,10 @@ from node_agent.constants import (
 )
 from node_agent.enrollment.registry import PodRecord
 from node_agent.netns import Netns
+from node_agent.node_cli import logs as logs_mod
 from node_agent.node_cli import render
 from node_agent.node_cli import trace as trace_mod
+from node_agent.node_cli import verify as verify_mod
 from node_agent.node_cli.admin_client import Admin, AdminUnreachable
 from node_agent.proxy.model import Workload
 from node_agent.redirect.backend import Backend
@@ -75,6 +77,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "connections": (connections, "the connections the proxy carries right now"),
         "pod": (pod, "one pod, with its capture and listeners checked in the kernel"),
         "trace": (trace, "what would happen to a connection: capture, endpoints, policy"),
+        "verify": (
+            lambda args: Answer(*verify_mod.answer(args)),
+            "preflight of the node: kernel, iptables backends, CNI chain, UID 1337",
+        ),
+        "logs": (
+            lambda args: Answer(*logs_mod.answer(args)),
+            "recent logs of the agent, the proxy and weir-cni",
+        ),
     }
     for verb, (command, text) in commands.items():
         p = verbs.add_parser(verb, help=text, description=text)
@@ -89,7 +99,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             )
         if verb == "pod":
             p.add_argument("pod", type=pod_key, metavar="NAMESPACE/NAME")
-        if verb in ("status", "workloads", "pod", "trace"):  # those that check capture
+        if verb == "verify":
+            verify_mod.add_arguments(p)
+        if verb == "logs":
+            logs_mod.add_arguments(p)
+        if verb in ("status", "workloads", "pod", "trace", "verify"):  # those that check capture
             p.add_argument(
                 "--bpf-pin-root",
                 type=Path,

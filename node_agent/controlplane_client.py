@@ -441,6 +441,8 @@ class XdsClient:
         self._last_failure = "not connected yet"
         # The last push refused (type, nonce, why, when): what `weir node status` shows.
         self.last_nack: dict[str, str] | None = None
+        # Resource type (short name) -> NACKs sent since start: the agent's metrics.
+        self.nacks_sent: dict[str, int] = {}
 
     def not_connected(self) -> str | None:
         """A readiness check: None while the stream is up, else why it is not."""
@@ -542,8 +544,10 @@ class XdsClient:
                 log.exception("%s push %s: the config handler failed", type_url, response.nonce)
                 reason = f"config handler failed: {type(exc).__name__}: {exc}"
             log.warning("rejecting %s push %s: %s", type_url, response.nonce, reason)
+            kind = type_url.rsplit(".", 1)[-1]
+            self.nacks_sent[kind] = self.nacks_sent.get(kind, 0) + 1
             self.last_nack = {
-                "type": type_url.rsplit(".", 1)[-1],
+                "type": kind,
                 "nonce": response.nonce,
                 "reason": reason,
                 "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

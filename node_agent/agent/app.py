@@ -36,6 +36,7 @@ from node_agent.admin.log_levels import AGENT_COMPONENTS
 from node_agent.admin.server import AdminRegistry, HttpEndpoint, node_info
 from node_agent.agent.cni_bridge import EnrollmentCniHandler
 from node_agent.agent.cni_setup import CniSetup, CniSetupSettings
+from node_agent.agent.metrics import AgentMetrics
 from node_agent.agent.registrar import ControlPlaneRegistrar
 from node_agent.cni_events.server import CniEventServer
 from node_agent.constants import ADMIN_PORT, READINESS_PORT
@@ -136,6 +137,12 @@ class Agent:
             on_synced=lambda: self.enroller.converge(),  # noqa: PLW0108
         )
         self.registrar = ControlPlaneRegistrar(self.client)
+        # Gauges are read at scrape time; the subscription is built below.
+        self.metrics = AgentMetrics(
+            pods_enrolled=lambda: sum(1 for record in self.registry if record.enrolled),
+            xds_connected=lambda: self.subscription.connected.is_set(),  # noqa: PLW0108
+            xds_nacks=lambda: self.subscription.nacks_sent,
+        )
         self.enroller = Enroller(
             capture=capture,
             mode=mode,
@@ -144,13 +151,16 @@ class Agent:
             directory=self.mesh if self.follower is None else self.follower,
             registry=self.registry,
             host_rules=host_rules,
+            metrics=self.metrics,
         )
         if self.follower is not None:
             self.follower.enroller = self.enroller
         self.subscription = self.client.subscribe(self.mesh)
         self.supervisor = Supervisor(self._give_up)
         self.failure: str | None = None
-        self.admin = AdminRegistry(log_components=AGENT_COMPONENTS, on_quit=self.stop)
+        self.admin = AdminRegistry(
+            log_components=AGENT_COMPONENTS, on_quit=self.stop, metrics=self.metrics.render
+        )
         self.admin.add_section("node", lambda: node_info(settings.node))
         self.admin.add_section("controlplane", self.subscription.dump)
         self.admin.add_section("pods", self.enroller.dump)

@@ -29,10 +29,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from cni_plugin.protocol import PodInfo
 from node_agent.enrollment.registry import PodRecord, PodRegistry
@@ -42,6 +43,8 @@ from node_agent.redirect.config import CaptureConfig
 from weir_common.errors import WeirError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class CaptureEngine(Protocol):
@@ -74,6 +77,18 @@ class ProxyHandoff(Protocol):
     async def add(self, pod: EnrolledPod, netns: Netns) -> None: ...
 
     async def remove(self, uid: str) -> None: ...
+
+
+class EnrollmentMetrics(Protocol):
+    """Where the Enroller counts what it does (node_agent/agent/metrics.py)."""
+
+    def enrollment(self, outcome: str, seconds: float) -> None:
+        """One `add` ended: "captured", "not_in_mesh" or "failed", after `seconds`."""
+        ...
+
+    def redirect_error(self, mode: str, operation: str) -> None:
+        """A capture operation ("apply", "check", "remove", "prune") raised."""
+        ...
 
 
 class Registrar(Protocol):
@@ -119,8 +134,10 @@ class Enroller:
         directory: WorkloadDirectory,
         registry: PodRegistry,
         host_rules: HostRules | None = None,
+        metrics: EnrollmentMetrics | None = None,
     ) -> None:
         self._capture = capture
+        self._metrics = metrics
         self._host_rules = host_rules
         self._mode = mode
         self._proxy = proxy
@@ -133,6 +150,18 @@ class Enroller:
         self.unhealthy: dict[str, str] = {}
 
     async def add(self, pod: PodInfo) -> Outcome:
+        started = time.monotonic()
+        outcome = "failed"
+        try:
+            result = await self._add(pod)
+            outcome = "captured" if result.captured else "not_in_mesh"
+            return result
+        finally:
+            # A cancelled ADD (the CNI bound ran out) counts as failed too.
+            if self._metrics is not None:
+                self._metrics.enrollment(outcome, time.monotonic() - started)
+
+    async def _add(self, pod: PodInfo) -> Outcome:
         async with self._locks[pod.container_id]:
             intent = self._directory.lookup(pod.namespace, pod.name)
             if isinstance(intent, str):
@@ -167,8 +196,8 @@ class Enroller:
             ),
             (
                 "capture",
-                lambda: asyncio.to_thread(self._capture.apply, ns, record.capture),
-                lambda: asyncio.to_thread(self._capture.remove, ns),
+                lambda: self._redirect("apply", self._capture.apply, ns, record.capture),
+                lambda: self._redirect("remove", self._capture.remove, ns),
             ),
             (
                 "registration",
@@ -237,7 +266,7 @@ class Enroller:
             ns = None  # the netns is gone, and its rules with it
         if ns is not None and ns.inode == record.netns_inode:
             try:
-                await asyncio.to_thread(self._capture.remove, ns)
+                await self._redirect("remove", self._capture.remove, ns)
             except WeirError as e:
                 log.warning("removing capture from %s failed: %s", what, e.message)
         if self._host_rules is not None:
@@ -267,7 +296,7 @@ class Enroller:
         if record is None:
             return []
         ns = Netns.validate(record.netns)
-        return await asyncio.to_thread(self._capture.check, ns, record.capture)
+        return await self._redirect("check", self._capture.check, ns, record.capture)
 
     async def converge(self) -> None:
         """After an agent restart or a new proxy: forget pods gone, repair the rest.
@@ -315,7 +344,7 @@ class Enroller:
 
     async def _prune_capture(self) -> None:
         try:
-            pruned = await asyncio.to_thread(self._capture.prune)
+            pruned = await self._redirect("prune", self._capture.prune)
         except WeirError as e:
             log.warning("pruning capture state of departed pods failed: %s", e.message)
             return
@@ -335,10 +364,10 @@ class Enroller:
             return
         try:
             ns = Netns.validate(record.netns)
-            drift = await asyncio.to_thread(self._capture.check, ns, record.capture)
+            drift = await self._redirect("check", self._capture.check, ns, record.capture)
             if drift:
                 log.warning("capture of %s drifted (%s); re-applying", record.key(), drift[0])
-                await asyncio.to_thread(self._capture.apply, ns, record.capture)
+                await self._redirect("apply", self._capture.apply, ns, record.capture)
             if self._host_rules is not None:
                 await asyncio.to_thread(self._host_rules.add, record.uid, record.ips)
         except WeirError as e:
@@ -346,6 +375,15 @@ class Enroller:
             log.error("pod %s is NOT captured: %s", record.key(), e.message)
         else:
             self.unhealthy.pop(record.uid, None)
+
+    async def _redirect(self, operation: str, call: Callable[..., T], *args: object) -> T:
+        """A blocking capture call, off the event loop; a failure is counted, then raised."""
+        try:
+            return await asyncio.to_thread(call, *args)
+        except Exception:
+            if self._metrics is not None:
+                self._metrics.redirect_error(self._mode, operation)
+            raise
 
     def enrolled(self) -> list[tuple[EnrolledPod, Netns]]:
         """The proxy handoff snapshot: every recorded pod whose netns still exists."""

@@ -20,6 +20,7 @@ import grpc
 from cryptography import x509
 
 from node_agent.controlplane_client import IssuedCertificate
+from node_agent.proxy.telemetry import RENEWAL_FAILURES, RENEWALS, ProxyMetrics
 from weir_common.errors import TransientError
 from weir_common.mesh import SpiffeId
 from weir_common.retry import Backoff
@@ -85,8 +86,11 @@ class IdentityManager:
         provider: CertificateProvider,
         on_rotated: Callable[[SpiffeId], None],
         clock: Callable[[], datetime.datetime] = lambda: datetime.datetime.now(datetime.UTC),
+        *,
+        metrics: ProxyMetrics | None = None,
     ) -> None:
         self._provider = provider
+        self._metrics = metrics
         self._on_rotated = on_rotated
         self._clock = clock
         self._certs: dict[SpiffeId, WorkloadCertificate] = {}
@@ -145,6 +149,11 @@ class IdentityManager:
             for identity, cert in sorted(self._certs.items(), key=lambda kv: str(kv[0]))
         }
 
+    def _count(self, name: str) -> None:
+        # Unlabelled: a label per identity would grow with the node's service accounts.
+        if self._metrics is not None:
+            self._metrics.inc(name, ())
+
     def _store(self, identity: SpiffeId, cert: WorkloadCertificate) -> WorkloadCertificate:
         self._certs[identity] = cert
         self._refresh_at[identity] = cert.refresh_at(self._clock())
@@ -159,6 +168,7 @@ class IdentityManager:
             try:
                 fresh = await self._provider.fetch(identity)
             except Exception as e:
+                self._count(RENEWAL_FAILURES)
                 expires_in = (cert.not_after - self._clock()).total_seconds()
                 delay = RETRY_BACKOFF.delay(failures)
                 log.warning(
@@ -175,5 +185,6 @@ class IdentityManager:
             if identity not in self._certs:
                 return
             self._store(identity, fresh)
+            self._count(RENEWALS)
             log.info("rotated certificate of %s, valid until %s", identity, fresh.not_after)
             self._on_rotated(identity)

@@ -95,7 +95,7 @@ class Proxy:
         self.settings = settings
         self.metrics = telemetry.metrics
         self._telemetry = telemetry
-        self.identities = IdentityManager(certificates, self._rotated)
+        self.identities = IdentityManager(certificates, self._rotated, metrics=self.metrics)
         self.pool = ConnectionPool(
             max_streams=settings.pool_max_streams,
             max_connections=settings.pool_max_connections,

@@ -32,6 +32,8 @@ FAILED: Final = "istio_tcp_connections_failed_total"
 SENT: Final = "istio_tcp_sent_bytes_total"
 RECEIVED: Final = "istio_tcp_received_bytes_total"
 REFUSED: Final = "weir_proxy_refused_total"
+RENEWALS: Final = "weir_proxy_certificate_renewals_total"
+RENEWAL_FAILURES: Final = "weir_proxy_certificate_renewal_failures_total"
 HELP: Final = {
     OPENED: "TCP connections opened",
     CLOSED: "TCP connections closed",
@@ -39,6 +41,8 @@ HELP: Final = {
     SENT: "bytes sent back to the client (response direction)",
     RECEIVED: "bytes received from the client (request direction)",
     REFUSED: "inbound input refused before it became a connection, by listener and reason",
+    RENEWALS: "workload certificates renewed before they expired",
+    RENEWAL_FAILURES: "attempts to renew a workload certificate that failed (each is retried)",
 }
 UNKNOWN: Final = "unknown"
 

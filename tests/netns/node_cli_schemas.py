@@ -186,3 +186,22 @@ POLICIES = {
     ],
     "problems": PROBLEMS,
 }
+VERIFY = {
+    "node": Opt(str),
+    "mode": Opt(str),
+    "checks": [{"name": str, "ok": bool, "detail": str}],
+    "problems": PROBLEMS,
+}
+LOGS = {
+    "records": [
+        {
+            "time": str,
+            "component": OneOf("agent", "proxy", "cni"),
+            "level": str,
+            "logger": str,
+            "message": str,
+        }
+    ],
+    "sources": {"*": str},
+    "problems": PROBLEMS,
+}

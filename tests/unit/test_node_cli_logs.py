@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
 import logging
+import threading
+from collections.abc import Iterator
+
+import pytest
 
 from node_agent.admin import log_ring
 from node_agent.admin.log_ring import LogRing
-from node_agent.admin.server import AdminRegistry
+from node_agent.admin.server import AdminRegistry, HttpEndpoint
+from node_agent.node_cli import register
 from node_agent.node_cli.logs import CNI_LOGGER, merge, split_agent
+from tests.netns import node_cli_schemas as schemas
 from tests.unit.test_admin_server import get, run
 
 
@@ -77,3 +86,58 @@ def test_merge_keeps_the_newest_of_the_wanted_components_in_time_order():
     assert [r["message"] for r in merge(by, ["agent", "proxy"], 3)] == ["p1", "p2", "a2"]
     assert [r["message"] for r in merge(by, ["cni"], 10)] == ["c1"]
     assert merge(by, ["proxy"], 1) == [by["proxy"][1]]
+
+
+@pytest.fixture
+def admin_port() -> Iterator[int]:
+    """A real admin listener on loopback, served from a thread of its own."""
+    loop = asyncio.new_event_loop()
+    endpoint = HttpEndpoint(AdminRegistry(), "127.0.0.1", 0, admin=True)
+    loop.run_until_complete(endpoint.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield endpoint.port
+    finally:
+        asyncio.run_coroutine_threadsafe(endpoint.close(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def test_logs_command_reads_the_admin_listeners_and_separates_weir_cni(admin_port, capsys):
+    logging.getLogger("node_agent.agent").warning("agent said %d", 1)
+    logging.getLogger(CNI_LOGGER).warning("default/a: ADD")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    ports = ["--agent-admin", str(admin_port), "--proxy-admin", str(admin_port)]
+
+    args = parser.parse_args(["node", "logs", "--component", "cni", "-o", "json", *ports])
+    assert args.func(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert schemas.errors(data, schemas.LOGS) == []
+    assert [(r["component"], r["message"]) for r in data["records"]][-1:] == [
+        ("cni", "default/a: ADD")
+    ]
+    assert {r["component"] for r in data["records"]} == {"cni"}
+    assert "keeps no log file" in data["sources"]["cni"]
+
+    args = parser.parse_args(["node", "logs", "--lines", "2", *ports])
+    assert args.func(args) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["TIME", "COMPONENT", "LEVEL", "LOGGER", "MESSAGE"]
+    assert len([line for line in table[1:] if line.startswith("20")]) == 2
+
+
+def test_an_unreachable_proxy_is_a_problem_and_the_agents_records_still_show(admin_port, capsys):
+    logging.getLogger("node_agent.agent").warning("still here")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(
+        ["node", "logs", "-o", "json", "--agent-admin", str(admin_port), "--proxy-admin", "1"]
+    )
+    assert args.func(args) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert schemas.errors(data, schemas.LOGS) == []
+    assert data["records"][-1]["message"] == "still here"
+    assert len(data["problems"]) == 1 and "proxy admin" in data["problems"][0]

@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from weir_common import json_logging
 from weir_common.errors import WeirError
 
 # Each subcommand's module, imported only when that subcommand runs (or for
@@ -28,10 +29,10 @@ SUBCOMMANDS = {
 
 
 def _chosen(argv: Sequence[str]) -> str | None:
-    """The subcommand named in argv, skipping the global --log-level and its value."""
+    """The subcommand named in argv, skipping the global options and their values."""
     words = iter(argv)
     for word in words:
-        if word == "--log-level":
+        if word in ("--log-level", "--log-format"):
             next(words, None)
         elif not word.startswith("-"):
             return word
@@ -45,6 +46,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         default="warning",
         choices=["debug", "info", "warning", "error"],
         help="log verbosity on stderr (default: warning)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=json_logging.FORMATS,
+        help="text for people (default), or json: one object per line with time, level, "
+        "component, logger, message (weir_common/json_logging.py)",
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
     chosen = _chosen(argv)
@@ -78,14 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     if rest and not getattr(args, "passthrough", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = rest
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    json_logging.configure(args.log_level, args.log_format, component=args.command)
     try:
         code: int = args.func(args)
     except WeirError as e:
         # One line, no traceback: these are conditions an operator can act on.
-        print(f"weir: error: {e.message}", file=sys.stderr)
+        if args.log_format == "json":
+            logging.getLogger("weir").error("%s", e.message)
+        else:
+            print(f"weir: error: {e.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

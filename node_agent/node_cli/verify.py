@@ -19,7 +19,7 @@ import json
 import os
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -55,6 +55,8 @@ class Process:
     name: str
     real_uid: int
     effective_uid: int
+    # In the netns verify runs in (the node's); others are pods' (or other nodes' in a local mesh).
+    here: bool = True
 
 
 # -- decisions (pure) ------------------------------------------------------------
@@ -212,7 +214,9 @@ def uid_check(processes: Sequence[Process], proxy_pid: int | None) -> Check:
         p for p in processes if PROXY_UID in (p.real_uid, p.effective_uid) and p.pid != proxy_pid
     ]
     if others:
-        listed = ", ".join(f"{p.pid} ({p.name})" for p in others)
+        listed = ", ".join(
+            f"{p.pid} ({p.name}{'' if p.here else ', another netns'})" for p in others
+        )
         return Check(
             f"UID {PROXY_UID}",
             False,
@@ -242,17 +246,20 @@ def count_owned(save_output: str) -> int:
 
 
 def _processes(proc: Path = Path("/proc")) -> list[Process]:
+    # thread-self: `ip netns exec` or a test may have moved only this thread.
+    here = (proc / "thread-self" / "ns" / "net").readlink()
     found = []
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
         try:
             text = (entry / "status").read_text()
+            netns = (entry / "ns" / "net").readlink()
         except OSError:
             continue  # exited while we looked
         process = parse_status(int(entry.name), text)
         if process is not None:
-            found.append(process)
+            found.append(replace(process, here=netns == here))
     return found
 
 

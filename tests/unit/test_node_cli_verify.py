@@ -183,10 +183,10 @@ def test_only_the_proxy_may_run_as_uid_1337():
 
 def test_a_process_with_uid_1337_real_or_effective_is_reported_by_pid():
     setuid = Process(200, "sneaky", 1000, 1337)
-    real = Process(300, "app", 1337, 0)
+    real = Process(300, "app", 1337, 0, here=False)
     check = uid_check([Process(100, "weir", 1337, 1337), setuid, real], 100)
     assert not check.ok
-    assert check.detail.endswith("200 (sneaky), 300 (app)")
+    assert check.detail.endswith("200 (sneaky), 300 (app, another netns)")
     assert "proxy pid unknown" in uid_check([real], None).detail
 
 

@@ -133,8 +133,9 @@ def test_verify_reads_the_live_backends_cni_chain_and_uid_1337(bare_netns, backe
         assert checks["weir-cni binary"]["ok"]
         uid = checks["UID 1337"]
         assert not uid["ok"] and rc == 1
-        assert f"{stranger.pid} (sleep)" in uid["detail"]
-        assert f"{proxy.pid} (sleep)" not in uid["detail"]
+        # Started from the host netns, not the one verify runs in.
+        assert f"{stranger.pid} (sleep, another netns)" in uid["detail"]
+        assert f"{proxy.pid} (sleep" not in uid["detail"]
         assert any(p.startswith("UID 1337: ") for p in data["problems"])
 
         other = Backend.LEGACY if backend == Backend.NFT else Backend.NFT

@@ -278,6 +278,28 @@ def test_every_node_command_against_a_held_demo_then_sigterm_removes_it(demo: He
     here = demo.json("node-1", "trace", "legacy/intruder", "default/db:5432", schema=schemas.TRACE)
     assert here["source"]["captured"] is True
 
+    # logs: weir-cni's ADD of each of the node's pods, relayed through the agent.
+    for node, pods in pods_by_node.items():
+        cni = demo.json(node, "logs", "--component", "cni", schema=schemas.LOGS)["records"]
+        added = {r["message"].split(":")[0] for r in cni if ": ADD " in r["message"]}
+        assert added == set(pods), cni
+        agent = demo.json(node, "logs", "--component", "agent", schema=schemas.LOGS)["records"]
+        assert {r["component"] for r in agent} == {"agent"}
+
+    # verify: a local mesh node passes what it can. Its CNI chain is run from
+    # memory by the mesh (no conf dir, no /opt/cni/bin), and the other node's
+    # proxy runs as UID 1337 on the same machine, so those checks may fail.
+    for node in ("node-1", "node-2"):
+        rc, out = demo.weir_node(node, "verify", "-o", "json")
+        verified = json.loads(out)
+        assert schemas.errors(verified, schemas.VERIFY) == [], out
+        assert (verified["node"], verified["mode"]) == (node, "iptables-nft")
+        failed = {c["name"] for c in verified["checks"] if not c["ok"]}
+        assert failed <= {"CNI config", "weir-cni binary", "UID 1337"}, out
+        assert rc == (1 if verified["problems"] else 0), out
+        for name in ("agent", "proxy", "iptables backend", "WEIR rules in one backend"):
+            assert name not in failed, out
+
     # Capture removed behind the agent's back: the pod says so, with the diff, exit 1.
     subprocess.run(
         ["ip", "netns", "exec", Path(intruder_netns).name, "iptables", "-t", "nat", "-F"],

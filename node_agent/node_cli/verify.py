@@ -18,7 +18,7 @@ import importlib.util
 import json
 import os
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
@@ -31,6 +31,7 @@ from node_agent.redirect.backend import Backend, choose_backend, probe_host, too
 from node_agent.redirect.ebpf.pins import PinLayout
 from node_agent.redirect.ebpf.preflight import Finding, run_preflight
 from node_agent.redirect.iptables_model import SaveParseError, owned_tables
+from node_agent.redirect.podnet import TCP_LISTEN, TcpSocket, parse_proc_net_tcp
 from weir_common.errors import NodeSetupError
 
 DEFAULT_CNI_CONF_DIR: Final = Path("/etc/cni/net.d")
@@ -208,10 +209,17 @@ def _chain_checks(path: Path, text: str) -> list[Check]:
     return checks
 
 
-def uid_check(processes: Sequence[Process], proxy_pid: int | None) -> Check:
-    """Capture lets UID 1337 through unredirected: only the proxy may run as it."""
+def uid_check(processes: Sequence[Process], proxy_pids: Collection[int]) -> Check:
+    """Capture lets UID 1337 through unredirected: only the proxy may run as it.
+
+    `proxy_pids` are the processes holding the proxy's admin listener: the
+    pid the proxy reports is that of its own pid namespace (a pod's on
+    Kubernetes), which /proc here may not show under that number.
+    """
     others = [
-        p for p in processes if PROXY_UID in (p.real_uid, p.effective_uid) and p.pid != proxy_pid
+        p
+        for p in processes
+        if PROXY_UID in (p.real_uid, p.effective_uid) and p.pid not in proxy_pids
     ]
     if others:
         listed = ", ".join(
@@ -220,12 +228,22 @@ def uid_check(processes: Sequence[Process], proxy_pid: int | None) -> Check:
         return Check(
             f"UID {PROXY_UID}",
             False,
-            f"not the proxy{'' if proxy_pid is not None else ' (proxy pid unknown)'}, yet "
+            f"not the proxy{'' if proxy_pids else ' (no proxy found)'}, yet "
             f"running as UID {PROXY_UID}, so capture lets its traffic through: {listed}",
         )
-    if proxy_pid is None:
+    if not proxy_pids:
         return Check(f"UID {PROXY_UID}", True, "no process runs as it")
-    return Check(f"UID {PROXY_UID}", True, f"the proxy (pid {proxy_pid}) only")
+    pids = ", ".join(str(pid) for pid in sorted(proxy_pids))
+    return Check(f"UID {PROXY_UID}", True, f"the proxy (pid {pids}) only")
+
+
+def listening_inodes(sockets: Iterable[TcpSocket], port: int) -> set[int]:
+    """Socket inodes listening on loopback `port`: the proxy's admin listener."""
+    return {
+        s.inode
+        for s in sockets
+        if s.state == TCP_LISTEN and s.local[1] == port and s.local[0].is_loopback
+    }
 
 
 def parse_status(pid: int, text: str) -> Process | None:
@@ -261,6 +279,31 @@ def _processes(proc: Path = Path("/proc")) -> list[Process]:
         if process is not None:
             found.append(replace(process, here=netns == here))
     return found
+
+
+def _owners(
+    inodes: set[int], candidates: Iterable[Process], proc: Path = Path("/proc")
+) -> set[int]:
+    """Which of `candidates` hold one of the socket `inodes` open."""
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    owners = set()
+    for process in candidates:
+        try:
+            links = [str(fd.readlink()) for fd in (proc / str(process.pid) / "fd").iterdir()]
+        except OSError:
+            continue  # exited, or its fds closed while we looked
+        if wanted.intersection(links):
+            owners.add(process.pid)
+    return owners
+
+
+def _loopback_sockets() -> list[TcpSocket]:
+    sockets: list[TcpSocket] = []
+    for family, table in ((4, "tcp"), (6, "tcp6")):
+        path = Path(f"/proc/thread-self/net/{table}")
+        if path.exists():
+            sockets += parse_proc_net_tcp(path.read_text(), family)
+    return sockets
 
 
 def _weir_rules(host_rules: Mapping[Backend, int | None]) -> dict[Backend, int | None]:
@@ -354,7 +397,10 @@ def gather(args: argparse.Namespace, agent: Admin, proxy: Admin) -> dict[str, An
         plugin,
         plugin.is_file() and os.access(plugin, os.X_OK),
     )
-    checks.append(uid_check(_processes(), proxy_pid))
+    processes = _processes()
+    as_proxy = [p for p in processes if PROXY_UID in (p.real_uid, p.effective_uid)]
+    inodes = listening_inodes(_loopback_sockets(), args.proxy_admin)
+    checks.append(uid_check(processes, _owners(inodes, as_proxy)))
     return {"node": node, "mode": mode, "checks": [asdict(c) for c in checks]}
 
 

@@ -2,7 +2,8 @@
 
 The command runs as an operator runs it (`ip netns exec NS weir node verify`),
 with the agent's and the proxy's admin answered by small stand-ins on the
-netns's loopback (verify reads only the capture mode and the proxy's pid).
+netns's loopback: verify reads the capture mode from the agent, and knows
+the proxy as the UID 1337 process holding the proxy's admin listener.
 For each backend: Weir's rules only where the agent's mode says passes; the
 same rules also in the other backend is the nft/legacy mix-up, and fails.
 A process running as UID 1337 that is not the proxy is named by its pid.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import http.server
 import json
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,15 +58,40 @@ def _admin(ns: Netns, port: int, sections: dict[str, Any]) -> http.server.HTTPSe
     return server
 
 
+# The proxy's stand-in: its admin listener, held by a UID 1337 process as the real one is.
+PROXY_STANDIN = """
+import http.server, json, os, sys
+body = json.dumps({"node": {"pid": os.getpid()}}).encode()
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+server = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+print("listening", flush=True)
+server.serve_forever()
+"""
+AS_1337 = ["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups"]
+
+
 @pytest.fixture
-def uid_1337() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Two processes running as UID 1337 (one plays the proxy), always killed."""
-    argv = ["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups", "sleep", "120"]
-    procs = [subprocess.Popen(argv), subprocess.Popen(argv)]
+def uid_1337(bare_netns: Netns) -> Iterator[list[subprocess.Popen[str]]]:
+    """The proxy's stand-in in the netns and a stranger, both as UID 1337; always killed."""
+    name = Path(bare_netns.path).name
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    proxy = subprocess.Popen(
+        ["ip", "netns", "exec", name, *AS_1337, sys.executable, "-c", PROXY_STANDIN,
+         str(PROXY_PORT)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stranger = subprocess.Popen([*AS_1337, "sleep", "120"], text=True)
     try:
-        yield procs
+        assert proxy.stdout is not None
+        assert proxy.stdout.readline().strip() == "listening"
+        yield [proxy, stranger]
     finally:
-        for proc in procs:
+        for proc in (proxy, stranger):
             proc.kill()
             proc.wait(timeout=10)
 
@@ -110,13 +137,10 @@ def _verify(ns: Netns, cni: tuple[Path, Path]) -> tuple[int, dict[str, Any]]:
 
 @pytest.mark.parametrize("backend", list(Backend))
 def test_verify_reads_the_live_backends_cni_chain_and_uid_1337(bare_netns, backend, uid_1337, cni):
-    subprocess.run(["ip", "-n", Path(bare_netns.path).name, "link", "set", "lo", "up"], check=True)
     proxy, stranger = uid_1337
-    servers = [
-        _admin(bare_netns, AGENT_PORT,
-               {"node": {"node": "n1"}, "capture": {"mode": f"iptables-{backend}"}}),
-        _admin(bare_netns, PROXY_PORT, {"node": {"pid": proxy.pid}}),
-    ]  # fmt: skip
+    agent = _admin(
+        bare_netns, AGENT_PORT, {"node": {"node": "n1"}, "capture": {"mode": f"iptables-{backend}"}}
+    )
     try:
         _weir_chain(bare_netns, backend)
         rc, data = _verify(bare_netns, cni)
@@ -135,7 +159,9 @@ def test_verify_reads_the_live_backends_cni_chain_and_uid_1337(bare_netns, backe
         assert not uid["ok"] and rc == 1
         # Started from the host netns, not the one verify runs in.
         assert f"{stranger.pid} (sleep, another netns)" in uid["detail"]
-        assert f"{proxy.pid} (sleep" not in uid["detail"]
+        # `ip netns exec` execs setpriv execs python: the same pid holds the listener.
+        assert checks["proxy"]["detail"] == f"pid {proxy.pid}"
+        assert f"{proxy.pid} (" not in uid["detail"]
         assert any(p.startswith("UID 1337: ") for p in data["problems"])
 
         other = Backend.LEGACY if backend == Backend.NFT else Backend.NFT
@@ -146,6 +172,5 @@ def test_verify_reads_the_live_backends_cni_chain_and_uid_1337(bare_netns, backe
         assert f"iptables-{other} holds 2 Weir rules" in mixup["detail"]
         assert any(p.startswith("WEIR rules in one backend: ") for p in data["problems"])
     finally:
-        for server in servers:
-            server.shutdown()
-            server.server_close()
+        agent.shutdown()
+        agent.server_close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,13 @@ from node_agent.node_cli.verify import (
     cni_checks,
     count_owned,
     kernel_checks,
+    listening_inodes,
     parse_status,
     uid_check,
 )
 from node_agent.redirect.backend import Backend
 from node_agent.redirect.ebpf.preflight import Finding
+from node_agent.redirect.podnet import TCP_LISTEN, TcpSocket
 
 NFT, LEGACY = Backend.NFT, Backend.LEGACY
 CONF = Path("/etc/cni/net.d")
@@ -177,17 +180,30 @@ def test_no_conf_dir_no_config_and_no_binary_are_problems():
 def test_only_the_proxy_may_run_as_uid_1337():
     proxy = Process(100, "weir", 1337, 1337)
     root = Process(1, "init", 0, 0)
-    assert uid_check([root, proxy], 100).ok
-    assert uid_check([root], None) == Check("UID 1337", True, "no process runs as it")
+    assert uid_check([root, proxy], {100}) == Check("UID 1337", True, "the proxy (pid 100) only")
+    assert uid_check([root], set()) == Check("UID 1337", True, "no process runs as it")
 
 
 def test_a_process_with_uid_1337_real_or_effective_is_reported_by_pid():
     setuid = Process(200, "sneaky", 1000, 1337)
     real = Process(300, "app", 1337, 0, here=False)
-    check = uid_check([Process(100, "weir", 1337, 1337), setuid, real], 100)
+    check = uid_check([Process(100, "weir", 1337, 1337), setuid, real], {100})
     assert not check.ok
     assert check.detail.endswith("200 (sneaky), 300 (app, another netns)")
-    assert "proxy pid unknown" in uid_check([real], None).detail
+    assert "no proxy found" in uid_check([real], set()).detail
+
+
+def test_the_proxy_is_the_holder_of_its_loopback_admin_listener():
+    loopback, anywhere = ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("0.0.0.0")
+    peer = (ipaddress.ip_address("127.0.0.1"), 40000)
+    sockets = [
+        TcpSocket(4, (loopback, 15019), (anywhere, 0), TCP_LISTEN, 11),
+        TcpSocket(6, (ipaddress.ip_address("::1"), 15019), (anywhere, 0), TCP_LISTEN, 12),
+        TcpSocket(4, (loopback, 15019), peer, 0x01, 13),  # an accepted connection
+        TcpSocket(4, (anywhere, 15019), (anywhere, 0), TCP_LISTEN, 14),  # not loopback
+        TcpSocket(4, (loopback, 15000), (anywhere, 0), TCP_LISTEN, 15),
+    ]
+    assert listening_inodes(sockets, 15019) == {11, 12}
 
 
 def test_proc_status_is_parsed_for_name_and_uids():

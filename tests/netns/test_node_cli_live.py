@@ -6,11 +6,13 @@ through exactly that prefix (with the venv's `weir` first on PATH), checks
 its JSON against the schemas in node_cli_schemas.py, its exit code, and what
 it says against the demo's own mesh (examples/mesh.yaml). Then it removes one
 pod's capture behind the agent's back, and stops the demo with SIGTERM: it
-must exit 0 and leave nothing of its own behind.
+must exit 0 and leave nothing of its own behind. In eBPF mode, the nsenter
+commands the demo adds (ip netns exec hides the pins) must see the capture.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -41,6 +43,8 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(360)]
 
 WEIR = Path(sys.executable).with_name("weir")
 NODE_LINE = re.compile(r"^node (\S+): (ip netns exec (\S+) weir node status)$")
+# In eBPF mode, where ip netns exec hides the pins, the demo also prints these.
+NSENTER_LINE = re.compile(r"^  (nsenter --net=\S+/(\S+) weir node status --bpf-pin-root \S+)$")
 HOLDING = "holding the mesh: "
 # The demo's table, its pair traffic and its cleanup each take tens of seconds.
 _UP_TIMEOUT_S = 200.0
@@ -66,6 +70,8 @@ class HeldDemo:
     # node name -> the printed command, split as a shell would
     commands: dict[str, list[str]] = field(default_factory=dict)
     netns: dict[str, str] = field(default_factory=dict)
+    # netns name -> the printed nsenter command (eBPF mode only), split likewise
+    nsenter: dict[str, list[str]] = field(default_factory=dict)
 
     def wait_until_held(self) -> None:
         """Read the demo's output until it holds, parsing its node lines on the way."""
@@ -82,6 +88,8 @@ class HeldDemo:
             if m := NODE_LINE.match(line):
                 self.commands[m[1]] = shlex.split(m[2])
                 self.netns[m[1]] = m[3]
+            if m := NSENTER_LINE.match(line):
+                self.nsenter[m[2]] = shlex.split(m[1])
             if line.startswith(HOLDING):
                 return
 
@@ -103,9 +111,18 @@ class HeldDemo:
         """`weir node ARGS` through the prefix the demo printed for `node`."""
         printed = self.commands[node]
         assert printed[-3:] == ["weir", "node", "status"], printed
+        return self.run([*printed[:-1], *args])
+
+    def nsenter_node(self, node: str, *args: str) -> tuple[int, str]:
+        """`weir node ARGS --bpf-pin-root ROOT` as the eBPF-mode hint for `node` says."""
+        printed = self.nsenter[self.netns[node]]
+        assert printed[-5:-2] == ["weir", "node", "status"], printed
+        return self.run([*printed[:-3], *args, *printed[-2:]])
+
+    def run(self, argv: list[str]) -> tuple[int, str]:
         path = f"{WEIR.parent}{os.pathsep}{os.environ.get('PATH', '')}"
         proc = subprocess.run(
-            [*printed[:-1], *args],
+            argv,
             capture_output=True,
             text=True,
             timeout=_COMMAND_TIMEOUT_S,
@@ -153,11 +170,16 @@ def _left_behind(prefix: str, pids: list[int]) -> list[str]:
     return left + [f"process {pid}" for pid in pids if _alive(pid)]
 
 
-@pytest.fixture
-def demo() -> Iterator[HeldDemo]:
+@contextlib.contextmanager
+def held_demo(mode: str) -> Iterator[HeldDemo]:
+    """`weir demo --hold` in redirect mode `mode`; stopped and swept whatever happens."""
     with tempfile.TemporaryFile("w+") as stderr:
         process = subprocess.Popen(
-            [WEIR, "demo", "--hold"], stdout=subprocess.PIPE, stderr=stderr, text=True
+            [WEIR, "demo", "--hold"],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, "WEIR_REDIRECT_MODE": mode},
         )
         assert process.stdout is not None
         held = HeldDemo(process)
@@ -183,7 +205,8 @@ def demo() -> Iterator[HeldDemo]:
             sys.stderr.write(stderr.read())
 
 
-def test_every_node_command_against_a_held_demo_then_sigterm_removes_it(demo: HeldDemo) -> None:
+def _up(demo: HeldDemo) -> tuple[str, list[int]]:
+    """The demo's prefix and its processes, once it holds."""
     demo.wait_until_held()
     assert sorted(demo.commands) == ["node-1", "node-2"]
     [prefix] = {netns.split("-")[0] for netns in demo.netns.values()}
@@ -192,6 +215,31 @@ def test_every_node_command_against_a_held_demo_then_sigterm_removes_it(demo: He
     # The agents, proxies and control plane, to check that none outlives the demo.
     pids = _children(demo.process.pid)
     assert len(pids) == 5, pids
+    return prefix, pids
+
+
+def _sigterm_ends_it_cleanly(demo: HeldDemo, prefix: str, pids: list[int]) -> None:
+    """SIGTERM ends the hold as the normal way out: exit 0, nothing left behind."""
+    demo.process.send_signal(signal.SIGTERM)
+    rest = demo.rest_of_output()
+    assert demo.process.wait(timeout=_STOP_TIMEOUT_S) == 0, rest
+    assert rest[-3:] == [
+        "SIGTERM: removing the mesh",
+        rest[-2],
+        "demo: OK",
+    ], rest
+    assert rest[-2].startswith("removed every namespace, link, rule and process")
+    assert _left_behind(prefix, pids) == []
+
+
+def test_every_node_command_against_a_held_demo_then_sigterm_removes_it() -> None:
+    with held_demo("iptables") as demo:
+        _drive_every_command(demo)
+
+
+def _drive_every_command(demo: HeldDemo) -> None:
+    prefix, pids = _up(demo)
+    assert demo.nsenter == {}
 
     # status and workloads, from each node's running agent and proxy and its kernel.
     pods_by_node = {"node-1": ["default/client", "legacy/intruder"],
@@ -316,14 +364,28 @@ def test_every_node_command_against_a_held_demo_then_sigterm_removes_it(demo: He
     # Bad usage, through the same prefix.
     assert demo.weir_node("node-1", "pod", "no-namespace")[0] == 2
 
-    # SIGTERM ends the hold as the normal way out: exit 0, nothing left behind.
-    demo.process.send_signal(signal.SIGTERM)
-    rest = demo.rest_of_output()
-    assert demo.process.wait(timeout=_STOP_TIMEOUT_S) == 0, rest
-    assert rest[-3:] == [
-        "SIGTERM: removing the mesh",
-        rest[-2],
-        "demo: OK",
-    ], rest
-    assert rest[-2].startswith("removed every namespace, link, rule and process")
-    assert _left_behind(prefix, pids) == []
+    _sigterm_ends_it_cleanly(demo, prefix, pids)
+
+
+def test_in_ebpf_mode_the_held_demo_says_how_to_see_the_pins() -> None:
+    with held_demo("ebpf") as demo:
+        prefix, pids = _up(demo)
+        assert sorted(demo.nsenter) == sorted(demo.netns.values())
+        for node, pods in (("node-1", ["default/client", "legacy/intruder"]),
+                           ("node-2", ["default/db", "default/server"])):  # fmt: skip
+            rc, out = demo.nsenter_node(node, "status", "-o", "json")
+            status = json.loads(out)
+            assert schemas.errors(status, schemas.STATUS) == [], out
+            assert (rc, status["redirect"]["mode"], status["pods"]) == (
+                0,
+                "ebpf",
+                {"seen": 2, "captured": 2},
+            ), out
+            rc, out = demo.nsenter_node(node, "workloads", "-o", "json")
+            workloads = json.loads(out)["workloads"]
+            assert rc == 0 and [w["pod"] for w in workloads] == pods, out
+            assert {w["capture_in_kernel"] for w in workloads} == {True}
+            # Under ip netns exec the pins are out of sight, and the answer says why.
+            rc, out = demo.weir_node(node, "pod", pods[0])
+            assert rc == 1 and "cannot see the eBPF pins" in out, out
+        _sigterm_ends_it_cleanly(demo, prefix, pids)

@@ -6,7 +6,8 @@
 #         /opt/weir holding weir's dependencies; built once per change of those
 #         and kept in ~/.cache/weir/images (a minute or two, hundreds of MB);
 #   app   the weir wheel installed into that venv, and the weir-cni bundle
-#         (make cni-plugin) at /opt/weir/cni/weir-cni; seconds, a few MB.
+#         (make cni-plugin) at /opt/weir/cni/weir-cni, and bpf/ at
+#         /opt/weir/bpf; seconds, a few MB.
 # Usage: build-weir-image.sh OUT.tar [TAG]   (TAG defaults to weir.test/weir:dev)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -76,6 +77,8 @@ destination = SchemeDictionaryDestination(
 with WheelFile.open(wheel) as source:
     install(source, destination, additional_metadata={"INSTALLER": b"build-weir-image\n"})
 shutil.copytree("build/cni-plugin/weir-cni", root / "opt/weir/cni/weir-cni", symlinks=True)
+# The eBPF programs' C sources, which bcc compiles on the node (WEIR_BPF_DIR).
+shutil.copytree("bpf", root / "opt/weir/bpf")
 write_directory_layer(root, work / "app.tar")
 build_rootfs_image(
     [Path(base), work / "app.tar"],

@@ -21,7 +21,7 @@ from node_agent.controlplane_client import ControlPlaneEndpoint, TokenFile
 from node_agent.enrollment.enroller import CaptureEngine
 from node_agent.redirect.backend import Backend, choose_backend, probe_host
 from node_agent.redirect.ebpf.capture import EbpfCapture
-from node_agent.redirect.ebpf.pins import DEFAULT_PIN_ROOT, PinLayout
+from node_agent.redirect.ebpf.pins import CGROUP2_ROOT_ENV, DEFAULT_PIN_ROOT, PinLayout
 from node_agent.redirect.host_probes import HostProbes
 from node_agent.redirect.iptables import IptablesCapture
 from node_agent.redirect.modes import Mode, select_mode
@@ -66,6 +66,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--iptables-backend", choices=["auto", *Backend], default="auto")
     p.add_argument("--bpf-pin-root", type=Path, default=DEFAULT_PIN_ROOT)
+    p.add_argument(
+        "--cgroup2-root",
+        type=Path,
+        help="the node's cgroup v2 mount point, where eBPF programs attach (default: "
+        f"${CGROUP2_ROOT_ENV}, else the first cgroup2 mount); must be the hierarchy's root",
+    )
     p.add_argument("--admin-port", type=int, default=ADMIN_PORT, help="admin endpoint on 127.0.0.1")
     p.add_argument("--health-port", type=int, default=READINESS_PORT, help="readiness endpoint")
     cni = p.add_argument_group(
@@ -79,6 +85,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 @contextlib.contextmanager
 def capture_engine(args: argparse.Namespace) -> Iterator[tuple[CaptureEngine, str]]:
+    if args.cgroup2_root is not None:
+        # The preflight and the install read it from there, as `weir redirect` does.
+        os.environ[CGROUP2_ROOT_ENV] = str(args.cgroup2_root)
     choice, preflight = select_mode(Mode(args.redirect_mode), PinLayout(args.bpf_pin_root))
     if choice.mode == Mode.EBPF:
         compiled = preflight.compiled if preflight is not None else None

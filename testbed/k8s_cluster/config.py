@@ -582,7 +582,7 @@ def mount_setup_script(spec: ClusterSpec, node: NodeSpec) -> str:
     other namespaces' nsfs mounts would keep those namespaces alive after
     their owners delete them, so they are dropped first. /sys is mounted anew
     from inside the node netns (its /sys/class/net lists the node's links),
-    keeping the cgroup tree.
+    keeping the cgroup tree, with a bpffs of the node's own at /sys/fs/bpf.
     """
     directory = spec.node_dir(node)
     q = shlex.quote
@@ -597,6 +597,10 @@ def mount_setup_script(spec: ClusterSpec, node: NodeSpec) -> str:
         "mount -t sysfs sysfs /sys",
         "mount --move /run/cgroup-keep /sys/fs/cgroup",
         "rmdir /run/cgroup-keep",
+        # The node's own bpffs, as systemd mounts at boot: eBPF pins (Weir's
+        # agent keeps its capture there) outlive the processes that made them.
+        # A new instance, not the machine's: each node's pins stay its own.
+        "mount -t bpf bpf /sys/fs/bpf",
     ]
     for path, layer in overlay_dirs(spec, node).items():
         lines.append(

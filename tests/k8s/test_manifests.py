@@ -56,6 +56,9 @@ HOST_PATHS = {
         "/var/lib/weir",
         "/run/xtables.lock",
         "/sys/fs/bpf",  # overlays ebpf and auto only
+        "/sys/fs/cgroup",  # overlays ebpf and auto only: the cgroup v2 root, read-only
+        "/lib/modules",  # overlays ebpf and auto only: kernel headers for bcc, read-only
+        "/usr/src",  # overlays ebpf and auto only: kernel headers for bcc, read-only
         "/var/lib/rancher/k3s/agent/etc/cni/net.d",  # overlay k3s
         "/var/lib/rancher/k3s/data/current/bin",  # overlay k3s
         "/home/kubernetes/bin",  # overlay gke

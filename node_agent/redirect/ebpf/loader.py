@@ -10,7 +10,8 @@ links are pinned, no process needs to stay alive for capture to work.
 bcc needs kernel headers matching the running kernel's UAPI. Weir keeps its
 own merged tree (`make deps`: build/bcc-kernel-source, Debian's -common and
 -amd64 header packages as one directory) and hands it to bcc through
-BCC_KERNEL_SOURCE; /lib/modules is never touched.
+BCC_KERNEL_SOURCE; /lib/modules is never written. Without that tree (an
+installed agent) bcc uses the host's own headers under /lib/modules.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import contextlib
 import functools
 import logging
 import os
-import tempfile
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,21 +99,37 @@ def bpf_dir() -> Path:
     return Path(os.environ.get(BPF_DIR_ENV) or CHECKOUT / "bpf")
 
 
+def host_headers() -> Path:
+    """Where bcc itself looks for the running kernel's headers (a distribution's package)."""
+    return Path("/lib/modules") / platform.release() / "build"
+
+
 def kernel_source() -> Path:
-    return Path(os.environ.get(KERNEL_SOURCE_ENV) or CHECKOUT / "build" / "bcc-kernel-source")
+    """$WEIR_BCC_KERNEL_SOURCE, else the checkout's merged tree, else the host's headers."""
+    configured = os.environ.get(KERNEL_SOURCE_ENV)
+    if configured:
+        return Path(configured)
+    merged = CHECKOUT / "build" / "bcc-kernel-source"
+    if not (merged / _HEADERS_STAMP).is_file() and host_headers().is_dir():
+        return host_headers()
+    return merged
 
 
 def headers_in_use(source: Path) -> str:
-    """Which header package the merged tree was built from; NodeSetupError if it is unusable."""
+    """Which headers `source` holds; NodeSetupError if it is unusable."""
     stamp = source / _HEADERS_STAMP
-    if not stamp.is_file():
-        raise NodeSetupError(
-            f"kernel headers for bcc not found: {source} is missing or incomplete. bcc needs "
-            "headers for the running kernel and this kernel ships none; build Weir's merged "
-            "tree with `make deps` (scripts/merge-kernel-headers.sh), or point "
-            f"${KERNEL_SOURCE_ENV} at one"
-        )
-    return f"{stamp.read_text().strip()} (merged tree at {source})"
+    if stamp.is_file():
+        return f"{stamp.read_text().strip()} (merged tree at {source})"
+    if source == host_headers() and (source / "include").is_dir():
+        return f"the host's headers at {source.resolve()}"
+    raise NodeSetupError(
+        f"kernel headers for bcc not found: {source} is missing or incomplete, and so is "
+        f"{host_headers()}. bcc needs headers for the running kernel: install the "
+        "distribution's headers package on the node (in Kubernetes the agent mounts the "
+        "node's /lib/modules and /usr/src), or, for a kernel that ships none, build Weir's "
+        "merged tree with `make deps` (scripts/merge-kernel-headers.sh) and point "
+        f"${KERNEL_SOURCE_ENV} at it"
+    )
 
 
 # Shared headers, in dependency order. bcc only turns functions and maps
@@ -148,7 +165,8 @@ def _bcc_step(what: str, step: Callable[[], _T]) -> _T:
     """Run one bcc call, turning its failure into a NodeSetupError that quotes
     what bcc's C++ side wrote on fd 2 (clang errors, the verifier log)."""
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
+    # In memory: the agent's container has a read-only root and no /tmp.
+    with os.fdopen(os.memfd_create("weir-bcc-stderr", os.MFD_CLOEXEC), "w+b") as tmp:
         os.dup2(tmp.fileno(), 2)
         try:
             return step()
@@ -197,7 +215,11 @@ def compile_and_load(
             "(make deps links it into the virtualenv)"
         ) from None
     previous = os.environ.get("BCC_KERNEL_SOURCE")
-    os.environ["BCC_KERNEL_SOURCE"] = str(source)
+    if source == host_headers():
+        # bcc's own default: it also follows Debian's split of build/ and source/.
+        os.environ.pop("BCC_KERNEL_SOURCE", None)
+    else:
+        os.environ["BCC_KERNEL_SOURCE"] = str(source)
     loaded: Any = None
     try:
         loaded = _bcc_step(

@@ -16,6 +16,7 @@ pin (and closing any fd) is what detaches and frees. The default root is
 from __future__ import annotations
 
 import logging
+import os
 import re
 import subprocess
 from collections.abc import Sequence
@@ -30,6 +31,12 @@ log = logging.getLogger(__name__)
 BPFFS: Final = Path("/sys/fs/bpf")
 DEFAULT_PIN_ROOT: Final = BPFFS / "weir"
 _POD_LINK_PREFIX: Final = "sk_lookup-"
+NO_NODE_BPFFS: Final = (
+    f"no bpffs at {BPFFS} in the agent's pod: mount the node's bpffs there (a hostPath of "
+    f"the node's {BPFFS}, deploy/components/bpffs) and make sure the node has one "
+    f"(mount -t bpf bpf {BPFFS}; systemd does at boot). Weir does not mount one in the pod: "
+    "it would vanish with the pod, and capture with it"
+)
 
 
 @dataclass(frozen=True)
@@ -122,16 +129,56 @@ def read_mounts() -> list[Mount]:
     return parse_mountinfo(Path("/proc/self/mountinfo").read_text())
 
 
-def cgroup2_root() -> Path:
-    mount = cgroup2_mount(read_mounts())
-    if mount.root != "/":
-        # Inside a cgroup namespace or a bind mount we would attach to a subtree
-        # and silently miss every process outside it.
+CGROUP2_ROOT_ENV: Final = "WEIR_CGROUP2_ROOT"
+# Kernfs numbers a hierarchy's root directory 1, and a cgroup directory's inode
+# is its cgroup ID: inode 1 is the root cgroup whatever path or namespace shows it.
+_ROOT_CGROUP_INODE: Final = 1
+_CGROUP2_SUPER_MAGIC: Final = 0x63677270
+
+
+def _statfs_type(path: Path) -> int:
+    # os has no statfs; stat -f asks the kernel for the filesystem's magic number.
+    proc = subprocess.run(
+        ["stat", "-f", "-c", "%t", str(path)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise NodeSetupError(f"cannot stat the filesystem at {path}: {proc.stderr.strip()}")
+    return int(proc.stdout.strip(), 16)
+
+
+def require_root_cgroup(path: Path) -> Path:
+    """`path` itself if it is the root cgroup of the cgroup v2 hierarchy; NodeSetupError if not."""
+    try:
+        inode = path.stat().st_ino
+    except OSError as e:
+        raise NodeSetupError(f"cgroup v2 root {path}: {e.strerror}") from None
+    if _statfs_type(path) != _CGROUP2_SUPER_MAGIC:
         raise NodeSetupError(
-            f"cgroup v2 at {mount.mount_point} shows only the subtree {mount.root}: run the agent "
-            "in the host's cgroup namespace so programs attach at the real root"
+            f"{path} is not a cgroup v2 filesystem: point ${CGROUP2_ROOT_ENV} (agent: "
+            "--cgroup2-root) at the node's cgroup2 mount"
         )
-    return mount.mount_point
+    if inode != _ROOT_CGROUP_INODE:
+        # Inside a cgroup namespace, or through a bind of a subdirectory, we would
+        # attach to a subtree and silently miss every process outside it.
+        raise NodeSetupError(
+            f"{path} is a cgroup below the root of the cgroup v2 hierarchy, not its root: "
+            "mount the node's cgroup2 mount point itself (in Kubernetes a hostPath of it, "
+            f"named by ${CGROUP2_ROOT_ENV}) so programs attach at the real root"
+        )
+    return path
+
+
+def cgroup2_root() -> Path:
+    """The node's root cgroup: ${CGROUP2_ROOT_ENV} when set, else the first cgroup2 mount."""
+    configured = os.environ.get(CGROUP2_ROOT_ENV)
+    if configured:
+        return require_root_cgroup(Path(configured))
+    return require_root_cgroup(cgroup2_mount(read_mounts()).mount_point)
+
+
+def in_kubernetes_pod() -> bool:
+    # The kubelet sets it in every container, host-network ones included.
+    return "KUBERNETES_SERVICE_HOST" in os.environ
 
 
 def ensure_bpffs(root: Path) -> str | None:
@@ -144,6 +191,10 @@ def ensure_bpffs(root: Path) -> str | None:
         return None
     if BPFFS not in root.parents:
         raise NodeSetupError(f"pin root {root} is not on a bpf filesystem")
+    if in_kubernetes_pod():
+        # A bpffs mounted here would be the pod's own and vanish with it, taking
+        # capture along: the pins must land in the node's.
+        raise NodeSetupError(NO_NODE_BPFFS)
     proc = subprocess.run(
         ["mount", "-t", "bpf", "bpf", str(BPFFS)], capture_output=True, text=True, check=False
     )

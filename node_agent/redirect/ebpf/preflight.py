@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Final
 
 from node_agent.redirect.ebpf import loader
-from node_agent.redirect.ebpf.pins import BPFFS, PinLayout, cgroup2_root, mount_of, read_mounts
+from node_agent.redirect.ebpf.pins import (
+    BPFFS,
+    NO_NODE_BPFFS,
+    PinLayout,
+    cgroup2_root,
+    in_kubernetes_pod,
+    mount_of,
+    read_mounts,
+)
 from weir_common.errors import NodeSetupError
 
 BTF_VMLINUX: Final = Path("/sys/kernel/btf/vmlinux")
@@ -50,6 +58,8 @@ def _bpffs(layout: PinLayout) -> Finding:
     if mount is not None and mount.fstype == "bpf":
         return Finding("bpffs", True, f"{mount.mount_point} (pins under {layout.root})")
     if BPFFS in layout.root.parents:
+        if in_kubernetes_pod():
+            return Finding("bpffs", False, NO_NODE_BPFFS)
         return Finding("bpffs", True, f"not mounted; install mounts it at {BPFFS}")
     return Finding("bpffs", False, f"{layout.root} is not on a bpf filesystem")
 

@@ -9,7 +9,8 @@ writes that overlay into a temp dir, on top of the repository's.
 
 Then: the agents pick eBPF and pin into each node's own bpffs, a meshed
 client on n1 reaches a meshed server on n2 over mTLS, kubelet probes keep
-passing, and `kubectl delete -k` leaves no pin on either node.
+passing, capture holds while an agent restarts, and `kubectl delete -k`
+leaves no pin on either node.
 """
 
 from __future__ import annotations
@@ -238,6 +239,20 @@ def test_kubelet_probes_pass(app: Cluster) -> None:
             assert conditions["Ready"] == "True", (selector, pod["status"])
             restarts = [s["restartCount"] for s in pod["status"]["containerStatuses"]]
             assert restarts == [0], (selector, restarts)
+
+
+def test_capture_outlives_an_agent_restart(app: Cluster) -> None:
+    cluster = app
+    server = _on_node(cluster, MESHED, "app=server", "n2")
+    client = _on_node(cluster, MESHED, "app=client", "n1")
+    agent = _on_node(cluster, SYSTEM, AGENT, "n1")
+    _ok(cluster, "delete", "pod", "-n", SYSTEM, agent, "--wait=true", timeout=60)
+    # No agent on n1 now, yet the pinned programs still capture the client.
+    reply = _wget(cluster, MESHED, client, _server_url())
+    assert reply.stdout.strip() == server, reply.stderr
+    _ok(cluster, "rollout", "status", "-n", SYSTEM, "daemonset/weir-agent", "--timeout=120s")
+    checked = _exec_agent(cluster, "n1", "weir", "node", "pod", f"{MESHED}/{client}", "-o", "json")
+    assert json.loads(checked.stdout)["capture"]["as_expected"], checked.stdout
 
 
 def test_uninstall_leaves_no_pins(app: Cluster, overlay: Path) -> None:

@@ -155,7 +155,8 @@ def require_root_cgroup(path: Path) -> Path:
     if _statfs_type(path) != _CGROUP2_SUPER_MAGIC:
         raise NodeSetupError(
             f"{path} is not a cgroup v2 filesystem: point ${CGROUP2_ROOT_ENV} (agent: "
-            "--cgroup2-root) at the node's cgroup2 mount"
+            "--cgroup2-root) at the node's cgroup2 mount (a hybrid host has it at "
+            "/sys/fs/cgroup/unified; findmnt -t cgroup2 on the node shows it)"
         )
     if inode != _ROOT_CGROUP_INODE:
         # Inside a cgroup namespace, or through a bind of a subdirectory, we would

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -103,6 +104,38 @@ def test_only_the_root_of_the_cgroup_v2_hierarchy_is_taken_for_it() -> None:
         require_root_cgroup(below)
     with pytest.raises(NodeSetupError, match="not a cgroup v2 filesystem"):
         require_root_cgroup(Path("/sys/fs/bpf"))
+
+
+_NO_BPFFS_IN_POD: Final = """
+from pathlib import Path
+from node_agent.redirect.ebpf.pins import PinLayout, ensure_bpffs, mount_of, read_mounts
+from node_agent.redirect.ebpf.preflight import run_preflight
+from weir_common.errors import NodeSetupError
+finding = [f for f in run_preflight(PinLayout(), load_test=False).findings if f.what == "bpffs"]
+print("preflight", finding[0].ok, finding[0].detail)
+try:
+    ensure_bpffs(Path("/sys/fs/bpf/weir"))
+except NodeSetupError as e:
+    print("refused", e.message)
+print("fstype", mount_of(Path("/sys/fs/bpf"), read_mounts()).fstype)
+"""
+
+
+def test_an_agent_in_a_pod_without_the_nodes_bpffs_refuses_to_mount_its_own() -> None:
+    # A private mount namespace where /sys/fs/bpf is no bpffs, as in a pod whose
+    # node has none; it goes away with the process.
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount -t tmpfs tmpfs /sys/fs/bpf && exec "$0" -c "$1"',
+         sys.executable, _NO_BPFFS_IN_POD],
+        env={**os.environ, "KUBERNETES_SERVICE_HOST": "10.96.0.1"},
+        capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("preflight False no bpffs at /sys/fs/bpf in the agent's pod"), lines
+    assert lines[1].startswith("refused no bpffs at /sys/fs/bpf in the agent's pod"), lines
+    assert lines[2] == "fstype tmpfs", lines
 
 
 def _pins(cluster: Cluster) -> dict[str, str]:

@@ -13,7 +13,7 @@ DEBIAN_PACKAGES := iptables iproute2 util-linux openssl tcpdump \
 	python3 python3-venv python3-dev gcc libc6-dev \
 	python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 \
 	containernetworking-plugins containerd runc busybox-static mmdebstrap \
-	vagrant shellcheck
+	vagrant shellcheck graphviz
 BCC_KERNEL_SOURCE := build/bcc-kernel-source
 VENV_STAMP := $(VENV)/.weir-installed
 

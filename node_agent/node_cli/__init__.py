@@ -30,6 +30,7 @@ from node_agent.constants import (
 )
 from node_agent.enrollment.registry import PodRecord
 from node_agent.netns import Netns
+from node_agent.node_cli import graph as graph_mod
 from node_agent.node_cli import logs as logs_mod
 from node_agent.node_cli import render
 from node_agent.node_cli import trace as trace_mod
@@ -85,6 +86,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             lambda args: Answer(*logs_mod.answer(args)),
             "recent logs of the agent, the proxy and weir-cni",
         ),
+        "graph": (graph, "a picture (SVG or PNG) of the connections through this node's proxy"),
     }
     for verb, (command, text) in commands.items():
         p = verbs.add_parser(verb, help=text, description=text)
@@ -103,6 +105,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             verify_mod.add_arguments(p)
         if verb == "logs":
             logs_mod.add_arguments(p)
+        if verb == "graph":
+            graph_mod.add_arguments(p)
         if verb in ("status", "workloads", "pod", "trace", "verify"):  # those that check capture
             p.add_argument(
                 "--bpf-pin-root",
@@ -480,6 +484,11 @@ def connections(args: argparse.Namespace) -> Answer:
         ],
     )  # fmt: skip
     return Answer({"connections": live}, text)
+
+
+def graph(args: argparse.Namespace) -> Answer:
+    proxy = _proxy(args)
+    return Answer(*graph_mod.answer(args, proxy, proxy.section("node")["node"]))
 
 
 # -- pod ---------------------------------------------------------------------------

@@ -362,6 +362,7 @@ class Proxy:
             "mesh": self._mesh.dump,
             "certificates": self.identities.dump,
             "connections": self._telemetry.live,
+            "traffic": self.metrics.traffic,
             "pool": self.pool.dump,
             "tasks": self.supervisor.dump,
         }

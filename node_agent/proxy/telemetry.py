@@ -102,6 +102,15 @@ class ProxyMetrics:
             if all(dict(key).get(k) == want for k, want in labels.items())
         )
 
+    def traffic(self) -> list[dict[str, Any]]:
+        """Connections opened and failed so far, per reporter, pair of workloads and security."""
+        rows: dict[Labels, dict[str, Any]] = {}
+        for name, field_name in ((OPENED, "opened"), (FAILED, "failed")):
+            for labels, value in self._values[name].items():
+                row = rows.setdefault(labels, {**dict(labels), "opened": 0, "failed": 0})
+                row[field_name] += int(value)
+        return [rows[key] for key in sorted(rows)]
+
     def refused(self, listener: str, reason: str) -> None:
         self.inc(REFUSED, (("listener", listener), ("reason", reason)))
 

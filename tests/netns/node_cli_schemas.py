@@ -205,3 +205,20 @@ LOGS = {
     "sources": {"*": str},
     "problems": PROBLEMS,
 }
+GRAPH = {
+    "node": str,
+    "picture": Opt(str),
+    "edges": [
+        {
+            "source": str,
+            "destination": str,
+            "security": OneOf("mutual_tls", "plaintext", "failed"),
+            "source_identity": str,
+            "destination_identity": str,
+            "opened": int,
+            "failed": int,
+            "live": int,
+        }
+    ],
+    "problems": PROBLEMS,
+}

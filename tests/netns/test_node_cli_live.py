@@ -348,6 +348,20 @@ def _drive_every_command(demo: HeldDemo) -> None:
         for name in ("agent", "proxy", "iptables backend", "WEIR rules in one backend"):
             assert name not in failed, out
 
+    # graph: node-2's traffic as a picture; the demo's allowed pair is an mTLS
+    # edge, the intruder's denied attempt on the db a failed one.
+    with tempfile.TemporaryDirectory(prefix="weir-graph-") as pictures:
+        svg, png = Path(pictures) / "node-2.svg", Path(pictures) / "node-2.png"
+        graph = demo.json("node-2", "graph", "--out", str(svg), schema=schemas.GRAPH)
+        kinds = {(e["source"], e["destination"]): e["security"] for e in graph["edges"]}
+        assert kinds[("default/client", "default/server")] == "mutual_tls", graph
+        assert kinds[("legacy/intruder", "default/db")] == "failed", graph
+        assert graph["picture"] == str(svg)
+        picture = svg.read_text()
+        assert "<svg" in picture and "default/server" in picture and "failed/denied" in picture
+        demo.json("node-2", "graph", "--out", str(png), schema=schemas.GRAPH)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
     # Capture removed behind the agent's back: the pod says so, with the diff, exit 1.
     subprocess.run(
         ["ip", "netns", "exec", Path(intruder_netns).name, "iptables", "-t", "nat", "-F"],

@@ -798,6 +798,10 @@ static bool agent_send(struct exchange *x, const struct buf *frame)
 		if (!agent_wait(x, POLLOUT))
 			return false;
 		ssize_t n = send(x->fd, frame->data + sent, frame->len - sent, MSG_NOSIGNAL);
+		/* The agent answers some requests without reading them (busy, a refused
+		 * uid) and closes: that answer is still there to read, as agent_client.py. */
+		if (n < 0 && (errno == EPIPE || errno == ECONNRESET))
+			return true;
 		if (n < 0 && errno != EAGAIN && errno != EINTR) {
 			x->outcome = UNREACHABLE;
 			buf_str(&x->problem, strerror(errno));

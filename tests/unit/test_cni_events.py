@@ -303,6 +303,30 @@ def test_a_full_server_tells_the_plugin_to_retry(work):
     assert reply == Reply.failure("node agent is busy", retryable=True)
 
 
+def test_an_answer_sent_before_the_request_was_read_still_reaches_the_plugin(work):
+    # As a full server does: answer at once, close without reading. A request
+    # larger than the socket buffer makes the plugin's send fail (EPIPE) before
+    # it reads; the answer waiting in its buffer must still be what it reports.
+    path = str(work / "cni.sock")
+    busy = Reply.failure("node agent is busy", retryable=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen()
+
+        def answer_unread() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(encode_reply(busy))
+
+        server = threading.Thread(target=answer_unread)
+        server.start()
+        large = Request("add", POD, plugin_log=("x" * 1000,) * 900)
+        try:
+            assert ask_agent(path, large, 10) == busy
+        finally:
+            server.join(timeout=10)
+
+
 def test_a_live_server_is_not_taken_over_and_a_stale_socket_is(work):
     path = work / "cni.sock"
     with (

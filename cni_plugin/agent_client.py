@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 
@@ -30,12 +31,10 @@ def ask_agent(socket_path: str, request: Request, timeout_s: float) -> Reply:
         try:
             sock.settimeout(timeout_s)
             sock.connect(socket_path)
-            try:
+            # The agent answers some requests without reading them (busy, a
+            # refused uid) and closes: that answer is still here to read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 send_message(sock, encode_request(request), deadline)
-            except (BrokenPipeError, ConnectionResetError):
-                # The agent answers some requests without reading them (busy, a
-                # refused uid) and closes: that answer is still here to read.
-                pass
             return decode_reply(recv_message(sock, deadline))
         except TimeoutError:
             raise AgentUnreachableError(f"no answer within {timeout_s:g} s") from None

@@ -19,11 +19,11 @@ from cni_plugin.protocol import PodInfo
 from node_agent.enrollment.enroller import Enroller, EnrollmentError, MeshIntent
 from node_agent.enrollment.registry import PodRecord, PodRegistry
 from node_agent.netns import Netns
-from node_agent.proxy_handoff.protocol import EnrolledPod
 from node_agent.redirect.backend import Backend
 from node_agent.redirect.config import CaptureConfig
 from node_agent.redirect.host_probes import HOST_PROBES_CHAIN, HostProbes, ours
 from node_agent.redirect.iptables import read_owned
+from testbed.enrollment_fakes import AcceptingProxy
 from weir_common.errors import TransientError
 
 pytestmark = pytest.mark.netns
@@ -52,14 +52,6 @@ class Parts:
             raise TransientError("control plane unreachable")
 
     async def deregister(self, record: PodRecord) -> None:
-        return None
-
-
-class FakeProxy:
-    async def add(self, pod: EnrolledPod, netns: Netns) -> None:
-        return None
-
-    async def remove(self, uid: str) -> None:
         return None
 
 
@@ -96,7 +88,7 @@ def agent(tmp_path: Path, node: Netns, parts: Parts) -> tuple[Enroller, HostProb
     enroller = Enroller(
         capture=parts,
         mode="fake",
-        proxy=FakeProxy(),
+        proxy=AcceptingProxy(),
         registrar=parts,
         directory=Directory(),
         registry=registry,

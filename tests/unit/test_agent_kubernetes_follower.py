@@ -17,13 +17,13 @@ import pytest
 
 from cni_plugin.protocol import PodInfo
 from node_agent.enrollment.enroller import Enroller, MeshIntent
-from node_agent.enrollment.registry import PodRecord, PodRegistry
+from node_agent.enrollment.registry import PodRegistry
 from node_agent.kubernetes.discovery import ProcessInfo
 from node_agent.kubernetes.follower import NAMESPACES, PODS, PodFollower
 from node_agent.mesh_view import MeshView
 from node_agent.netns import Netns
-from node_agent.proxy_handoff.protocol import EnrolledPod
 from node_agent.redirect.config import CaptureConfig
+from testbed.enrollment_fakes import AcceptingProxy, AcceptingRegistrar, FakeCapture
 from testbed.proxy_fakes import self_signed_root_pem
 from weir_common._generated.weir.v1 import mesh_pb2
 from weir_common.errors import InvalidInputError, TransientError
@@ -81,41 +81,6 @@ class FakeProc:
         return {NETNS_INODE: POD_NETNS}
 
 
-class FakeCapture:
-    def __init__(self) -> None:
-        self.applied: dict[str, CaptureConfig] = {}
-
-    def apply(self, ns: Netns, config: CaptureConfig) -> object:
-        self.applied[str(ns.path)] = config
-        return None
-
-    def check(self, ns: Netns, config: CaptureConfig) -> list[str]:
-        return []
-
-    def remove(self, ns: Netns) -> object:
-        self.applied.pop(str(ns.path), None)
-        return None
-
-    def prune(self) -> list[str]:
-        return []
-
-
-class FakeProxy:
-    async def add(self, pod: EnrolledPod, netns: Netns) -> None:
-        return None
-
-    async def remove(self, uid: str) -> None:
-        return None
-
-
-class FakeRegistrar:
-    async def register(self, record: PodRecord) -> None:
-        return None
-
-    async def deregister(self, record: PodRecord) -> None:
-        return None
-
-
 def mesh_view(*workloads: str) -> MeshView:
     view = MeshView("n1")
     bundle = mesh_pb2.TrustBundle(
@@ -150,8 +115,8 @@ class Node:
         self.follower.enroller = Enroller(
             capture=self.capture,
             mode="fake",
-            proxy=FakeProxy(),
-            registrar=FakeRegistrar(),
+            proxy=AcceptingProxy(),
+            registrar=AcceptingRegistrar(),
             directory=self.follower,
             registry=self.registry,
         )

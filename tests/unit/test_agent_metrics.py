@@ -22,15 +22,14 @@ from node_agent.admin.server import AdminRegistry, HttpEndpoint
 from node_agent.agent.metrics import HELP, AgentMetrics, Histogram
 from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint
 from node_agent.enrollment.enroller import Enroller, EnrollmentError, MeshIntent
-from node_agent.enrollment.registry import PodRecord, PodRegistry
+from node_agent.enrollment.registry import PodRegistry
 from node_agent.netns import Netns
 from node_agent.proxy.identity import IdentityManager
 from node_agent.proxy.telemetry import RENEWAL_FAILURES, RENEWALS, ProxyMetrics
-from node_agent.proxy_handoff.protocol import EnrolledPod
-from node_agent.redirect.config import CaptureConfig
+from testbed.enrollment_fakes import AcceptingProxy, AcceptingRegistrar, FakeCapture
 from testbed.proxy_fakes import LocalCaCertificates
 from weir_common import xds_transport
-from weir_common.errors import InvalidInputError, NodeSetupError
+from weir_common.errors import InvalidInputError
 from weir_common.mesh import WORKLOAD_TYPE, SpiffeId
 
 POD_NETNS = "/var/run/netns/cni-metrics"
@@ -47,44 +46,6 @@ def pod_netns_exists(monkeypatch: pytest.MonkeyPatch) -> None:
         return cls(Path(path), NETNS_INODE)
 
     monkeypatch.setattr(Netns, "validate", classmethod(validate))
-
-
-class FakeCapture:
-    def __init__(self) -> None:
-        self.fail_apply = False
-        self.fail_remove = False
-
-    def apply(self, ns: Netns, config: CaptureConfig) -> object:
-        if self.fail_apply:
-            raise NodeSetupError("iptables-restore: line 3 failed")
-        return None
-
-    def check(self, ns: Netns, config: CaptureConfig) -> list[str]:
-        return []
-
-    def remove(self, ns: Netns) -> object:
-        if self.fail_remove:
-            raise NodeSetupError("iptables-restore: chain busy")
-        return None
-
-    def prune(self) -> list[str]:
-        return []
-
-
-class FakeProxy:
-    async def add(self, pod: EnrolledPod, netns: Netns) -> None:
-        return None
-
-    async def remove(self, uid: str) -> None:
-        return None
-
-
-class FakeRegistrar:
-    async def register(self, record: PodRecord) -> None:
-        return None
-
-    async def deregister(self, record: PodRecord) -> None:
-        return None
 
 
 class Directory:
@@ -119,8 +80,8 @@ def agent(tmp_path: Path) -> tuple[Enroller, FakeCapture, AgentMetrics, PodRegis
     enroller = Enroller(
         capture=capture,
         mode="iptables",
-        proxy=FakeProxy(),
-        registrar=FakeRegistrar(),
+        proxy=AcceptingProxy(),
+        registrar=AcceptingRegistrar(),
         directory=Directory(),
         registry=registry,
         metrics=metrics,

@@ -65,9 +65,9 @@ def edges(traffic: Iterable[Mapping[str, Any]], live: Iterable[Mapping[str, Any]
             row["destination_principal"],
             row["connection_security_policy"] == "mutual_tls",
         )
-        opened, failed, _ = counts.setdefault(key, [0, 0, 0])
-        counts[key][0] = max(opened, int(row["opened"]))
-        counts[key][1] = max(failed, int(row["failed"]))
+        opened_failed_live = counts.setdefault(key, [0, 0, 0])
+        opened_failed_live[0] = max(opened_failed_live[0], int(row["opened"]))
+        opened_failed_live[1] = max(opened_failed_live[1], int(row["failed"]))
     for connection in live:
         src, dst = connection["src"], connection["dst"]
         key = (

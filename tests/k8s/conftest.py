@@ -1,7 +1,9 @@
-"""The `k8s_cluster` fixture: a real cluster in namespaces, removed afterwards whatever happens."""
+"""Fixtures of the Kubernetes tests: a real cluster in namespaces (removed afterwards whatever
+happens), and the Weir image built from this checkout."""
 
 from __future__ import annotations
 
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,4 +29,23 @@ def k8s_cluster() -> Iterator[Cluster]:
             left = leftovers(cluster)
             assert not left, f"left behind after teardown: {left}"
     finally:
+        work.rmdir()
+
+
+@pytest.fixture(scope="module")
+def weir_image() -> Iterator[Path]:
+    """The node image (scripts/build-weir-image.sh): seconds once its base layer is cached."""
+    work = Path(tempfile.mkdtemp(prefix="weir-image-"))
+    archive = work / "weir.tar"
+    try:
+        subprocess.run(
+            ["scripts/build-weir-image.sh", str(archive)],
+            cwd=Path(__file__).resolve().parents[2],
+            check=True,
+            stdin=subprocess.DEVNULL,
+            timeout=1200,
+        )
+        yield archive
+    finally:
+        archive.unlink(missing_ok=True)
         work.rmdir()

@@ -12,188 +12,41 @@ the node, and finally `kubectl delete -k deploy/` leaving both nodes clean.
 from __future__ import annotations
 
 import json
-import subprocess
-import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import pytest
 
-from testbed.k8s_cluster import config
 from testbed.k8s_cluster.cluster import Cluster, import_image
+from tests.k8s.weir_install import (
+    MESHED,
+    PLAIN,
+    REPO,
+    SYSTEM,
+    _account,
+    _admin_section,
+    _apply,
+    _deployment,
+    _fetch_local,
+    _namespace,
+    _node_shell,
+    _ok,
+    _on_node,
+    _pod,
+    _pods,
+    _server_url,
+    _service,
+    _spiffe,
+    _until,
+    _wget,
+    assert_probes_held,
+    install,
+    mtls_connections_opened,
+    wait_ready,
+)
 
 pytestmark = [pytest.mark.netns, pytest.mark.k8s, pytest.mark.timeout(1500)]
-
-REPO: Final = Path(__file__).resolve().parents[2]
-SYSTEM: Final = "weir-system"
-MESHED: Final = "shop"
-PLAIN: Final = "plain"
-TRUST_DOMAIN: Final = "cluster.local"
-# busybox httpd answers with the pod's hostname, so a reply names the pod that served it.
-WEB: Final = "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p {port} -h /www"
-READY_TIMEOUT: Final = "240s"
-
-
-def _spiffe(namespace: str, account: str) -> str:
-    return f"spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{account}"
-
-
-def _ok(cluster: Cluster, *args: str, stdin: str | None = None, timeout: float = 120) -> str:
-    done = cluster.kubectl(*args, stdin=stdin, timeout=timeout)
-    assert done.returncode == 0, f"kubectl {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
-def _apply(cluster: Cluster, *objects: dict[str, Any]) -> None:
-    manifest = json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)})
-    _ok(cluster, "apply", "-f", "-", stdin=manifest)
-
-
-def _namespace(name: str, *, meshed: bool) -> dict[str, Any]:
-    labels = {"weir.dev/mesh": "enabled"} if meshed else {}
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}}
-
-
-def _account(namespace: str, name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": {"name": name, "namespace": namespace},
-    }
-
-
-def _container(port: int) -> dict[str, Any]:
-    """A web server on `port`, probed by the kubelet over HTTP (readiness) and TCP (liveness).
-
-    Tight periods, so a probe that capture breaks shows within seconds as
-    NotReady or as restarts.
-    """
-    return {
-        "name": "main",
-        "image": config.TEST_IMAGE,
-        "imagePullPolicy": "Never",
-        "command": ["sh", "-c", WEB.format(port=port)],
-        "readinessProbe": {
-            "httpGet": {"path": "/", "port": port},
-            "periodSeconds": 2,
-            "failureThreshold": 2,
-        },
-        "livenessProbe": {
-            "tcpSocket": {"port": port},
-            "periodSeconds": 2,
-            "failureThreshold": 3,
-        },
-    }
-
-
-def _pod_spec(node: str, account: str, port: int) -> dict[str, Any]:
-    return {
-        "nodeSelector": {"kubernetes.io/hostname": node},
-        "serviceAccountName": account,
-        "terminationGracePeriodSeconds": 1,
-        "containers": [_container(port)],
-    }
-
-
-def _deployment(namespace: str, name: str, node: str, port: int) -> dict[str, Any]:
-    labels = {"app": name}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": _pod_spec(node, name, port)},
-        },
-    }
-
-
-def _pod(namespace: str, name: str, node: str, account: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app": name}},
-        "spec": _pod_spec(node, account, 9000),
-    }
-
-
-def _service(namespace: str, name: str, port: int, target: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"selector": {"app": name}, "ports": [{"port": port, "targetPort": target}]},
-    }
-
-
-def _pods(cluster: Cluster, namespace: str, selector: str) -> list[dict[str, Any]]:
-    out = _ok(cluster, "get", "pods", "-n", namespace, "-l", selector, "-o", "json")
-    items: list[dict[str, Any]] = json.loads(out)["items"]
-    return items
-
-
-def _on_node(cluster: Cluster, namespace: str, selector: str, node: str) -> str:
-    names: list[str] = [
-        p["metadata"]["name"]
-        for p in _pods(cluster, namespace, selector)
-        if p["spec"].get("nodeName") == node and not p["metadata"].get("deletionTimestamp")
-    ]
-    assert len(names) == 1, f"{selector} on {node}: {names}"
-    return names[0]
-
-
-def _fetch_local(cluster: Cluster, pod: str, url: str) -> str:
-    """GET `url` from inside a Weir pod (host network: its loopback is the node's)."""
-    script = (
-        "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())"
-    )
-    return _ok(cluster, "exec", "-n", SYSTEM, pod, "--", "python3", "-c", script, url)
-
-
-def _admin_section(cluster: Cluster, node: str, section: str) -> Any:
-    agent = _on_node(cluster, SYSTEM, "app.kubernetes.io/name=weir-agent", node)
-    dump = json.loads(_fetch_local(cluster, agent, "http://127.0.0.1:15000/config_dump"))
-    return dump[section]
-
-
-def _wget(cluster: Cluster, namespace: str, pod: str, url: str) -> subprocess.CompletedProcess[str]:
-    # busybox's own `wget -T` crashes (SIGSEGV) in the static build; its timeout applet does not.
-    return cluster.kubectl("exec", "-n", namespace, pod, "--", "timeout", "3", "wget", "-qO-", url)
-
-
-def _until(
-    what: str, check: Callable[[], object], timeout_s: float, interval_s: float = 0.5
-) -> float:
-    """Call `check` until it returns true; the seconds it took. Fails after `timeout_s`."""
-    started = time.monotonic()
-    last: object = None
-    while time.monotonic() - started < timeout_s:
-        last = check()
-        if last:
-            return time.monotonic() - started
-        time.sleep(interval_s)
-    raise AssertionError(f"{what}: not within {timeout_s} s (last: {last!r})")
-
-
-@pytest.fixture(scope="module")
-def weir_image() -> Iterator[Path]:
-    work = Path(tempfile.mkdtemp(prefix="weir-image-"))
-    archive = work / "weir.tar"
-    try:
-        subprocess.run(
-            ["scripts/build-weir-image.sh", str(archive)],
-            cwd=REPO,
-            check=True,
-            stdin=subprocess.DEVNULL,
-            timeout=1200,
-        )
-        yield archive
-    finally:
-        archive.unlink(missing_ok=True)
-        work.rmdir()
 
 
 @pytest.fixture(scope="module")
@@ -210,22 +63,7 @@ def installed(k8s_cluster: Cluster, weir_image: Path) -> Iterator[Cluster]:
         _pod(MESHED, "early", "n1", "early"),
     )
     _ok(cluster, "wait", "-n", MESHED, "--for=condition=Ready", "pod/early", "--timeout=120s")
-    _ok(cluster, "apply", "-k", str(REPO / "deploy"))
-    for workload in (
-        "deployment/weir-controlplane",
-        "daemonset/weir-agent",
-        "daemonset/weir-proxy",
-    ):
-        _ok(
-            cluster,
-            "rollout",
-            "status",
-            "-n",
-            SYSTEM,
-            workload,
-            f"--timeout={READY_TIMEOUT}",
-            timeout=300,
-        )
+    install(cluster, REPO / "deploy")
     yield cluster
 
 
@@ -251,32 +89,12 @@ def app(installed: Cluster) -> Cluster:
         _service(MESHED, "server", 80, 8080),
         _pod(PLAIN, "loner", "n1", "loner"),
     )
-    for namespace, selector in (
-        (MESHED, "app=server"),
-        (MESHED, "app=client"),
-        (PLAIN, "app=loner"),
-    ):
-        _ok(
-            cluster,
-            "wait",
-            "-n",
-            namespace,
-            "--for=condition=Ready",
-            "pod",
-            "-l",
-            selector,
-            f"--timeout={READY_TIMEOUT}",
-            timeout=300,
-        )
+    wait_ready(cluster, [(MESHED, "app=server"), (MESHED, "app=client"), (PLAIN, "app=loner")])
     return cluster
 
 
 def _client(cluster: Cluster) -> str:
     return _on_node(cluster, MESHED, "app=client", "n1")
-
-
-def _server_url() -> str:
-    return f"http://server.{MESHED}.svc.cluster.local/"
 
 
 def test_meshed_deployments_on_two_nodes_talk_over_mutual_tls(app: Cluster) -> None:
@@ -290,15 +108,7 @@ def test_meshed_deployments_on_two_nodes_talk_over_mutual_tls(app: Cluster) -> N
 
     proxy = _on_node(cluster, SYSTEM, "app.kubernetes.io/name=weir-proxy", "n2")
     metrics = _fetch_local(cluster, proxy, "http://127.0.0.1:15020/metrics")
-    opened = [
-        line
-        for line in metrics.splitlines()
-        if line.startswith("istio_tcp_connections_opened_total{")
-        and 'connection_security_policy="mutual_tls"' in line
-        and _spiffe(MESHED, "client") in line
-        and _spiffe(MESHED, "server") in line
-    ]
-    assert opened and float(opened[0].rsplit(" ", 1)[1]) >= 1, metrics
+    assert mtls_connections_opened(metrics, _spiffe(MESHED, "client"), _spiffe(MESHED, "server"))
     log = _ok(cluster, "logs", "-n", SYSTEM, proxy)
     assert any(
         _spiffe(MESHED, "client") in line and _spiffe(MESHED, "server") in line
@@ -308,14 +118,7 @@ def test_meshed_deployments_on_two_nodes_talk_over_mutual_tls(app: Cluster) -> N
 
 def test_kubelet_http_and_tcp_probes_pass_under_strict(app: Cluster) -> None:
     cluster = app
-    # Several probe periods after Ready: still Ready, and liveness never restarted anything.
-    time.sleep(10)
-    for selector in ("app=server", "app=client", "app=early"):
-        for pod in _pods(cluster, MESHED, selector):
-            conditions = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
-            assert conditions["Ready"] == "True", (selector, pod["status"])
-            restarts = [s["restartCount"] for s in pod["status"]["containerStatuses"]]
-            assert restarts == [0], (selector, restarts)
+    assert_probes_held(cluster, MESHED, ("app=server", "app=client", "app=early"))
     # And they are captured for real: the agent on each node holds them.
     for node, name in (("n2", "server"), ("n1", "client")):
         enrolled = {f"{p['namespace']}/{p['name']}" for p in _admin_section(cluster, node, "pods")}
@@ -338,11 +141,8 @@ def test_a_pod_running_before_the_install_is_captured_and_meshed(app: Cluster) -
     assert _wget(cluster, MESHED, "early", _server_url()).stdout.strip() == server
     proxy = _on_node(cluster, SYSTEM, "app.kubernetes.io/name=weir-proxy", "n2")
     metrics = _fetch_local(cluster, proxy, "http://127.0.0.1:15020/metrics")
-    assert any(
-        _spiffe(MESHED, "early") in line and 'connection_security_policy="mutual_tls"' in line
-        for line in metrics.splitlines()
-        if line.startswith("istio_tcp_connections_opened_total{")
-    ), metrics
+    early, to_server = _spiffe(MESHED, "early"), _spiffe(MESHED, "server")
+    assert mtls_connections_opened(metrics, early, to_server), metrics
 
 
 def test_an_authorization_policy_applied_with_kubectl_denies_within_5_s(app: Cluster) -> None:
@@ -480,20 +280,6 @@ def test_the_proxy_rolls_with_a_surge_and_every_pod_stays_served(app: Cluster) -
         )
     new_proxy = _on_node(cluster, SYSTEM, selector, "n2")
     assert "mutual_tls" in _fetch_local(cluster, new_proxy, "http://127.0.0.1:15020/metrics")
-
-
-def _node_shell(cluster: Cluster, node: config.NodeSpec, script: str) -> str:
-    """Run `script` in the node's mount and network namespaces, as its daemons run."""
-    netns = Path("/var/run/netns") / node.netns
-    done = subprocess.run(
-        ["nsenter", f"--mount={cluster.spec.mount_ns(node)}", f"--net={netns}", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, f"{script}: {done.stderr}"
-    return done.stdout
 
 
 # Every rule set a pod's netns holds, in both iptables backends.

@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
@@ -30,9 +29,8 @@ import pytest
 
 from node_agent.redirect.ebpf.pins import require_root_cgroup
 from testbed.k8s_cluster.cluster import Cluster, import_image
-from tests.k8s.test_weir_install import (
+from tests.k8s.weir_install import (
     MESHED,
-    READY_TIMEOUT,
     SYSTEM,
     _account,
     _apply,
@@ -42,19 +40,19 @@ from tests.k8s.test_weir_install import (
     _node_shell,
     _ok,
     _on_node,
-    _pods,
     _server_url,
     _service,
     _spiffe,
     _until,
     _wget,
-    weir_image,
+    assert_probes_held,
+    install,
+    mtls_connections_opened,
+    wait_ready,
 )
 from weir_common.errors import NodeSetupError
 
 pytestmark = [pytest.mark.netns, pytest.mark.k8s, pytest.mark.timeout(900)]
-
-__all__ = ["weir_image"]  # a module-scoped fixture this module uses, re-exported for pytest
 
 REPO: Final = Path(__file__).resolve().parents[2]
 KERNEL_SOURCE: Final = REPO / "build" / "bcc-kernel-source"
@@ -167,22 +165,7 @@ def installed(k8s_cluster: Cluster, weir_image: Path, overlay: Path) -> Iterator
     cluster = k8s_cluster
     assert _pins(cluster) == {"n1": "", "n2": ""}, "each node starts with an empty bpffs"
     import_image(cluster.spec.state_dir, weir_image)
-    _ok(cluster, "apply", "-k", str(overlay))
-    for workload in (
-        "deployment/weir-controlplane",
-        "daemonset/weir-agent",
-        "daemonset/weir-proxy",
-    ):
-        _ok(
-            cluster,
-            "rollout",
-            "status",
-            "-n",
-            SYSTEM,
-            workload,
-            f"--timeout={READY_TIMEOUT}",
-            timeout=300,
-        )
+    install(cluster, overlay)
     yield cluster
 
 
@@ -214,19 +197,7 @@ def app(installed: Cluster) -> Cluster:
         _deployment(MESHED, "client", "n1", 9000),
         _service(MESHED, "server", 80, 8080),
     )
-    for selector in ("app=server", "app=client"):
-        _ok(
-            cluster,
-            "wait",
-            "-n",
-            MESHED,
-            "--for=condition=Ready",
-            "pod",
-            "-l",
-            selector,
-            f"--timeout={READY_TIMEOUT}",
-            timeout=300,
-        )
+    wait_ready(cluster, [(MESHED, "app=server"), (MESHED, "app=client")])
     return cluster
 
 
@@ -241,15 +212,7 @@ def test_meshed_pods_on_two_nodes_talk_over_mutual_tls_captured_by_ebpf(app: Clu
     )
     proxy = _on_node(cluster, SYSTEM, "app.kubernetes.io/name=weir-proxy", "n2")
     metrics = _fetch_local(cluster, proxy, "http://127.0.0.1:15020/metrics")
-    opened = [
-        line
-        for line in metrics.splitlines()
-        if line.startswith("istio_tcp_connections_opened_total{")
-        and 'connection_security_policy="mutual_tls"' in line
-        and _spiffe(MESHED, "client") in line
-        and _spiffe(MESHED, "server") in line
-    ]
-    assert opened and float(opened[0].rsplit(" ", 1)[1]) >= 1, metrics
+    assert mtls_connections_opened(metrics, _spiffe(MESHED, "client"), _spiffe(MESHED, "server"))
     # Pinned in each node's bpffs, not one private to the agent's pod: capture
     # outlives the agent.
     for node, pins in _pins(cluster).items():
@@ -264,14 +227,7 @@ def test_meshed_pods_on_two_nodes_talk_over_mutual_tls_captured_by_ebpf(app: Clu
 
 def test_kubelet_probes_pass(app: Cluster) -> None:
     cluster = app
-    # Several probe periods (2 s) after Ready: still Ready, never restarted.
-    time.sleep(8)
-    for selector in ("app=server", "app=client"):
-        for pod in _pods(cluster, MESHED, selector):
-            conditions = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
-            assert conditions["Ready"] == "True", (selector, pod["status"])
-            restarts = [s["restartCount"] for s in pod["status"]["containerStatuses"]]
-            assert restarts == [0], (selector, restarts)
+    assert_probes_held(cluster, MESHED, ("app=server", "app=client"))
 
 
 def test_capture_outlives_an_agent_restart(app: Cluster) -> None:

@@ -81,7 +81,8 @@ def encode(message: dict[str, Any]) -> bytes:
 def decode(data: bytes) -> dict[str, Any]:
     try:
         message = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError: also an integer too long to convert; RecursionError: deep nesting.
         raise ProtocolError(f"handoff message is not JSON: {e}") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError("handoff message without a type")

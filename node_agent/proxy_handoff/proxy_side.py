@@ -105,6 +105,7 @@ class ProxyHandoffClient:
         """Raises ProtocolError for a message that is not the protocol, _PodRefusedError for a pod
         the handler would not take."""
         kind = message["type"]
+        _refuse_stray_fds(kind, fds)
         if kind == "add":
             if len(fds) != 1:
                 for fd in fds:
@@ -158,6 +159,14 @@ class ProxyHandoffClient:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def _refuse_stray_fds(kind: str, fds: list[int]) -> None:
+    """Only an add carries an fd: any other message's would stay open for good."""
+    if kind != "add" and fds:
+        for fd in fds:
+            os.close(fd)
+        raise protocol.ProtocolError(f"{kind} message with {len(fds)} fds")
 
 
 class _PodRefusedError(Exception):

@@ -7,7 +7,8 @@ and nothing of that document is used. See examples/mesh.yaml for the schema.
 
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+import reprlib
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, Final, TypeVar
 
 import yaml
@@ -27,6 +28,8 @@ _MTLS_MODES: Final = {"STRICT": mesh_pb2.STRICT, "PERMISSIVE": mesh_pb2.PERMISSI
 _ACTIONS: Final = {"ALLOW": mesh_pb2.ALLOW, "DENY": mesh_pb2.DENY}
 
 T = TypeVar("T")
+_EXCERPT: Final = reprlib.Repr()
+_EXCERPT.maxlevel, _EXCERPT.maxlist, _EXCERPT.maxdict, _EXCERPT.maxstring = 2, 4, 4, 80
 
 
 class ConfigError(InvalidInputError):
@@ -47,6 +50,14 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
     seen: set[object] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, Hashable):
+            # A list or mapping as a key ("? [a]"): no field is named that way.
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping",
+                node.start_mark,
+                "found unhashable key",
+                key_node.start_mark,
+            )
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 "while constructing a mapping",
@@ -78,6 +89,8 @@ def parse(text: str, *, source: str) -> MeshConfig:
         raise ConfigError(source, where, f"invalid YAML: {exc.problem}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(source, "", f"invalid YAML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError(source, "", "invalid YAML: nested too deeply") from None
     return _Parser(source).mesh(document)
 
 
@@ -130,12 +143,12 @@ class _Parser:
 
     def port(self, value: object, path: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-            raise self.error(path, f"expected a port number 1-65535, got {value!r}")
+            raise self.error(path, f"expected a port number 1-65535, got {_excerpt(value)}")
         return value
 
     def enum(self, value: object, path: str, choices: Mapping[str, T]) -> T:
         if not isinstance(value, str) or value not in choices:
-            raise self.error(path, f"expected one of {', '.join(choices)}, got {value!r}")
+            raise self.error(path, f"expected one of {', '.join(choices)}, got {_excerpt(value)}")
         return choices[value]
 
     def labels(self, value: object, path: str) -> dict[str, str]:
@@ -148,7 +161,9 @@ class _Parser:
             if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
                 raise self.error(_join(path, str(key)), "not a valid label key")
             if not isinstance(label, str) or not _LABEL_VALUE.fullmatch(label):
-                raise self.error(_join(path, key), f"label value {label!r} is not a valid string")
+                raise self.error(
+                    _join(path, key), f"label value {_excerpt(label)} is not a valid string"
+                )
             labels[key] = label
         return labels
 
@@ -458,6 +473,12 @@ def parse_peer_authentication_spec(
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def _excerpt(value: object) -> str:
+    """A bounded repr: YAML aliases can make a small file hold a value whose full repr is
+    billions of characters long."""
+    return _EXCERPT.repr(value)
 
 
 def _kind(value: object) -> str:

@@ -12,16 +12,29 @@
   opens the config subscription.
 - XdsClient: subscribes to the mesh over delta ADS, keeps the last good config,
   ACKs what its handler accepts and NACKs what it rejects (keeping the old
-  config), reconnects with exponential backoff and resumes from the versions
-  it holds.
+  config), reconnects with backoff and resumes from the versions it holds.
 
 The control plane keeps registrations in memory only (it has no state of its
 own, see docs/architecture.md), so the client remembers what it registered and
 registers it again at the start of every xDS stream: after a control-plane
-restart, the node's workloads come back without the agent doing anything.
+restart, the node's workloads come back without the agent doing anything. A
+registration that cannot be sent now (the control plane is unreachable) is
+kept as unsent and goes out with the next stream, or as soon as a stream that
+is up lets it through.
+
+Reconnecting (docs/architecture.md, "Control-plane outage"): while the
+control plane cannot be reached, every attempt is paced by RECONNECT_BACKOFF,
+whose 1 s ceiling bounds how long a node takes to notice the control plane is
+back, however long it was gone: gRPC's own channel reconnects (which add
+their +-20 % jitter) and our retries of the xDS stream and of unsent
+registrations alike. Calls that fail while the channel is down fail on the
+node without reaching anyone, so retrying that often costs the control plane
+nothing. A control plane that answers with a refusal is another matter: those
+retries reach it, and back off to REFUSED_BACKOFF's 30 s.
 """
 
 import asyncio
+import contextlib
 import datetime
 import errno
 import logging
@@ -56,6 +69,13 @@ from weir_common.retry import Backoff
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT_SECONDS: Final = 10.0
+# While the control plane is unreachable: the ceiling is the reconnect bound.
+RECONNECT_BACKOFF: Final = Backoff(initial=0.1, maximum=1.0)
+# After the control plane answered with a refusal (REFUSALS_TO_BACK_OFF).
+REFUSED_BACKOFF: Final = Backoff(initial=1.0, maximum=30.0)
+# How long one connection attempt (TCP and TLS handshake) may take. gRPC's
+# default of 20 s would let a lost SYN hold the next attempt back that long.
+CONNECT_TIMEOUT_SECONDS: Final = 5.0
 # A config stream that lived this long counts as healthy when it ends.
 HEALTHY_STREAM_SECONDS: Final = 10.0
 # Refusals that registering again cannot change (the config or another pod
@@ -69,6 +89,14 @@ PERMANENT_REFUSALS: Final = frozenset(
         grpc.StatusCode.FAILED_PRECONDITION,
     }
 )
+# Answers of a control plane that is up and says no: retried on REFUSED_BACKOFF.
+# Every other code (UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED...) is taken for
+# a control plane that is away, and retried on the reconnect backoff.
+REFUSALS_TO_BACK_OFF: Final = PERMANENT_REFUSALS | {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
 
 
 @dataclass(frozen=True)
@@ -95,13 +123,17 @@ class ControlPlaneEndpoint:
     def insecure(cls, target: str) -> Self:
         return cls(target, None)
 
-    def open_channel(self, backoff: Backoff) -> grpc.aio.Channel:
-        # gRPC's own reconnect backoff grows to 120 s; cap it at ours so a
-        # control plane that comes back is reached about as soon as we retry.
+    def open_channel(
+        self, backoff: Backoff, connect_timeout: float = CONNECT_TIMEOUT_SECONDS
+    ) -> grpc.aio.Channel:
+        # gRPC's own reconnect backoff grows to 120 s: after a long outage the
+        # channel would stay down for up to two minutes after the control plane
+        # came back. Capped at ours, it is reached about as soon as we retry.
         options: list[tuple[str, str | int]] = [
             ("grpc.initial_reconnect_backoff_ms", int(backoff.initial * 1000)),
-            ("grpc.min_reconnect_backoff_ms", int(backoff.initial * 1000)),
             ("grpc.max_reconnect_backoff_ms", int(backoff.maximum * 1000)),
+            # Despite its name, gRPC's minimum time one connection attempt may take.
+            ("grpc.min_reconnect_backoff_ms", int(connect_timeout * 1000)),
             # The control plane's limit (xds_server.MAX_MESSAGE_BYTES), not gRPC's
             # 4 MiB default: one push of ~23,000 workloads exceeded that before
             # pushes were split, and the resume request lists every version held.
@@ -266,15 +298,22 @@ class ControlPlaneClient:
         node: str,
         token: str | TokenSource,
         *,
-        backoff: Backoff | None = None,
+        backoff: Backoff = RECONNECT_BACKOFF,
+        refused_backoff: Backoff = REFUSED_BACKOFF,
+        connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
     ) -> None:
         self.endpoint = endpoint
         self.node = node
         self._token: TokenSource = StaticToken(token) if isinstance(token, str) else token
-        self.backoff = backoff or Backoff()
-        self.channel = endpoint.open_channel(self.backoff)
+        self.backoff = backoff
+        self.refused_backoff = refused_backoff
+        self.channel = endpoint.open_channel(backoff, connect_timeout)
         # "<namespace>/<name>" -> what this node registered and has not removed.
         self._registered: dict[str, WorkloadRegistration] = {}
+        # Keys of _registered the control plane has not confirmed since they were
+        # registered (or since the last stream began), and a wake-up for catch_up.
+        self._unsent: set[str] = set()
+        self._unsent_waiting = asyncio.Event()
         # uid -> a removal the control plane has not confirmed. Until it does,
         # the pod's IPs stay taken there and would refuse a new pod reusing them.
         self._unconfirmed_removals: dict[str, WorkloadRegistration] = {}
@@ -299,6 +338,35 @@ class ControlPlaneClient:
     def registrations(self) -> Mapping[str, WorkloadRegistration]:
         return self._registered
 
+    @property
+    def unsent(self) -> frozenset[str]:
+        """Registrations ("<namespace>/<name>") waiting for the control plane to be reachable."""
+        return frozenset(self._unsent)
+
+    def retry_delay(self, failures: int, code: grpc.StatusCode | None) -> float:
+        """How long to wait after `failures` failures in a row, the last ending with `code`.
+
+        None is a failure without an answer from the control plane.
+        """
+        backoff = self.refused_backoff if code in REFUSALS_TO_BACK_OFF else self.backoff
+        return backoff.delay(failures)
+
+    async def wait_to_retry(self, failures: int, code: grpc.StatusCode | None) -> None:
+        """Wait retry_delay; while the channel is down, only until it is up again.
+
+        gRPC reconnects the channel on its own backoff; sleeping ours after it
+        would add the two. A channel that is up and still failed (the server
+        answered) gets the full delay, so nothing retries in a tight loop.
+        """
+        delay = self.retry_delay(failures, code)
+        if code in REFUSALS_TO_BACK_OFF or (
+            self.channel.get_state() == grpc.ChannelConnectivity.READY
+        ):
+            await asyncio.sleep(delay)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.channel.channel_ready(), delay)
+
     def subscribe(
         self, handler: ConfigHandler, *, types: Sequence[str] = RESOURCE_TYPES
     ) -> "XdsClient":
@@ -317,9 +385,9 @@ class ControlPlaneClient:
         plane that restarts after the agent did still gets every pod back.
         """
         for registration in registrations:
-            self._registered[resource_name(registration.namespace, registration.name)] = (
-                registration
-            )
+            key = resource_name(registration.namespace, registration.name)
+            self._registered[key] = registration
+            self._unsent.add(key)
 
     async def register_workload(
         self, *, namespace: str, name: str, uid: str, ips: Iterable[str]
@@ -327,19 +395,38 @@ class ControlPlaneClient:
         """Report an enrolled pod; it is reported again on every new xDS stream.
 
         A refusal (grpc.aio.AioRpcError) that registering again cannot fix
-        forgets the pod; any other failure keeps it, to be sent on the next stream.
+        forgets the pod. Any other failure (the same error, or TransientError
+        without a token) keeps it as unsent: catch_up sends it while a stream
+        is up, and every new stream sends it first.
         """
-        # A pod that left may still hold these IPs at the control plane.
-        await self._confirm_removals()
         registration = WorkloadRegistration(namespace, name, uid, tuple(ips))
         key = resource_name(namespace, name)
+        # Kept before anything is sent, so that it is not lost if nothing can be.
         self._registered[key] = registration
+        self._unsent.add(key)
         try:
+            # A pod that left may still hold these IPs at the control plane.
+            await self._confirm_removals()
             await self._send_registration(registration)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in PERMANENT_REFUSALS:
-                self._registered.pop(key, None)
+                self._forget(key, registration)
+            else:
+                self._unsent_waiting.set()
             raise
+        except TransientError:
+            self._unsent_waiting.set()
+            raise
+        self._sent(key, registration)
+
+    def _sent(self, key: str, registration: WorkloadRegistration) -> None:
+        if self._registered.get(key) is registration:
+            self._unsent.discard(key)
+
+    def _forget(self, key: str, registration: WorkloadRegistration) -> None:
+        if self._registered.get(key) is registration:
+            del self._registered[key]
+            self._unsent.discard(key)
 
     async def deregister_workload(self, *, namespace: str, name: str, uid: str) -> None:
         """Report a pod gone; if the control plane cannot be told now, it is told later.
@@ -350,7 +437,7 @@ class ControlPlaneClient:
         key = resource_name(namespace, name)
         registered = self._registered.get(key)
         if registered is not None and registered.uid == uid:
-            del self._registered[key]
+            self._forget(key, registered)
         removal = WorkloadRegistration(namespace, name, uid, ())
         self._unconfirmed_removals.pop(uid, None)
         try:
@@ -358,9 +445,11 @@ class ControlPlaneClient:
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in PERMANENT_REFUSALS:
                 self._unconfirmed_removals[uid] = removal
+                self._unsent_waiting.set()
             raise
         except TransientError:
             self._unconfirmed_removals[uid] = removal
+            self._unsent_waiting.set()
             raise
 
     @property
@@ -394,20 +483,58 @@ class ControlPlaneClient:
         so the caller retries later; a permanent refusal drops that one pod.
         """
         await self._confirm_removals()
-        for key, registration in list(self._registered.items()):
+        await self._send_each(list(self._registered.items()))
+
+    async def catch_up(self) -> None:
+        """Send unsent registrations and unconfirmed removals as soon as they can go.
+
+        Runs beside a config stream that is up (XdsClient does so), until
+        cancelled: a registration refused for a moment (the control plane
+        was overloaded, a call timed out) must not wait for the next stream.
+        """
+        failures = 0
+        while True:
+            await self._unsent_waiting.wait()
+            try:
+                await self._confirm_removals()
+                await self._send_each(
+                    [
+                        (key, self._registered[key])
+                        for key in self._unsent
+                        if key in self._registered
+                    ]
+                )
+            except grpc.aio.AioRpcError as exc:
+                failures += 1
+                await self.wait_to_retry(failures, exc.code())
+                continue
+            except TransientError:
+                failures += 1
+                await self.wait_to_retry(failures, None)
+                continue
+            failures = 0
+            if not self._unsent and not self._unconfirmed_removals:
+                self._unsent_waiting.clear()
+
+    async def _send_each(self, registrations: Sequence[tuple[str, WorkloadRegistration]]) -> None:
+        """Send `registrations` in turn; raises at the first the control plane did not take
+        for now, dropping (and logging) those it refused for good."""
+        for key, registration in registrations:
             try:
                 await self._send_registration(registration)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in PERMANENT_REFUSALS:
+                    self._unsent_waiting.set()
                     raise
-                if self._registered.get(key) is registration:
-                    del self._registered[key]
+                self._forget(key, registration)
                 log.warning(
-                    "control plane refused to restore the registration of %s, forgetting it: %s %s",
+                    "control plane refused the registration of %s for good, forgetting it: %s %s",
                     key,
                     exc.code().name,
                     exc.details(),
                 )
+            else:
+                self._sent(key, registration)
 
     async def _send_registration(self, registration: WorkloadRegistration) -> None:
         await registry_pb2_grpc.WorkloadRegistryStub(self.channel).RegisterWorkload(
@@ -470,18 +597,29 @@ class XdsClient:
         return {name: message for name, (_, message) in self._accepted[type_url].items()}
 
     async def run(self) -> None:
-        """Stay subscribed until cancelled, reconnecting with backoff."""
+        """Stay subscribed until cancelled, reconnecting with backoff.
+
+        A stream that is down is retried on the client's reconnect backoff
+        (at most about a second apart, however long the outage), one the
+        control plane refused on its refusal backoff. Failures while
+        disconnected are logged once per distinct reason, so an outage of an
+        hour is not a line a second.
+        """
         failures = 0
         target = self._client.endpoint.target
         loop = asyncio.get_running_loop()
         while True:
             self._delivered = False
             started = loop.time()
+            code: grpc.StatusCode | None = None
             try:
                 await self._session()
             except grpc.aio.AioRpcError as exc:
-                self._last_failure = f"{exc.code().name}: {exc.details()}"
-                log.warning("xDS stream to %s failed: %s", target, self._last_failure)
+                code = exc.code()
+                failure = f"{code.name}: {exc.details()}"
+                if failure != self._last_failure or self._delivered:
+                    log.warning("xDS stream to %s failed: %s", target, failure)
+                self._last_failure = failure
             except TransientError as exc:
                 # No token to present (the token source logged why): nothing was sent.
                 self._last_failure = exc.message
@@ -494,11 +632,20 @@ class XdsClient:
             # One that fails right after each delivery must not reconnect in a tight loop.
             healthy = self._delivered and loop.time() - started >= HEALTHY_STREAM_SECONDS
             failures = 0 if healthy else failures + 1
-            await asyncio.sleep(self._client.backoff.delay(failures))
+            await self._client.wait_to_retry(failures, code)
 
     async def _session(self) -> None:
         # Before subscribing, so the first push already carries this node's pods.
         await self._client.restore_registrations()
+        catch_up = asyncio.create_task(self._client.catch_up(), name="registration catch-up")
+        try:
+            await self._stream()
+        finally:
+            catch_up.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await catch_up
+
+    async def _stream(self) -> None:
         call = self._client.channel.stream_stream(
             xds_transport.DELTA_METHOD,
             request_serializer=xds_transport.passthrough,

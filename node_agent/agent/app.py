@@ -174,7 +174,10 @@ class Agent:
         self.admin.add_readiness(
             "cni socket", lambda: None if self._cni_serving else "not serving weir-cni yet"
         )
-        self.admin.add_readiness("controlplane", self.subscription.not_connected)
+        # Not the stream being up: through a control-plane outage the node
+        # serves on its last config ("degraded but serving"), and a stream
+        # that is retrying is not a dead task ("tasks" covers that one). The
+        # outage shows as weir_agent_xds_connected 0 and in config_dump.
         self.admin.add_readiness("proxy", self._proxy_ready)
         self.cni_setup = CniSetup(settings.cni_setup) if settings.cni_setup else None
         if self.cni_setup is not None:

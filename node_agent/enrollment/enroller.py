@@ -10,6 +10,8 @@ starts clean:
        then the node's SNAT rule for its kubelet probes, when the agent
        manages those (undo: remove it; redirect/host_probes.py)
     3. register the workload                (undo: deregister)
+       or queue it while the control plane is unreachable: the proxy's ack
+       in 1 already says it holds a certificate for the pod's identity
     4. record it on disk as enrolled        (the point of no return)
 
 If the agent dies between 0 and 4, nothing is left to undo those steps in
@@ -94,7 +96,10 @@ class EnrollmentMetrics(Protocol):
 class Registrar(Protocol):
     """Reports enrolled workloads to the control plane (local mode)."""
 
-    async def register(self, record: PodRecord) -> None: ...
+    async def register(self, record: PodRecord) -> None:
+        """Report the pod, or queue it while the control plane is unreachable;
+        raises only when the control plane refused it."""
+        ...
 
     async def deregister(self, record: PodRecord) -> None: ...
 

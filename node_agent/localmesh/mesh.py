@@ -235,6 +235,19 @@ class LocalMesh:
             self.controlplane.stop()
         self._start_controlplane()
 
+    def stop_controlplane(self) -> None:
+        """An outage: the control plane exits and its port refuses connections."""
+        if self.controlplane is not None:
+            self.controlplane.stop()
+            self.controlplane = None
+
+    def start_controlplane(self) -> None:
+        """The control plane back after stop_controlplane, with its root and no
+        registrations; returns once it reports ready."""
+        if self.controlplane is not None and self.controlplane.popen.poll() is None:
+            raise NodeSetupError("the control plane is already running")
+        self._start_controlplane()
+
     def _token(self, node: str) -> str:
         for entry in self._config_doc.get("nodes", []):
             if entry.get("name") == node:

@@ -5,6 +5,14 @@ The proxy holds a certificate for each identity that has a pod on this node.
 the node), then a task renews it at half life. Renewal failures are retried
 with backoff until the certificate expires; connections already established
 are untouched by a renewal, new handshakes use the new certificate.
+
+While the control plane is away, a pod of an identity held here is served
+with the certificate held (that is what lets the node enroll it during an
+outage); one of an identity not held cannot be. A renewal that fell due
+meanwhile is retried on the control-plane client's reconnect backoff (about
+once a second: those attempts fail on the node without reaching anyone), so
+it happens within about a second of the CA's return, not at the end of a
+long backoff. A CA that answers with a refusal is retried on RETRY_BACKOFF.
 """
 
 from __future__ import annotations
@@ -19,15 +27,25 @@ from typing import Final, Protocol
 import grpc
 from cryptography import x509
 
-from node_agent.controlplane_client import IssuedCertificate
+from node_agent.controlplane_client import (
+    RECONNECT_BACKOFF,
+    REFUSALS_TO_BACK_OFF,
+    REFUSED_BACKOFF,
+    IssuedCertificate,
+)
 from node_agent.proxy.telemetry import RENEWAL_FAILURES, RENEWALS, ProxyMetrics
 from weir_common.errors import TransientError
+from weir_common.log_limit import LogLimiter
 from weir_common.mesh import SpiffeId
-from weir_common.retry import Backoff
 
 log = logging.getLogger(__name__)
 
-RETRY_BACKOFF: Final = Backoff(initial=1.0, maximum=30.0)
+# After a failure other than an unreachable CA (a refusal, a broken provider).
+RETRY_BACKOFF: Final = REFUSED_BACKOFF
+# After CaUnreachableError: its ceiling bounds how late a renewal comes after an outage.
+UNREACHABLE_BACKOFF: Final = RECONNECT_BACKOFF
+# One renewal failure line per identity this often; the metric counts every one.
+RENEWAL_FAILURE_LOG_INTERVAL_SECONDS: Final = 30.0
 # Never renew more often than this, whatever a short-lived certificate asks for.
 MIN_RENEW_INTERVAL_SECONDS: Final = 0.5
 
@@ -51,8 +69,13 @@ class WorkloadCertificate:
 
 class CertificateProvider(Protocol):
     async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
-        """A fresh certificate for `identity`; raises on failure."""
+        """A fresh certificate for `identity`; raises on failure (CaUnreachableError
+        when the CA could not be asked at all)."""
         ...
+
+
+class CaUnreachableError(TransientError):
+    """The CA could not be asked (the control plane is away), as opposed to refusing."""
 
 
 class CertificateSigner(Protocol):
@@ -74,7 +97,13 @@ class CaCertificateProvider:
         try:
             issued = await self._signer.request_certificate(str(identity), self._validity_seconds)
         except grpc.aio.AioRpcError as e:
-            raise TransientError(f"CA refused {identity}: {e.code().name}: {e.details()}") from e
+            if e.code() in REFUSALS_TO_BACK_OFF:
+                raise TransientError(
+                    f"CA refused {identity}: {e.code().name}: {e.details()}"
+                ) from e
+            raise CaUnreachableError(
+                f"CA unreachable for {identity}: {e.code().name}: {e.details()}"
+            ) from e
         return WorkloadCertificate.from_pem(issued.chain_pem, issued.private_key_pem)
 
 
@@ -97,23 +126,33 @@ class IdentityManager:
         self._refresh_at: dict[SpiffeId, datetime.datetime] = {}
         self._users: dict[SpiffeId, int] = {}
         self._renewals: dict[SpiffeId, asyncio.Task[None]] = {}
+        self._failure_log = LogLimiter(RENEWAL_FAILURE_LOG_INTERVAL_SECONDS)
 
     def current(self, identity: SpiffeId) -> WorkloadCertificate | None:
         return self._certs.get(identity)
 
     async def acquire(self, identity: SpiffeId) -> WorkloadCertificate:
-        """The certificate for `identity`, fetched on first use; pair with `release`."""
-        cert = self._certs.get(identity)
+        """The certificate for `identity`, fetched unless a valid one is held; pair with
+        `release`. Raises (the provider's error) when it has to fetch and cannot."""
+        cert = self._valid(identity)
         if cert is None:
+            # Held but expired (renewal failed for its whole life): never hand that out.
+            expired = identity in self._certs
             fetched = await self._provider.fetch(identity)
             # Another pod of the same identity may have fetched meanwhile; keep the first.
-            cert = self._certs.get(identity) or self._store(identity, fetched)
+            cert = self._valid(identity) or self._store(identity, fetched)
+            if expired:
+                self._on_rotated(identity)
         self._users[identity] = self._users.get(identity, 0) + 1
         if identity not in self._renewals:
             self._renewals[identity] = asyncio.create_task(
                 self._renew_forever(identity), name=f"renew {identity}"
             )
         return cert
+
+    def _valid(self, identity: SpiffeId) -> WorkloadCertificate | None:
+        cert = self._certs.get(identity)
+        return cert if cert is not None and cert.not_after > self._clock() else None
 
     def release(self, identity: SpiffeId) -> None:
         left = self._users.get(identity, 0) - 1
@@ -161,30 +200,43 @@ class IdentityManager:
 
     async def _renew_forever(self, identity: SpiffeId) -> None:
         failures = 0
+        # Seconds until the next attempt: None for "when renewal is due".
+        retry_in: float | None = None
         while identity in self._certs:
             cert = self._certs[identity]
-            wait = (self._refresh_at[identity] - self._clock()).total_seconds()
-            await asyncio.sleep(max(wait, MIN_RENEW_INTERVAL_SECONDS))
+            if retry_in is None:
+                retry_in = (self._refresh_at[identity] - self._clock()).total_seconds()
+            await asyncio.sleep(max(retry_in, MIN_RENEW_INTERVAL_SECONDS))
+            retry_in = None
             try:
                 fresh = await self._provider.fetch(identity)
             except Exception as e:
                 self._count(RENEWAL_FAILURES)
                 expires_in = (cert.not_after - self._clock()).total_seconds()
-                delay = RETRY_BACKOFF.delay(failures)
-                log.warning(
-                    "renewing %s failed (%s); current one expires in %.0f s; retry in %.0f s",
+                backoff = (
+                    UNREACHABLE_BACKOFF if isinstance(e, CaUnreachableError) else RETRY_BACKOFF
+                )
+                retry_in = backoff.delay(failures)
+                self._failure_log.log(
+                    log,
+                    logging.WARNING,
+                    identity,
+                    "renewing %s failed (%s); current one expires in %.0f s; retrying",
                     identity,
                     e,
                     expires_in,
-                    delay,
                 )
-                await asyncio.sleep(delay)
                 failures += 1
                 continue
-            failures = 0
             if identity not in self._certs:
                 return
             self._store(identity, fresh)
             self._count(RENEWALS)
-            log.info("rotated certificate of %s, valid until %s", identity, fresh.not_after)
+            log.info(
+                "rotated certificate of %s, valid until %s%s",
+                identity,
+                fresh.not_after,
+                f" (after {failures} failed attempts)" if failures else "",
+            )
+            failures = 0
             self._on_rotated(identity)

@@ -1,0 +1,187 @@
+"""A node's client through a control-plane outage: prompt reconnect, queued registrations.
+
+Real gRPC on loopback against an in-process control plane that is stopped
+and started again on the same port (the same root, as a restarted one has).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from controlplane.auth import RequestRefusedError
+from node_agent.agent.registrar import ControlPlaneRegistrar
+from node_agent.controlplane_client import (
+    RECONNECT_BACKOFF,
+    REFUSED_BACKOFF,
+    ControlPlaneClient,
+    ControlPlaneEndpoint,
+)
+from node_agent.enrollment.registry import PodRecord
+from node_agent.redirect.config import CaptureConfig
+from tests.controlplane.cp_testing import TOKENS, RecordingHandler, root_file, running_plane
+from weir_common.errors import InvalidInputError
+from weir_common.retry import Backoff
+
+# Long enough that gRPC's default reconnect backoff (x1.6 from 1 s, up to 120 s)
+# or an uncapped exponential retry would be seconds away when the plane returns.
+OUTAGE_S = 6.0
+# RECONNECT_BACKOFF's 1 s ceiling, gRPC's +20 % jitter on it, and a handshake.
+RECONNECT_BOUND_S = 1.5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _record(name: str, uid: str, ip: str) -> PodRecord:
+    return PodRecord(
+        uid=uid,
+        namespace="default",
+        name=name,
+        service_account=name,
+        container_id=f"c-{uid}",
+        netns="/proc/self/ns/net",
+        netns_inode=1,
+        ips=(f"{ip}/24",),
+        capture=CaptureConfig(),
+        mode="iptables",
+    )
+
+
+async def _within(seconds: float, attempt: Callable[[], Awaitable[object]]) -> float:
+    """Seconds until `attempt` stops raising (tried every 20 ms), failing after `seconds`."""
+    started = time.monotonic()
+    for _ in range(int(seconds / 0.02) + 1):
+        try:
+            await attempt()
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.02)
+            continue
+        return time.monotonic() - started
+    pytest.fail(f"not within {seconds} s")
+
+
+def test_defaults_bound_the_reconnect_and_back_off_from_refusals():
+    assert RECONNECT_BACKOFF.maximum <= 1.0
+    assert REFUSED_BACKOFF.maximum >= 30.0
+
+    async def scenario() -> None:
+        endpoint = ControlPlaneEndpoint.insecure(f"127.0.0.1:{_free_port()}")
+        async with ControlPlaneClient(endpoint, "node-1", "t") as client:
+            for failures in range(40):
+                assert client.retry_delay(failures, grpc.StatusCode.UNAVAILABLE) <= 1.0
+                assert client.retry_delay(failures, grpc.StatusCode.CANCELLED) <= 1.0
+                assert client.retry_delay(failures, None) <= 1.0
+            assert client.retry_delay(20, grpc.StatusCode.PERMISSION_DENIED) >= 15.0
+            assert client.retry_delay(20, grpc.StatusCode.UNAUTHENTICATED) >= 15.0
+
+    asyncio.run(scenario())
+
+
+def test_stream_ca_and_queued_registration_are_back_promptly_after_a_long_outage(
+    tmp_path: Path,
+):
+    listen = f"127.0.0.1:{_free_port()}"
+
+    async def scenario() -> None:
+        async with running_plane(tmp_path, grpc_listen=listen):
+            endpoint = ControlPlaneEndpoint.tls(listen, root_file(tmp_path))
+            client = ControlPlaneClient(endpoint, "node-1", TOKENS["node-1"])
+            subscription = client.subscribe(RecordingHandler())
+            task = asyncio.create_task(subscription.run())
+            await asyncio.wait_for(subscription.connected.wait(), 10)
+        # The plane is gone: the stream notices, and a pod enrolled now is queued.
+        await asyncio.wait_for(_until_cleared(subscription.connected), 10)
+        registrar = ControlPlaneRegistrar(client)
+        await registrar.register(_record("client", "uid-1", "10.1.0.5"))
+        assert client.unsent == {"default/client"}
+        await asyncio.sleep(OUTAGE_S)
+        assert not subscription.connected.is_set()
+        async with running_plane(tmp_path, grpc_listen=listen) as plane:
+            back = time.monotonic()
+            await asyncio.wait_for(subscription.connected.wait(), RECONNECT_BOUND_S)
+            stream_s = time.monotonic() - back
+            # Sent before the stream subscribed (restore_registrations).
+            assert plane.state.dump()["registrations"]["default/client"]["ips"] == ["10.1.0.5"]
+            assert client.unsent == frozenset()
+            ca_s = await _within(
+                RECONNECT_BOUND_S,
+                lambda: client.request_certificate("spiffe://cluster.local/ns/default/sa/client"),
+            )
+            logging.getLogger(__name__).info("stream back in %.2f s, CA in %.2f s", stream_s, ca_s)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await client.channel.close(None)
+
+    asyncio.run(scenario())
+
+
+async def _until_cleared(event: asyncio.Event) -> None:
+    while event.is_set():
+        await asyncio.sleep(0.02)
+
+
+def test_a_registration_that_fails_while_the_stream_is_up_is_caught_up(tmp_path: Path):
+    async def scenario() -> None:
+        async with running_plane(tmp_path) as plane:
+            endpoint = ControlPlaneEndpoint.tls(f"127.0.0.1:{plane.grpc_port}", root_file(tmp_path))
+            fast = Backoff(initial=0.05, maximum=0.2)
+            async with ControlPlaneClient(
+                endpoint, "node-1", TOKENS["node-1"], backoff=fast, refused_backoff=fast
+            ) as client:
+                subscription = client.subscribe(RecordingHandler())
+                task = asyncio.create_task(subscription.run())
+                await asyncio.wait_for(subscription.connected.wait(), 10)
+                register = plane.state.register
+                calls = 0
+
+                def overloaded_once(*args: object, **kwargs: object) -> None:
+                    nonlocal calls
+                    calls += 1
+                    if calls == 1:
+                        raise RequestRefusedError(
+                            grpc.StatusCode.UNAVAILABLE, "test", "overloaded (test)"
+                        )
+                    register(*args, **kwargs)  # type: ignore[arg-type]
+
+                plane.state.register = overloaded_once  # type: ignore[method-assign]
+                await ControlPlaneRegistrar(client).register(_record("client", "u1", "10.1.0.7"))
+                assert client.unsent == {"default/client"}
+                for _ in range(100):
+                    if "default/client" in plane.state.dump()["registrations"]:
+                        break
+                    await asyncio.sleep(0.05)
+                assert plane.state.dump()["registrations"]["default/client"]["uid"] == "u1"
+                assert client.unsent == frozenset()
+                assert subscription.connected.is_set()  # caught up on the same stream
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_a_refused_registration_still_fails_and_is_not_kept(tmp_path: Path):
+    async def scenario() -> None:
+        async with running_plane(tmp_path) as plane:
+            endpoint = ControlPlaneEndpoint.tls(f"127.0.0.1:{plane.grpc_port}", root_file(tmp_path))
+            async with ControlPlaneClient(endpoint, "node-1", TOKENS["node-1"]) as client:
+                # server is declared on node-2: node-1 may not register it.
+                with pytest.raises(InvalidInputError, match="PERMISSION_DENIED") as refused:
+                    await ControlPlaneRegistrar(client).register(
+                        _record("server", "u2", "10.1.0.8")
+                    )
+                assert not refused.value.retryable
+                assert "default/server" not in client.registrations
+                assert client.unsent == frozenset()
+
+    asyncio.run(scenario())

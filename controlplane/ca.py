@@ -150,13 +150,19 @@ def check_csr(csr_pem: str, identity: SpiffeId) -> x509.CertificateSigningReques
         csr = x509.load_pem_x509_csr(csr_pem.encode())
     except ValueError as exc:
         raise invalid_argument("malformed_csr", f"CSR is not PEM PKCS#10: {exc}") from None
-    if not csr.is_signature_valid:
+    try:
+        # The parts below are parsed only when read: a broken key or extension shows here.
+        signed = csr.is_signature_valid
+        key = csr.public_key()
+        extensions = csr.extensions
+    except (ValueError, x509.DuplicateExtension) as exc:
+        raise invalid_argument("malformed_csr", f"CSR is not well formed: {exc}") from None
+    if not signed:
         raise invalid_argument("malformed_csr", "CSR signature does not verify")
-    key = csr.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise invalid_argument("bad_key", "CSR key must be ECDSA P-256")
     try:
-        sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        sans = extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         raise invalid_argument("san_mismatch", f"CSR has no SAN; expected URI {identity}") from None
     names = [str(name.value) for name in sans]

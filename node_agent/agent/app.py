@@ -167,6 +167,7 @@ class Agent:
         self.admin.add_section("mesh", self.mesh.dump)
         self.admin.add_section("capture", lambda: {"mode": mode})
         self.admin.add_section("tasks", self.supervisor.dump)
+        self.admin.add_section("proxies", self.handoff.dump)
         self.admin.add_readiness("tasks", self.supervisor.not_ready)
         # Ready means new pods can be enrolled: the socket opens only after the
         # pods of an earlier agent were converged (half-done ADDs undone).

@@ -11,11 +11,14 @@ same harness serves the real `weir proxy` and test stand-ins.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,12 +37,18 @@ from node_agent.netns import Netns
 from node_agent.redirect.ebpf import loader
 from node_agent.redirect.ebpf.pins import BPFFS, PinLayout
 from weir_common.errors import NodeSetupError, TransientError
+from weir_common.retry import Backoff
 
 CONTROLPLANE_GRPC_PORT = 15012
 CONTROLPLANE_HTTP_PORT = 15014
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN_BUNDLE = REPO / "build" / "cni-plugin" / "weir-cni"
 _STARTUP_TIMEOUT_S = 30.0
+_PROXY_RESTART_BACKOFF = Backoff(initial=0.2, maximum=5.0)
+# A proxy that ran this long before dying starts again at the first backoff step.
+_PROXY_STABLE_S = 10.0
+
+log = logging.getLogger(__name__)
 
 
 def weir_command() -> list[str]:
@@ -143,7 +152,8 @@ class MeshNode:
     # the node's own, as on a real node, so teardown removes exactly this node's.
     pins: PinLayout
     agent: Process | None = None
-    proxy: Process | None = None
+    proxy: Process | None = None  # the current one, when the real proxy runs
+    proxy_keeper: KeptProcess | None = None
     stop_proxy: Callable[[], object] | None = None
 
     @property
@@ -166,6 +176,8 @@ class LocalMesh:
     topology: LocalTopology = field(default_factory=LocalTopology)
     nodes: dict[str, MeshNode] = field(default_factory=dict)
     controlplane: Process | None = None
+    # How long a stopping proxy lets its connections go on (`--drain-seconds`).
+    proxy_drain_seconds: float = 1.0
     _work: Path | None = None
 
     def __enter__(self) -> LocalMesh:
@@ -322,6 +334,21 @@ class LocalMesh:
             mesh_node.node.netns, ("127.0.0.1", 15021), "/healthz/ready", process=mesh_node.agent
         )
 
+    def upgrade_proxy(self, name: str, timeout_s: float = _STARTUP_TIMEOUT_S) -> Process:
+        """A rolling update of the node's proxy with surge: see KeptProcess.upgrade."""
+        mesh_node = self.nodes[name]
+        if mesh_node.proxy_keeper is None:
+            raise NodeSetupError(f"node {name} does not run a kept proxy")
+
+        def connected(successor: Process) -> bool:
+            status, body = http_get(
+                mesh_node.node.netns, "127.0.0.1", 15000, "/config_dump?section=proxies"
+            )
+            pids = {p["pid"] for p in json.loads(body)["proxies"]} if status == 200 else set()
+            return successor.popen.pid in pids
+
+        return mesh_node.proxy_keeper.upgrade(connected, timeout_s)
+
     def add_pod(self, node: str, name: str, namespace: str = "default") -> Pod:
         return self.topology.add_pod(self.nodes[node].node, name, namespace)
 
@@ -351,13 +378,130 @@ class LocalMesh:
                     self._work = None
 
 
+class KeptProcess:
+    """A node's proxy kept running, as the kubelet keeps a DaemonSet's pod running.
+
+    A proxy that exits on its own (a crash, kill -9, an OOM kill) is started
+    again after a backoff. `upgrade` starts the successor beside the running
+    one and stops the old one only once the successor is connected to the
+    agent, as a DaemonSet's rolling update with maxSurge does; the old one
+    then hands over and drains on its own.
+    """
+
+    def __init__(
+        self,
+        start: Callable[[], Process],
+        on_change: Callable[[Process], object],
+        backoff: Backoff = _PROXY_RESTART_BACKOFF,
+    ) -> None:
+        self._start = start
+        self._on_change = on_change
+        self._backoff = backoff
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.current = start()
+        self._started = time.monotonic()
+        on_change(self.current)
+        self.restarts = 0
+        self.retired: list[Process] = []
+        self._watcher = threading.Thread(target=self._watch, name="proxy keeper", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        failures = 0
+        while not self._stopping.wait(0.1):
+            with self._lock:
+                died = self.current
+            if died.popen.poll() is None:
+                continue
+            if time.monotonic() - self._started > _PROXY_STABLE_S:
+                failures = 0
+            log.warning("%s exited (%s); starting it again", died.name, died.popen.returncode)
+            if self._stopping.wait(self._backoff.delay(failures)):
+                return
+            failures += 1
+            with self._lock:
+                if self._stopping.is_set() or self.current is not died:
+                    continue
+                self.current = self._start()
+                self._started = time.monotonic()
+                self.restarts += 1
+                self._on_change(self.current)
+
+    def kill(self) -> Process:
+        """kill -9 of the running process (a crash); it is started again."""
+        with self._lock:
+            victim = self.current
+        victim.popen.kill()
+        victim.popen.wait()
+        return victim
+
+    def upgrade(self, connected: Callable[[Process], bool], timeout_s: float) -> Process:
+        """Start a successor, wait until `connected(successor)`, then SIGTERM the old one."""
+        with self._lock:
+            old = self.current
+            new = self._start()
+            self.current = new
+            self._on_change(new)
+        deadline = time.monotonic() + timeout_s
+        while not self._connected(connected, new):
+            if new.popen.poll() is not None:
+                raise NodeSetupError(f"successor {new.name} exited:\n{new.tail()}")
+            if time.monotonic() > deadline:
+                raise TransientError(f"successor {new.name} not connected after {timeout_s:.0f}s")
+            time.sleep(0.05)
+        if old.popen.poll() is None:
+            old.popen.send_signal(signal.SIGTERM)
+        self.retired.append(old)
+        return new
+
+    @staticmethod
+    def _connected(connected: Callable[[Process], bool], process: Process) -> bool:
+        try:
+            return connected(process)
+        except OSError:
+            return False
+
+    def wait_retired(self, timeout_s: float) -> list[int | None]:
+        """Exit codes of the upgraded-away processes (None: still draining after the timeout)."""
+        deadline = time.monotonic() + timeout_s
+        for process in self.retired:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.popen.wait(max(0.0, deadline - time.monotonic()))
+        return [p.popen.poll() for p in self.retired]
+
+    def stop(self) -> int:
+        self._stopping.set()
+        self._watcher.join()
+        for process in self.retired:
+            process.stop()
+        return self.current.stop()
+
+
 def real_proxy(mesh: LocalMesh, node: MeshNode) -> Callable[[], object]:
-    """The real `weir proxy run`, in the node's netns, as UID 1337, following its agent."""
-    node.proxy = spawn(
+    """The real `weir proxy run`, in the node's netns, as UID 1337, following its agent.
+
+    Kept running (see KeptProcess): restarted when it dies, upgradable in place.
+    """
+
+    def start() -> Process:
+        return _spawn_proxy(mesh, node)
+
+    def current(process: Process) -> None:
+        node.proxy = process
+
+    node.proxy_keeper = KeptProcess(start, current)
+    return node.proxy_keeper.stop
+
+
+def _spawn_proxy(mesh: LocalMesh, node: MeshNode) -> Process:
+    return spawn(
         node.node.netns,
         f"proxy-{node.node.name}",
         [
             *weir_command(),
+            "--log-level",
+            "info",
             "proxy",
             "run",
             "--control-plane",
@@ -375,8 +519,7 @@ def real_proxy(mesh: LocalMesh, node: MeshNode) -> Callable[[], object]:
             "--drop-to-uid",
             str(PROXY_UID),
             "--drain-seconds",
-            "1",
+            str(mesh.proxy_drain_seconds),
         ],
         mesh.work,
     )
-    return node.proxy.stop

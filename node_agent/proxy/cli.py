@@ -7,7 +7,9 @@ by hand once the control plane knows it (registered, with IPs).
 
 Started as root with `--drop-to-uid 1337`, the process switches to the proxy
 user keeping only CAP_SYS_ADMIN and CAP_NET_ADMIN before it starts any thread.
-SIGTERM or SIGINT: stop accepting, drain for `--drain-seconds`, exit.
+SIGTERM or SIGINT: hand over to a successor proxy if one is coming (see
+`--await-successor-seconds` and `--handover-seconds`), close the listeners,
+drain for `--drain-seconds`, exit.
 `--admin-listen` (loopback only) serves /config_dump, /logging,
 /healthz/ready and POST /quitquitquit (the same graceful stop).
 """
@@ -19,7 +21,7 @@ import asyncio
 import ipaddress
 import logging
 import signal
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Final
 
@@ -110,7 +112,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="HOST:PORT",
         help=f"the admin listener, loopback only (default: 127.0.0.1:{PROXY_ADMIN_PORT})",
     )
-    run.add_argument("--drain-seconds", type=float, default=5.0)
+    run.add_argument(
+        "--drain-seconds",
+        type=non_negative_seconds,
+        default=5.0,
+        help="after closing the listeners, how long open connections may go on (default 5)",
+    )
+    run.add_argument(
+        "--handover-seconds",
+        type=non_negative_seconds,
+        default=10.0,
+        help="on SIGTERM, how long to keep the listeners open for a connected successor proxy "
+        "to take every pod (default 10)",
+    )
+    run.add_argument(
+        "--await-successor-seconds",
+        type=non_negative_seconds,
+        default=0.0,
+        help="on SIGTERM with no successor connected to the agent, how long to wait for one "
+        "(default 0; a rolling update that stops this proxy before its successor starts "
+        "needs a few seconds)",
+    )
     run.add_argument(
         "--balancing", choices=[b.value for b in Balancing], default=Balancing.ROUND_ROBIN.value
     )
@@ -126,6 +148,16 @@ def parse_pod(text: str) -> tuple[str, Netns]:
         return resource_name(namespace, name), Netns.validate(path)
     except InvalidInputError as e:
         raise argparse.ArgumentTypeError(e.message) from None
+
+
+def non_negative_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 3600")
+    return seconds
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -182,7 +214,11 @@ def _run(args: argparse.Namespace) -> int:
             token=token,
             pods=args.pod,
             agent_socket=args.agent_socket,
-            drain_seconds=args.drain_seconds,
+            stopping=Stopping(
+                drain=args.drain_seconds,
+                handover=args.handover_seconds,
+                await_successor=args.await_successor_seconds,
+            ),
             admin_address=args.admin_listen,
         )
     )
@@ -197,7 +233,7 @@ async def _serve(
     token: TokenFile,
     pods: list[tuple[str, Netns]],
     agent_socket: Path | None,
-    drain_seconds: float,
+    stopping: Stopping,
     admin_address: tuple[str, int],
 ) -> None:
     stop = asyncio.Event()
@@ -209,11 +245,14 @@ async def _serve(
             settings, config=XdsConfigSource(client), certificates=CaCertificateProvider(client)
         )
         await proxy.start()
-        # reuse_port: on Kubernetes the next proxy starts beside this one (maxSurge).
-        admin = HttpEndpoint(_admin(proxy, node, stop), *admin_address, admin=True, reuse_port=True)
+        follower = None
         if agent_socket is not None:
             follower = ProxyHandoffClient(agent_socket, AgentPods(proxy, node))
             proxy.supervisor.start(HANDOFF_TASK, follower.run)
+        # reuse_port: on Kubernetes the next proxy starts beside this one (maxSurge).
+        admin = HttpEndpoint(
+            _admin(proxy, node, stop, follower), *admin_address, admin=True, reuse_port=True
+        )
         try:
             await admin.start()
             for key, netns in pods:
@@ -225,25 +264,58 @@ async def _serve(
             )
             await wait_any(stop, proxy.failed)
         finally:
-            if agent_socket is not None:
-                # Stop taking pods first; the agent hands them to the next proxy.
+            if follower is not None:
+                if stop.is_set() and not proxy.failed.is_set():
+                    # Listeners stay open (and pods keep arriving) until the
+                    # successor has them too: closing ours then moves their
+                    # queued connections to it instead of resetting them.
+                    handover = await follower.hand_over(
+                        await_connect=stopping.await_successor, await_sync=stopping.handover
+                    )
+                    level = logging.INFO if handover.handed_over else logging.WARNING
+                    log.log(level, "handover: %s", handover.detail)
+                # Stop taking pods; the agent hands them to the next proxy.
                 await proxy.supervisor.stop(HANDOFF_TASK)
-            await proxy.shutdown(drain_seconds)
+            await proxy.shutdown(stopping.drain)
             await admin.close()
         if proxy.failure:
             raise NodeSetupError(f"proxy stopped: {proxy.failure}")
 
 
-def _admin(proxy: Proxy, node: str, stop: asyncio.Event) -> AdminRegistry:
+@dataclass(frozen=True)
+class Stopping:
+    """How the proxy stops (seconds each)."""
+
+    drain: float
+    handover: float
+    await_successor: float
+
+
+def _admin(
+    proxy: Proxy, node: str, stop: asyncio.Event, follower: ProxyHandoffClient | None
+) -> AdminRegistry:
     registry = AdminRegistry(log_components=PROXY_COMPONENTS, on_quit=stop.set)
     registry.add_section("node", lambda: node_info(node))
     for name, section in proxy.admin_sections().items():
         registry.add_section(name, section)
-    registry.add_readiness(
-        "proxy", lambda: None if proxy.ready else "not accepting pods, or a task is down"
-    )
-    registry.add_readiness("tasks", proxy.supervisor.not_ready)
+    proxy.readiness_checks.append(lambda: "stopping" if stop.is_set() else None)
+    if follower is not None:
+        proxy.readiness_checks.append(lambda: _handoff_not_ready(follower))
+    registry.add_readiness("proxy", proxy.not_ready)
     return registry
+
+
+def _handoff_not_ready(follower: ProxyHandoffClient) -> str | None:
+    """Not ready until it holds the agent's pods, nor once a successor is taking over.
+
+    On Kubernetes both proxies of a rollout answer probes on the same host
+    port, so the old one must not answer "ready" for its successor.
+    """
+    if not follower.synced.is_set():
+        return "has not received the node agent's pods yet"
+    if follower.successors.connected:
+        return "a successor proxy is taking over"
+    return None
 
 
 async def _registered_workload(proxy: Proxy, key: str) -> Workload:

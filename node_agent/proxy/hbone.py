@@ -432,6 +432,7 @@ class H2Protocol(asyncio.Protocol):
         self.goaway = False  # the peer said it takes no new streams
         self.draining = False  # we take and open no new streams; closed once idle
         self.last_active = time.monotonic()
+        self.opened_at = self.last_active
         self.peer_identity: SpiffeId | None = None  # verified, set once TLS is up
         # While handling received bytes, writes are gathered and sent once at the
         # end: one TLS record and one syscall instead of one per frame handled.

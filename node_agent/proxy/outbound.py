@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Final
 
@@ -42,6 +43,15 @@ log = logging.getLogger(__name__)
 LISTENER: Final = "outbound"
 # Endpoints tried for one connection before giving up; each costs up to a connect timeout.
 MAX_ATTEMPTS: Final = 3
+
+
+class _RefusedStreamError(Exception):
+    """A stream refused on a connection opened at `connection_opened_at` (monotonic)."""
+
+    def __init__(self, error: StreamRefusedError, connection_opened_at: float) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.connection_opened_at = connection_opened_at
 
 
 class RefusedError(Exception):
@@ -180,16 +190,20 @@ class Outbound:
             return await self._dial(pod, endpoint.address, expected, tls.context)
 
         authority = format_authority(endpoint.address, endpoint.port)
-        dials = self._pool.dials
+        started = time.monotonic()
         try:
             try:
                 stream, headers = await self._request(key, authority, dial)
-            except StreamRefusedError:
-                if self._pool.dials != dials:
-                    raise
-                # The pooled connection was closed by the peer (idle, draining) just as
-                # we used it: no fault of the endpoint, so once more on a fresh one.
+            except _RefusedStreamError as e:
+                if e.connection_opened_at >= started:
+                    raise e.error from None
+                # A connection pooled before this request was closed or drained by
+                # the peer (idle, or its proxy being upgraded) just as we used it:
+                # no fault of the endpoint, so once more; the pool no longer offers
+                # that connection, so this goes to a fresh one.
                 stream, headers = await self._request(key, authority, dial)
+        except _RefusedStreamError as e:
+            raise UpstreamError(f"no CONNECT response: {e.error}") from e.error
         except StreamRefusedError as e:
             raise UpstreamError(f"no CONNECT response: {e}") from e
         return self._check_response(stream, headers)
@@ -204,7 +218,7 @@ class Outbound:
                 return stream, await stream.response
         except StreamRefusedError as e:
             stream.reset(f"no CONNECT response: {e}")
-            raise
+            raise _RefusedStreamError(e, stream.conn.opened_at) from e
         except TimeoutError as e:
             stream.reset("no CONNECT response in time")
             raise UpstreamError("no CONNECT response in time") from e

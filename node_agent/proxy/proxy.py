@@ -116,6 +116,8 @@ class Proxy:
         # Set when the proxy cannot go on; whoever runs it stops it and exits non-zero.
         self.failed = asyncio.Event()
         self.failure = ""
+        # Whoever runs the proxy adds what else readiness waits for (the agent's pods).
+        self.readiness_checks: list[Callable[[], str | None]] = []
         self._metrics_server = MetricsServer(self.metrics, lambda: self.ready)
         self._readiness_server = MetricsServer(self.metrics, lambda: self.ready)
         upstream = UpstreamConnector(
@@ -174,7 +176,17 @@ class Proxy:
 
     @property
     def ready(self) -> bool:
-        return self._accepting and self.supervisor.not_ready() is None
+        return self.not_ready() is None
+
+    def not_ready(self) -> str | None:
+        """Why the proxy is not ready, or None. The metrics port's /healthz/ready says this."""
+        if not self._accepting:
+            return "not accepting pods (starting or shutting down)"
+        for check in self.readiness_checks:
+            reason = check()
+            if reason is not None:
+                return reason
+        return self.supervisor.not_ready()
 
     def _give_up(self, reason: str) -> None:
         log.critical("proxy stopping: %s", reason)

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 from node_agent.constants import PROXY_GID, PROXY_UID
 from node_agent.netns import Netns
 from node_agent.proxy_handoff import protocol
+from node_agent.proxy_handoff.listener_migration import ListenerMigration
 from node_agent.proxy_handoff.protocol import EnrolledPod
 from node_agent.unix_sockets import bind_private, peer_credentials
 from weir_common.errors import TransientError
@@ -52,6 +54,11 @@ class _ProxyConnection:
     peer_pid: int
     queue: asyncio.Queue[_Pending] = field(default_factory=asyncio.Queue)
     synced: bool = False
+    version: int = 0  # from its hello
+    order: int = 0  # connection order: a higher one is a successor
+    connected_at: float = field(default_factory=time.time)
+    # (connected, synced) successors last sent, so unchanged counts are not resent.
+    told: tuple[int, int] = (0, 0)
 
 
 class ProxyHandoffServer:
@@ -73,11 +80,25 @@ class ProxyHandoffServer:
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._seq = 0
+        self._connection_order = 0
+        self._migration = ListenerMigration()
 
     @property
     def synced_proxies(self) -> int:
         """Proxies that hold the full snapshot (what readiness reports)."""
         return sum(c.synced for c in self._connections)
+
+    def dump(self) -> list[dict[str, object]]:
+        """The connected proxies, oldest first (the admin `proxies` section)."""
+        return [
+            {
+                "pid": c.peer_pid,
+                "protocol_version": c.version,
+                "synced": c.synced,
+                "connected_since": c.connected_at,
+            }
+            for c in sorted(self._connections, key=lambda c: c.order)
+        ]
 
     async def start(self, supervisor: Supervisor | None = None) -> None:
         """Listen; the accept loop runs under `supervisor` when given (see supervision)."""
@@ -111,6 +132,7 @@ class ProxyHandoffServer:
 
     async def add(self, pod: EnrolledPod, netns: Netns) -> None:
         """Hand `pod` to every connected proxy; returns once all acked."""
+        self._migration.enable(netns)
         await self._broadcast({"type": "add", "pod": pod.to_json()}, netns, f"pod {pod.uid}")
 
     async def remove(self, uid: str) -> None:
@@ -163,12 +185,17 @@ class ProxyHandoffServer:
             hello, fds = await asyncio.wait_for(protocol.recv(conn.sock), self._ack_timeout)
             for fd in fds:
                 os.close(fd)
-            protocol.expect_hello(hello)
+            conn.version = protocol.expect_hello(hello)
             async with self._lock:
                 for pod, netns in self._snapshot():
+                    # Again for pods enrolled by an agent that did not set it.
+                    self._migration.enable(netns)
                     self._enqueue(conn, {"type": "add", "pod": pod.to_json()}, netns)
                 snapshot_done = self._enqueue(conn, {"type": "snapshot_done"}, None)
+                self._connection_order += 1
+                conn.order = self._connection_order
                 self._connections.append(conn)
+                self._tell_successors()
             log.info("proxy pid %d connected; sending snapshot", conn.peer_pid)
             self._spawn(self._mark_synced(conn, snapshot_done))
             await self._pump(conn)
@@ -181,8 +208,23 @@ class ProxyHandoffServer:
         with contextlib.suppress(Exception):
             await snapshot_done.done
             conn.synced = True
-        if conn.synced and self._on_synced is not None:
-            await self._on_synced()
+        if conn.synced:
+            async with self._lock:
+                self._tell_successors()
+            if self._on_synced is not None:
+                await self._on_synced()
+
+    def _tell_successors(self) -> None:
+        """Tell each proxy what it needs to hand over on its way out (caller holds the lock)."""
+        for conn in self._connections:
+            if conn.version < 2:
+                continue
+            after = [c for c in self._connections if c.order > conn.order]
+            counts = (len(after), sum(c.synced for c in after))
+            if counts != conn.told:
+                conn.told = counts
+                message = {"type": "successors", "connected": counts[0], "synced": counts[1]}
+                self._enqueue(conn, message, None)
 
     async def _pump(self, conn: _ProxyConnection) -> None:
         while True:
@@ -230,6 +272,7 @@ class ProxyHandoffServer:
         async with self._lock:
             if conn in self._connections:
                 self._connections.remove(conn)
+                self._tell_successors()
         conn.sock.close()
         while not conn.queue.empty():
             item = conn.queue.get_nowait()

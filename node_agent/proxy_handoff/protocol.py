@@ -6,10 +6,11 @@ network namespace travels as a file descriptor (SCM_RIGHTS), so the proxy
 never needs the host's /var/run/netns mounted and cannot be fooled by a path
 that was reused for another namespace.
 
-    proxy -> agent   {"type": "hello", "version": 1}
+    proxy -> agent   {"type": "hello", "version": 2}
     agent -> proxy   {"seq": N, "type": "add", "pod": {...}}      + 1 fd (the pod netns)
                      {"seq": N, "type": "remove", "uid": "..."}
                      {"seq": N, "type": "snapshot_done"}
+                     {"seq": N, "type": "successors", "connected": C, "synced": S}
     proxy -> agent   {"seq": N, "type": "ack"}
                      {"seq": N, "type": "nack", "error": "..."}
 
@@ -19,6 +20,13 @@ connection: the agent waits for its ack before sending the next, so the
 proxy's listeners exist before the agent reports a pod enrolled. Several
 proxies may be connected at once (a new one taking over from an old one
 during a rollout); each gets the full snapshot and every change.
+
+`successors` (version 2) tells a proxy how many proxies connected after it
+and how many of those hold the full snapshot. It is how an old proxy knows,
+when told to stop, whether someone else already listens in every pod: it
+closes its listeners only then (or when its handover time is up), so the
+kernel moves its queued connections to the successor instead of resetting
+them. A version 1 proxy never gets it.
 """
 
 from __future__ import annotations
@@ -31,7 +39,9 @@ from typing import Any
 
 from weir_common.errors import InvalidInputError
 
-VERSION = 1
+VERSION = 2
+# Version 1 proxies (before successors existed) are still served.
+SUPPORTED_VERSIONS = frozenset({1, 2})
 MAX_DATAGRAM = 64 * 1024
 
 
@@ -89,9 +99,19 @@ def decode(data: bytes) -> dict[str, Any]:
     return message
 
 
-def expect_hello(message: dict[str, Any]) -> None:
-    if message.get("type") != "hello" or message.get("version") != VERSION:
-        raise ProtocolError(f"expected hello version {VERSION}, got {message}")
+def expect_hello(message: dict[str, Any]) -> int:
+    """The version the proxy speaks."""
+    version = message.get("version")
+    # type(), not isinstance: JSON true is a bool, and True == 1.
+    if (
+        message.get("type") != "hello"
+        or type(version) is not int
+        or version not in SUPPORTED_VERSIONS
+    ):
+        raise ProtocolError(
+            f"expected hello with a version in {sorted(SUPPORTED_VERSIONS)}, got {message}"
+        )
+    return version
 
 
 async def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:

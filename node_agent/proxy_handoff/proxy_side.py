@@ -10,6 +10,10 @@ A pod the handler cannot take is nacked, with the reason, and the session goes
 on: ending it would make the agent replay its snapshot, which fails on the same
 pod again, so one bad pod would keep every other pod from being handed over.
 Only the protocol or the socket failing ends a session.
+
+The agent also says how many proxies connected after this one and hold
+every pod (`successors`): `hand_over` waits for one before this proxy
+closes its listeners, so an upgrade loses no connection.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol
 
@@ -48,6 +54,22 @@ class PodHandler(Protocol):
     async def remove_pod(self, uid: str) -> None: ...
 
 
+@dataclass(frozen=True)
+class Successors:
+    """Proxies that connected to the agent after this one; `synced` of them hold every pod."""
+
+    connected: int = 0
+    synced: int = 0
+
+
+@dataclass(frozen=True)
+class Handover:
+    """How a stopping proxy's wait for its successor ended."""
+
+    handed_over: bool
+    detail: str
+
+
 class ProxyHandoffClient:
     def __init__(
         self, path: Path, handler: PodHandler, backoff: Backoff = RECONNECT_BACKOFF
@@ -58,6 +80,8 @@ class ProxyHandoffClient:
         self._fds: dict[str, int] = {}
         # Set once the first full snapshot is applied; readiness waits on it.
         self.synced = asyncio.Event()
+        self.successors = Successors()
+        self._successors_changed = asyncio.Condition()
 
     @property
     def pods(self) -> list[str]:
@@ -88,6 +112,8 @@ class ProxyHandoffClient:
             await asyncio.get_running_loop().sock_connect(sock, str(self.path))
             await protocol.send(sock, {"type": "hello", "version": protocol.VERSION})
             in_snapshot: set[str] | None = set()
+            # A new session (the agent restarted) says it afresh if there are any.
+            await self._set_successors(Successors())
             while True:
                 message, fds = await protocol.recv(sock)
                 reply: dict[str, Any] = {"seq": message.get("seq"), "type": "ack"}
@@ -124,6 +150,8 @@ class ProxyHandoffClient:
             if not isinstance(uid, str) or not uid:
                 raise protocol.ProtocolError(f"remove message without a uid: {message}")
             await _refusable(f"removal of pod {uid}", self._remove(uid))
+        elif kind == "successors":
+            await self._set_successors(_successors(message))
         elif kind == "snapshot_done":
             for uid in set(self._fds) - (in_snapshot or set()):
                 log.info("pod %s is gone from the agent's snapshot; removing", uid)
@@ -133,6 +161,47 @@ class ProxyHandoffClient:
         else:
             raise protocol.ProtocolError(f"unknown handoff message type {kind!r}")
         return in_snapshot
+
+    async def hand_over(self, *, await_connect: float, await_sync: float) -> Handover:
+        """Wait until a successor holds every pod; say how the wait ended.
+
+        With none connected, wait up to `await_connect` seconds for one (on
+        Kubernetes the old proxy may be told to stop before its successor
+        reached the agent); then up to `await_sync` for one to hold every pod.
+        """
+        started = time.monotonic()
+        async with self._successors_changed:
+            if await_connect > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._successors_changed.wait_for(lambda: self.successors.connected > 0),
+                        await_connect,
+                    )
+            if self.successors.connected == 0:
+                return Handover(False, "no successor proxy connected: closing the listeners now")
+            try:
+                await asyncio.wait_for(
+                    self._successors_changed.wait_for(lambda: self.successors.synced > 0),
+                    await_sync,
+                )
+            except TimeoutError:
+                return Handover(
+                    False, f"no successor proxy held every pod within {await_sync:.1f} s"
+                )
+        waited = time.monotonic() - started
+        return Handover(True, f"a successor proxy holds every pod (after {waited:.2f} s)")
+
+    async def _set_successors(self, successors: Successors) -> None:
+        if successors == self.successors:
+            return
+        log.info(
+            "successor proxies: %d connected, %d holding every pod",
+            successors.connected,
+            successors.synced,
+        )
+        async with self._successors_changed:
+            self.successors = successors
+            self._successors_changed.notify_all()
 
     async def _add(self, pod: EnrolledPod, fd: int) -> None:
         old = self._fds.get(pod.uid)
@@ -188,3 +257,10 @@ async def _refusable(what: str, step: Awaitable[None]) -> None:
         if not isinstance(e, OSError):
             log.exception("handoff: %s failed unexpectedly", what)
         raise _PodRefusedError(f"{what}: {type(e).__name__}: {e}") from e
+
+
+def _successors(message: dict[str, Any]) -> Successors:
+    connected, synced = message.get("connected"), message.get("synced")
+    if type(connected) is not int or type(synced) is not int or not 0 <= synced <= connected:
+        raise protocol.ProtocolError(f"successors message with bad counts: {message}")
+    return Successors(connected, synced)

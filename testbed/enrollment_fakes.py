@@ -39,6 +39,9 @@ class FakeCapture:
         self.applied.pop(str(ns.path), None)
         return None
 
+    def forget(self, netns_cookie: int) -> object:
+        return None
+
     def prune(self) -> list[str]:
         return []
 

@@ -35,13 +35,23 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from pathlib import Path
+from typing import Final, Protocol, TypeVar
 
 from cni_plugin.protocol import PodInfo
+from node_agent.enrollment.reconcile import (
+    Capture,
+    NetnsNow,
+    Start,
+    capture_removal,
+    on_start,
+    same_netns,
+)
 from node_agent.enrollment.registry import PodRecord, PodRegistry
 from node_agent.netns import Netns
 from node_agent.proxy_handoff.protocol import EnrolledPod
 from node_agent.redirect.config import CaptureConfig
+from node_agent.redirect.podnet import netns_cookie
 from weir_common.errors import WeirError
 
 log = logging.getLogger(__name__)
@@ -57,6 +67,10 @@ class CaptureEngine(Protocol):
     def check(self, ns: Netns, config: CaptureConfig) -> list[str]: ...
 
     def remove(self, ns: Netns) -> object: ...
+
+    def forget(self, netns_cookie: int) -> object:
+        """Drop what capture keeps outside a pod netns that is gone, by the netns's cookie."""
+        ...
 
     def prune(self) -> list[str]:
         """Forget node-wide state of pods whose netns is gone; what was forgotten."""
@@ -89,7 +103,7 @@ class EnrollmentMetrics(Protocol):
         ...
 
     def redirect_error(self, mode: str, operation: str) -> None:
-        """A capture operation ("apply", "check", "remove", "prune") raised."""
+        """A capture operation ("apply", "check", "remove", "forget", "prune") raised."""
         ...
 
 
@@ -140,8 +154,11 @@ class Enroller:
         registry: PodRegistry,
         host_rules: HostRules | None = None,
         metrics: EnrollmentMetrics | None = None,
+        boot_id: str | None = None,
     ) -> None:
         self._capture = capture
+        # Which boot the netns inodes and cookies of new records belong to.
+        self._boot_id = current_boot_id() if boot_id is None else boot_id
         self._metrics = metrics
         self._host_rules = host_rules
         self._mode = mode
@@ -173,6 +190,7 @@ class Enroller:
                 log.info("pod %s stays out of the mesh: %s", pod.describe(), intent)
                 return Outcome(captured=False, reason=intent)
             ns = Netns.validate(pod.netns)
+            cookie = await asyncio.to_thread(_cookie_or_zero, ns)
             record = PodRecord(
                 uid=pod.uid,
                 namespace=pod.namespace,
@@ -185,6 +203,8 @@ class Enroller:
                 capture=intent.capture,
                 mode=self._mode,
                 enrolled=False,
+                netns_cookie=cookie,
+                boot_id=self._boot_id,
             )
             await self._enroll(record, ns, pod.describe())
             return Outcome(captured=True)
@@ -265,15 +285,17 @@ class Enroller:
         except WeirError as e:
             # A proxy that is down gets the pod's absence in its next snapshot.
             log.warning("proxy did not take back %s: %s", what, e.message)
+        ns = _look(record.netns)
+        how = capture_removal(record, self._boot_id, _now(ns))
         try:
-            ns = Netns.validate(record.netns)
-        except WeirError:
-            ns = None  # the netns is gone, and its rules with it
-        if ns is not None and ns.inode == record.netns_inode:
-            try:
+            if how == Capture.IN_NETNS and ns is not None:
                 await self._redirect("remove", self._capture.remove, ns)
-            except WeirError as e:
-                log.warning("removing capture from %s failed: %s", what, e.message)
+            elif how == Capture.BY_COOKIE:
+                # The netns is gone (its rules with it), but eBPF state outside it is
+                # not, and may still steer to a proxy that held this pod.
+                await self._redirect("forget", self._capture.forget, record.netns_cookie)
+        except WeirError as e:
+            log.warning("removing capture from %s failed: %s", what, e.message)
         if self._host_rules is not None:
             try:
                 await asyncio.to_thread(self._host_rules.remove, record.uid)
@@ -321,7 +343,7 @@ class Enroller:
         """
 
         async def forget_if_gone(record: PodRecord) -> None:
-            if record.enrolled and not _netns_alive(record):
+            if record.enrolled and not self._same_netns(record):
                 log.info("pod %s went away without a CNI DEL", record.key())
                 await self._unenroll(record)
 
@@ -357,18 +379,19 @@ class Enroller:
             log.info("capture state of a departed pod removed: %s", line)
 
     async def _converge_one(self, record: PodRecord) -> None:
-        if not record.enrolled:
+        ns = _look(record.netns)
+        decision = on_start(record, self._boot_id, _now(ns))
+        if decision.start == Start.UNDO:
             # ADD holds this pod's lock until its record is final, so an in-flight
             # record seen here belongs to an agent that died during that ADD.
-            log.warning("undoing the half-done enrollment of %s", record.key())
+            log.warning("undoing the half-done enrollment of %s: %s", record.key(), decision.why)
             await self._unenroll(record)
             return
-        if not _netns_alive(record):
-            log.info("pod %s went away while the agent was down", record.key())
+        if decision.start == Start.FORGET or ns is None:
+            log.info("forgetting pod %s: %s", record.key(), decision.why)
             await self._unenroll(record)
             return
         try:
-            ns = Netns.validate(record.netns)
             drift = await self._redirect("check", self._capture.check, ns, record.capture)
             if drift:
                 log.warning("capture of %s drifted (%s); re-applying", record.key(), drift[0])
@@ -394,13 +417,14 @@ class Enroller:
         """The proxy handoff snapshot: every recorded pod whose netns still exists."""
         out: list[tuple[EnrolledPod, Netns]] = []
         for record in self._registry:
-            try:
-                ns = Netns.validate(record.netns)
-            except WeirError:
-                continue
-            if ns.inode == record.netns_inode:
+            ns = _look(record.netns)
+            if ns is not None and same_netns(record, self._boot_id, _now(ns)):
                 out.append((_enrolled(record), ns))
         return out
+
+    def _same_netns(self, record: PodRecord) -> bool:
+        """Whether the pod's netns is still the one it was enrolled in (paths get reused)."""
+        return same_netns(record, self._boot_id, _now(_look(record.netns)))
 
     def dump(self) -> list[dict[str, object]]:
         return [
@@ -414,12 +438,32 @@ class Enroller:
         ]
 
 
-def _netns_alive(record: PodRecord) -> bool:
-    """Whether the pod's netns is still the one it was enrolled in (paths get reused)."""
+BOOT_ID_FILE: Final = Path("/proc/sys/kernel/random/boot_id")
+
+
+def current_boot_id() -> str:
+    """The kernel's id of this boot (the host's, also inside a container)."""
+    return BOOT_ID_FILE.read_text().strip()
+
+
+def _look(path: str) -> Netns | None:
+    """The netns at `path` now, or None when there is none."""
     try:
-        return Netns.validate(record.netns).inode == record.netns_inode
+        return Netns.validate(path)
     except WeirError:
-        return False
+        return None
+
+
+def _now(ns: Netns | None) -> NetnsNow:
+    return NetnsNow(ns.inode if ns is not None else None)
+
+
+def _cookie_or_zero(ns: Netns) -> int:
+    """The netns cookie, or 0 on a kernel without SO_NETNS_COOKIE (which iptables does not need)."""
+    try:
+        return netns_cookie(ns)
+    except WeirError:
+        return 0
 
 
 def _enrolled(record: PodRecord) -> EnrolledPod:

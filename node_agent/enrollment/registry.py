@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from node_agent.redirect.config import CaptureConfig, parse_cidrs
-from weir_common.atomic_file import write_atomically
+from weir_common.atomic_file import TEMP_SUFFIX, write_atomically
 from weir_common.errors import InvalidInputError
 
 FORMAT_VERSION = 1
@@ -47,6 +47,11 @@ class PodRecord:
     mode: str
     # False from the start of the pod's ADD until its last step succeeded.
     enrolled: bool = True
+    # The netns's kernel cookie (eBPF state is keyed by it; 0: not known) and the
+    # boot both numbers belong to (empty: not known): after a reboot they name
+    # nothing of this pod, and may name another's (enrollment/reconcile.py).
+    netns_cookie: int = 0
+    boot_id: str = ""
 
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
@@ -83,6 +88,9 @@ class PodRecord:
             mode=str(data["mode"]),
             # Written by agents that recorded only finished enrollments.
             enrolled=bool(data.get("enrolled", True)),
+            # Written by agents that did not record them.
+            netns_cookie=int(data.get("netns_cookie", 0)),
+            boot_id=str(data.get("boot_id", "")),
         )
 
 
@@ -98,6 +106,10 @@ class PodRegistry:
 
     def load(self) -> None:
         """Read the file if there is one; a corrupt file is an error, never silently empty."""
+        # An agent killed mid-write leaves its temporary file; the rename never happened,
+        # so the registry is the file as it was and the temporary one is garbage.
+        for stale in self.path.parent.glob(f".{self.path.name}.*{TEMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)
         try:
             text = self.path.read_text()
         except FileNotFoundError:

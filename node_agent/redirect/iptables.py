@@ -153,6 +153,10 @@ class IptablesCapture:
         """Nothing to forget: the rules live in the pod's netns and vanish with it."""
         return []
 
+    def forget(self, netns_cookie: int) -> bool:  # noqa: ARG002 - CaptureEngine
+        """Nothing outside the pod's netns to drop: its rules went with it."""
+        return False
+
     def remove(self, ns: Netns) -> bool:
         """Remove every Weir rule and chain from both backends. Whether anything was removed."""
         empty: dict[Family, Ruleset] = {family: {} for family in FAMILIES}

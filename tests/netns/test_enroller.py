@@ -50,6 +50,9 @@ class FakeCapture:
     def remove(self, ns: Netns) -> None:
         self.journal.hit(f"capture.remove {ns.path.name}")
 
+    def forget(self, netns_cookie: int) -> None:
+        self.journal.hit(f"capture.forget {netns_cookie}")
+
     def prune(self) -> list[str]:
         self.journal.hit("capture.prune")
         return []
@@ -175,9 +178,12 @@ def test_delete_succeeds_when_parts_fail_or_the_netns_is_gone(tmp_path, sandbox)
     asyncio.run(enroller.add(pod(sandbox)))
     journal.events.clear()
     journal.fail["proxy.remove uid-1"] = TransientError("no proxy connected")
+    cookie = next(iter(registry)).netns_cookie
+    assert cookie > 0
     subprocess.run(["ip", "netns", "del", Path(sandbox).name], check=True)
     asyncio.run(enroller.delete("cid-1"))
-    assert journal.events == ["proxy.remove uid-1", "deregister uid-1"]
+    # Gone with the netns: its rules; not gone: what capture keeps under its cookie.
+    assert journal.events == ["proxy.remove uid-1", f"capture.forget {cookie}", "deregister uid-1"]
     assert len(registry) == 0
 
 
@@ -203,10 +209,16 @@ def test_converge_repairs_drift_forgets_the_gone_and_reports_failures(tmp_path, 
         restarted.dump()[0]["status"] == "capture could not be restored: iptables-restore vanished"
     )
 
+    cookie = next(iter(restarted._registry)).netns_cookie
     subprocess.run(["ip", "netns", "del", ns], check=True)
     journal2.events.clear()
     asyncio.run(restarted.converge())
-    assert journal2.events == ["proxy.remove uid-1", "deregister uid-1", "capture.prune"]
+    assert journal2.events == [
+        "proxy.remove uid-1",
+        f"capture.forget {cookie}",
+        "deregister uid-1",
+        "capture.prune",
+    ]
     assert restarted.enrolled() == []
     assert restarted.dump() == []
 
@@ -228,10 +240,16 @@ def test_prune_forgets_pods_whose_netns_went_away_without_a_del(tmp_path, sandbo
     asyncio.run(enroller.prune())
     assert journal.events == ["capture.prune"]
     assert len(registry) == 1
+    cookie = next(iter(registry)).netns_cookie
     subprocess.run(["ip", "netns", "del", Path(sandbox).name], check=True)
     journal.events.clear()
     asyncio.run(enroller.prune())
-    assert journal.events == ["proxy.remove uid-1", "deregister uid-1", "capture.prune"]
+    assert journal.events == [
+        "proxy.remove uid-1",
+        f"capture.forget {cookie}",
+        "deregister uid-1",
+        "capture.prune",
+    ]
     assert len(registry) == 0
 
 

@@ -44,6 +44,9 @@ class Parts:
     def remove(self, ns: object) -> None:
         return None
 
+    def forget(self, netns_cookie: int) -> None:
+        return None
+
     def prune(self) -> list[str]:
         return []
 

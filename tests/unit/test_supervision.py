@@ -116,6 +116,9 @@ class NoCapture:
     def remove(self, ns: object) -> None:
         return None
 
+    def forget(self, netns_cookie: int) -> None:
+        return None
+
     def prune(self) -> list[str]:
         return []
 

@@ -227,6 +227,18 @@ class EbpfCapture:
         entries, link = self._forget(cookie, self._pod_keys().get(cookie, {}))
         return entries > 0 or link
 
+    def forget(self, netns_cookie: int) -> bool:
+        """Drop the entries and link of a pod whose netns is gone, by the cookie it had.
+
+        Its netns may live on in the kernel for a while (a proxy's sockets hold
+        it), so the link is not detached yet and prune would keep it; the pod's
+        owner knows it is gone. Whether anything was there.
+        """
+        if loader.install_state(self.pins).absent:
+            return False
+        entries, link = self._forget(netns_cookie, self._pod_keys().get(netns_cookie, {}))
+        return entries > 0 or link
+
     def _pod_keys(self) -> dict[int, PodKeys]:
         """The keys of every per-pod entry, by the netns cookie they belong to."""
         found: dict[int, PodKeys] = {}

@@ -1,0 +1,292 @@
+"""kill -9 of the node agent at random points of a burst of CNI ADDs and DELs.
+
+One node of the real local mesh (control plane, agent, real proxy as UID
+1337) and an echo pod on it. Each of the twenty rounds runs ADDs and DELs at
+once, every one a real CNI chain (bridge, host-local, frozen weir-cni) from
+its own thread, and kills the agent at a seeded random moment of the burst.
+A failed ADD is cleaned up as a runtime does (DEL, then the netns goes).
+Once the burst drained, the agent is started again; as soon as it is ready:
+
+- every pod whose ADD succeeded is enrolled and served: in the registry as
+  captured, held by the proxy, its capture in place, the proxy's listeners
+  in its netns, and a connection from it reaches echo with mutual_tls;
+- every other pod left nothing: no record, nothing held by the proxy, no
+  capture state (no netns, and in eBPF mode no pin or map entry);
+- no pod netns on the node is captured without the proxy's listeners.
+
+The seed is printed (WEIR_CRASH_SEED replays a run), and so is each kill time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from node_agent.constants import (
+    ADMIN_PORT,
+    INBOUND_PLAINTEXT_CAPTURE_PORT,
+    INBOUND_TUNNEL_PORT,
+    OUTBOUND_CAPTURE_PORT,
+    PROXY_ADMIN_PORT,
+)
+from node_agent.demo.mesh import access_log
+from node_agent.localmesh.cni_runtime import CniPluginError
+from node_agent.localmesh.mesh import LocalMesh, MeshNode, http_get, real_proxy
+from node_agent.localmesh.topology import Pod
+from node_agent.localmesh.traffic import TrafficObserver, connect
+from node_agent.localmesh.wiring import NETNS_DIR
+from node_agent.netns import Netns
+from node_agent.redirect.backend import Backend
+from node_agent.redirect.config import FAMILIES
+from node_agent.redirect.ebpf.capture import EbpfCapture
+from node_agent.redirect.iptables import read_owned
+from node_agent.redirect.podnet import TCP_LISTEN, netns_cookie, tcp_sockets
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(420)]
+
+POINTS = 20
+NAMES = [f"crash-{i:02d}" for i in range(12)]
+# Live pods kept between rounds; each round deletes some and adds the rest of NAMES.
+KEEP_AT_MOST = 6
+# The burst of ~10 CNI chains takes 1-2 s on 2 cores; kills land all over it.
+KILL_WITHIN_S = 1.5
+NODE = "node-1"
+ECHO_PORT = 8080
+CRASH_IDENTITY = "spiffe://cluster.local/ns/default/sa/crash"
+LISTENER_PORTS = {OUTBOUND_CAPTURE_PORT, INBOUND_PLAINTEXT_CAPTURE_PORT, INBOUND_TUNNEL_PORT}
+
+
+def mesh_config(path: Path) -> Path:
+    workloads: list[dict[str, Any]] = [
+        {
+            "name": name,
+            "namespace": "default",
+            "serviceAccount": "crash",
+            "node": NODE,
+            "labels": {"app": "crash"},
+        }
+        for name in NAMES
+    ]
+    workloads.append(
+        {
+            "name": "echo",
+            "namespace": "default",
+            "serviceAccount": "echo",
+            "node": NODE,
+            "labels": {"app": "echo"},
+        }
+    )
+    doc = {
+        "trustDomain": "cluster.local",
+        "nodes": [{"name": NODE, "bootstrapToken": "test-node-1-token"}],
+        "namespaces": [{"name": "default", "mtlsMode": "STRICT"}],
+        "workloads": workloads,
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def captured(ns: Netns, mode: str, node: MeshNode) -> bool:
+    """Whether any capture state of ours exists for this netns."""
+    if mode == "iptables":
+        # Whichever backend the agent chose, and stale rules in the other.
+        return any(read_owned(ns, family, b) for family in FAMILIES for b in Backend)
+    cookie = netns_cookie(ns)
+    if cookie in node.pins.pod_links():
+        return True
+    return cookie in ebpf_cookies(node)
+
+
+def ebpf_cookies(node: MeshNode) -> set[int]:
+    """Netns cookies holding a pin or a map entry under the node's pin root."""
+    if not node.pins.root.exists():
+        return set()
+    with EbpfCapture(node.pins) as engine:
+        return set(engine._pod_keys()) | set(node.pins.pod_links())
+
+
+def listening(ns: Netns) -> set[int]:
+    return {s.local[1] for s in tcp_sockets(ns) if s.state == TCP_LISTEN} & LISTENER_PORTS
+
+
+def admin_json(node: MeshNode, port: int, section: str) -> Any:
+    status, body = http_get(node.node.netns, "127.0.0.1", port, f"/config_dump?section={section}")
+    assert status == 200, body
+    return json.loads(body)[section]
+
+
+@dataclass
+class Burst:
+    """What one round asked of the runtime and what the runtime saw."""
+
+    added: dict[str, Pod] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@pytest.fixture
+def crash_mesh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[tuple[LocalMesh, Pod, TrafficObserver]]:
+    monkeypatch.setenv("WEIR_REDIRECT_MODE", request.param)
+    config = mesh_config(tmp_path / "mesh.yaml")
+    with LocalMesh(config, real_proxy) as local, TrafficObserver() as apps:
+        local.add_node(NODE, "10.244.1.0/24")
+        echo = local.add_pod(NODE, "echo")
+        apps.listen(echo.netns, "echo", ECHO_PORT, ipv6=False)
+        yield local, echo, apps
+
+
+def run_burst(
+    local: LocalMesh, live: dict[str, Pod], rng: random.Random, kill_after_s: float
+) -> tuple[Burst, float]:
+    """ADD and DEL at once, the agent killed -9 after `kill_after_s`; returns when all ended."""
+    burst = Burst()
+    to_delete = rng.sample(sorted(live), k=rng.randint(len(live) // 2, len(live)))
+    to_add = [name for name in NAMES if name not in live]
+
+    def add(name: str) -> None:
+        try:
+            pod = local.add_pod(NODE, name)
+        except CniPluginError as e:
+            # add_pod already did what a runtime does: DEL, then the netns goes.
+            with burst.lock:
+                burst.failed[name] = f"{e.code}: {e.msg}"
+        else:
+            with burst.lock:
+                burst.added[name] = pod
+
+    def delete(name: str) -> None:
+        # weir-cni's DEL never fails; one the dead agent did not get is for it to reconcile.
+        local.topology.remove_pod(live[name])
+        with burst.lock:
+            burst.deleted.append(name)
+
+    jobs: list[Callable[[], None]] = [lambda n=name: add(n) for name in to_add]
+    jobs += [lambda n=name: delete(n) for name in to_delete]
+    rng.shuffle(jobs)
+    agent = local.nodes[NODE].agent
+    assert agent is not None
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        started = time.monotonic()
+        futures = [pool.submit(job) for job in jobs]
+        time.sleep(kill_after_s)
+        agent.kill()
+        killed_at = time.monotonic() - started
+        for future in futures:
+            future.result(timeout=60)
+    for name in burst.deleted:
+        del live[name]
+    live.update(burst.added)
+    return burst, killed_at
+
+
+def assert_converged(
+    local: LocalMesh, mode: str, live: dict[str, Pod], echo: Pod, burst: Burst, where: str
+) -> None:
+    """The state right after the restarted agent is ready (see the module docstring)."""
+    node = local.nodes[NODE]
+    expected = {pod.uid: name for name, pod in live.items()} | {echo.uid: "echo"}
+    records = admin_json(node, ADMIN_PORT, "pods")
+    assert {r["uid"]: r["name"] for r in records} == expected, where
+    assert {r["status"] for r in records} == {"captured"}, (where, records)
+    registry = json.loads((node.dir / "state" / "pods.json").read_text())
+    assert sorted(p["uid"] for p in registry["pods"] if p["enrolled"]) == sorted(expected), where
+    assert len(registry["pods"]) == len(expected), (where, registry)
+    held = admin_json(node, PROXY_ADMIN_PORT, "pods")
+    assert set(held) == set(expected), (where, held)
+    for name in burst.failed:
+        # The runtime removed the sandbox after its failed ADD; the name may be live
+        # again only if a later ADD of it succeeded, which a burst never has twice.
+        assert not (NETNS_DIR / f"{local.topology.prefix}-pod-default-{name}").exists(), where
+    # The invariant, over every pod netns on the node: captured => the proxy listens in it.
+    for path in sorted(NETNS_DIR.glob(f"{local.topology.prefix}-pod-*")):
+        ns = Netns.validate(path)
+        if captured(ns, mode, node):
+            assert listening(ns) == LISTENER_PORTS, (where, path.name, listening(ns))
+    for name, pod in [*live.items(), ("echo", echo)]:
+        assert captured(pod.netns, mode, node), (where, name)
+        assert listening(pod.netns) == LISTENER_PORTS, (where, name)
+    if mode == "ebpf":
+        cookies = {netns_cookie(pod.netns) for pod in [*live.values(), echo]}
+        assert ebpf_cookies(node) == cookies, where
+
+
+def assert_served(local: LocalMesh, live: dict[str, Pod], echo: Pod, apps: TrafficObserver) -> None:
+    """A connection from every live pod reaches echo through the proxy, as mutual TLS."""
+    proxy = local.nodes[NODE].proxy
+    assert proxy is not None
+    seen = len(access_log(proxy))
+    with concurrent.futures.ThreadPoolExecutor(len(live) or 1) as pool:
+        attempts = dict(
+            zip(
+                live,
+                pool.map(
+                    lambda pod: connect(pod.netns, str(echo.ipv4), ECHO_PORT, timeout=5),
+                    live.values(),
+                ),
+                strict=True,
+            )
+        )
+    for name, attempt in attempts.items():
+        assert attempt.outcome == "ok", (name, attempt)
+        assert apps.wait_for(attempt.token, timeout=5) is not None, name
+    wanted = {f"default/{name}" for name in live}
+    deadline = time.monotonic() + 10
+    while True:
+        sources = {
+            entry["src"].get("workload")
+            for entry in access_log(proxy)[seen:]
+            if entry.get("reporter") == "destination"
+            and entry.get("security_policy") == "mutual_tls"
+            and entry["src"].get("identity") == CRASH_IDENTITY
+        }
+        if wanted <= sources or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert wanted <= sources, wanted - sources
+
+
+@pytest.mark.parametrize("crash_mesh", ["iptables", "ebpf"], indirect=True)
+def test_agent_killed_at_random_points_of_a_cni_burst_converges(crash_mesh, request):
+    local, echo, apps = crash_mesh
+    mode = request.node.callspec.params["crash_mesh"]
+    seed = int(os.environ.get("WEIR_CRASH_SEED") or random.randrange(2**32))
+    print(f"crash convergence ({mode}): WEIR_CRASH_SEED={seed}")
+    rng = random.Random(seed)
+    live: dict[str, Pod] = {}
+    outcomes = {"added": 0, "failed": 0, "deleted": 0}
+    started = time.monotonic()
+    for point in range(POINTS):
+        kill_after_s = rng.uniform(0, KILL_WITHIN_S)
+        burst, killed_at = run_burst(local, live, rng, kill_after_s)
+        where = f"point {point}: kill at {killed_at:.3f}s (seed {seed})"
+        print(
+            f"{where}: {len(burst.added)} added, {len(burst.failed)} failed, "
+            f"{len(burst.deleted)} deleted"
+        )
+        outcomes["added"] += len(burst.added)
+        outcomes["failed"] += len(burst.failed)
+        outcomes["deleted"] += len(burst.deleted)
+        local.restart_agent(NODE)
+        local.wait_agent_ready(NODE)
+        assert_converged(local, mode, live, echo, burst, where)
+        assert_served(local, live, echo, apps)
+        # Keep a few for the next round's DELs; the rest go while the agent is healthy.
+        for name in sorted(live)[KEEP_AT_MOST:]:
+            local.topology.remove_pod(live.pop(name))
+    print(f"crash convergence ({mode}): {outcomes} in {time.monotonic() - started:.1f}s")
+    # Kills must have landed inside bursts: some ADDs failed, some went through.
+    assert outcomes["added"] > 0 and outcomes["failed"] > 0, outcomes

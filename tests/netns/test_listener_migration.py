@@ -1,0 +1,104 @@
+"""What the agent sets in a pod netns lets a closing proxy hand its queue to its successor.
+
+Two listeners share a port (SO_REUSEPORT, as an old proxy and its successor
+do in every pod). Connections are made and left unaccepted, so some sit in
+each listener's queue; then the old listener closes. With the sysctl the
+agent sets, every one of them is accepted by the successor; without it, the
+ones queued on the old listener are reset (the control case, which shows
+this test can fail).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node_agent import netns as netns_mod
+from node_agent.localmesh.wiring import create_netns, delete_netns, links
+from node_agent.netns import Netns
+from node_agent.proxy_handoff.listener_migration import ListenerMigration
+
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
+
+CLIENTS = 64
+PORT = 15001
+
+
+@pytest.fixture
+def pod_netns() -> Iterator[Netns]:
+    name = f"weirtest-mig-{uuid.uuid4().hex[:8]}"
+    ns = create_netns(name)
+    try:
+        with links(ns) as link:
+            link.up("lo")
+        yield ns
+    finally:
+        delete_netns(name)
+
+
+def _listener(ns: Netns) -> socket.socket:
+    with netns_mod.entered(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", PORT))
+    sock.listen(CLIENTS)
+    return sock
+
+
+def _survivors_after_old_listener_closes(ns: Netns) -> int:
+    """How many of CLIENTS queued connections the successor accepts and can talk to."""
+    old, successor = _listener(ns), _listener(ns)
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(CLIENTS):
+            with netns_mod.entered(ns):
+                client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            client.settimeout(2)
+            client.connect(("127.0.0.1", PORT))
+            clients.append(client)
+        old.close()
+        successor.settimeout(0.5)
+        survivors = 0
+        for _ in range(CLIENTS):
+            try:
+                accepted, _ = successor.accept()
+            except TimeoutError:
+                break
+            with accepted:
+                accepted.sendall(b"x")
+        for client in clients:
+            with contextlib.suppress(ConnectionResetError, TimeoutError):
+                survivors += client.recv(1) == b"x"
+        return survivors
+    finally:
+        successor.close()
+        for client in clients:
+            client.close()
+
+
+def test_queued_connections_move_to_the_successor(pod_netns: Netns) -> None:
+    assert ListenerMigration().enable(pod_netns)
+    with netns_mod.entered(pod_netns), open("/proc/sys/net/ipv4/tcp_migrate_req") as f:
+        assert f.read().strip() == "1"
+    assert _survivors_after_old_listener_closes(pod_netns) == CLIENTS
+
+
+def test_without_it_the_old_listeners_queue_is_reset(pod_netns: Netns) -> None:
+    survivors = _survivors_after_old_listener_closes(pod_netns)
+    # SO_REUSEPORT spreads by hash: with 64 connections, both queues hold some.
+    assert survivors < CLIENTS
+
+
+def test_a_node_that_cannot_set_it_says_so_and_goes_on(
+    pod_netns: Netns, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    migration = ListenerMigration(roots=(tmp_path / "no-such-proc-sys",))
+    assert not migration.enable(pod_netns)
+    assert not migration.enable(pod_netns)
+    warnings = [r for r in caplog.records if "tcp_migrate_req" in r.getMessage()]
+    assert len(warnings) == 1

@@ -562,9 +562,14 @@ def test_rolling_updates_keep_a_proxy_on_every_node() -> None:
     assert agent == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
     assert proxy == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     pod = _one(objects, "DaemonSet", "weir-proxy")["spec"]["template"]["spec"]
-    pause = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
-    # The grace period covers the preStop pause and the proxy's default 5 s drain.
-    assert pod["terminationGracePeriodSeconds"] >= pause + 5 + 5
+    args = dict(
+        a.removeprefix("--").split("=", 1) for a in pod["containers"][0]["args"] if "=" in a
+    )
+    stopping = ("await-successor-seconds", "handover-seconds", "drain-seconds")
+    # The kubelet's SIGKILL must not cut the handover or the drain short.
+    assert pod["terminationGracePeriodSeconds"] > sum(float(args[a]) for a in stopping)
+    # The old proxy's SIGTERM waits for the successor itself; a preStop pause adds nothing.
+    assert "lifecycle" not in pod["containers"][0]
 
 
 def _token_volume(pod: Object) -> Object:

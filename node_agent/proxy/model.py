@@ -130,12 +130,19 @@ class MeshSnapshot:
         return {_canonical(vip): s for s in self.services.values() for vip in s.vips}
 
     def check(self) -> None:
-        """Parse every address and CIDR now (ValueError if one is bad), so bad config is
-        refused when it arrives rather than when a connection needs it."""
+        """Parse every address and CIDR and check every port now (ValueError if one is bad),
+        so bad config is refused when it arrives rather than when a connection needs it."""
         _ = self._workloads_by_ip, self._services_by_vip
         for policy in self.policies.values():
             for rule in policy.rules:
                 _ = rule.source_networks
+        for key, service in self.services.items():
+            # uint32 on the wire: a port out of range would fail only when dialed.
+            for p in service.ports:
+                if not (0 < p.port < 65536 and 0 < p.target_port < 65536):
+                    raise ValueError(
+                        f"service {key} maps port {p.port} to {p.target_port}: not in 1-65535"
+                    )
 
     def workload_by_ip(self, ip: str) -> Workload | None:
         return self._workloads_by_ip.get(_canonical(ip))

@@ -184,7 +184,7 @@ def _check_trust_bundle(bundle: mesh_pb2.TrustBundle) -> None:
 def _load_roots(cadata: str, what: str) -> None:
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=cadata)
-    except (ssl.SSLError, ValueError) as e:
+    except (ssl.SSLError, ValueError, TypeError) as e:  # TypeError: text that is not ASCII
         raise ValueError(f"{what}: not a PEM CA certificate ({e})") from None
 
 

@@ -55,7 +55,8 @@ def parse_authority(value: bytes | None) -> tuple[str, int] | None:
     """(ip, port) from `ip:port` or `[ipv6]:port`; None for anything else (names included)."""
     if value is None:
         return None
-    match = _AUTHORITY.match(value.decode("ascii", "replace"))
+    # fullmatch: with match, "$" also takes "ip:port\n".
+    match = _AUTHORITY.fullmatch(value.decode("ascii", "replace"))
     if match is None:
         return None
     port = int(match["port"])

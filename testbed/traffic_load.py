@@ -6,7 +6,8 @@ Run inside pod network namespaces (as `python -m testbed.traffic_load`):
     drive --target IP:PORT    new connections at a fixed rate (each sends a
                               token and reads it back), plus long-lived
                               connections that echo every 100 ms and end
-                              at given times; one JSON report on stdout
+                              at given times (all started at once, or one
+                              every few seconds); one JSON report on stdout
 
 A new connection fails when it cannot connect, its echo is wrong or short,
 or it takes longer than the timeout. A long-lived connection is reset when
@@ -84,19 +85,20 @@ _FAILURES = (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError)
 
 
 class Driver:
-    def __init__(self, host: str, port: int, long_lived_ends: list[float]) -> None:
+    def __init__(self, host: str, port: int, long_lived: list[tuple[float, float]]) -> None:
+        """`long_lived`: (start, end) of each, in seconds from the start of the run."""
         self.host = host
         self.port = port
-        self.long_lived_ends = long_lived_ends
-        self.report = Report(long_lived=len(long_lived_ends))
+        self.long_lived_spans = long_lived
+        self.report = Report(long_lived=len(long_lived))
         self.failures: collections.Counter[str] = collections.Counter()
         self.durations: list[float] = []
         self.started = time.monotonic()
 
     async def run(self, rate: float, seconds: float) -> Report:
         tasks = [
-            asyncio.create_task(self.long_lived(n, end))
-            for n, end in enumerate(self.long_lived_ends)
+            asyncio.create_task(self.long_lived(n, start, end))
+            for n, (start, end) in enumerate(self.long_lived_spans)
         ]
         in_flight: set[asyncio.Task[None]] = set()
         total = int(rate * seconds)
@@ -130,10 +132,11 @@ class Driver:
             self.failures[f"{type(e).__name__}: {e}"[:120]] += 1
         self.durations.append(time.monotonic() - t0)
 
-    async def long_lived(self, n: int, end_at: float) -> None:
+    async def long_lived(self, n: int, start_at: float, end_at: float) -> None:
         writer: asyncio.StreamWriter | None = None
+        await asyncio.sleep(max(0.0, self.started + start_at - time.monotonic()))
         try:
-            async with asyncio.timeout(end_at + TIMEOUT_S):
+            async with asyncio.timeout(end_at - start_at + TIMEOUT_S):
                 reader, writer = await asyncio.open_connection(self.host, self.port)
                 i = 0
                 while time.monotonic() - self.started < end_at:
@@ -153,9 +156,9 @@ class Driver:
 
 
 async def drive(
-    host: str, port: int, rate: float, seconds: float, long_lived_ends: list[float]
+    host: str, port: int, rate: float, seconds: float, long_lived: list[tuple[float, float]]
 ) -> Report:
-    return await Driver(host, port, long_lived_ends).run(rate, seconds)
+    return await Driver(host, port, long_lived).run(rate, seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,16 +176,28 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="SECONDS",
-        help="a long-lived connection that ends this long after the start (repeatable)",
+        help="a long-lived connection from the start to this many seconds (repeatable)",
     )
+    drive_p.add_argument(
+        "--long-lived-every",
+        type=float,
+        metavar="SECONDS",
+        help="also start a long-lived connection this often, each lasting --long-lived-for",
+    )
+    drive_p.add_argument("--long-lived-for", type=float, default=3.0, metavar="SECONDS")
     args = parser.parse_args(argv)
     if args.verb == "serve":
         uvloop.run(serve(args.port))
         return 0
     host, _, port = args.target.rpartition(":")
-    report = uvloop.run(
-        drive(host.strip("[]"), int(port), args.rate, args.seconds, args.long_lived_end)
-    )
+    spans = [(0.0, end) for end in args.long_lived_end]
+    if args.long_lived_every:
+        count = int((args.seconds - args.long_lived_for) / args.long_lived_every)
+        spans += [
+            (i * args.long_lived_every, i * args.long_lived_every + args.long_lived_for)
+            for i in range(max(0, count))
+        ]
+    report = uvloop.run(drive(host.strip("[]"), int(port), args.rate, args.seconds, spans))
     json.dump(asdict(report), sys.stdout)
     print(flush=True)
     return 0

@@ -134,8 +134,11 @@ class Agent:
         self.handoff = ProxyHandoffServer(
             settings.handoff_socket,
             lambda: self.enroller.enrolled(),  # noqa: PLW0108 - enroller is built next
-            on_synced=lambda: self.enroller.converge(),  # noqa: PLW0108
+            on_synced=self._converge_for_proxy,
         )
+        # Proxies synced whose capture re-check has not finished: not ready meanwhile,
+        # since eBPF still steers inbound connections to the old proxy's sockets.
+        self._proxy_syncs_converging = 0
         self.registrar = ControlPlaneRegistrar(self.client)
         # Gauges are read at scrape time; the subscription is built below.
         self.metrics = AgentMetrics(
@@ -193,7 +196,20 @@ class Agent:
         self._stop = asyncio.Event()
 
     def _proxy_ready(self) -> str | None:
-        return None if self.handoff.synced_proxies else "no node proxy connected"
+        if not self.handoff.synced_proxies:
+            return "no node proxy connected"
+        if self._proxy_syncs_converging:
+            return "re-checking capture for a newly synced node proxy"
+        return None
+
+    async def _converge_for_proxy(self) -> None:
+        # Counted before the first await: the handoff marks the proxy synced and
+        # calls this with no await in between, so readiness never sees the gap.
+        self._proxy_syncs_converging += 1
+        try:
+            await self.enroller.converge()
+        finally:
+            self._proxy_syncs_converging -= 1
 
     def stop(self) -> None:
         self._stop.set()
@@ -224,13 +240,15 @@ class Agent:
             await endpoint.start()
         if self.cni_setup is not None:
             self.cni_setup.start()
-        self.supervisor.start("config subscription", self.subscription.run)
         if self.follower is not None:
             self.follower.attach(loop)
             for watch in self.watches:
                 self.supervisor.start(f"{watch.kind} watch", watch.run)
         await self.handoff.start(self.supervisor)
         await self.enroller.converge()
+        # Only now: a new stream registers every remembered pod again, and one that
+        # started during converge could re-register a pod converge just deregistered.
+        self.supervisor.start("config subscription", self.subscription.run)
         self.supervisor.start("departed pod sweep", self._sweep_departed_pods)
         if self.follower is not None:
             self.supervisor.start("kubernetes reconcile", self.follower.run)

@@ -33,25 +33,22 @@ from typing import Any
 import pytest
 import yaml
 
-from node_agent.constants import (
-    ADMIN_PORT,
-    INBOUND_PLAINTEXT_CAPTURE_PORT,
-    INBOUND_TUNNEL_PORT,
-    OUTBOUND_CAPTURE_PORT,
-    PROXY_ADMIN_PORT,
-)
-from node_agent.demo.mesh import access_log
+from node_agent.constants import ADMIN_PORT, PROXY_ADMIN_PORT
 from node_agent.localmesh.cni_runtime import CniPluginError
-from node_agent.localmesh.mesh import LocalMesh, MeshNode, http_get, real_proxy
+from node_agent.localmesh.mesh import LocalMesh, real_proxy
 from node_agent.localmesh.topology import Pod
-from node_agent.localmesh.traffic import TrafficObserver, connect
+from node_agent.localmesh.traffic import TrafficObserver
 from node_agent.localmesh.wiring import NETNS_DIR
 from node_agent.netns import Netns
-from node_agent.redirect.backend import Backend
-from node_agent.redirect.config import FAMILIES
-from node_agent.redirect.ebpf.capture import EbpfCapture
-from node_agent.redirect.iptables import read_owned
-from node_agent.redirect.podnet import TCP_LISTEN, netns_cookie, tcp_sockets
+from node_agent.redirect.podnet import netns_cookie
+from tests.netns.agent_state import (
+    LISTENER_PORTS,
+    admin_json,
+    assert_served,
+    captured,
+    ebpf_cookies,
+    listening,
+)
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(420)]
 
@@ -63,8 +60,6 @@ KEEP_AT_MOST = 6
 KILL_WITHIN_S = 1.5
 NODE = "node-1"
 ECHO_PORT = 8080
-CRASH_IDENTITY = "spiffe://cluster.local/ns/default/sa/crash"
-LISTENER_PORTS = {OUTBOUND_CAPTURE_PORT, INBOUND_PLAINTEXT_CAPTURE_PORT, INBOUND_TUNNEL_PORT}
 
 
 def mesh_config(path: Path) -> Path:
@@ -95,35 +90,6 @@ def mesh_config(path: Path) -> Path:
     }
     path.write_text(yaml.safe_dump(doc))
     return path
-
-
-def captured(ns: Netns, mode: str, node: MeshNode) -> bool:
-    """Whether any capture state of ours exists for this netns."""
-    if mode == "iptables":
-        # Whichever backend the agent chose, and stale rules in the other.
-        return any(read_owned(ns, family, b) for family in FAMILIES for b in Backend)
-    cookie = netns_cookie(ns)
-    if cookie in node.pins.pod_links():
-        return True
-    return cookie in ebpf_cookies(node)
-
-
-def ebpf_cookies(node: MeshNode) -> set[int]:
-    """Netns cookies holding a pin or a map entry under the node's pin root."""
-    if not node.pins.root.exists():
-        return set()
-    with EbpfCapture(node.pins) as engine:
-        return set(engine._pod_keys()) | set(node.pins.pod_links())
-
-
-def listening(ns: Netns) -> set[int]:
-    return {s.local[1] for s in tcp_sockets(ns) if s.state == TCP_LISTEN} & LISTENER_PORTS
-
-
-def admin_json(node: MeshNode, port: int, section: str) -> Any:
-    status, body = http_get(node.node.netns, "127.0.0.1", port, f"/config_dump?section={section}")
-    assert status == 200, body
-    return json.loads(body)[section]
 
 
 @dataclass
@@ -224,41 +190,6 @@ def assert_converged(
         assert ebpf_cookies(node) == cookies, where
 
 
-def assert_served(local: LocalMesh, live: dict[str, Pod], echo: Pod, apps: TrafficObserver) -> None:
-    """A connection from every live pod reaches echo through the proxy, as mutual TLS."""
-    proxy = local.nodes[NODE].proxy
-    assert proxy is not None
-    seen = len(access_log(proxy))
-    with concurrent.futures.ThreadPoolExecutor(len(live) or 1) as pool:
-        attempts = dict(
-            zip(
-                live,
-                pool.map(
-                    lambda pod: connect(pod.netns, str(echo.ipv4), ECHO_PORT, timeout=5),
-                    live.values(),
-                ),
-                strict=True,
-            )
-        )
-    for name, attempt in attempts.items():
-        assert attempt.outcome == "ok", (name, attempt)
-        assert apps.wait_for(attempt.token, timeout=5) is not None, name
-    wanted = {f"default/{name}" for name in live}
-    deadline = time.monotonic() + 10
-    while True:
-        sources = {
-            entry["src"].get("workload")
-            for entry in access_log(proxy)[seen:]
-            if entry.get("reporter") == "destination"
-            and entry.get("security_policy") == "mutual_tls"
-            and entry["src"].get("identity") == CRASH_IDENTITY
-        }
-        if wanted <= sources or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert wanted <= sources, wanted - sources
-
-
 @pytest.mark.parametrize("crash_mesh", ["iptables", "ebpf"], indirect=True)
 def test_agent_killed_at_random_points_of_a_cni_burst_converges(crash_mesh, request):
     local, echo, apps = crash_mesh
@@ -283,7 +214,7 @@ def test_agent_killed_at_random_points_of_a_cni_burst_converges(crash_mesh, requ
         local.restart_agent(NODE)
         local.wait_agent_ready(NODE)
         assert_converged(local, mode, live, echo, burst, where)
-        assert_served(local, live, echo, apps)
+        assert_served(local.nodes[NODE], live, echo, ECHO_PORT, apps)
         # Keep a few for the next round's DELs; the rest go while the agent is healthy.
         for name in sorted(live)[KEEP_AT_MOST:]:
             local.topology.remove_pod(live.pop(name))

@@ -34,8 +34,11 @@ def file_timeout() -> pytest.MarkDecorator:
     return pytest.mark.timeout(FILE_TIMEOUT_S)
 
 
-def budget(examples: int, *, deadline: timedelta = DEADLINE) -> settings:
-    """Settings for one target: `examples` in `make test`, WEIR_FUZZ_EXAMPLES when set."""
+def budget(examples: int, *, deadline: timedelta | None = DEADLINE) -> settings:
+    """Settings for one target: `examples` in `make test`, WEIR_FUZZ_EXAMPLES when set.
+
+    `deadline=None` is for targets that run a process per example, bounded by its timeout.
+    """
     if LONG_RUN:
         if not _OVERRIDE.isdigit() or int(_OVERRIDE) < 1:
             raise ValueError(f"WEIR_FUZZ_EXAMPLES={_OVERRIDE!r} is not a positive integer")

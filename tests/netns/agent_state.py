@@ -23,9 +23,9 @@ from node_agent.localmesh.topology import Pod
 from node_agent.localmesh.traffic import TrafficObserver, connect
 from node_agent.netns import Netns
 from node_agent.redirect.backend import Backend
-from node_agent.redirect.config import FAMILIES
+from node_agent.redirect.config import FAMILIES, CaptureConfig
 from node_agent.redirect.ebpf.capture import EbpfCapture
-from node_agent.redirect.iptables import read_owned
+from node_agent.redirect.iptables import IptablesCapture, read_owned
 from node_agent.redirect.podnet import TCP_LISTEN, netns_cookie, tcp_sockets
 
 LISTENER_PORTS = {OUTBOUND_CAPTURE_PORT, INBOUND_PLAINTEXT_CAPTURE_PORT, INBOUND_TUNNEL_PORT}
@@ -45,6 +45,21 @@ def ebpf_cookies(node: MeshNode) -> set[int]:
         return set()
     with EbpfCapture(node.pins) as engine:
         return set(engine._pod_keys()) | set(node.pins.pod_links())
+
+
+def agent_backend(ns: Netns) -> Backend:
+    """The iptables backend holding a captured pod's rules (the agent picks one per node)."""
+    holding = [b for b in Backend if read_owned(ns, 4, b)]
+    assert len(holding) == 1, holding
+    return holding[0]
+
+
+def capture_problems(mode: str, node: MeshNode, ns: Netns) -> list[str]:
+    """How the capture of this netns differs from a working one (the agent's own check)."""
+    if mode == "iptables":
+        return IptablesCapture(agent_backend(ns)).check(ns, CaptureConfig())
+    with EbpfCapture(node.pins) as engine:
+        return engine.check(ns, CaptureConfig())
 
 
 def listening(ns: Netns) -> set[int]:

@@ -44,16 +44,16 @@ from node_agent.localmesh.mesh import (
 from node_agent.localmesh.topology import Pod
 from node_agent.localmesh.traffic import TrafficObserver
 from node_agent.netns import Netns
-from node_agent.redirect.backend import Backend
 from node_agent.redirect.config import CaptureConfig
 from node_agent.redirect.ebpf import loader
 from node_agent.redirect.ebpf.capture import EbpfCapture
-from node_agent.redirect.iptables import IptablesCapture, read_owned
 from node_agent.redirect.podnet import netns_cookie
 from tests.netns.agent_state import (
     LISTENER_PORTS,
     admin_json,
+    agent_backend,
     assert_served,
+    capture_problems,
     captured,
     ebpf_cookies,
     listening,
@@ -145,20 +145,6 @@ def registrations(local: LocalMesh) -> set[str]:
     return set(json.loads(body)["registrations"])
 
 
-def agent_backend(pod: Pod) -> Backend:
-    """The iptables backend holding the pod's rules (the agent picks one per node)."""
-    holding = [b for b in Backend if read_owned(pod.netns, 4, b)]
-    assert len(holding) == 1, holding
-    return holding[0]
-
-
-def capture_problems(mode: str, node: MeshNode, pod: Pod) -> list[str]:
-    if mode == "iptables":
-        return IptablesCapture(agent_backend(pod)).check(pod.netns, CaptureConfig())
-    with EbpfCapture(node.pins) as engine:
-        return engine.check(pod.netns, CaptureConfig())
-
-
 def assert_reconciled(
     local: LocalMesh, mode: str, live: dict[str, Pod], gone: set[str], apps: TrafficObserver
 ) -> None:
@@ -175,7 +161,7 @@ def assert_reconciled(
     assert set(admin_json(node, PROXY_ADMIN_PORT, "pods")) == set(wanted)
     for name, pod in live.items():
         # Ready means capture steers to the new proxy already (eBPF: its listeners registered).
-        assert capture_problems(mode, node, pod) == [], name
+        assert capture_problems(mode, node, pod.netns) == [], name
         assert listening(pod.netns) == LISTENER_PORTS, name
     if mode == "ebpf":
         assert ebpf_cookies(node) == {netns_cookie(pod.netns) for pod in live.values()}
@@ -186,12 +172,12 @@ def assert_reconciled(
 def break_capture(mode: str, node: MeshNode, pod: Pod) -> None:
     """Leave the pod's capture half there."""
     if mode == "iptables":
-        backend = agent_backend(pod)
+        backend = agent_backend(pod.netns)
         flush = [f"iptables-{backend}", "-t", "nat", "-F", "WEIR-OUTBOUND"]
         assert pod.run(flush).returncode == 0, pod.run(flush).stderr
     else:
         node.pins.pod_link(netns_cookie(pod.netns)).unlink()
-    assert capture_problems(mode, node, pod)
+    assert capture_problems(mode, node, pod.netns)
 
 
 def leave_stale_pins(local: LocalMesh, node: MeshNode) -> int:

@@ -16,7 +16,8 @@ starts clean:
 
 If the agent dies between 0 and 4, nothing is left to undo those steps in
 this process; the next agent finds the in-flight record at start and undoes
-them all (`converge`), while the runtime, told to retry, re-runs the ADD.
+them all (`converge`, deciding per record in reconcile.py), while the
+runtime, told to retry, re-runs the ADD.
 
 Both 1 and 2 finish before ADD returns, so no process of the pod ever runs
 uncaptured or meets a proxy that is not listening yet. The proxy goes first

@@ -5,6 +5,8 @@ at any point leaves either the old or the new registry, never half of one.
 The file lives on the node (not tmpfs): after an agent restart it says which
 pods to re-check; after a reboot every recorded netns is gone and the records
 are dropped by reconcile, while the runtime re-runs CNI ADD for new sandboxes.
+Each record carries the boot it was written in, since the netns inode and
+cookie it names are reused by the kernel after a reboot.
 
 A pod is recorded twice during its ADD: first as `enrolled=False`, before any
 step touches the node, then as `enrolled=True` once every step is done. A

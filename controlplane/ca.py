@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Final
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -155,7 +155,7 @@ def check_csr(csr_pem: str, identity: SpiffeId) -> x509.CertificateSigningReques
         signed = csr.is_signature_valid
         key = csr.public_key()
         extensions = csr.extensions
-    except (ValueError, x509.DuplicateExtension) as exc:
+    except (ValueError, x509.DuplicateExtension, UnsupportedAlgorithm) as exc:
         raise invalid_argument("malformed_csr", f"CSR is not well formed: {exc}") from None
     if not signed:
         raise invalid_argument("malformed_csr", "CSR signature does not verify")

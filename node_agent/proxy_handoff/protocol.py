@@ -32,10 +32,11 @@ them. A version 1 proxy never gets it.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import socket
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from weir_common.errors import InvalidInputError
 
@@ -66,19 +67,38 @@ class EnrolledPod:
     def from_json(cls, data: object) -> EnrolledPod:
         if not isinstance(data, dict):
             raise ProtocolError("handoff message without a pod object")
-        try:
-            pod = cls(
-                uid=str(data["uid"]),
-                name=str(data["name"]),
-                namespace=str(data["namespace"]),
-                service_account=str(data["service_account"]),
-                ips=tuple(str(ip) for ip in data["ips"]),
-            )
-        except (KeyError, TypeError) as e:
-            raise ProtocolError(f"malformed pod in handoff message: {e!r}") from None
+        uid, name, namespace, account, ips = (
+            data.get(key) for key in ("uid", "name", "namespace", "service_account", "ips")
+        )
+        # Strictly as sent: str() would turn null into "None" and a string into its letters.
+        if not (
+            isinstance(uid, str)
+            and isinstance(name, str)
+            and isinstance(namespace, str)
+            and isinstance(account, str)
+            and _ip_list(ips)
+        ):
+            raise ProtocolError(f"malformed pod in handoff message: {_excerpt(data)}")
+        pod = cls(uid, name, namespace, account, tuple(ips))
         if not pod.uid:
             raise ProtocolError("pod without uid in handoff message")
         return pod
+
+
+def _ip_list(value: object) -> TypeGuard[list[str]]:
+    if not isinstance(value, list) or not all(isinstance(ip, str) for ip in value):
+        return False
+    try:
+        for ip in value:
+            ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return True
+
+
+def _excerpt(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def encode(message: dict[str, Any]) -> bytes:

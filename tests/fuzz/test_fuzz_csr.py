@@ -159,7 +159,8 @@ GENERAL_NAMES = st.one_of(
 )
 SUBJECTS = st.one_of(
     st.just(x509.Name([])),
-    st.text(min_size=1, max_size=64).map(
+    # Up to 64 UTF-8 bytes is what the builder takes for a common name.
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=64).map(
         lambda cn: x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
     ),
     st.integers(1, 20_000).map(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import ipaddress
 import json
 import os
 from collections.abc import Iterator
@@ -46,6 +47,11 @@ def _check_datagram(data: bytes) -> None:
         assert e.message
         return
     assert isinstance(message["type"], str)
+    if message["type"] == "hello":
+        try:
+            protocol.expect_hello(message)
+        except ProtocolError as e:
+            assert e.message
 
 
 @pytest.mark.parametrize("data", regressions("handoff"))
@@ -75,7 +81,11 @@ def test_pod_is_read_or_refused(data: object) -> None:
     except ProtocolError as e:
         assert e.message
         return
-    assert pod.uid and all(isinstance(ip, str) for ip in pod.ips)
+    # Taken only as sent: strings, and addresses that parse (nothing coerced by str()).
+    assert isinstance(data, dict) and pod.uid
+    sent = {key: data[key] for key in ("uid", "name", "namespace", "service_account")}
+    assert pod.to_json() == {**sent, "ips": tuple(data["ips"])}
+    assert all(ipaddress.ip_address(ip) for ip in pod.ips)
 
 
 class _FakePods:

@@ -52,6 +52,8 @@ def _check_datagram(data: bytes) -> None:
             protocol.expect_hello(message)
         except ProtocolError as e:
             assert e.message
+    if message["type"] == "add":
+        _check_pod(message.get("pod"))
 
 
 @pytest.mark.parametrize("data", regressions("handoff"))
@@ -76,6 +78,10 @@ PODS = [m["pod"] for m in MESSAGES if m["type"] == "add"]
 @budget(300)
 @given(mutated_json(PODS))
 def test_pod_is_read_or_refused(data: object) -> None:
+    _check_pod(data)
+
+
+def _check_pod(data: object) -> None:
     try:
         pod = EnrolledPod.from_json(data)
     except ProtocolError as e:

@@ -75,18 +75,22 @@ class Cluster:
     def down(self) -> None:
         down(self.spec.state_dir)
 
+    def kubectl_argv(self, *args: str) -> list[str]:
+        """The command line of kubectl with the admin kubeconfig (for one run in the background)."""
+        return [
+            str(self.spec.bin_dir / "kubectl"),
+            f"--kubeconfig={self.spec.admin_kubeconfig}",
+            # Not ~/.kube/cache: each cluster's relay port would leave a directory there.
+            f"--cache-dir={self.spec.state_dir / 'kubectl-cache'}",
+            *args,
+        ]
+
     def kubectl(
         self, *args: str, stdin: str | None = None, timeout: float = _STEP_TIMEOUT_S
     ) -> subprocess.CompletedProcess[str]:
         """kubectl with the admin kubeconfig (never raises on exit code)."""
         return subprocess.run(
-            [
-                str(self.spec.bin_dir / "kubectl"),
-                f"--kubeconfig={self.spec.admin_kubeconfig}",
-                # Not ~/.kube/cache: each cluster's relay port would leave a directory there.
-                f"--cache-dir={self.spec.state_dir / 'kubectl-cache'}",
-                *args,
-            ],
+            self.kubectl_argv(*args),
             input=stdin,
             capture_output=True,
             text=True,
@@ -198,13 +202,18 @@ def _wait(
         time.sleep(0.5)
 
 
-def _run(argv: Sequence[str], what: str, *, stdin: str | None = None) -> str:
+_IMPORT_TIMEOUT_S = 240.0
+
+
+def _run(
+    argv: Sequence[str], what: str, *, stdin: str | None = None, timeout: float = _STEP_TIMEOUT_S
+) -> str:
     proc = subprocess.run(
         list(argv),
         input=stdin,
         capture_output=True,
         text=True,
-        timeout=_STEP_TIMEOUT_S,
+        timeout=timeout,
         check=False,
     )
     if proc.returncode != 0:
@@ -483,7 +492,12 @@ def import_image(state_dir: Path, archive: Path, *, log: Log = _stderr) -> None:
     name = json.loads(state_path.read_text())["name"]
     for mount_ns in sorted((state_dir / "ns").iterdir()):
         netns = NETNS_DIR / f"{name}-{mount_ns.name}"
-        _run(_ctr(mount_ns, netns, "images", "import", str(archive.resolve())), f"import {archive}")
+        _run(
+            _ctr(mount_ns, netns, "images", "import", str(archive.resolve())),
+            f"import {archive}",
+            # About 30 s on a quiet machine; a busy one (a soak alongside) takes longer.
+            timeout=_IMPORT_TIMEOUT_S,
+        )
         log(f"imported {archive} into {mount_ns.name}")
 
 

@@ -11,7 +11,10 @@ the node, and finally `kubectl delete -k deploy/` leaving both nodes clean.
 
 from __future__ import annotations
 
+import functools
 import json
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
@@ -253,29 +256,58 @@ def test_the_ca_signs_only_what_the_tokens_node_hosts(app: Cluster) -> None:
     assert _ca_answer(cluster, other, client).startswith("UNAUTHENTICATED")
 
 
+# One request at a time until told to stop (bounded by count); then the tally.
+_ROLLOUT_LOAD: Final = (
+    "ok=0; failed=0; i=0; while [ ! -e /tmp/weir-stop-load ] && [ $i -lt 5000 ]; do "
+    f"if timeout 3 wget -qO- {_server_url()} >/dev/null 2>&1; "
+    "then ok=$((ok+1)); else failed=$((failed+1)); fi; i=$((i+1)); sleep 0.05; done; "
+    'echo "ok=$ok failed=$failed"'
+)
+
+
 def test_the_proxy_rolls_with_a_surge_and_every_pod_stays_served(app: Cluster) -> None:
     # maxSurge: each node's new proxy starts beside the old one and takes every
     # pod (SO_REUSEPORT in the pod), then the old one drains and leaves.
     cluster = app
     selector = "app.kubernetes.io/name=weir-proxy"
     before = {p["metadata"]["name"] for p in _pods(cluster, SYSTEM, selector)}
-    _ok(cluster, "rollout", "restart", "-n", SYSTEM, "daemonset/weir-proxy")
-    _ok(cluster, "rollout", "status", "-n", SYSTEM, "daemonset/weir-proxy", "--timeout=180s")
-    _until(
-        "the old proxies are gone",
-        lambda: not before & {p["metadata"]["name"] for p in _pods(cluster, SYSTEM, selector)},
-        60,
+    client = _client(cluster)
+    # Requests through both proxies (client on n1, server on n2) all along the rollout.
+    load = subprocess.Popen(
+        cluster.kubectl_argv("exec", "-n", MESHED, client, "--", "sh", "-c", _ROLLOUT_LOAD),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
+    try:
+        time.sleep(2)
+        _ok(cluster, "rollout", "restart", "-n", SYSTEM, "daemonset/weir-proxy")
+        _ok(cluster, "rollout", "status", "-n", SYSTEM, "daemonset/weir-proxy", "--timeout=180s")
+        _until(
+            "the old proxies are gone",
+            lambda: not before & {p["metadata"]["name"] for p in _pods(cluster, SYSTEM, selector)},
+            60,
+        )
+        _ok(cluster, "exec", "-n", MESHED, client, "--", "sh", "-c", ": >/tmp/weir-stop-load")
+        output, _ = load.communicate(timeout=30)
+    finally:
+        load.kill()
+    ok, failed = (int(w.split("=")[1]) for w in output.split()[-2:])
+    print(f"requests during the proxy rollout: {ok} answered, {failed} failed")
+    assert failed == 0, output
+    assert ok >= 20, output
     for proxy in _pods(cluster, SYSTEM, selector):
         # The surge pod started at once: no crash loop on ports the old one held.
         assert [s["restartCount"] for s in proxy["status"]["containerStatuses"]] == [0]
     server = _on_node(cluster, MESHED, "app=server", "n2")
-    for source in (_client(cluster), "early"):
+
+    def reaches_server(source: str) -> bool:
+        return _wget(cluster, MESHED, source, _server_url()).stdout.strip() == server
+
+    for source in (client, "early"):
         _until(
             f"{source} reaches the server through the new proxies",
-            lambda source=source: (
-                _wget(cluster, MESHED, source, _server_url()).stdout.strip() == server
-            ),
+            functools.partial(reaches_server, source),
             30,
         )
     new_proxy = _on_node(cluster, SYSTEM, selector, "n2")

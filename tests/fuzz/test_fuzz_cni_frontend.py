@@ -179,7 +179,7 @@ STDIN = st.one_of(
 def test_frontend_handles_every_input(frontend: tuple[Path, _ScriptedAgent]) -> None:
     binary, agent = frontend
 
-    @settings(budget(50, deadline=None), suppress_health_check=list(HealthCheck))
+    @settings(budget(120, deadline=None), suppress_health_check=list(HealthCheck))
     @given(ENV, STDIN, inputs(REPLIES, max_ops=3))
     def check(env: dict[str, str], stdin: bytes, reply: bytes) -> None:
         agent.reply = reply

@@ -11,7 +11,8 @@ while nothing of Weir runs, the node changes under the agent's registry:
 - delta and echo are as they were;
 - eBPF: the pins of a pod no registry knows (zulu, its netns gone) are left
   behind; in a second power cycle the pins are all gone while the registry
-  still says eBPF.
+  still says eBPF; in a third, only the maps are pinned (an install killed
+  half-way).
 
 After "power on" (agent, then a new proxy), once the agent is ready: alpha
 and bravo are forgotten by the agent, the proxy and the control plane, and
@@ -218,6 +219,15 @@ def test_agent_reconciles_a_rebooted_node_from_scratch(reboot_mesh, request):
         # Again, and this time the node lost every pin (bpffs is memory: a real reboot).
         power_off(local)
         loader.uninstall(node.pins)
+        power_on(local)
+        assert_reconciled(local, mode, live, {"alpha", "bravo"}, apps)
+        # And again, with what an agent killed in its first install after the reboot
+        # leaves: the maps pinned, no program, no link.
+        power_off(local)
+        for pin in node.pins.all_pins():
+            if pin.parent.name != "maps":
+                pin.unlink()
+        assert not loader.install_state(node.pins).installed
         power_on(local)
         assert_reconciled(local, mode, live, {"alpha", "bravo"}, apps)
 

@@ -321,10 +321,26 @@ def test_load_failures_quote_the_compiler_or_verifier(text, prog_type, attach, s
     assert said in failure.value.message
 
 
-def test_partial_install_is_refused_with_what_is_missing(pins):
+def test_partial_install_with_pods_linked_is_refused_with_what_is_missing(pins):
     loader.install(pins)
+    # Any pinned object under pods/ stands for a pod's sk_lookup link.
+    prog = sys_bpf.obj_get(str(pins.prog(loader.SK_LOOKUP.func)))
+    try:
+        sys_bpf.obj_pin(prog, str(pins.pod_link(4242)))
+    finally:
+        os.close(prog)
     pins.link("weir_sockops").unlink()
     with pytest.raises(
-        NodeSetupError, match=r"partial eBPF install .*\(missing: links/weir_sockops\)"
+        NodeSetupError, match=r"partial eBPF install .*\(missing: links/weir_sockops\) with pods"
     ):
         loader.install(pins)
+
+
+def test_partial_install_no_pod_depends_on_is_replaced(pins):
+    # What an install killed after pinning its maps leaves.
+    loader.install(pins)
+    for p in loader.PROGRAMS:
+        (pins.link(p.func) if p.node_wide else pins.prog(p.func)).unlink()
+    assert not loader.install_state(pins).installed
+    assert loader.install(pins).installed_now
+    assert loader.install_state(pins).installed

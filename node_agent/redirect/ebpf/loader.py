@@ -300,11 +300,7 @@ def install(layout: PinLayout, compiled: Compiled | None = None) -> InstallRepor
         require_compatible(layout)
         return InstallReport(False, f"already installed at {layout.root} (layout {LAYOUT_VERSION})")
     if not state.absent:
-        raise NodeSetupError(
-            f"partial eBPF install at {layout.root} (missing: "
-            f"{', '.join(str(p.relative_to(layout.root)) for p in state.missing)}); "
-            "run `weir redirect uninstall-ebpf` and apply again"
-        )
+        _remove_partial(layout, state)
     cgroup = cgroup2_root()
     compiled = compiled or compile_and_load()
     pinned: list[Path] = []
@@ -342,6 +338,21 @@ def install(layout: PinLayout, compiled: Compiled | None = None) -> InstallRepor
         detail += f"; {mounted}"
     log.info("eBPF capture %s", detail)
     return InstallReport(True, detail)
+
+
+def _remove_partial(layout: PinLayout, state: InstallState) -> None:
+    """Remove a partial install no pod depends on; NodeSetupError if one may."""
+    missing = ", ".join(str(p.relative_to(layout.root)) for p in state.missing)
+    if layout.pod_links():
+        raise NodeSetupError(
+            f"partial eBPF install at {layout.root} (missing: {missing}) with pods linked "
+            "to it; run `weir redirect uninstall-ebpf` and apply again"
+        )
+    # What an install killed half-way leaves (or a half-removed one): no pod is
+    # linked to it, so nothing depends on it, and refusing would wedge every ADD
+    # on the node until someone came to clean up.
+    log.warning("replacing a partial eBPF install at %s (missing: %s)", layout.root, missing)
+    uninstall(layout)
 
 
 def _require_specs(compiled: Compiled) -> None:

@@ -99,10 +99,12 @@ def run_preflight(layout: PinLayout, *, load_test: bool = True) -> Preflight:
         return pf
     if not state.absent:
         missing = ", ".join(str(p.relative_to(layout.root)) for p in state.missing)
-        pf.findings.append(
-            Finding("programs", False, f"partial install at {layout.root} (missing: {missing})")
-        )
-        return pf
+        partial = f"partial install at {layout.root} (missing: {missing})"
+        if layout.pod_links():
+            pf.findings.append(Finding("programs", False, f"{partial} with pods linked to it"))
+            return pf
+        # An install cut short: install replaces it (loader._remove_partial).
+        pf.findings.append(Finding("programs", True, f"{partial}, no pod linked: replaced"))
     if not load_test or not pf.ok:
         return pf
     try:

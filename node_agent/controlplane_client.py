@@ -30,7 +30,10 @@ their +-20 % jitter) and our retries of the xDS stream and of unsent
 registrations alike. Calls that fail while the channel is down fail on the
 node without reaching anyone, so retrying that often costs the control plane
 nothing. A control plane that answers with a refusal is another matter: those
-retries reach it, and back off to REFUSED_BACKOFF's 30 s.
+retries reach it, and back off to REFUSED_BACKOFF's 30 s. A node that held
+config registers its pods again at once but takes config only
+RESUME_SETTLE_SECONDS later, so that a restarted control plane has heard
+from the other nodes by then.
 """
 
 import asyncio
@@ -76,6 +79,12 @@ REFUSED_BACKOFF: Final = Backoff(initial=1.0, maximum=30.0)
 # How long one connection attempt (TCP and TLS handshake) may take. gRPC's
 # default of 20 s would let a lost SYN hold the next attempt back that long.
 CONNECT_TIMEOUT_SECONDS: Final = 5.0
+# How long a node that holds config waits after reconnecting before it takes
+# config again. A control plane that restarted has forgotten every
+# registration and gets them back as the nodes reconnect, each within the
+# reconnect bound (about 1.2 s) of its return; config taken before that would
+# lack other nodes' pods for a moment, and connections to them would fail.
+RESUME_SETTLE_SECONDS: Final = 3.0
 # A config stream that lived this long counts as healthy when it ends.
 HEALTHY_STREAM_SECONDS: Final = 10.0
 # Refusals that registering again cannot change (the config or another pod
@@ -301,12 +310,14 @@ class ControlPlaneClient:
         backoff: Backoff = RECONNECT_BACKOFF,
         refused_backoff: Backoff = REFUSED_BACKOFF,
         connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+        resume_settle: float = RESUME_SETTLE_SECONDS,
     ) -> None:
         self.endpoint = endpoint
         self.node = node
         self._token: TokenSource = StaticToken(token) if isinstance(token, str) else token
         self.backoff = backoff
         self.refused_backoff = refused_backoff
+        self.resume_settle = resume_settle
         self.channel = endpoint.open_channel(backoff, connect_timeout)
         # "<namespace>/<name>" -> what this node registered and has not removed.
         self._registered: dict[str, WorkloadRegistration] = {}
@@ -639,11 +650,27 @@ class XdsClient:
         await self._client.restore_registrations()
         catch_up = asyncio.create_task(self._client.catch_up(), name="registration catch-up")
         try:
+            channel = self._client.channel
+            if any(self._accepted.values()) and (
+                channel.get_state() == grpc.ChannelConnectivity.READY
+            ):
+                # The config held stays in force meanwhile.
+                settle = self._client.resume_settle
+                self._last_failure = (
+                    f"reconnected; resuming config in {settle:.0f} s, "
+                    "once other nodes have registered their pods again"
+                )
+                await asyncio.sleep(settle)
             await self._stream()
         finally:
             catch_up.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await catch_up
+            # Not `await catch_up`: that would take a cancellation of this task for its own.
+            await asyncio.wait({catch_up})
+            if not catch_up.cancelled() and catch_up.exception() is not None:
+                log.error(
+                    "sending unsent registrations failed: %r; the next stream sends them",
+                    catch_up.exception(),
+                )
 
     async def _stream(self) -> None:
         call = self._client.channel.stream_stream(

@@ -12,15 +12,18 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from controlplane.app import ControlPlane
 from controlplane.auth import RequestRefusedError
 from node_agent.agent.registrar import ControlPlaneRegistrar
 from node_agent.controlplane_client import (
     RECONNECT_BACKOFF,
     REFUSED_BACKOFF,
+    RESUME_SETTLE_SECONDS,
     ControlPlaneClient,
     ControlPlaneEndpoint,
 )
@@ -28,6 +31,7 @@ from node_agent.enrollment.registry import PodRecord
 from node_agent.redirect.config import CaptureConfig
 from tests.controlplane.cp_testing import TOKENS, RecordingHandler, root_file, running_plane
 from weir_common.errors import InvalidInputError
+from weir_common.mesh import WORKLOAD_TYPE
 from weir_common.retry import Backoff
 
 # Long enough that gRPC's default reconnect backoff (x1.6 from 1 s, up to 120 s)
@@ -88,9 +92,7 @@ def test_defaults_bound_the_reconnect_and_back_off_from_refusals():
     asyncio.run(scenario())
 
 
-def test_stream_ca_and_queued_registration_are_back_promptly_after_a_long_outage(
-    tmp_path: Path,
-):
+def test_queued_registration_and_ca_are_back_promptly_after_a_long_outage(tmp_path: Path):
     listen = f"127.0.0.1:{_free_port()}"
 
     async def scenario() -> None:
@@ -109,21 +111,93 @@ def test_stream_ca_and_queued_registration_are_back_promptly_after_a_long_outage
         assert not subscription.connected.is_set()
         async with running_plane(tmp_path, grpc_listen=listen) as plane:
             back = time.monotonic()
-            await asyncio.wait_for(subscription.connected.wait(), RECONNECT_BOUND_S)
-            stream_s = time.monotonic() - back
-            # Sent before the stream subscribed (restore_registrations).
+            registered_s = await _within(
+                RECONNECT_BOUND_S,
+                lambda: _registered(plane, "default/client"),
+            )
             assert plane.state.dump()["registrations"]["default/client"]["ips"] == ["10.1.0.5"]
-            assert client.unsent == frozenset()
             ca_s = await _within(
                 RECONNECT_BOUND_S,
                 lambda: client.request_certificate("spiffe://cluster.local/ns/default/sa/client"),
             )
-            logging.getLogger(__name__).info("stream back in %.2f s, CA in %.2f s", stream_s, ca_s)
+            # Config is taken again once the other nodes had time to register theirs.
+            await asyncio.wait_for(
+                subscription.connected.wait(), RESUME_SETTLE_SECONDS + RECONNECT_BOUND_S
+            )
+            stream_s = time.monotonic() - back
+            assert stream_s >= RESUME_SETTLE_SECONDS
+            assert client.unsent == frozenset()
+            logging.getLogger(__name__).info(
+                "registered in %.2f s, CA in %.2f s, config in %.2f s",
+                registered_s,
+                ca_s,
+                stream_s,
+            )
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await client.channel.close(None)
 
     asyncio.run(scenario())
+
+
+async def _registered(plane: ControlPlane, key: str) -> None:
+    if key not in plane.state.registrations:
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.NOT_FOUND, grpc.aio.Metadata(), grpc.aio.Metadata(), key
+        )
+
+
+def test_a_resumed_stream_never_sees_a_restarted_plane_without_the_other_nodes_pods(
+    tmp_path: Path,
+):
+    """node-2 re-registers a second after the plane's return: node-1 must not have
+    taken config from it before (server's workload without its address)."""
+    listen = f"127.0.0.1:{_free_port()}"
+    seen: list[tuple[str, ...]] = []
+
+    def record(type_url: str, resources: Any) -> None:
+        if type_url == WORKLOAD_TYPE and "default/server" in resources:
+            seen.append(tuple(resources["default/server"].ips))
+
+    async def scenario() -> None:
+        async with running_plane(tmp_path, grpc_listen=listen):
+            endpoint = ControlPlaneEndpoint.tls(listen, root_file(tmp_path))
+            node_2 = ControlPlaneClient(endpoint, "node-2", TOKENS["node-2"])
+            await node_2.register_workload(
+                namespace="default", name="server", uid="u-s", ips=["10.2.0.9"]
+            )
+            node_1 = ControlPlaneClient(endpoint, "node-1", TOKENS["node-1"])
+            subscription = node_1.subscribe(RecordingHandler(_recording(record)))
+            task = asyncio.create_task(subscription.run())
+            await asyncio.wait_for(subscription.connected.wait(), 10)
+        await asyncio.wait_for(_until_cleared(subscription.connected), 10)
+        seen.clear()
+        async with running_plane(tmp_path, grpc_listen=listen) as plane:
+            await asyncio.sleep(1.0)  # node-2 is slower to come back
+            node_2_stream = asyncio.create_task(node_2.subscribe(RecordingHandler()).run())
+            await asyncio.wait_for(subscription.connected.wait(), 10)
+            for _ in range(50):
+                if "default/server" in plane.state.registrations:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # any push node-1 was going to get
+            assert all(ips == ("10.2.0.9",) for ips in seen), seen
+            for running_task in (task, node_2_stream):
+                running_task.cancel()
+            await asyncio.gather(task, node_2_stream, return_exceptions=True)
+            await node_1.channel.close(None)
+            await node_2.channel.close(None)
+
+    asyncio.run(scenario())
+
+
+def _recording(record: Callable[[str, Any], None]) -> Callable[[str, Any], None]:
+    """A RecordingHandler `reject` that accepts everything and shows it to `record`."""
+
+    def reject(type_url: str, resources: Any) -> None:
+        record(type_url, resources)
+
+    return reject
 
 
 async def _until_cleared(event: asyncio.Event) -> None:

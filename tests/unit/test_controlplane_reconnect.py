@@ -26,6 +26,7 @@ from node_agent.controlplane_client import (
     RESUME_SETTLE_SECONDS,
     ControlPlaneClient,
     ControlPlaneEndpoint,
+    TokenFile,
 )
 from node_agent.enrollment.registry import PodRecord
 from node_agent.redirect.config import CaptureConfig
@@ -257,5 +258,17 @@ def test_a_refused_registration_still_fails_and_is_not_kept(tmp_path: Path):
                 assert not refused.value.retryable
                 assert "default/server" not in client.registrations
                 assert client.unsent == frozenset()
+
+    asyncio.run(scenario())
+
+
+def test_a_registration_without_a_token_to_send_is_queued_not_failed(tmp_path: Path):
+    async def scenario() -> None:
+        endpoint = ControlPlaneEndpoint.insecure(f"127.0.0.1:{_free_port()}")
+        token = TokenFile(tmp_path / "not-written-yet")
+        async with ControlPlaneClient(endpoint, "node-1", token) as client:
+            await ControlPlaneRegistrar(client).register(_record("client", "u3", "10.1.0.9"))
+            assert client.unsent == {"default/client"}
+            assert client.registrations["default/client"].ips == ("10.1.0.9",)
 
     asyncio.run(scenario())

@@ -22,9 +22,10 @@ runtime, told to retry, re-runs the ADD.
 Both 1 and 2 finish before ADD returns, so no process of the pod ever runs
 uncaptured or meets a proxy that is not listening yet. The proxy goes first
 because eBPF inbound capture steers to the proxy's listening socket, which
-must exist when capture is applied. DEL never fails: every step is best
-effort and idempotent, because a runtime that cannot delete a sandbox
-retries forever.
+must exist when capture is applied. DEL undoes them in reverse (capture
+before the proxy's listeners) and never fails: every step is best effort
+and idempotent, because a runtime that cannot delete a sandbox retries
+forever.
 """
 
 from __future__ import annotations
@@ -281,11 +282,8 @@ class Enroller:
 
     async def _unenroll(self, record: PodRecord) -> None:
         what = record.key()
-        try:
-            await self._proxy.remove(record.uid)
-        except WeirError as e:
-            # A proxy that is down gets the pod's absence in its next snapshot.
-            log.warning("proxy did not take back %s: %s", what, e.message)
+        # Capture goes before the proxy's listeners, the reverse of ADD: a pod is never
+        # captured without them, even if this agent dies between the two.
         ns = _look(record.netns)
         how = capture_removal(record, self._boot_id, _now(ns))
         try:
@@ -297,6 +295,11 @@ class Enroller:
                 await self._redirect("forget", self._capture.forget, record.netns_cookie)
         except WeirError as e:
             log.warning("removing capture from %s failed: %s", what, e.message)
+        try:
+            await self._proxy.remove(record.uid)
+        except WeirError as e:
+            # A proxy that is down gets the pod's absence in its next snapshot.
+            log.warning("proxy did not take back %s: %s", what, e.message)
         if self._host_rules is not None:
             try:
                 await asyncio.to_thread(self._host_rules.remove, record.uid)

@@ -163,8 +163,8 @@ def test_delete_is_complete_and_idempotent(tmp_path, sandbox):
     journal.events.clear()
     asyncio.run(enroller.delete("cid-1"))
     assert journal.events == [
-        "proxy.remove uid-1",
         f"capture.remove {Path(sandbox).name}",
+        "proxy.remove uid-1",
         "deregister uid-1",
     ]
     assert len(registry) == 0
@@ -183,7 +183,7 @@ def test_delete_succeeds_when_parts_fail_or_the_netns_is_gone(tmp_path, sandbox)
     subprocess.run(["ip", "netns", "del", Path(sandbox).name], check=True)
     asyncio.run(enroller.delete("cid-1"))
     # Gone with the netns: its rules; not gone: what capture keeps under its cookie.
-    assert journal.events == ["proxy.remove uid-1", f"capture.forget {cookie}", "deregister uid-1"]
+    assert journal.events == [f"capture.forget {cookie}", "proxy.remove uid-1", "deregister uid-1"]
     assert len(registry) == 0
 
 
@@ -214,8 +214,8 @@ def test_converge_repairs_drift_forgets_the_gone_and_reports_failures(tmp_path, 
     journal2.events.clear()
     asyncio.run(restarted.converge())
     assert journal2.events == [
-        "proxy.remove uid-1",
         f"capture.forget {cookie}",
+        "proxy.remove uid-1",
         "deregister uid-1",
         "capture.prune",
     ]
@@ -245,8 +245,8 @@ def test_prune_forgets_pods_whose_netns_went_away_without_a_del(tmp_path, sandbo
     journal.events.clear()
     asyncio.run(enroller.prune())
     assert journal.events == [
-        "proxy.remove uid-1",
         f"capture.forget {cookie}",
+        "proxy.remove uid-1",
         "deregister uid-1",
         "capture.prune",
     ]
@@ -274,8 +274,8 @@ def test_an_enrollment_cut_short_by_a_crash_is_undone_by_the_next_agent(tmp_path
     asyncio.run(restarted.converge())
     ns = Path(sandbox).name
     assert journal2.events == [
-        "proxy.remove uid-1",
         f"capture.remove {ns}",
+        "proxy.remove uid-1",
         "deregister uid-1",
         "capture.prune",
     ]

@@ -148,7 +148,7 @@ def check_csr(csr_pem: str, identity: SpiffeId) -> x509.CertificateSigningReques
         raise invalid_argument("malformed_csr", f"CSR larger than {MAX_CSR_BYTES} bytes")
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode())
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise invalid_argument("malformed_csr", f"CSR is not PEM PKCS#10: {exc}") from None
     try:
         # The parts below are parsed only when read: a broken key or extension shows here.

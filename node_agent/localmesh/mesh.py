@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -399,6 +399,7 @@ class KeptProcess:
         self._backoff = backoff
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._paused = False
         self.current = start()
         self._started = time.monotonic()
         on_change(self.current)
@@ -421,12 +422,23 @@ class KeptProcess:
                 return
             failures += 1
             with self._lock:
-                if self._stopping.is_set() or self.current is not died:
+                if self._stopping.is_set() or self._paused or self.current is not died:
                     continue
                 self.current = self._start()
                 self._started = time.monotonic()
                 self.restarts += 1
                 self._on_change(self.current)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No restarts inside the block (to look at a node whose proxy is down)."""
+        with self._lock:
+            self._paused = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._paused = False
 
     def kill(self) -> Process:
         """kill -9 of the running process (a crash); it is started again."""

@@ -278,19 +278,21 @@ def test_a_logging_change_takes_effect_in_the_running_process(mesh, which):
 
 def test_quitquitquit_stops_the_proxy_gracefully(mesh):
     node = mesh.local.nodes["node-2"]
-    proxy = node.proxy
-    assert proxy is not None
-    status, body = admin_request(node.node.netns, "POST", PROXY_ADMIN_PORT, "/quitquitquit")
-    assert (status, body) == (200, {"status": "stopping"})
-    assert proxy.popen.wait(timeout=30) == 0
-    rc, out = mesh.weir_node("node-2", "status")
-    assert rc == 1
-    assert "proxy:         NOT REACHABLE" in out
-    node.stop_proxy = real_proxy(mesh.local, node)
+    proxy, keeper = node.proxy, node.proxy_keeper
+    assert proxy is not None and keeper is not None
+    with keeper.paused():
+        status, body = admin_request(node.node.netns, "POST", PROXY_ADMIN_PORT, "/quitquitquit")
+        assert (status, body) == (200, {"status": "stopping"})
+        assert proxy.popen.wait(timeout=30) == 0
+        rc, out = mesh.weir_node("node-2", "status")
+        assert rc == 1
+        assert "proxy:         NOT REACHABLE" in out
+    # As the kubelet would, the local mesh starts it again.
     deadline = time.monotonic() + 30
     while mesh.weir_node("node-2", "status")[0] != 0:
         assert time.monotonic() < deadline
         time.sleep(0.5)
+    assert node.proxy is not proxy
 
 
 def test_trace_names_the_deciding_policy_on_the_destinations_node(mesh):

@@ -186,14 +186,20 @@ class Agent:
         self.cni_setup = CniSetup(settings.cni_setup) if settings.cni_setup else None
         if self.cni_setup is not None:
             self.admin.add_readiness("cni", self.cni_setup.not_ready)
-        self.admin.add_readiness(
-            "config", lambda: None if self.mesh.synced else "mesh config not received yet"
-        )
+        self.admin.add_readiness("config", self._config_not_ready)
         if self.follower is not None:
             # Not in "pods": `weir node` reads that section as enrolled pods only.
             self.admin.add_section("kubernetes", self.follower.dump)
             self.admin.add_readiness("pod watch", self.follower.not_synced)
         self._stop = asyncio.Event()
+
+    def _config_not_ready(self) -> str | None:
+        if self.mesh.synced:
+            return None
+        # Before the first config, why the stream is down is what an operator needs
+        # (a refused token says UNAUTHENTICATED here).
+        why = self.subscription.not_connected()
+        return "mesh config not received yet" + (f" ({why})" if why else "")
 
     def _proxy_ready(self) -> str | None:
         if not self.handoff.synced_proxies:

@@ -132,8 +132,13 @@ class ProxyHandoffServer:
 
     async def add(self, pod: EnrolledPod, netns: Netns) -> None:
         """Hand `pod` to every connected proxy; returns once all acked."""
-        self._migration.enable(netns)
+        await self._enable_migration(netns)
         await self._broadcast({"type": "add", "pod": pod.to_json()}, netns, f"pod {pod.uid}")
+
+    async def _enable_migration(self, netns: Netns) -> None:
+        # In a worker thread: while a thread is inside the pod's netns,
+        # /proc/self/ns/net (the main thread's) must keep naming the node's.
+        await asyncio.to_thread(self._migration.enable, netns)
 
     async def remove(self, uid: str) -> None:
         await self._broadcast({"type": "remove", "uid": uid}, None, f"removal of pod {uid}")
@@ -189,7 +194,7 @@ class ProxyHandoffServer:
             async with self._lock:
                 for pod, netns in self._snapshot():
                     # Again for pods enrolled by an agent that did not set it.
-                    self._migration.enable(netns)
+                    await self._enable_migration(netns)
                     self._enqueue(conn, {"type": "add", "pod": pod.to_json()}, netns)
                 snapshot_done = self._enqueue(conn, {"type": "snapshot_done"}, None)
                 self._connection_order += 1

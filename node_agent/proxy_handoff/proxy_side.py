@@ -37,8 +37,10 @@ from weir_common.retry import Backoff
 
 log = logging.getLogger(__name__)
 
-# The agent is on the same node: it is back within moments of a restart.
-RECONNECT_BACKOFF: Final = Backoff(initial=0.05, maximum=2.0)
+# The agent is on the same node: it is back within moments of a restart, and
+# a refused connect on a Unix socket costs next to nothing, so try often:
+# until the proxy is back in touch, no pod can be enrolled on the node.
+RECONNECT_BACKOFF: Final = Backoff(initial=0.05, maximum=0.5)
 
 
 class PodHandler(Protocol):

@@ -10,7 +10,10 @@ import concurrent.futures
 import json
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from node_agent.constants import (
     INBOUND_PLAINTEXT_CAPTURE_PORT,
@@ -29,6 +32,29 @@ from node_agent.redirect.iptables import IptablesCapture, read_owned
 from node_agent.redirect.podnet import TCP_LISTEN, netns_cookie, tcp_sockets
 
 LISTENER_PORTS = {OUTBOUND_CAPTURE_PORT, INBOUND_PLAINTEXT_CAPTURE_PORT, INBOUND_TUNNEL_PORT}
+NODE = "node-1"
+
+
+def one_node_mesh_config(path: Path, accounts: Mapping[str, str]) -> Path:
+    """A STRICT one-node mesh whose pods (name -> service account) are labeled app=<account>."""
+    workloads = [
+        {
+            "name": name,
+            "namespace": "default",
+            "serviceAccount": account,
+            "node": NODE,
+            "labels": {"app": account},
+        }
+        for name, account in accounts.items()
+    ]
+    doc = {
+        "trustDomain": "cluster.local",
+        "nodes": [{"name": NODE, "bootstrapToken": "test-node-1-token"}],
+        "namespaces": [{"name": "default", "mtlsMode": "STRICT"}],
+        "workloads": workloads,
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path
 
 
 def captured(ns: Netns, mode: str, node: MeshNode) -> bool:

@@ -28,10 +28,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from node_agent.constants import ADMIN_PORT, PROXY_ADMIN_PORT
 from node_agent.localmesh.cni_runtime import CNI_ERR_TRY_AGAIN_LATER, CniPluginError
@@ -43,12 +41,14 @@ from node_agent.netns import Netns
 from node_agent.redirect.podnet import netns_cookie
 from tests.netns.agent_state import (
     LISTENER_PORTS,
+    NODE,
     admin_json,
     assert_served,
     capture_problems,
     captured,
     ebpf_cookies,
     listening,
+    one_node_mesh_config,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(420)]
@@ -59,38 +59,7 @@ NAMES = [f"crash-{i:02d}" for i in range(12)]
 KEEP_AT_MOST = 6
 # Kills land anywhere in a burst's measured duration, and a little after its end.
 KILL_WITHIN_BURST = 1.1
-NODE = "node-1"
 ECHO_PORT = 8080
-
-
-def mesh_config(path: Path) -> Path:
-    workloads: list[dict[str, Any]] = [
-        {
-            "name": name,
-            "namespace": "default",
-            "serviceAccount": "crash",
-            "node": NODE,
-            "labels": {"app": "crash"},
-        }
-        for name in NAMES
-    ]
-    workloads.append(
-        {
-            "name": "echo",
-            "namespace": "default",
-            "serviceAccount": "echo",
-            "node": NODE,
-            "labels": {"app": "echo"},
-        }
-    )
-    doc = {
-        "trustDomain": "cluster.local",
-        "nodes": [{"name": NODE, "bootstrapToken": "test-node-1-token"}],
-        "namespaces": [{"name": "default", "mtlsMode": "STRICT"}],
-        "workloads": workloads,
-    }
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 @dataclass
@@ -108,7 +77,9 @@ def crash_mesh(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> Iterator[tuple[LocalMesh, Pod, TrafficObserver]]:
     monkeypatch.setenv("WEIR_REDIRECT_MODE", request.param)
-    config = mesh_config(tmp_path / "mesh.yaml")
+    config = one_node_mesh_config(
+        tmp_path / "mesh.yaml", {**dict.fromkeys(NAMES, "crash"), "echo": "echo"}
+    )
     with LocalMesh(config, real_proxy) as local, TrafficObserver() as apps:
         local.add_node(NODE, "10.244.1.0/24")
         echo = local.add_pod(NODE, "echo")

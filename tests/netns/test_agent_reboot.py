@@ -28,10 +28,8 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
 from node_agent.constants import ADMIN_PORT, PROXY_ADMIN_PORT
 from node_agent.localmesh import wiring
@@ -51,6 +49,7 @@ from node_agent.redirect.ebpf.capture import EbpfCapture
 from node_agent.redirect.podnet import netns_cookie
 from tests.netns.agent_state import (
     LISTENER_PORTS,
+    NODE,
     admin_json,
     agent_backend,
     assert_served,
@@ -58,34 +57,13 @@ from tests.netns.agent_state import (
     captured,
     ebpf_cookies,
     listening,
+    one_node_mesh_config,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(240)]
 
-NODE = "node-1"
 ECHO_PORT = 8080
 PODS = ("alpha", "bravo", "charlie", "delta")
-
-
-def mesh_config(path: Path) -> Path:
-    workloads: list[dict[str, Any]] = [
-        {
-            "name": name,
-            "namespace": "default",
-            "serviceAccount": name,
-            "node": NODE,
-            "labels": {"app": name},
-        }
-        for name in (*PODS, "echo")
-    ]
-    doc = {
-        "trustDomain": "cluster.local",
-        "nodes": [{"name": NODE, "bootstrapToken": "test-node-1-token"}],
-        "namespaces": [{"name": "default", "mtlsMode": "STRICT"}],
-        "workloads": workloads,
-    }
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 @pytest.fixture
@@ -94,7 +72,10 @@ def reboot_mesh(
 ) -> Iterator[tuple[LocalMesh, dict[str, Pod], TrafficObserver]]:
     monkeypatch.setenv("WEIR_REDIRECT_MODE", request.param)
     with (
-        LocalMesh(mesh_config(tmp_path / "mesh.yaml"), real_proxy) as local,
+        LocalMesh(
+            one_node_mesh_config(tmp_path / "mesh.yaml", {n: n for n in (*PODS, "echo")}),
+            real_proxy,
+        ) as local,
         TrafficObserver() as apps,
     ):
         local.add_node(NODE, "10.244.1.0/24")

@@ -34,7 +34,7 @@ from node_agent.localmesh.mesh import (
     real_proxy,
 )
 from node_agent.localmesh.topology import Pod
-from node_agent.netns import Netns
+from testbed.proxy_lab import EchoServer
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 
@@ -75,37 +75,6 @@ OUTAGE_S = 15.0
 # From the control plane's port accepting again to the new identity's ADD succeeding.
 ENROLL_BOUND_S = 2.0
 ADD_RETRY_S = 0.1
-
-
-class EchoServer:
-    """Echoes every byte back, one thread per connection, inside a pod netns."""
-
-    def __init__(self, netns: Netns, port: int) -> None:
-        with netns_mod.entered(netns):
-            self.sock = socket.create_server(("0.0.0.0", port))
-        self.sock.settimeout(0.2)
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    def _echo(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(10)
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
 
 
 def echo(pod: Pod, address: str, port: int, payload: bytes) -> bytes:
@@ -178,7 +147,7 @@ def outage(tmp_path: Path) -> Iterator[Outage]:
             mesh.add_node("node-2", "10.244.2.0/24")
             client = mesh.add_pod("node-1", "client")
             server = mesh.add_pod("node-2", "server")
-            servers.append(EchoServer(server.netns, APP_PORT))
+            servers.append(EchoServer(server, APP_PORT))
             yield Outage(mesh, client, server)
         finally:
             for echo_server in servers:
@@ -274,7 +243,7 @@ def test_nodes_serve_through_an_outage_and_catch_up_promptly(outage: Outage) -> 
 
         # A pod of an identity node-1 holds a certificate for: enrolled at once.
         client_2 = mesh.add_pod("node-1", "client-2")
-        client_2_server = EchoServer(client_2.netns, APP_PORT)
+        client_2_server = EchoServer(client_2, APP_PORT)
         try:
             assert echo(client_2, SERVER_VIP, 80, b"new pod") == b"new pod"
             entry = _wait(

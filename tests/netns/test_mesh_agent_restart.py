@@ -9,7 +9,6 @@ closed and, once the agent is back, is enrolled and reaches the mesh.
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -20,42 +19,11 @@ from node_agent.demo.mesh import access_log
 from node_agent.localmesh.cni_runtime import CniPluginError
 from node_agent.localmesh.mesh import REPO, LocalMesh, real_proxy
 from node_agent.localmesh.topology import Pod
-from node_agent.netns import Netns
+from testbed.proxy_lab import EchoServer
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(240)]
 
 CONFIG = REPO / "examples" / "mesh.yaml"
-
-
-class EchoServer:
-    """Echoes every byte back, one thread per connection, inside a pod netns."""
-
-    def __init__(self, netns: Netns, port: int) -> None:
-        with netns_mod.entered(netns):
-            self.sock = socket.create_server(("0.0.0.0", port))
-        self.sock.settimeout(0.2)
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    def _echo(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(60)
-            while data := conn.recv(65536):
-                conn.sendall(data)
-
-    def close(self) -> None:
-        self._stop.set()
-        self.sock.close()
 
 
 def echo_once(conn: socket.socket, payload: bytes) -> bytes:
@@ -84,7 +52,7 @@ def mesh() -> Iterator[tuple[LocalMesh, Pod, Pod, EchoServer]]:
         local.add_node("node-2", "10.244.2.0/24")
         client = local.add_pod("node-1", "client")
         server = local.add_pod("node-2", "server")
-        echo = EchoServer(server.netns, 8080)
+        echo = EchoServer(server, 8080)
         try:
             yield local, client, server, echo
         finally:

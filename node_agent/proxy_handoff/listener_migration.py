@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from pathlib import Path
 from typing import Final
 
@@ -22,17 +23,26 @@ from weir_common.errors import WeirError
 log = logging.getLogger(__name__)
 
 SYSCTL: Final = "net/ipv4/tcp_migrate_req"
+
+
 # Which namespace /proc/sys/net shows is decided by the opening thread's netns.
-# In a container /proc/sys is mounted read-only; the host's /proc, reached
-# through PID 1's root (the agent runs with hostPID and SYS_PTRACE), is not.
-PROC_SYS_ROOTS: Final = (Path("/proc/sys"), Path("/proc/1/root/proc/sys"))
+# In a container /proc/sys is mounted read-only; the host's /proc is not. The
+# agent runs with hostPID and SYS_PTRACE, so it reaches the host's through the
+# root of a process in the host's mount namespace: its parent (the runtime's
+# shim), or PID 1 (where a sandbox forbids that, the shim still answers).
+def proc_sys_roots() -> tuple[Path, ...]:
+    return (
+        Path("/proc/sys"),
+        Path(f"/proc/{os.getppid()}/root/proc/sys"),
+        Path("/proc/1/root/proc/sys"),
+    )
 
 
 class ListenerMigration:
     """Turns the sysctl on in pod netns; says so once if this node cannot."""
 
-    def __init__(self, roots: tuple[Path, ...] = PROC_SYS_ROOTS) -> None:
-        self._roots = roots
+    def __init__(self, roots: tuple[Path, ...] | None = None) -> None:
+        self._roots = proc_sys_roots() if roots is None else roots
         self._warned = False
 
     def enable(self, netns: Netns) -> bool:

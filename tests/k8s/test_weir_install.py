@@ -312,6 +312,16 @@ def test_the_proxy_rolls_with_a_surge_and_every_pod_stays_served(app: Cluster) -
         )
     new_proxy = _on_node(cluster, SYSTEM, selector, "n2")
     assert "mutual_tls" in _fetch_local(cluster, new_proxy, "http://127.0.0.1:15020/metrics")
+    # The agent, in its container, set what lets queued connections move to the
+    # successor in the server's netns (through the host's /proc: its own is read-only).
+    migrate = _node_shell(
+        cluster,
+        cluster.spec.nodes[1],
+        'for n in /var/run/netns/*; do nsenter --net="$n" sh -c '
+        '"ss -Hltn sport = :15008 | grep -q . && cat /proc/sys/net/ipv4/tcp_migrate_req"; '
+        "done; true",
+    )
+    assert migrate.split() and set(migrate.split()) == {"1"}, migrate
 
 
 # Every rule set a pod's netns holds, in both iptables backends.

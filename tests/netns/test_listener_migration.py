@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,3 +104,33 @@ def test_a_node_that_cannot_set_it_says_so_and_goes_on(
     assert not migration.enable(pod_netns)
     warnings = [r for r in caplog.records if "tcp_migrate_req" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_with_a_read_only_proc_sys_it_is_set_through_the_parents_root(pod_netns: Netns) -> None:
+    # As in a container: /proc/sys read-only, the parent (the runtime's shim)
+    # in a mount namespace whose /proc is writable.
+    script = (
+        "from node_agent.netns import Netns\n"
+        "from node_agent.proxy_handoff.listener_migration import ListenerMigration\n"
+        f"raise SystemExit(0 if ListenerMigration().enable(Netns.validate({str(pod_netns.path)!r}))"
+        " else 3)\n"
+    )
+    done = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys"
+            ' && exec "$0" -c "$1"',
+            sys.executable,
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    with netns_mod.entered(pod_netns), open("/proc/sys/net/ipv4/tcp_migrate_req") as f:
+        assert f.read().strip() == "1"

@@ -82,6 +82,7 @@ METRICS = (
     "conn_per_s",
     "rr_per_s",
     "failures",
+    "connections",
     "standin_accepted",
 )
 HELPER_START_SECONDS = 10.0
@@ -155,6 +156,7 @@ def sample(client_doc: Mapping[str, Any], standin_accepted: int) -> dict[str, fl
             "conn_per_s": float(rate["per_s"]),
             "rr_per_s": float(rr["per_s"]),
             "failures": float(failures),
+            "connections": float(client_doc["connections"]),
             "standin_accepted": float(standin_accepted),
         }
     except (KeyError, TypeError) as e:
@@ -341,13 +343,19 @@ def prepare_client_pod(pod: Pod) -> None:
 
 
 def measure(
-    client_binary: Path, client: Pod, server_ip: str, settings: Settings, cpu: int | None
+    client_binary: Path,
+    client: Pod,
+    server_ip: str,
+    settings: Settings,
+    cpu: int | None,
+    *,
+    port: int = SERVER_PORT,
 ) -> dict[str, Any]:
     """One capture_client run inside the client pod; its JSON output."""
     argv = [
         str(client_binary),
         "--host", server_ip,
-        "--port", str(SERVER_PORT),
+        "--port", str(port),
         *settings.client_flags(),
         *cpu_flags(cpu),
     ]  # fmt: skip
@@ -368,8 +376,19 @@ def build_programs() -> Programs:
     return Programs(client=build("capture_client"), standin=build("capture_standin"))
 
 
+@dataclass(frozen=True)
+class Bench:
+    """What one benchmark topology holds while it is up."""
+
+    prefix: str  # of every netns and link it made
+    pins: PinLayout
+    client: Pod
+    server: Pod
+    standin: Helper
+
+
 @contextlib.contextmanager
-def bench_pods(programs: Programs, cpus: Cpus) -> Iterator[tuple[Pod, Pod, Helper, PinLayout]]:
+def bench_pods(programs: Programs, cpus: Cpus) -> Iterator[Bench]:
     """A fresh topology: client and server pods, echo and stand-in running, eBPF programs installed.
 
     Everything is undone when the block ends, whatever happened inside.
@@ -392,24 +411,19 @@ def bench_pods(programs: Programs, cpus: Cpus) -> Iterator[tuple[Pod, Pod, Helpe
                 running(server, [*echo_argv, *cpu_flags(cpus.echo)]),
                 running(client, [*relay_argv, *cpu_flags(cpus.standin)]) as standin,
             ):
-                yield client, server, standin, pins
+                yield Bench(topo.prefix, pins, client, server, standin)
     finally:
         loader.uninstall(pins)
 
 
 def run_mode(
-    mode: str,
-    programs: Programs,
-    pods: tuple[Pod, Pod, Helper, PinLayout],
-    settings: Settings,
-    cpus: Cpus,
+    mode: str, programs: Programs, bench: Bench, settings: Settings, cpus: Cpus
 ) -> dict[str, float]:
     """One measurement of `mode`, with how many connections the stand-in took meanwhile."""
-    client, server, standin, pins = pods
-    before = standin.counters()["accepted"]
-    with capture(mode, client, pins):
-        doc = measure(programs.client, client, str(server.ipv4), settings, cpus.client)
-    return sample(doc, standin.counters()["accepted"] - before)
+    before = bench.standin.counters()["accepted"]
+    with capture(mode, bench.client, bench.pins):
+        doc = measure(programs.client, bench.client, str(bench.server.ipv4), settings, cpus.client)
+    return sample(doc, bench.standin.counters()["accepted"] - before)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -453,10 +467,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     programs = build_programs()
     raw: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
     started = time.monotonic()
-    with bench_pods(programs, args.cpus) as pods:
+    with bench_pods(programs, args.cpus) as bench:
         for repeat in range(args.repeats):
             for mode in MODES:
-                s = run_mode(mode, programs, pods, settings, args.cpus)
+                s = run_mode(mode, programs, bench, settings, args.cpus)
                 raw[mode].append(s)
                 print(f"repeat {repeat + 1} {mode:8} {json.dumps(s)}", file=sys.stderr)
     print(f"({time.monotonic() - started:.0f} s)", file=sys.stderr)

@@ -13,11 +13,12 @@
  *     before the clock starts, close after it stops).
  *   rate: for T seconds, C threads each open, send S, read S, close, again.
  *   rr: for T seconds, C threads each send S and read S on one connection.
- * Prints one JSON object: percentiles in us, counts, failures. A failed
- * connection (refused, reset, timed out, short or wrong echo) counts as a
- * failure and the phase goes on. Every socket call is bounded by
- * --timeout-ms (SO_SNDTIMEO bounds connect() too); the whole run is killed
- * by SIGALRM after --max-seconds. */
+ * Prints one JSON object: percentiles in us, counts, failures, and
+ * "connections", every connect() that succeeded in any phase (what a relay
+ * in between must have accepted). A failed connection (refused, reset,
+ * timed out, short or wrong echo) counts as a failure and the phase goes
+ * on. Every socket call is bounded by --timeout-ms (SO_SNDTIMEO bounds
+ * connect() too); the whole run is killed by SIGALRM after --max-seconds. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -51,6 +52,7 @@ struct worker {
 	pthread_t thread;
 	long done;
 	long failures;
+	long connected; /* connect() calls that succeeded */
 };
 
 static int64_t now_ns(void)
@@ -158,6 +160,7 @@ static void *latency_worker(void *arg)
 			continue;
 		}
 		int64_t t1 = now_ns();
+		w->connected++;
 		int bad = round_trip(fd, reply);
 		int64_t t2 = now_ns();
 		close(fd);
@@ -183,8 +186,10 @@ static void *rate_worker(void *arg)
 		abort();
 	while (now_ns() < deadline) {
 		int fd = new_socket();
-		if (fd < 0 || connect(fd, (struct sockaddr *)&target, sizeof(target)) != 0 ||
-		    round_trip(fd, reply) != 0) {
+		int ok = fd >= 0 && connect(fd, (struct sockaddr *)&target, sizeof(target)) == 0;
+		if (ok)
+			w->connected++;
+		if (!ok || round_trip(fd, reply) != 0) {
 			w->failures++;
 		} else {
 			w->done++;
@@ -214,6 +219,7 @@ static void *rr_worker(void *arg)
 				w->failures++;
 				continue;
 			}
+			w->connected++;
 		}
 		if (round_trip(fd, reply) != 0) {
 			w->failures++;
@@ -228,6 +234,8 @@ static void *rr_worker(void *arg)
 	free(reply);
 	return NULL;
 }
+
+static long connections; /* successful connect() calls, all phases */
 
 /* Runs fn on `concurrency` threads; totals in *done and *failures. */
 static void run_workers(void *(*fn)(void *), long *done, long *failures)
@@ -247,6 +255,7 @@ static void run_workers(void *(*fn)(void *), long *done, long *failures)
 		pthread_join(ws[i].thread, NULL);
 		*done += ws[i].done;
 		*failures += ws[i].failures;
+		connections += ws[i].connected;
 	}
 	free(ws);
 }
@@ -358,7 +367,8 @@ int main(int argc, char **argv)
 		run_workers(rr_worker, &rr_done, &rr_failures);
 	double rr_elapsed = (double)(now_ns() - started) / 1e9;
 
-	printf("{\"size\": %ld, \"concurrency\": %ld, ", size, concurrency);
+	printf("{\"size\": %ld, \"concurrency\": %ld, \"connections\": %ld, ", size, concurrency,
+	       connections);
 	printf("\"latency\": {\"connects\": %ld, \"ok\": %ld, \"failures\": %ld, ", connects,
 	       lat_done, lat_failures);
 	print_percentiles("connect_us", connect_ns, connects);

@@ -1,7 +1,7 @@
 """HBONE: TCP connections carried as HTTP/2 CONNECT streams over one mTLS connection.
 
-`H2Protocol` is one HTTP/2 connection (either side) driven by the pure-Python
-h2 state machine. Each CONNECT stream is an `HboneStream`, bridged to one
+`H2Protocol` is one HTTP/2 connection (either side) over our own codec
+(node_agent.proxy.http2). Each CONNECT stream is an `HboneStream`, bridged to one
 plain TCP connection (`TcpPeer`). Flow control is end to end: bytes from
 HTTP/2 are acknowledged (window handed back) only once the TCP side has
 taken them, and a TCP side is paused while its stream has no window. Windows
@@ -18,19 +18,12 @@ import time
 from collections.abc import Callable
 from typing import Final, Protocol, cast
 
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
-import hyperframe.frame
-
+from node_agent.proxy.http2.connection import Connection, HeaderList, ProtocolError
+from node_agent.proxy.http2.frames import ErrorCode
 from weir_common.mesh import SpiffeId
 
 STREAM_WINDOW: Final = 4 * 1024 * 1024
 CONNECTION_WINDOW: Final = 16 * 1024 * 1024
-DEFAULT_CONNECTION_WINDOW: Final = 65_535  # RFC 9113 6.9.2
 # Frames we accept; fewer, larger frames cost less Python per byte.
 MAX_FRAME_SIZE: Final = 1024 * 1024
 # A TCP side is paused when this much of its data waits for HTTP/2 window.
@@ -39,22 +32,13 @@ PENDING_LOW: Final = 256 * 1024
 MAX_CONCURRENT_STREAMS: Final = 1000
 
 Headers = dict[bytes, bytes]
-
-
-def _data_frame_summary(frame: hyperframe.frame.DataFrame) -> str:
-    return f"<{len(frame.data)} bytes>"
-
-
-# h2 builds repr(frame) for every frame it receives, logging on or off, and
-# hyperframe's DataFrame repr hex-encodes the whole payload (up to a MiB here)
-# only to cut it to 20 characters: a summary keeps HBONE's per-byte cost sane.
-hyperframe.frame.DataFrame._body_repr = _data_frame_summary  # type: ignore[method-assign,assignment]
+Bytes = bytes | bytearray | memoryview
 
 
 class Pipe(Protocol):
     """Where a TcpPeer's events go."""
 
-    def on_data(self, data: bytes) -> None: ...
+    def on_data(self, data: Bytes) -> None: ...
     def on_eof(self) -> None: ...
     def on_lost(self, exc: Exception | None) -> None: ...
     def on_write_paused(self) -> None: ...
@@ -121,7 +105,7 @@ class TcpPeer(asyncio.Protocol):
         if self.pipe is not None:
             self.pipe.on_write_resumed()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Bytes) -> None:
         if self.transport is not None and not self.lost and not self.transport.is_closing():
             self.transport.write(data)
 
@@ -196,7 +180,7 @@ class _RelayHalf:
         self._upward = upward
         self._eof = False
 
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: Bytes) -> None:
         if self._upward:
             self._relay.flow.up += len(data)
         else:
@@ -235,7 +219,7 @@ class HboneStream:
         self.response: asyncio.Future[Headers] = asyncio.get_running_loop().create_future()
         self._peer: TcpPeer | None = None
         self._pending = bytearray()  # from TCP, waiting for HTTP/2 window
-        self._early: list[tuple[bytes, int]] = []  # from HTTP/2 before a peer was attached
+        self._early: list[Bytes] = []  # from HTTP/2 before a peer was attached
         self._held_acks = 0  # delivered to TCP while its write buffer was full
         self._peer_congested = False
         self._reading_paused = False
@@ -243,12 +227,8 @@ class HboneStream:
         self._sent_end = False
         self._remote_end = False
 
-    @property
-    def _tcp_to_h2_is_up(self) -> bool:
-        return self.conn.client_side
-
     def _count(self, *, from_tcp: int = 0, to_tcp: int = 0) -> None:
-        if self._tcp_to_h2_is_up:
+        if self.conn.client_side:
             self.flow.up += from_tcp
             self.flow.down += to_tcp
         else:
@@ -258,15 +238,15 @@ class HboneStream:
     def attach(self, peer: TcpPeer) -> None:
         """Start bridging: deliver what arrived early, then let the TCP side read."""
         self._peer = peer
-        for data, size in self._early:
-            self._deliver(data, size)
+        for data in self._early:
+            self._deliver(data)
         self._early.clear()
         if self._remote_end:
             peer.write_eof()
         peer.attach(self)
         self._maybe_finish()
 
-    def reset(self, reason: str, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+    def reset(self, reason: str, code: int = ErrorCode.CANCEL) -> None:
         """Abort both sides."""
         self.conn.reset_stream(self.id, code)
         if self._peer is not None:
@@ -275,7 +255,7 @@ class HboneStream:
 
     # -- Pipe: events from the TCP side -----------------------------------
 
-    def on_data(self, data: bytes) -> None:
+    def on_data(self, data: Bytes) -> None:
         self._count(from_tcp=len(data))
         if not self._pending and self._send_now(data):
             return
@@ -304,20 +284,21 @@ class HboneStream:
 
     # -- events from the HTTP/2 connection ---------------------------------
 
-    def _on_h2_data(self, data: bytes, flow_controlled: int) -> None:
+    def _on_h2_data(self, data: Bytes) -> None:
         if self._peer is None:
-            self._early.append((data, flow_controlled))
+            self._early.append(data)
             return
-        self._deliver(data, flow_controlled)
+        self._deliver(data)
 
-    def _deliver(self, data: bytes, flow_controlled: int) -> None:
+    def _deliver(self, data: Bytes) -> None:
         assert self._peer is not None
-        self._count(to_tcp=len(data))
+        size = len(data)
+        self._count(to_tcp=size)
         self._peer.write(data)
         if self._peer_congested:
-            self._held_acks += flow_controlled
+            self._held_acks += size
         else:
-            self.conn.ack(self.id, flow_controlled)
+            self.conn.ack(self.id, size)
 
     def _on_h2_end(self) -> None:
         self._remote_end = True
@@ -344,45 +325,43 @@ class HboneStream:
             self._peer.abort()
         self._finish(why)
 
-    def _send_now(self, data: bytes) -> bool:
+    def _send_now(self, data: Bytes) -> bool:
         """The common case, without copying through the pending buffer: it all fits."""
         conn = self.conn
-        h2conn = conn.h2
+        codec = conn.h2
         if (
             conn.write_paused
             or conn.closed
-            or len(data) > h2conn.max_outbound_frame_size
-            or len(data) > h2conn.local_flow_control_window(self.id)
+            or len(data) > codec.remote_max_frame_size
+            or len(data) > codec.send_window(self.id)
         ):
             return False
-        try:
-            h2conn.send_data(self.id, data)
-        except h2.exceptions.ProtocolError:
-            return False  # _flush meets the same error and ends the stream
+        codec.send_data(self.id, data)
         conn.flush()
         return True
 
     def _flush(self) -> None:
-        h2conn = self.conn.h2
-        try:
-            while self._pending and not self.conn.write_paused and not self.conn.closed:
-                window = h2conn.local_flow_control_window(self.id)
-                if window <= 0:
-                    break
-                size = min(len(self._pending), window, h2conn.max_outbound_frame_size)
-                h2conn.send_data(self.id, bytes(self._pending[:size]))
-                del self._pending[:size]
-            if self._tcp_eof and not self._pending and not self._sent_end and not self.conn.closed:
-                h2conn.end_stream(self.id)
-                self._sent_end = True
-        except h2.exceptions.ProtocolError as e:
-            # The stream or the whole connection ended under us (a reset, a GOAWAY).
-            if self._peer is not None:
-                self._peer.abort()
-            self._finish(f"HTTP/2 stream can no longer carry data: {e}")
-            return
-        self.conn.flush()
-        if self._reading_paused and len(self._pending) < PENDING_LOW and self._peer is not None:
+        conn = self.conn
+        codec = conn.h2
+        pending = self._pending
+        while pending and not conn.write_paused and not conn.closed:
+            window = codec.send_window(self.id)
+            if window <= 0:
+                break
+            size = min(len(pending), window, codec.remote_max_frame_size)
+            codec.send_data(self.id, pending[:size])
+            del pending[:size]
+        if self._tcp_eof and not pending and not self._sent_end and not conn.closed:
+            if self.id not in codec.streams:
+                # Reset or refused while the TCP side still had data for it.
+                if self._peer is not None:
+                    self._peer.abort()
+                self._finish("HTTP/2 stream can no longer carry data")
+                return
+            codec.end_stream(self.id)
+            self._sent_end = True
+        conn.flush()
+        if self._reading_paused and len(pending) < PENDING_LOW and self._peer is not None:
             self._reading_paused = False
             self._peer.resume_reading()
         self._maybe_finish()
@@ -404,7 +383,14 @@ class StreamRefusedError(Exception):
 
 
 class H2Protocol(asyncio.Protocol):
-    """One HTTP/2 connection over an established TLS transport."""
+    """One HTTP/2 connection over an established TLS transport.
+
+    Draining (`shutdown`) sends GOAWAY: the peer opens no new streams here,
+    the open ones run to their end, and the connection closes after the last.
+    A GOAWAY received does the same from the other side: no new streams on
+    this connection (streams the peer never saw fail as refused, safe to
+    retry elsewhere); those it covers go on.
+    """
 
     def __init__(
         self,
@@ -415,15 +401,13 @@ class H2Protocol(asyncio.Protocol):
         on_closed: Callable[[H2Protocol, str | None], None] | None = None,
     ) -> None:
         self.client_side = client_side
-        self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(
-                client_side=client_side,
-                header_encoding=None,
-                # We write every header we send ourselves; checking them again costs
-                # a third of opening a stream. What peers send is still validated.
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-            )
+        self.h2 = Connection(
+            self,
+            client_side=client_side,
+            stream_window=STREAM_WINDOW,
+            connection_window=CONNECTION_WINDOW,
+            max_frame_size=MAX_FRAME_SIZE,
+            max_concurrent_streams=MAX_CONCURRENT_STREAMS,
         )
         self.streams: dict[int, HboneStream] = {}
         self.transport: asyncio.Transport | None = None
@@ -448,35 +432,20 @@ class H2Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self.h2.local_settings = h2.settings.Settings(
-            client=self.client_side,
-            initial_values={
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            },
-        )
-        # Settings given at construction count as already in force, but h2 sized
-        # its frame parser from the defaults before we replaced them.
-        self.h2.max_inbound_frame_size = MAX_FRAME_SIZE
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(CONNECTION_WINDOW - DEFAULT_CONNECTION_WINDOW)
-        self.flush()
+        self.flush()  # the preface and our SETTINGS
 
     def data_received(self, data: bytes) -> None:
-        try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as e:
-            self.protocol_error = f"HTTP/2 protocol error: {e}"
-            self._close_reason = self.protocol_error
-            self.flush()  # h2 queued a GOAWAY saying why
-            self.close()
-            return
         self._receiving = True
         try:
-            for event in events:
-                self._dispatch(event)
+            self.h2.receive(data)
+        except ProtocolError as e:
+            self.protocol_error = f"HTTP/2 protocol error: {e}"
+            self._close_reason = self.protocol_error
+            self.h2.goaway(e.code, str(e).encode()[:256])
+            self._receiving = False
+            self.flush()
+            self.close()
+            return
         finally:
             self._receiving = False
         self.flush()
@@ -504,39 +473,34 @@ class H2Protocol(asyncio.Protocol):
         if self._receiving:
             return  # data_received sends everything once it is done
         data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
+        transport = self.transport
+        if data and transport is not None and not self.closed and not transport.is_closing():
+            transport.write(data)
 
     def ack(self, stream_id: int, size: int) -> None:
         if not self.closed:
-            self.h2.acknowledge_received_data(size, stream_id)
+            self.h2.acknowledge(stream_id, size)
             self.flush()
 
     def reset_stream(self, stream_id: int, code: int) -> None:
-        if self.closed:
-            return
-        try:
+        if not self.closed:
             self.h2.reset_stream(stream_id, code)
-        except h2.exceptions.ProtocolError:
-            return  # stream or connection already closed at the HTTP/2 level
-        self.flush()
+            self.flush()
 
     @property
     def capacity(self) -> int:
         """How many more streams the peer lets us open now."""
         if self.closed or self.goaway or self.draining:
             return 0
-        limit = self.h2.remote_settings.max_concurrent_streams
-        return max(0, limit - self.h2.open_outbound_streams)
+        return max(0, self.h2.remote_max_concurrent - self.h2.local_open)
 
     def open_stream(self, authority: str) -> HboneStream:
         """Send a CONNECT request; await the stream's `response` for the answer."""
-        stream_id = self.h2.get_next_available_stream_id()
+        stream_id = self.h2.open_stream(
+            [(b":method", b"CONNECT"), (b":authority", authority.encode())]
+        )
         stream = HboneStream(self, stream_id)
         self.streams[stream_id] = stream
-        self.h2.send_headers(
-            stream_id, [(b":method", b"CONNECT"), (b":authority", authority.encode())]
-        )
         self.flush()
         self.last_active = time.monotonic()
         return stream
@@ -545,12 +509,11 @@ class H2Protocol(asyncio.Protocol):
         """Answer a CONNECT; anything but 200 also ends the stream."""
         if self.closed:
             return
-        end = status != 200
-        try:
-            self.h2.send_headers(stream.id, [(b":status", str(status).encode())], end_stream=end)
-        except h2.exceptions.ProtocolError:
-            stream._on_h2_reset(h2.errors.ErrorCodes.STREAM_CLOSED)
+        if stream.id not in self.h2.streams:
+            stream._on_h2_reset(ErrorCode.STREAM_CLOSED)
             return
+        end = status != 200
+        self.h2.send_headers(stream.id, [(b":status", str(status).encode())], end_stream=end)
         self.flush()
         if end:
             stream._finish(f"refused with HTTP {status}")
@@ -560,19 +523,19 @@ class H2Protocol(asyncio.Protocol):
         self.last_active = time.monotonic()
         if self.streams or self.closed:
             return
-        if self.draining:
+        if self.draining or self.goaway:
             self.close("drained")
         elif self._on_idle is not None:
             self._on_idle(self)
 
     def shutdown(self) -> None:
-        """Drain: no new streams either way, open ones go on; closed once the last ends.
-
-        Not a GOAWAY: h2 (ours, and so a Weir peer's) treats a GOAWAY as the end
-        of the connection and would refuse the open streams' remaining data.
-        New streams the peer tries are refused (REFUSED_STREAM: safe to retry).
-        """
+        """Drain: GOAWAY, open streams go on, closed once the last ends."""
+        if self.closed:
+            return
         self.draining = True
+        if not self.h2.goaway_sent:
+            self.h2.goaway()
+            self.flush()
         if not self.streams:
             self.close("drained")
 
@@ -582,64 +545,55 @@ class H2Protocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    # -- HTTP/2 events --------------------------------------------------------
+    # -- http2.Events ------------------------------------------------------------
 
-    def _dispatch(self, event: h2.events.Event) -> None:
-        if isinstance(event, h2.events.RequestReceived):
-            if self.draining:
-                self.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
-                return
-            stream = HboneStream(self, event.stream_id)
-            self.streams[event.stream_id] = stream
-            self.last_active = time.monotonic()
-            if self._on_request is not None:
-                self._on_request(stream, dict(_header_pairs(event.headers)))
+    def on_request(self, stream_id: int, headers: HeaderList, end_stream: bool) -> None:  # noqa: ARG002
+        if self.draining:
+            # Streams the peer sent before it could see our GOAWAY.
+            self.h2.reset_stream(stream_id, ErrorCode.REFUSED_STREAM)
             return
-        if isinstance(event, h2.events.ConnectionTerminated):
-            self.goaway = True
-            if not self.streams:
-                self.close()
+        stream = HboneStream(self, stream_id)
+        self.streams[stream_id] = stream
+        self.last_active = time.monotonic()
+        if self._on_request is not None:
+            self._on_request(stream, dict(headers))
+
+    def on_response(self, stream_id: int, headers: HeaderList, end_stream: bool) -> None:  # noqa: ARG002
+        stream = self.streams.get(stream_id)
+        if stream is not None and not stream.response.done():
+            stream.response.set_result(dict(headers))
+
+    def on_data(self, stream_id: int, data: memoryview) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            self.h2.acknowledge(stream_id, len(data))  # a stream we dropped: window back
+        else:
+            stream._on_h2_data(data)
+
+    def on_end(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream._on_h2_end()
+
+    def on_reset(self, stream_id: int, code: int) -> None:
+        if code == ErrorCode.REFUSED_STREAM and self.client_side:
+            # The peer takes no new streams here (draining, overloaded): open
+            # none; close once the ones it already carries end.
+            self.draining = True
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream._on_h2_reset(code)
+
+    def on_window(self, stream_id: int) -> None:
+        if stream_id == 0:
+            for each in list(self.streams.values()):
+                each._flush()
             return
-        if isinstance(event, h2.events.RemoteSettingsChanged) or (
-            isinstance(event, h2.events.WindowUpdated) and not event.stream_id
-        ):
-            for stream in list(self.streams.values()):
-                stream._flush()
-            return
-        self._stream_event(event)
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream._flush()
 
-    def _stream_event(self, event: h2.events.Event) -> None:
-        stream_id = getattr(event, "stream_id", None)
-        known = self.streams.get(stream_id) if stream_id else None
-        if isinstance(event, h2.events.DataReceived):
-            size = event.flow_controlled_length or 0
-            if known is None:
-                self.ack(event.stream_id, size)  # a stream we dropped: hand the window back
-            else:
-                known._on_h2_data(event.data or b"", size)
-        elif known is None:
-            return
-        elif isinstance(event, h2.events.ResponseReceived):
-            if not known.response.done():
-                known.response.set_result(dict(_header_pairs(event.headers)))
-        elif isinstance(event, h2.events.StreamEnded):
-            known._on_h2_end()
-        elif isinstance(event, h2.events.StreamReset):
-            if event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM and self.client_side:
-                # The peer takes no new streams here (draining, overloaded): open
-                # none; close once the ones it already carries end.
-                self.draining = True
-            known._on_h2_reset(int(event.error_code or 0))
-        elif isinstance(event, h2.events.WindowUpdated):
-            known._flush()
-
-
-def _header_pairs(headers: object) -> list[tuple[bytes, bytes]]:
-    pairs: list[tuple[bytes, bytes]] = []
-    for name, value in headers or []:  # type: ignore[attr-defined]
-        pairs.append((_as_bytes(name), _as_bytes(value)))
-    return pairs
-
-
-def _as_bytes(value: bytes | str) -> bytes:
-    return value if isinstance(value, bytes) else value.encode()
+    def on_goaway(self, last_stream_id: int, code: int) -> None:  # noqa: ARG002
+        self.goaway = True
+        if not self.streams:
+            self.close("peer sent GOAWAY")

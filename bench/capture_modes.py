@@ -6,7 +6,7 @@
 Builds a throwaway node with two pods (client and server) from the local
 topology harness and, for each mode, runs bench/native/capture_client.c
 inside the client pod against an echo server in the server pod
-(bench/native/capture_standin.c --echo). Each measurement has three phases:
+(bench/native/weir_echo.c). Each measurement has three phases:
 
 - latency: --connects connections one after another (--concurrency at a
   time): connect, send --size bytes, read the echo, close; per connection
@@ -27,8 +27,9 @@ hop. The stand-in counts what it accepted; each sample records how many
 connections it took, so a captured run that bypassed it shows.
 
 Client, stand-in and echo server are pinned (--cpus, default all three on
-CPU 1): on a VM, waking a process on another, idle vCPU costs a hypervisor
-round trip (about 100-200 us here), which would swamp the microseconds the
+CPU 1; the C programs pin themselves, the echo server runs under taskset):
+on a VM, waking a process on another, idle vCPU costs a hypervisor round
+trip (about 100-200 us here), which would swamp the microseconds the
 capture path costs. On one CPU the numbers are the path's own CPU cost.
 
 Each mode runs --repeats times, interleaved (none, iptables, ebpf, none,
@@ -254,12 +255,15 @@ def machine_facts() -> dict[str, Any]:
 
 
 class Helper:
-    """A capture_standin (relay or echo) running inside a pod; prints "ready", answers SIGUSR1."""
+    """A helper (stand-in or echo) running inside a pod until stopped; it prints "ready".
 
-    def __init__(self, pod: Pod, argv: Sequence[str]) -> None:
+    The stand-in also answers SIGUSR1 with its counters and prints them at SIGTERM.
+    """
+
+    def __init__(self, name: str, pod: Pod, argv: Sequence[str]) -> None:
         with netns_mod.entered(pod.netns):
             self.proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, text=True)
-        self.name = f"{Path(argv[0]).name} in {pod.name}"
+        self.name = f"{name} in {pod.name}"
         try:
             line = self._line(HELPER_START_SECONDS)
         except BaseException:
@@ -301,8 +305,8 @@ class Helper:
 
 
 @contextlib.contextmanager
-def running(pod: Pod, argv: Sequence[str]) -> Iterator[Helper]:
-    helper = Helper(pod, argv)
+def running(name: str, pod: Pod, argv: Sequence[str]) -> Iterator[Helper]:
+    helper = Helper(name, pod, argv)
     try:
         yield helper
     finally:
@@ -370,10 +374,18 @@ def measure(
 class Programs:
     client: Path
     standin: Path
+    echo: Path
 
 
 def build_programs() -> Programs:
-    return Programs(client=build("capture_client"), standin=build("capture_standin"))
+    return Programs(
+        client=build("capture_client"), standin=build("capture_standin"), echo=build("weir_echo")
+    )
+
+
+def pinned(argv: Sequence[str], cpu: int | None) -> list[str]:
+    """argv run on `cpu` (taskset), for programs without a pinning flag of their own."""
+    return list(argv) if cpu is None else ["taskset", "-c", str(cpu), *argv]
 
 
 @dataclass(frozen=True)
@@ -401,15 +413,17 @@ def bench_pods(programs: Programs, cpus: Cpus) -> Iterator[Bench]:
             prepare_client_pod(client)
             # Compiled and attached once, outside the timed runs; apply/remove per run is cheap.
             loader.install(pins)
-            echo_argv = [str(programs.standin), "--echo", "--port", str(SERVER_PORT)]
+            echo_argv = [str(programs.echo), "--addr", str(server.ipv4), "--port", str(SERVER_PORT)]
             relay_argv = [
                 str(programs.standin),
                 "--port", str(OUTBOUND_CAPTURE_PORT),
                 "--mark", str(PROXY_MARK),
             ]  # fmt: skip
             with (
-                running(server, [*echo_argv, *cpu_flags(cpus.echo)]),
-                running(client, [*relay_argv, *cpu_flags(cpus.standin)]) as standin,
+                running("weir_echo", server, pinned(echo_argv, cpus.echo)),
+                running(
+                    "capture_standin", client, [*relay_argv, *cpu_flags(cpus.standin)]
+                ) as standin,
             ):
                 yield Bench(topo.prefix, pins, client, server, standin)
     finally:

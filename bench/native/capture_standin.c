@@ -1,16 +1,15 @@
 /* capture_standin: the capture benchmark's stand-in for the node proxy's
- * outbound listener, and (with --echo) its echo server.
+ * outbound listener.
  *
  *   capture_standin --port 15001 --mark 0x539 [--cpu N]
- *   capture_standin --echo --port 8080 [--cpu N]
  *
- * Relay mode listens on --port inside the captured pod and does for each
+ * It listens on --port inside the captured pod and does for each
  * connection what the real proxy does before its own work starts: it asks
  * getsockopt(SOL_IP, SO_ORIGINAL_DST) where the client was going (iptables
  * answers through conntrack, the eBPF mode through its cgroup/getsockopt
  * program: one call for both, as node_agent/proxy/original_dst.py), opens
  * the upstream with SO_MARK = --mark so capture lets it through, and relays
- * both ways with a half-close passed on. Echo mode sends back what it reads.
+ * both ways with a half-close passed on.
  *
  * One thread, epoll, non-blocking sockets: the benchmark measures the
  * capture path, so this must cost as little as possible per connection.
@@ -39,7 +38,7 @@
 #define MAX_EVENTS 256
 #define BACKLOG 4096
 
-/* One direction of a relay (or the single direction of an echo). */
+/* One direction of a relay. */
 struct pipe_half {
 	char buf[BUF_SIZE];
 	size_t len; /* bytes in buf not yet written */
@@ -59,9 +58,9 @@ struct endpoint {
 
 struct conn {
 	struct endpoint down; /* the accepted client */
-	struct endpoint up;   /* to the original destination; fd -1 in echo mode */
+	struct endpoint up;   /* to the original destination; fd -1 until opened */
 	int connecting;       /* upstream connect in progress */
-	struct pipe_half to_up;   /* client -> upstream (echo: client -> client) */
+	struct pipe_half to_up;   /* client -> upstream */
 	struct pipe_half to_down; /* upstream -> client */
 	int dead;                 /* closed; freed once the current batch is done */
 	struct conn *next_dead;
@@ -78,7 +77,6 @@ static struct {
 
 static int epfd;
 static struct conn *dead_list;
-static int echo_mode;
 static unsigned int mark;
 static int listen_marker; /* its address tags the listener's epoll events */
 static int signal_marker;
@@ -93,7 +91,7 @@ static void usage(const char *why)
 {
 	fprintf(stderr,
 		"capture_standin: %s\n"
-		"usage: capture_standin --port P (--mark M | --echo) [--cpu N]\n",
+		"usage: capture_standin --port P --mark M [--cpu N]\n",
 		why);
 	exit(2);
 }
@@ -158,8 +156,6 @@ static void rearm(struct conn *c, struct endpoint *ep, int add)
 {
 	struct pipe_half *from = ep->is_upstream ? &c->to_down : &c->to_up;
 	struct pipe_half *into = ep->is_upstream ? &c->to_up : &c->to_down;
-	if (echo_mode)
-		into = &c->to_up;
 	struct epoll_event ev = {.data.ptr = ep};
 	if (c->connecting && ep->is_upstream)
 		ev.events = EPOLLOUT;
@@ -186,7 +182,7 @@ static int flush(int fd, struct pipe_half *h)
 	h->off = 0;
 	if (h->eof && !h->shut) {
 		h->shut = 1;
-		if (!echo_mode && shutdown(fd, SHUT_WR) != 0)
+		if (shutdown(fd, SHUT_WR) != 0)
 			return -1;
 	}
 	return 0;
@@ -194,8 +190,6 @@ static int flush(int fd, struct pipe_half *h)
 
 static int finished(const struct conn *c)
 {
-	if (echo_mode)
-		return c->to_up.eof && c->to_up.len == 0;
 	return c->to_up.shut && c->to_down.shut;
 }
 
@@ -216,10 +210,6 @@ static void on_accept(int lfd)
 		stats.open++;
 		c->down = (struct endpoint){.conn = c, .fd = fd, .is_upstream = 0};
 		c->up = (struct endpoint){.conn = c, .fd = -1, .is_upstream = 1};
-		if (echo_mode) {
-			rearm(c, &c->down, 1);
-			continue;
-		}
 		struct sockaddr_in dst;
 		socklen_t len = sizeof(dst);
 		if (getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, &dst, &len) != 0) {
@@ -272,9 +262,9 @@ static void on_socket(struct endpoint *ep, uint32_t events)
 		rearm(c, &c->up, 0);
 		return;
 	}
-	struct endpoint *other = echo_mode ? ep : (ep->is_upstream ? &c->down : &c->up);
+	struct endpoint *other = ep->is_upstream ? &c->down : &c->up;
 	struct pipe_half *from = ep->is_upstream ? &c->to_down : &c->to_up;
-	struct pipe_half *into = echo_mode ? &c->to_up : (ep->is_upstream ? &c->to_up : &c->to_down);
+	struct pipe_half *into = ep->is_upstream ? &c->to_up : &c->to_down;
 	if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
 		if (!from->eof && from->len == 0) {
 			ssize_t n = recv(ep->fd, from->buf, BUF_SIZE, 0);
@@ -304,8 +294,7 @@ static void on_socket(struct endpoint *ep, uint32_t events)
 		return;
 	}
 	rearm(c, ep, 0);
-	if (other != ep)
-		rearm(c, other, 0);
+	rearm(c, other, 0);
 }
 
 static void pin(long cpu)
@@ -323,10 +312,6 @@ int main(int argc, char **argv)
 	int have_mark = 0;
 	for (int i = 1; i < argc; i++) {
 		const char *a = argv[i];
-		if (strcmp(a, "--echo") == 0) {
-			echo_mode = 1;
-			continue;
-		}
 		if (i + 1 >= argc)
 			usage("missing value");
 		const char *v = argv[++i];
@@ -340,10 +325,8 @@ int main(int argc, char **argv)
 		else
 			usage("unknown flag");
 	}
-	if (port < 0)
-		usage("--port is required");
-	if (echo_mode == have_mark)
-		usage("give exactly one of --mark (relay) and --echo");
+	if (port < 0 || !have_mark)
+		usage("--port and --mark are required");
 	if (cpu >= 0)
 		pin(cpu);
 

@@ -1,24 +1,55 @@
-"""HBONE proxy benchmark (run by hand as root, not a test).
+"""HBONE proxy benchmark: Weir beside Envoy and a direct path (run by hand as root, not a test).
 
-    .venv/bin/python bench/proxy_hbone.py [--seconds 5] [--bulk-mib 256] [--concurrency 16]
+    .venv/bin/python bench/proxy_hbone.py [--repeats 5] [--seconds 5] [--json out.json]
+    .venv/bin/python bench/proxy_hbone.py --quick            (a smoke run: 1 repeat, 2 s phases)
 
-One run, three paths between two simulated nodes (LocalTopology, real CNI wiring):
+Three paths between two simulated nodes (LocalTopology, real CNI wiring):
 
 - direct: pod c (node 1) -> pod d (node 2), no proxy;
 - weir:   pod a (node 1, captured) -> 15001 of proxy 1 -> HBONE (mTLS, pooled) ->
           15008 of proxy 2 -> pod b (node 2, captured); each proxy its own process;
 - envoy:  pod c -> Envoy in c (tcp_proxy + tunneling_config) -> HBONE -> Envoy in d
-          (CONNECT termination) -> pod d; each Envoy one worker thread.
+          (CONNECT termination) -> pod d; each Envoy with --concurrency 1.
 
-For each path: bulk throughput over one connection, request/response rate with
-p50/p99 latency over one connection (64-byte ping-pong), and new connections
-per second (connect, 1-byte echo, close, `--concurrency` in parallel); and for
-each, the CPU time the two processes in the middle (proxies or Envoys) spent
-per MiB, request or connection, which stays comparable when other work
-shares the machine. The
-load generator and the servers are the same uvloop programs on every path,
-each in its own process, so only what sits in between differs. Results are
-printed as a table with ratios weir/direct and weir/envoy.
+The ends are C programs (bench/native: weir_load, weir_echo), the same on
+every path, so only what sits in between differs. The two processes in the
+middle (both proxies, or both Envoys) are pinned to one CPU (--middle-cpu,
+default 1), the load generator and the echo servers to another (--harness-cpu,
+default 0). Each repeat runs every path once, in an order rotated by one each
+repeat (direct, weir, envoy; then weir, envoy, direct; ...), so a slow spell of
+a shared machine falls on every path alike. The table shows the median over
+repeats and the range (min..max).
+
+Figures (per path, per repeat):
+
+- bulk Gbit/s: one connection writes --bulk-mib MiB while reading the echo
+  back; payload bits one way per second, connect to the echo's EOF.
+- rr req/s and p50/p90/p99 (us): --conns connections in closed loop at
+  saturation, --size-byte requests; latency from write to the echo's last byte.
+- rate R: an open loop at R requests/s in total over --conns connections;
+  latency counts from when a request was due, so a stall is charged to every
+  request it delayed (no coordinated omission). "achieved" is answers per
+  second; "added p99" is the path's p99 minus the direct path's p99 in the
+  same repeat: what the middle adds to the tail at that load.
+- crr conn/s: --crr-conns slots each connecting, sending --size bytes, reading
+  the echo and closing, over and over; p99 of that whole exchange.
+- CPU per MiB / request / connection: user+system time of the two middle
+  processes (/proc/<pid>/stat) over that phase alone, divided by the phase's
+  MiB, answered requests or connections. It stays comparable when other work
+  shares the machine, where rates do not.
+- failures: connects refused or timed out, resets, unanswered requests; a
+  sane run has none.
+- RSS (after all repeats): VmRSS of each Weir proxy with the benchmark's pods,
+  then with --pods more captured pods enrolled on node 1's proxy (each its own
+  service account, so its own certificate); Envoy's for reference.
+
+The harness must not be the bottleneck: the direct path's figures are
+printed, and a line warns if the direct path is not at least twice the
+better proxied path on a throughput figure.
+
+All pods get net.ipv4.tcp_tw_reuse=1 and ports 20000-65000 for outgoing
+connections: crr leaves TIME_WAIT sockets at the client and at each middle's
+upstream side, and the default range would run out across repeats.
 """
 
 from __future__ import annotations
@@ -26,24 +57,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import cProfile
 import dataclasses
 import datetime
 import json
+import math
 import os
+import selectors
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Final, Literal
 
 import uvloop
 
 from controlplane.ca import load_or_create_root
-from node_agent.localmesh.topology import LocalTopology
+from node_agent.localmesh.topology import LocalTopology, Node, Pod
+from node_agent.localmesh.wiring import set_sysctls
 from node_agent.netns import Netns, entered
 from node_agent.proxy.model import MeshSnapshot, MtlsMode, Workload
 from node_agent.proxy.proxy import ProxySettings, build
@@ -51,6 +85,7 @@ from node_agent.proxy.telemetry import AccessLog
 from node_agent.redirect.backend import Backend
 from node_agent.redirect.config import CaptureConfig
 from node_agent.redirect.iptables import IptablesCapture
+from testbed import native
 from testbed.proxy_fakes import LocalCaCertificates, StaticConfigSource
 from testbed.proxy_lab import (
     TRUST_DOMAIN,
@@ -61,167 +96,408 @@ from testbed.proxy_lab import (
 )
 from weir_common.mesh import SpiffeId
 
-ECHO_PORT, ENVOY_PORT = 8080, 15100
-READY = "ready"
+PATHS: Final = ("direct", "weir", "envoy")
+ECHO_PORT: Final = 8080
+ENVOY_PORT: Final = 15100
+READY: Final = "ready"
+CHILD_READY_TIMEOUT: Final = 60.0
+ENROLL_TIMEOUT: Final = 600.0
+POD_SYSCTLS: Final = {
+    "net.ipv4.tcp_tw_reuse": "1",
+    "net.ipv4.ip_local_port_range": "20000 65000",
+}
+# weir_load's exit statuses: 0 clean, 2 some failures (report still printed).
+LOAD_OK: Final = (0, 2)
+QUICK: Final = {"repeats": 1, "seconds": 2.0, "bulk_mib": 128}
+DEFAULTS: Final = {"repeats": 5, "seconds": 5.0, "bulk_mib": 512}
 
 
-# -- child processes ----------------------------------------------------------
+class BenchError(Exception):
+    """The benchmark cannot go on (a child failed, a report is malformed)."""
 
 
-async def serve_apps(host: str) -> None:
-    """Echo on 8080."""
+# -- pure parts: what to run, and what the numbers say --------------------------
 
-    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(262144):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
 
-    servers = [await asyncio.start_server(echo, host, ECHO_PORT, backlog=4096)]
-    print(READY, flush=True)
-    await _until_terminated()
-    for server in servers:
-        server.close()
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    name: str  # prefix of the figures' names: bulk, rr, rate1000, crr
+    mode: Literal["bulk", "rr", "rate", "crr"]
+    rate: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    median: float
+    low: float
+    high: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    label: str
+    key: str
+    better: Literal["higher", "lower", ""]  # "" for counts that should be 0
+
+
+def phases(rates: Sequence[int]) -> tuple[Phase, ...]:
+    return (
+        Phase("bulk", "bulk"),
+        Phase("rr", "rr"),
+        *(Phase(f"rate{r}", "rate", r) for r in rates),
+        Phase("crr", "crr"),
+    )
+
+
+def rotated(repeat: int, paths: Sequence[str] = PATHS) -> tuple[str, ...]:
+    """The order of the paths in repeat `repeat` (0-based): shifted by one each repeat."""
+    shift = repeat % len(paths)
+    return (*paths[shift:], *paths[:shift])
+
+
+def load_argv(
+    binary: Path, phase: Phase, host: str, port: int, args: argparse.Namespace
+) -> list[str]:
+    """weir_load's command line for one phase; its hard deadline leaves room for slow paths."""
+    argv = [str(binary), phase.mode, "--host", host, "--port", str(port)]
+    if phase.mode == "bulk":
+        return [*argv, "--mib", str(args.bulk_mib), "--deadline", str(bulk_deadline(args.bulk_mib))]
+    conns = args.crr_conns if phase.mode == "crr" else args.conns
+    argv += ["--seconds", str(args.seconds), "--size", str(args.size), "--conns", str(conns)]
+    if phase.mode == "rate":
+        argv += ["--rate", str(phase.rate)]
+    return [*argv, "--deadline", str(args.seconds + 20)]
+
+
+def bulk_deadline(mib: int) -> float:
+    """Long enough at 50 Mbit/s, far below any path worth measuring."""
+    return 30.0 + mib * 8 * 1.048576 / 0.05 / 1000
+
+
+REPORT_KEYS: Final = {
+    "bulk": ("gbps", "ops", "failures", "bytes_sent", "bytes_received"),
+    "rr": ("per_s", "p50_us", "p90_us", "p99_us", "max_us", "ops", "failures"),
+    "rate": ("per_s", "p50_us", "p99_us", "max_us", "ops", "failures", "target_rate"),
+    "crr": ("per_s", "p50_us", "p99_us", "ops", "failures"),
+}
+
+
+def parse_report(text: str, mode: str) -> dict[str, float]:
+    """weir_load's JSON line, checked: the mode asked for and every figure used here."""
+    try:
+        report = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BenchError(f"weir_load {mode} printed no JSON report ({e}): {text[:200]!r}") from None
+    if not isinstance(report, dict) or report.get("mode") != mode:
+        raise BenchError(f"weir_load {mode} printed a report for another mode: {text[:200]!r}")
+    figures: dict[str, float] = {}
+    for key in REPORT_KEYS[mode]:
+        value = report.get(key)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise BenchError(f"weir_load {mode} report has no number {key!r}: {text[:200]!r}")
+        figures[key] = float(value)
+    return figures
+
+
+def phase_figures(phase: Phase, report: Mapping[str, float], cpu: float | None) -> dict[str, float]:
+    """One phase's figures, named `<phase>_<figure>`; `cpu` is the middle's CPU seconds
+    over the phase (None on the direct path, which has no middle)."""
+    p = phase.name
+    if phase.mode == "bulk":
+        out = {f"{p}_gbps": report["gbps"], f"{p}_failures": report["failures"]}
+        mib = report["bytes_sent"] / (1 << 20)
+        if cpu is not None and mib > 0:
+            out[f"{p}_cpu_ms_per_mib"] = cpu * 1e3 / mib
+        return out
+    out = {
+        f"{p}_per_s": report["per_s"],
+        f"{p}_p50_us": report["p50_us"],
+        f"{p}_p99_us": report["p99_us"],
+        f"{p}_failures": report["failures"],
+    }
+    if phase.mode == "rr":
+        out[f"{p}_p90_us"] = report["p90_us"]
+    if cpu is not None and report["ops"] > 0:
+        out[f"{p}_cpu_us_per_op"] = cpu * 1e6 / report["ops"]
+    return out
+
+
+def add_added_p99(run: dict[str, dict[str, float]], rates: Sequence[int]) -> None:
+    """`rate<R>_added_p99_us` for each proxied path: its p99 minus direct's, same repeat."""
+    direct = run.get("direct", {})
+    for path, figures in run.items():
+        if path == "direct":
+            continue
+        for r in rates:
+            key = f"rate{r}_p99_us"
+            if key in figures and key in direct:
+                figures[f"rate{r}_added_p99_us"] = figures[key] - direct[key]
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    if not values:
+        raise ValueError("no values to summarize")
+    return Summary(statistics.median(values), min(values), max(values))
+
+
+def summarize_runs(
+    runs: Sequence[Mapping[str, Mapping[str, float]]],
+) -> dict[str, dict[str, Summary]]:
+    """Per path and figure, over every repeat that has it."""
+    collected: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        for path, figures in run.items():
+            for key, value in figures.items():
+                collected.setdefault(path, {}).setdefault(key, []).append(value)
+    return {
+        path: {key: summarize(values) for key, values in figures.items()}
+        for path, figures in collected.items()
+    }
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def table_rows(rates: Sequence[int], conns: int, crr_conns: int, size: int) -> list[Row]:
+    rows = [
+        Row("bulk Gbit/s (1 conn, one way)", "bulk_gbps", "higher"),
+        Row(f"rr req/s ({conns} conns, {size} B)", "rr_per_s", "higher"),
+        Row("rr p50 us", "rr_p50_us", "lower"),
+        Row("rr p90 us", "rr_p90_us", "lower"),
+        Row("rr p99 us", "rr_p99_us", "lower"),
+    ]
+    for r in rates:
+        rows += [
+            Row(f"rate {r}/s achieved", f"rate{r}_per_s", "higher"),
+            Row(f"rate {r}/s p50 us", f"rate{r}_p50_us", "lower"),
+            Row(f"rate {r}/s p99 us", f"rate{r}_p99_us", "lower"),
+            Row(f"rate {r}/s added p99 us", f"rate{r}_added_p99_us", "lower"),
+        ]
+    rows += [
+        Row(f"crr conn/s ({crr_conns} in flight)", "crr_per_s", "higher"),
+        Row("crr p99 us", "crr_p99_us", "lower"),
+        Row("middle CPU ms / MiB (bulk)", "bulk_cpu_ms_per_mib", "lower"),
+        Row("middle CPU us / request (rr)", "rr_cpu_us_per_op", "lower"),
+        *(Row(f"middle CPU us / req (rate {r})", f"rate{r}_cpu_us_per_op", "lower") for r in rates),
+        Row("middle CPU us / new conn (crr)", "crr_cpu_us_per_op", "lower"),
+        Row("failures (all phases)", "failures", ""),
+    ]
+    return rows
+
+
+def add_failure_totals(run: dict[str, dict[str, float]]) -> None:
+    for figures in run.values():
+        figures["failures"] = sum(v for k, v in figures.items() if k.endswith("_failures"))
+
+
+def number(value: float) -> str:
+    """Three significant digits or so, without exponent notation."""
+    magnitude = abs(value)
+    if magnitude >= 100 or value == int(value):
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}" if magnitude >= 1 else f"{value:.3f}"
+
+
+def cell(summary: Summary | None) -> str:
+    if summary is None:
+        return "-"
+    if summary.low == summary.high:
+        return number(summary.median)
+    return f"{number(summary.median)} ({number(summary.low)}..{number(summary.high)})"
+
+
+def median_of(summary: Mapping[str, Mapping[str, Summary]], path: str, key: str) -> float | None:
+    found = summary.get(path, {}).get(key)
+    return None if found is None else found.median
+
+
+def render_table(summary: Mapping[str, Mapping[str, Summary]], rows: Sequence[Row]) -> str:
+    """Medians (min..max) per path, then weir/direct and weir/envoy of the medians."""
+    header = ["measure", *PATHS, "weir/direct", "weir/envoy"]
+    lines = [header]
+    for row in rows:
+        cells = [cell(summary.get(path, {}).get(row.key)) for path in PATHS]
+        if all(c == "-" for c in cells):
+            continue
+        weir = median_of(summary, "weir", row.key)
+        ratios = [ratio(weir, median_of(summary, other, row.key)) for other in ("direct", "envoy")]
+        if row.better == "":
+            ratios = [None, None]
+        label = row.label + (" (lower is better)" if row.better == "lower" else "")
+        lines.append([label, *cells, *("-" if r is None else f"{r:.2f}" for r in ratios)])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    )
+
+
+HEADROOM_KEYS: Final = (("bulk_gbps", "bulk"), ("rr_per_s", "rr"), ("crr_per_s", "crr"))
+
+
+def headroom(summary: Mapping[str, Mapping[str, Summary]]) -> list[str]:
+    """How far the direct path is above the better proxied path, one line per figure;
+    a figure where it is not twice as high is flagged: the harness may be what limits it."""
+    lines = []
+    for key, name in HEADROOM_KEYS:
+        direct = median_of(summary, "direct", key)
+        proxied = [v for p in ("weir", "envoy") if (v := median_of(summary, p, key)) is not None]
+        if direct is None or not proxied:
+            continue
+        factor = ratio(direct, max(proxied))
+        text = "inf" if factor is None else f"{factor:.1f}x"
+        flag = (
+            "" if factor is None or factor >= 2 else "  WARNING: the harness may be the bottleneck"
+        )
+        lines.append(f"{name}: direct {number(direct)} is {text} the better proxied path{flag}")
+    return lines
+
+
+def render_rss(rss: Mapping[str, float]) -> str:
+    return "\n".join(f"{name:40} {kib / 1024:8.1f} MiB" for name, kib in rss.items())
+
+
+def check_cpus(harness: int, middle: int, available: set[int]) -> None:
+    if harness == middle:
+        raise ValueError(f"--harness-cpu and --middle-cpu must differ (both {harness})")
+    for flag, cpu in (("--harness-cpu", harness), ("--middle-cpu", middle)):
+        if cpu not in available:
+            raise ValueError(f"{flag} {cpu} is not a CPU this process may use {sorted(available)}")
+
+
+# -- child process: one node's Weir proxy -------------------------------------------
+
+
+def _workload_json(workload: Workload) -> dict[str, object]:
+    return {**dataclasses.asdict(workload), "mtls_mode": workload.mtls_mode.value}
+
+
+def _workload_from_json(raw: Mapping[str, object]) -> Workload:
+    fields = dict(raw)
+    ips = fields.pop("ips")
+    mode = fields.pop("mtls_mode")
+    assert isinstance(ips, list) and isinstance(mode, str)
+    return Workload(**fields, ips=tuple(ips), mtls_mode=MtlsMode(mode))  # type: ignore[arg-type]
 
 
 async def run_proxy(config_path: str) -> None:
-    """One node's proxy from a JSON description (what the node agent would hand it)."""
+    """One node's proxy from a JSON description (what the node agent would hand it).
+
+    After "ready", each line on stdin is {"workloads": [...], "pods": [{"key", "netns"}]}:
+    the workloads join the mesh, the pods are enrolled, and "added N" is printed.
+    """
     config = json.loads(Path(config_path).read_text())
     ca = load_or_create_root(
         Path(config["ca_dir"]), TRUST_DOMAIN, now=datetime.datetime.now(datetime.UTC)
     )
-    workloads = {
-        w["namespace"] + "/" + w["name"]: Workload(
-            **{**w, "ips": tuple(w["ips"]), "mtls_mode": MtlsMode(w["mtls_mode"])}
-        )
-        for w in config["workloads"]
-    }
-    snapshot = MeshSnapshot(TRUST_DOMAIN, tuple(ca.trust_bundle_pem), workloads=workloads)
+    workloads = {w.key: w for w in map(_workload_from_json, config["workloads"])}
+
+    def snapshot() -> MeshSnapshot:
+        return MeshSnapshot(TRUST_DOMAIN, tuple(ca.trust_bundle_pem), workloads=dict(workloads))
+
+    source = StaticConfigSource(snapshot())
     settings = dataclasses.replace(ProxySettings(), metrics_address=None, readiness_address=None)
     proxy = build(
         settings,
-        config=StaticConfigSource(snapshot),
+        config=source,
         certificates=LocalCaCertificates(ca),
         access_log=AccessLog(lambda _line: None),  # measured: the proxy, not a log writer
     )
     await proxy.start()
     for pod in config["pods"]:
         await proxy.add_pod(Netns.validate(pod["netns"]), workloads[pod["key"]])
+
+    async def enroll_from_stdin() -> None:
+        reader = asyncio.StreamReader(limit=64 << 20)
+        loop = asyncio.get_running_loop()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while line := await reader.readline():
+            request = json.loads(line)
+            for raw in request["workloads"]:
+                workload = _workload_from_json(raw)
+                workloads[workload.key] = workload
+            source.set(snapshot())
+            for pod in request["pods"]:
+                await proxy.add_pod(Netns.validate(pod["netns"]), workloads[pod["key"]])
+            print(f"added {len(request['pods'])}", flush=True)
+
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    commands = asyncio.create_task(enroll_from_stdin())
     print(READY, flush=True)
-    await _until_terminated()
+    await stop.wait()
+    commands.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await commands
     await proxy.shutdown(1.0)
 
 
-async def _until_terminated() -> None:
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
+# -- the harness: processes, pinning, measuring ---------------------------------------
 
 
-async def load(
-    phase: str, host: str, port: int, seconds: float, bulk_mib: int, concurrency: int
-) -> None:
-    """One measurement against the echo server at host:port; prints its figures and `ops`
-    (MiB moved each way, requests, or connections) to divide CPU time by."""
-    if phase == "bulk":
-        result = {"throughput_gbps": await _throughput(host, port, bulk_mib), "ops": bulk_mib}
-    elif phase == "rr":
-        result = await _request_response(host, port, seconds)
-    else:
-        result = await _new_connections(host, port, seconds, concurrency)
-    print(json.dumps(result), flush=True)
-
-
-async def _throughput(host: str, port: int, mib: int) -> float:
-    """Bulk through the echo: `mib` MiB up and the same back, concurrently; counts one way."""
-    reader, writer = await asyncio.open_connection(host, port)
-    chunk = os.urandom(1 << 20)
-    started = time.perf_counter()
-
-    async def drain_echo() -> None:
-        remaining = mib << 20
-        while remaining > 0:
-            data = await reader.read(1 << 20)
-            if not data:
-                raise ConnectionError("echo ended early")
-            remaining -= len(data)
-
-    drainer = asyncio.create_task(drain_echo())
-    for _ in range(mib):
-        writer.write(chunk)
-        await writer.drain()
-    writer.write_eof()
-    await drainer
-    elapsed = time.perf_counter() - started
-    writer.close()
-    return round(mib * 8 * 1.048576 / 1000 / elapsed, 3)
-
-
-async def _request_response(host: str, port: int, seconds: float) -> dict[str, float]:
-    reader, writer = await asyncio.open_connection(host, port)
-    message = b"x" * 64
-    latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        sent = time.perf_counter()
-        writer.write(message)
-        await reader.readexactly(len(message))
-        latencies.append(time.perf_counter() - sent)
-    writer.close()
-    quantiles = statistics.quantiles(latencies, n=100)
-    return {
-        "ops": len(latencies),
-        "rr_per_s": round(len(latencies) / seconds),
-        "rr_p50_us": round(quantiles[49] * 1e6, 1),
-        "rr_p99_us": round(quantiles[98] * 1e6, 1),
-    }
-
-
-async def _new_connections(
-    host: str, port: int, seconds: float, concurrency: int
-) -> dict[str, float]:
-    done = 0
-    failures = 0
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        nonlocal done, failures
-        while time.perf_counter() < deadline:
-            try:
-                reader, writer = await asyncio.open_connection(host, port)
-                writer.write(b"!")
-                await reader.readexactly(1)
-                writer.close()
-                done += 1
-            except (OSError, asyncio.IncompleteReadError):
-                failures += 1
-                if failures > 1000:
-                    raise
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return {"ops": done, "conns_per_s": round(done / (time.perf_counter() - started))}
-
-
-# -- the harness ----------------------------------------------------------------
-
-
-def spawn(netns: Netns | None, *args: str) -> subprocess.Popen[str]:
-    """This script again, as a child (inside `netns` if given), once it says it is ready."""
-    argv = [sys.executable, __file__, *args]
-    with entered(netns) if netns is not None else contextlib.nullcontext():
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+def read_line(proc: subprocess.Popen[str], timeout: float, what: str) -> str:
+    """The child's next stdout line, or BenchError if it exits or stays silent."""
     assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout):
+            raise BenchError(f"{what} said nothing for {timeout:.0f} s")
+    line = proc.stdout.readline()
+    if not line:
+        raise BenchError(f"{what} exited (status {proc.wait(timeout=5)}) before answering")
+    return line.strip()
+
+
+def spawn(netns: Netns | None, argv: Sequence[str], what: str) -> subprocess.Popen[str]:
+    """A child (inside `netns` if given), returned once it printed "ready"."""
+    with entered(netns) if netns is not None else contextlib.nullcontext():
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = read_line(proc, CHILD_READY_TIMEOUT, what)
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=5)
+        raise
     if line != READY:
         proc.kill()
-        raise SystemExit(f"child {args[0]} failed to start (said {line!r})")
+        proc.wait(timeout=5)
+        raise BenchError(f"{what} failed to start (said {line!r})")
     return proc
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time the processes have used so far."""
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.stdin is not None:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Every thread of `pid` onto `cpu` (sched_setaffinity on a pid moves only its main thread)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), {cpu})
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time the processes (all their threads) have used so far."""
     ticks = 0
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -229,86 +505,220 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-CPU_UNITS = {"bulk": "cpu_ms_per_mib", "rr": "cpu_us_per_request", "conns": "cpu_us_per_conn"}
-CPU_SCALE = {"bulk": 1e3, "rr": 1e6, "conns": 1e6}
+def vm_rss_kib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return float(line.split()[1])
+    raise BenchError(f"process {pid} has no VmRSS (a kernel thread, or gone)")
 
 
-def measure(
-    netns: Netns, host: str, port: int, middle: list[int], args: argparse.Namespace
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Where a path's load starts and what it connects to; `middle`: the processes between."""
+
+    netns: Netns
+    host: str
+    port: int
+    middle: tuple[int, ...]
+
+
+def run_load(netns: Netns, argv: Sequence[str], what: str) -> str:
+    with entered(netns):
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=_deadline_of(argv) + 15, check=False
+        )
+    if proc.returncode not in LOAD_OK:
+        raise BenchError(
+            f"{what}: weir_load exited {proc.returncode}: {proc.stderr.strip()[-500:]}"
+        )
+    return proc.stdout
+
+
+def _deadline_of(argv: Sequence[str]) -> float:
+    return float(argv[argv.index("--deadline") + 1])
+
+
+def measure(binary: Path, path: str, target: Target, args: argparse.Namespace) -> dict[str, float]:
+    """Every phase on one path, after a short unrecorded warm-up (pools, handshakes)."""
+    warm = [str(binary), "rr", "--host", target.host, "--port", str(target.port)]
+    run_load(
+        target.netns,
+        [*warm, "--seconds", "0.3", "--conns", "4", "--deadline", "20"],
+        f"{path} warm-up",
+    )
+    figures: dict[str, float] = {}
+    for phase in phases(args.rates):
+        argv = load_argv(binary, phase, target.host, target.port, args)
+        before = cpu_seconds(target.middle)
+        out = run_load(target.netns, argv, f"{path} {phase.name}")
+        spent = cpu_seconds(target.middle) - before
+        report = parse_report(out, phase.mode)
+        figures.update(phase_figures(phase, report, spent if target.middle else None))
+    return figures
+
+
+@contextlib.contextmanager
+def py_spy(directory: Path | None, pids: Mapping[str, int], tag: str) -> Iterator[None]:
+    """Samples each named pid with py-spy while the block runs (nothing if no directory)."""
+    if directory is None:
+        yield
+        return
+    binary = Path(sys.executable).parent / "py-spy"
+    recorders = []
+    for name, pid in pids.items():
+        output = directory / f"{name}-{tag}.txt"
+        argv = [
+            str(binary),
+            "record",
+            "--native",
+            "--format",
+            "raw",
+            "-o",
+            str(output),
+            "--pid",
+            str(pid),
+        ]
+        recorders.append(
+            subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        )
+    try:
+        yield
+    finally:
+        for recorder in recorders:
+            recorder.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        for recorder in recorders:
+            try:
+                _, err = recorder.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                recorder.kill()
+                _, err = recorder.communicate(timeout=5)
+            if recorder.returncode not in (0, -signal.SIGINT):
+                print(f"py-spy exited {recorder.returncode}: {err.strip()[-300:]}", file=sys.stderr)
+
+
+def make_workload(pod: Pod, captured: bool) -> Workload:
+    return Workload(
+        pod.uid,
+        pod.name,
+        pod.namespace,
+        pod.name,
+        pod.node.name,
+        (str(pod.ipv4),),
+        captured=captured,
+    )
+
+
+def enroll_many(
+    topology: LocalTopology,
+    node: Node,
+    proxy: subprocess.Popen[str],
+    capture: IptablesCapture,
+    captured: list[Pod],
+    count: int,
 ) -> dict[str, float]:
-    """Every phase from inside `netns`, with the CPU the `middle` processes spent on it."""
-    results: dict[str, float] = {}
-    for phase in ("bulk", "rr", "conns"):
-        before = cpu_seconds(middle)
-        with entered(netns):
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "load",
-                    phase,
-                    host,
-                    str(port),
-                    str(args.seconds),
-                    str(args.bulk_mib),
-                    str(args.concurrency),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=args.seconds * 4 + 120,
-                check=True,
-            )
-        figures = json.loads(out.stdout)
-        ops = figures.pop("ops")
-        spent = cpu_seconds(middle) - before
-        figures[CPU_UNITS[phase]] = round(spent * CPU_SCALE[phase] / max(ops, 1), 1)
-        results.update(figures)
-    return results
+    """`count` more captured pods on `node`, enrolled with its proxy; how long each part took."""
+    started = time.monotonic()
+    pods = []
+    for i in range(count):
+        pod = topology.add_pod(node, f"rss-{i}")
+        pods.append(pod)
+        capture.apply(pod.netns, CaptureConfig())
+        captured.append(pod)
+    wired = time.monotonic()
+    request = {
+        "workloads": [_workload_json(make_workload(p, True)) for p in pods],
+        "pods": [{"key": f"{p.namespace}/{p.name}", "netns": str(p.netns.path)} for p in pods],
+    }
+    assert proxy.stdin is not None
+    proxy.stdin.write(json.dumps(request) + "\n")
+    proxy.stdin.flush()
+    answer = read_line(proxy, ENROLL_TIMEOUT, "node-1 proxy enrolling pods")
+    if answer != f"added {count}":
+        raise BenchError(f"node-1 proxy answered {answer!r} to {count} pods")
+    return {"pods_wired_s": wired - started, "pods_enrolled_s": time.monotonic() - wired}
 
 
-def run_benchmark(args: argparse.Namespace) -> None:
+def machine() -> dict[str, object]:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
+    return {"cpu_model": model, "cores": os.cpu_count(), "kernel": os.uname().release}
+
+
+def git_head() -> str | None:
+    proc = subprocess.run(
+        ["git", "rev-parse", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).parent,
+    )
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+@dataclasses.dataclass
+class Result:
+    """What a run measured: per repeat, per path, per figure; memory; pod setup times."""
+
+    runs: list[dict[str, dict[str, float]]] = dataclasses.field(default_factory=list)
+    orders: list[tuple[str, ...]] = dataclasses.field(default_factory=list)
+    rss_kib: dict[str, float] = dataclasses.field(default_factory=dict)
+    timings_s: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def run_benchmark(args: argparse.Namespace) -> Result:
+    if os.geteuid() != 0:
+        raise SystemExit("bench/proxy_hbone.py needs root (network namespaces, iptables)")
+    # Everything started from here inherits the harness CPU; the middle is moved off it.
+    os.sched_setaffinity(0, {args.harness_cpu})
+    load_binary = native.build("weir_load")
+    echo_binary = native.build("weir_echo")
     work = Path(tempfile.mkdtemp(prefix="weir-bench-"))
     children: list[subprocess.Popen[str]] = []
     envoys: list[EnvoyProcess] = []
+    captured: list[Pod] = []
+    result = Result()
+    rss = result.rss_kib
+    capture = IptablesCapture(Backend.NFT)
     with LocalTopology() as topology:
         ca = load_or_create_root(work / "ca", TRUST_DOMAIN, now=datetime.datetime.now(datetime.UTC))
-        capture = IptablesCapture(Backend.NFT)
         try:
             n1 = topology.add_node("node-1", "10.244.1.0/24")
             n2 = topology.add_node("node-2", "10.244.2.0/24")
             a, c = topology.add_pod(n1, "a"), topology.add_pod(n1, "c")
             b, d = topology.add_pod(n2, "b"), topology.add_pod(n2, "d")
-            workloads = {}
-            for pod, captured in ((a, True), (b, True), (c, False), (d, False)):
-                workloads[pod.name] = Workload(
-                    pod.uid,
-                    pod.name,
-                    "default",
-                    pod.name,
-                    pod.node.name,
-                    (str(pod.ipv4),),
-                    captured=captured,
-                )
+            for pod in (a, b, c, d):
+                set_sysctls(pod.netns, POD_SYSCTLS)
+            workloads = [make_workload(p, p in (a, b)) for p in (a, b, c, d)]
             for pod in (a, b):
                 capture.apply(pod.netns, CaptureConfig())
+                captured.append(pod)
+            proxies: dict[str, subprocess.Popen[str]] = {}
             for node, pod in (("node-1", a), ("node-2", b)):
                 config = work / f"{node}.json"
                 config.write_text(
                     json.dumps(
                         {
                             "ca_dir": str(work / "ca"),
-                            "workloads": [
-                                {**dataclasses.asdict(w), "mtls_mode": w.mtls_mode.value}
-                                for w in workloads.values()
+                            "workloads": [_workload_json(w) for w in workloads],
+                            "pods": [
+                                {"key": f"{pod.namespace}/{pod.name}", "netns": str(pod.netns.path)}
                             ],
-                            "pods": [{"key": f"default/{pod.name}", "netns": str(pod.netns.path)}],
-                        },
+                        }
                     )
                 )
-                stats = str(args.profile / f"{node}.prof") if args.profile else ""
-                children.append(spawn(None, "proxy", str(config), stats))
+                proxies[node] = spawn(
+                    None, [sys.executable, __file__, "proxy", str(config)], f"{node} proxy"
+                )
+                children.append(proxies[node])
             for pod in (b, d):
-                children.append(spawn(pod.netns, "apps", str(pod.ipv4)))
+                argv = [str(echo_binary), "--addr", str(pod.ipv4), "--port", str(ECHO_PORT)]
+                children.append(spawn(pod.netns, argv, f"echo server in {pod.name}"))
             issuer = LocalCaCertificates(ca)
             bundle = ca.trust_bundle_pem
             d_ip = str(d.ipv4)
@@ -343,93 +753,232 @@ def run_benchmark(args: argparse.Namespace) -> None:
             envoys.append(server)
             client.wait_listening("127.0.0.1", ENVOY_PORT)
             server.wait_listening(d_ip, 15008)
-            proxies = [child.pid for child in children[:2]]
-            results = {
-                "direct": measure(c.netns, d_ip, ECHO_PORT, [], args),
-                "weir": measure(a.netns, str(b.ipv4), ECHO_PORT, proxies, args),
-                "envoy": measure(c.netns, "127.0.0.1", ENVOY_PORT, [client.pid, server.pid], args),
+            weir_pids = {name: proc.pid for name, proc in proxies.items()}
+            for pid in (*weir_pids.values(), client.pid, server.pid):
+                pin(pid, args.middle_cpu)
+            targets = {
+                "direct": Target(c.netns, d_ip, ECHO_PORT, ()),
+                "weir": Target(a.netns, str(b.ipv4), ECHO_PORT, tuple(weir_pids.values())),
+                "envoy": Target(c.netns, "127.0.0.1", ENVOY_PORT, (client.pid, server.pid)),
             }
+            for repeat in range(args.repeats):
+                order = rotated(repeat)
+                result.orders.append(order)
+                run: dict[str, dict[str, float]] = {}
+                for path in order:
+                    print(
+                        f"repeat {repeat + 1}/{args.repeats}: {path}", file=sys.stderr, flush=True
+                    )
+                    spying: contextlib.AbstractContextManager[None] = (
+                        py_spy(args.py_spy, weir_pids, f"repeat-{repeat + 1}")
+                        if path == "weir"
+                        else contextlib.nullcontext()
+                    )
+                    with spying:
+                        run[path] = measure(load_binary, path, targets[path], args)
+                add_added_p99(run, args.rates)
+                add_failure_totals(run)
+                result.runs.append(run)
+            rss["weir proxy node-1 (1 pod)"] = vm_rss_kib(weir_pids["node-1"])
+            rss["weir proxy node-2 (1 pod)"] = vm_rss_kib(weir_pids["node-2"])
+            rss["envoy client (c)"] = vm_rss_kib(client.pid)
+            rss["envoy server (d)"] = vm_rss_kib(server.pid)
+            if args.pods:
+                print(f"enrolling {args.pods} pods on node-1", file=sys.stderr, flush=True)
+                result.timings_s = enroll_many(
+                    topology, n1, proxies["node-1"], capture, captured, args.pods
+                )
+                time.sleep(1.0)
+                rss[f"weir proxy node-1 ({args.pods + 1} pods)"] = vm_rss_kib(weir_pids["node-1"])
         finally:
             for envoy in envoys:
                 envoy.close()
             for child in children:
-                child.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    child.wait(timeout=10)
-            for pod in topology.pods:
+                stop(child)
+            for pod in captured:
                 with contextlib.suppress(Exception):
                     capture.remove(pod.netns)
-    report(results, args)
+    return result
 
 
-def report(results: dict[str, dict[str, float]], args: argparse.Namespace) -> None:
-    rows = [
-        ("bulk echo throughput (Gbit/s each way)", "throughput_gbps", True),
-        ("req/resp per s (64 B, 1 conn)", "rr_per_s", True),
-        ("req/resp p50 latency (us)", "rr_p50_us", False),
-        ("req/resp p99 latency (us)", "rr_p99_us", False),
-        (f"new connections per s (x{args.concurrency})", "conns_per_s", True),
-        ("proxies' CPU ms per MiB (bulk)", "cpu_ms_per_mib", False),
-        ("proxies' CPU us per request", "cpu_us_per_request", False),
-        ("proxies' CPU us per new connection", "cpu_us_per_conn", False),
+def document(args: argparse.Namespace, argv: Sequence[str], result: Result) -> dict[str, object]:
+    """The JSON written by --json: raw figures per repeat, the summary, how it was run."""
+    summary = summarize_runs(result.runs)
+    medians = {
+        path: {key: dataclasses.asdict(s) for key, s in figures.items()}
+        for path, figures in summary.items()
+    }
+    ratios: dict[str, dict[str, float | None]] = {"weir/direct": {}, "weir/envoy": {}}
+    for key, s in summary.get("weir", {}).items():
+        ratios["weir/direct"][key] = ratio(s.median, median_of(summary, "direct", key))
+        ratios["weir/envoy"][key] = ratio(s.median, median_of(summary, "envoy", key))
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "command": list(argv),
+        "git": git_head(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "repeats": [
+            {"order": list(order), "figures": run}
+            for order, run in zip(result.orders, result.runs, strict=True)
+        ],
+        "summary": medians,
+        "ratios": ratios,
+        "rss_kib": result.rss_kib,
+        "timings_s": result.timings_s,
+    }
+
+
+def report(args: argparse.Namespace, result: Result) -> str:
+    summary = summarize_runs(result.runs)
+    timings = result.timings_s
+    parts = [
+        f"{args.repeats} repeat(s), {args.seconds} s phases; median (min..max)",
+        render_table(summary, table_rows(args.rates, args.conns, args.crr_conns, args.size)),
+        "",
+        "harness check (direct vs the better proxied path):",
+        *headroom(summary),
+        "",
+        "resident memory:",
+        render_rss(result.rss_kib),
     ]
-    header = ("direct", "weir", "envoy", "weir/direct", "weir/envoy")
-    print(f"{'measure':36}" + "".join(f" {h:>11}" for h in header))
-    for label, key, higher_is_better in rows:
-        direct, weir, envoy = (results[p][key] for p in ("direct", "weir", "envoy"))
-        vs_direct = f"{weir / direct:>11.2f}" if direct else f"{'-':>11}"
-        print(
-            f"{label:36} {direct:>11} {weir:>11} {envoy:>11} {vs_direct} {weir / envoy:>11.2f}"
-            + ("" if higher_is_better else "  (lower is better)")
+    if timings:
+        parts.append(
+            f"{args.pods} pods: wired and captured in {timings['pods_wired_s']:.1f} s, "
+            f"enrolled by the proxy in {timings['pods_enrolled_s']:.1f} s"
         )
-    print(json.dumps(results))
+    return "\n".join(parts)
 
 
-def _profiled(run: Callable[[], None], stats_path: str) -> None:
-    if not stats_path:
-        run()
-        return
-    profiler = cProfile.Profile()
-    profiler.runcall(run)
-    profiler.dump_stats(stats_path)
+# -- options ---------------------------------------------------------------------------
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in ("apps", "proxy", "load"):
-        role, rest = sys.argv[1], sys.argv[2:]
-        if role == "apps":
-            uvloop.run(serve_apps(rest[0]))
-        elif role == "proxy":
-            _profiled(lambda: uvloop.run(run_proxy(rest[0])), rest[1] if len(rest) > 1 else "")
-        else:
-            uvloop.run(
-                load(rest[0], rest[1], int(rest[2]), float(rest[3]), int(rest[4]), int(rest[5]))
-            )
-        return
-    run_benchmark(parse_args(sys.argv[1:]))
+def positive_int(value: str) -> int:
+    try:
+        number_ = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number_ < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return number_
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="per rate measurement")
-    parser.add_argument("--bulk-mib", type=int, default=256)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument(
-        "--profile",
-        type=profile_dir,
-        help="write each proxy's cProfile stats into this directory (created if missing)",
-    )
-    return parser.parse_args(argv)
+def non_negative_int(value: str) -> int:
+    return 0 if value == "0" else positive_int(value)
 
 
-def profile_dir(value: str) -> Path:
-    """Created now: the proxies write their stats only when they exit, after the run."""
+def positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not (0 < seconds <= 600):
+        raise argparse.ArgumentTypeError(f"{value} s is not in (0, 600]")
+    return seconds
+
+
+def rate_list(value: str) -> list[int]:
+    rates = [positive_int(part) for part in value.split(",")]
+    if len(set(rates)) != len(rates):
+        raise argparse.ArgumentTypeError(f"{value}: a rate is given twice")
+    return rates
+
+
+def output_dir(value: str) -> Path:
+    """Created now, so a bad directory fails before minutes of setup."""
     path = Path(value)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise argparse.ArgumentTypeError(f"cannot create {path}: {e.strerror}") from None
     return path
+
+
+def parse_args(argv: Sequence[str], available_cpus: set[int] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument(
+        "--repeats", type=positive_int, help=f"interleaved repeats (default {DEFAULTS['repeats']})"
+    )
+    parser.add_argument(
+        "--seconds",
+        type=positive_seconds,
+        help=f"per rr, rate and crr phase (default {DEFAULTS['seconds']})",
+    )
+    parser.add_argument(
+        "--bulk-mib", type=positive_int, help=f"bulk phase payload (default {DEFAULTS['bulk_mib']})"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 1 repeat, 2 s phases, 128 MiB bulk"
+    )
+    parser.add_argument(
+        "--conns", type=positive_int, default=32, help="connections for rr and rate"
+    )
+    parser.add_argument(
+        "--crr-conns", type=positive_int, default=32, help="crr exchanges in flight"
+    )
+    parser.add_argument("--size", type=positive_int, default=1024, help="request bytes")
+    parser.add_argument(
+        "--rates", type=rate_list, default=[1000, 5000], help="open-loop rates, comma-separated"
+    )
+    parser.add_argument(
+        "--pods", type=non_negative_int, default=100, help="extra pods enrolled on node 1 for RSS"
+    )
+    parser.add_argument(
+        "--harness-cpu", type=int, default=0, help="CPU of the load generator and echo servers"
+    )
+    parser.add_argument(
+        "--middle-cpu", type=int, default=1, help="CPU of the proxies and the Envoys"
+    )
+    parser.add_argument(
+        "--json", type=Path, help="write raw per-repeat figures and the summary here"
+    )
+    parser.add_argument(
+        "--py-spy", type=output_dir, help="record py-spy profiles of the Weir proxies here"
+    )
+    args = parser.parse_args(argv)
+    given = [
+        flag
+        for flag, key in (
+            ("--repeats", "repeats"),
+            ("--seconds", "seconds"),
+            ("--bulk-mib", "bulk_mib"),
+        )
+        if getattr(args, key) is not None
+    ]
+    if args.quick and given:
+        parser.error(f"--quick sets {', '.join(given)}: give one or the other")
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.size > 1 << 20:
+        parser.error(f"--size {args.size} is above weir_load's 1 MiB")
+    try:
+        check_cpus(
+            args.harness_cpu,
+            args.middle_cpu,
+            available_cpus if available_cpus is not None else os.sched_getaffinity(0),
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"--json {args.json}: no directory {args.json.parent}")
+    if args.py_spy is not None and not (Path(sys.executable).parent / "py-spy").exists():
+        parser.error(
+            "--py-spy: no py-spy beside this interpreter (pip install py-spy, a dev dependency)"
+        )
+    return args
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "proxy":
+        uvloop.run(run_proxy(sys.argv[2]))
+        return
+    args = parse_args(sys.argv[1:])
+    result = run_benchmark(args)
+    print(report(args, result))
+    if args.json is not None:
+        args.json.write_text(json.dumps(document(args, sys.argv, result), indent=1) + "\n")
+        print(f"raw figures: {args.json}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ Figures (per path, per repeat):
   processes (/proc/<pid>/stat) over that phase alone, divided by the phase's
   MiB, answered requests or connections. It stays comparable when other work
   shares the machine, where rates do not.
+- CPU busy %: how busy the harness's CPU and the middle's CPU were over
+  the phase (/proc/stat, whoever ran there): on a saturating phase the
+  middle's should be near 100 and the harness's below it.
 - failures: connects refused or timed out, resets, unanswered requests; a
   sane run has none.
 - RSS (after all repeats): VmRSS of each Weir proxy with the benchmark's pods,
@@ -287,9 +290,20 @@ def table_rows(rates: Sequence[int], conns: int, crr_conns: int, size: int) -> l
         Row("middle CPU us / request (rr)", "rr_cpu_us_per_op", "lower"),
         *(Row(f"middle CPU us / req (rate {r})", f"rate{r}_cpu_us_per_op", "lower") for r in rates),
         Row("middle CPU us / new conn (crr)", "crr_cpu_us_per_op", "lower"),
+        *(
+            Row(f"{who} CPU busy % ({phase})", f"{phase}_{who}_cpu_pct", "")
+            for phase in ("bulk", "rr", "crr")
+            for who in ("harness", "middle")
+        ),
         Row("failures (all phases)", "failures", ""),
     ]
     return rows
+
+
+def busy_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """How busy a CPU was between two (busy, total) tick readings, in percent."""
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total > 0 else 0.0
 
 
 def add_failure_totals(run: dict[str, dict[str, float]]) -> None:
@@ -547,14 +561,34 @@ def measure(binary: Path, path: str, target: Target, args: argparse.Namespace) -
         f"{path} warm-up",
     )
     figures: dict[str, float] = {}
+    cpus = {"harness": args.harness_cpu, "middle": args.middle_cpu}
     for phase in phases(args.rates):
         argv = load_argv(binary, phase, target.host, target.port, args)
-        before = cpu_seconds(target.middle)
+        before, ticks_before = cpu_seconds(target.middle), cpu_ticks()
         out = run_load(target.netns, argv, f"{path} {phase.name}")
-        spent = cpu_seconds(target.middle) - before
+        spent, ticks_after = cpu_seconds(target.middle) - before, cpu_ticks()
         report = parse_report(out, phase.mode)
         figures.update(phase_figures(phase, report, spent if target.middle else None))
+        for who, cpu in cpus.items():
+            busy = busy_percent(ticks_before[cpu], ticks_after[cpu])
+            figures[f"{phase.name}_{who}_cpu_pct"] = busy
     return figures
+
+
+def cpu_ticks() -> dict[int, tuple[int, int]]:
+    """Per CPU, (busy, total) ticks so far from /proc/stat; busy is all but idle and iowait.
+
+    Whole-CPU figures, whoever ran there: they show whether the harness's CPU
+    or the middle's was the one saturated during a phase.
+    """
+    ticks = {}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name != "cpu":
+            # user nice system idle iowait irq softirq steal (guest time is inside user)
+            values = [int(v) for v in fields[:8]]
+            ticks[int(name[3:])] = (sum(values) - values[3] - values[4], sum(values))
+    return ticks
 
 
 @contextlib.contextmanager

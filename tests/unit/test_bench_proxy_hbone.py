@@ -19,6 +19,7 @@ from bench.proxy_hbone import (
     add_added_p99,
     add_failure_totals,
     bulk_deadline,
+    busy_percent,
     document,
     headroom,
     load_argv,
@@ -274,6 +275,11 @@ def test_runs_are_summarized_per_path_and_figure() -> None:
     assert summary["weir"]["rr_per_s"] == Summary(20.0, 10.0, 30.0)
     assert summary["weir"]["crr_per_s"] == Summary(5.0, 5.0, 5.0)
     assert summary["envoy"]["rr_per_s"] == Summary(30.0, 20.0, 40.0)
+
+
+def test_cpu_busy_between_two_readings() -> None:
+    assert busy_percent((100, 1000), (175, 1100)) == 75.0
+    assert busy_percent((100, 1000), (100, 1000)) == 0.0
 
 
 def test_ratio() -> None:

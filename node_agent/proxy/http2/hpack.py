@@ -26,7 +26,6 @@ state would have to follow the peer's SETTINGS.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable
 from typing import Final
 
@@ -97,6 +96,7 @@ STATIC_TABLE: Final[tuple[tuple[bytes, bytes], ...]] = (
     (b"www-authenticate", b""),
 )
 _STATIC_LEN: Final = len(STATIC_TABLE)
+_FIRST_DYNAMIC: Final = _STATIC_LEN + 1
 # RFC 7541 4.1: an entry's size counts its name, its value and this overhead.
 ENTRY_OVERHEAD: Final = 32
 # RFC 9113 6.5.2: the table size in force before SETTINGS say otherwise.
@@ -155,10 +155,6 @@ def _string(data: bytes, pos: int, what: str) -> tuple[bytes, int]:
         raise HpackError(f"{what}: {e}") from e
 
 
-def _size(field: tuple[bytes, bytes]) -> int:
-    return len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
-
-
 def _check_size(size: int, what: str) -> int:
     if not 0 <= size <= _INTEGER_MAX:
         raise ValueError(f"{what} must be between 0 and 2**32, not {size}")
@@ -169,11 +165,13 @@ class Decoder:
     """One connection's header block decoder: its dynamic table lives as long as the connection.
 
     `max_table_size` is SETTINGS_HEADER_TABLE_SIZE as the peer knows it: the table
-    starts at that size, and the peer may change it with size updates up to it.
-    Set the attribute when the peer acknowledges a new value (RFC 9113 6.5.3), not
-    when sending it: blocks sent before the acknowledgement still use the old one.
-    Lowering it below the table's current size obliges the peer to begin its next
-    block with a size update that fits (RFC 7541 4.2); a block without one is an error.
+    starts at that size, and the peer may change it with size updates up to it. So
+    construct a connection's decoder with the default, 4096, whatever our first
+    SETTINGS say (a client sends its first request before it has read them), and set
+    the attribute when the peer acknowledges a new value (RFC 9113 6.5.3), not when
+    sending it. Lowering it below the table's current size obliges the peer to begin
+    its next block with a size update that fits (RFC 7541 4.2); a block without one
+    is an error. Raising it lets the peer grow the table with a size update.
     """
 
     def __init__(
@@ -183,8 +181,11 @@ class Decoder:
     ) -> None:
         self._max_table_size = _check_size(max_table_size, "max_table_size")
         self.max_header_list_size = _check_size(max_header_list_size, "max_header_list_size")
-        # Newest first, so dynamic index 62 is _entries[0].
-        self._entries: deque[tuple[bytes, bytes]] = deque()
+        # The whole index space in one list, so a lookup is one bounds check and one
+        # subscript: [0] is never read (index 0 is an error), then the static table,
+        # then the dynamic one newest first, from index 62. Insertion shifts at most
+        # max_table_size / 32 entries, in C.
+        self._fields: list[tuple[bytes, bytes]] = [(b"", b""), *STATIC_TABLE]
         self._size = 0
         self._limit = max_table_size
         self._update_due = False
@@ -202,7 +203,7 @@ class Decoder:
     @property
     def table(self) -> tuple[tuple[bytes, bytes], ...]:
         """The dynamic table's entries, newest (index 62) first."""
-        return tuple(self._entries)
+        return tuple(self._fields[_FIRST_DYNAMIC:])
 
     @property
     def table_size(self) -> int:
@@ -220,7 +221,10 @@ class Decoder:
         # decoding most fields does.
         data = block if isinstance(block, bytes) else bytes(block)
         end = len(data)
-        pos = self._size_updates(data)
+        pos = 0
+        if (end and data[0] & 0xE0 == 0x20) or self._update_due:
+            pos = self._size_updates(data)
+        fields = self._fields
         headers: list[tuple[bytes, bytes]] = []
         list_size = 0
         list_limit = self.max_header_list_size
@@ -232,7 +236,9 @@ class Decoder:
                     index, pos = _integer(data, pos, 0x7F)
                 else:
                     pos += 1
-                field = self._field(index)
+                if not 0 < index < len(fields):
+                    raise self._bad_index(index)
+                field = fields[index]
             else:
                 if first & 0x40:
                     mask = 0x3F
@@ -247,10 +253,12 @@ class Decoder:
                     index, pos = _integer(data, pos, mask)
                 else:
                     pos += 1
-                if index:
-                    name = self._field(index)[0]
-                else:
+                if not index:
                     name, pos = _string(data, pos, "header name")
+                elif index < len(fields):
+                    name = fields[index][0]
+                else:
+                    raise self._bad_index(index)
                 value, pos = _string(data, pos, "header value")
                 field = (name, value)
                 if mask == 0x3F:
@@ -285,33 +293,31 @@ class Decoder:
             )
         return pos
 
-    def _field(self, index: int) -> tuple[bytes, bytes]:
-        if 0 < index <= _STATIC_LEN:
-            return STATIC_TABLE[index - 1]
+    def _bad_index(self, index: int) -> HpackError:
         if index == 0:
-            raise HpackError("table index 0")
-        dynamic = index - _STATIC_LEN - 1
-        if dynamic >= len(self._entries):
-            raise HpackError(
-                f"table index {index} past the end of the table"
-                f" ({_STATIC_LEN} static + {len(self._entries)} dynamic entries)"
-            )
-        return self._entries[dynamic]
+            return HpackError("table index 0")
+        return HpackError(
+            f"table index {index} past the end of the table"
+            f" ({_STATIC_LEN} static + {len(self._fields) - _FIRST_DYNAMIC} dynamic entries)"
+        )
 
     def _insert(self, field: tuple[bytes, bytes]) -> None:
-        size = _size(field)
+        size = len(field[0]) + len(field[1]) + ENTRY_OVERHEAD
         if size > self._limit:
             # RFC 7541 4.4: an entry larger than the table empties it and is not added.
-            self._entries.clear()
+            del self._fields[_FIRST_DYNAMIC:]
             self._size = 0
             return
         self._size += size
-        self._entries.appendleft(field)
-        self._evict()
+        self._fields.insert(_FIRST_DYNAMIC, field)
+        if self._size > self._limit:
+            self._evict()
 
     def _evict(self) -> None:
+        fields = self._fields
         while self._size > self._limit:
-            self._size -= _size(self._entries.pop())
+            name, value = fields.pop()
+            self._size -= len(name) + len(value) + ENTRY_OVERHEAD
 
 
 def _encode_integer(value: int, mask: int, flags: int) -> bytes:

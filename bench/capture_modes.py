@@ -289,6 +289,15 @@ class Helper:
         except ValueError:
             raise RuntimeError(f"{self.name} sent unreadable counters {line!r}") from None
 
+    def settled(self, timeout: float = 5.0) -> dict[str, int]:
+        """The stand-in's counters once no connection is open any more (the last FIN relayed)."""
+        deadline = time.monotonic() + timeout
+        while (counters := self.counters())["open"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if counters["open"]:
+            raise RuntimeError(f"{self.name} still holds {counters['open']} connections")
+        return counters
+
     def stop(self) -> dict[str, int] | None:
         """SIGTERM; the final counters if it printed them, else None (then it is killed)."""
         if self.proc.poll() is not None:
@@ -363,7 +372,8 @@ def measure(
         *settings.client_flags(),
         *cpu_flags(cpu),
     ]  # fmt: skip
-    proc = netns_mod.run(client.netns, argv, timeout=settings.budget())
+    # The client's own limit (--max-seconds) ends it first, with a status of its own.
+    proc = netns_mod.run(client.netns, argv, timeout=settings.budget() + 5)
     if proc.returncode != 0:
         raise RuntimeError(f"capture_client failed ({proc.returncode}): {proc.stderr.strip()}")
     doc: dict[str, Any] = json.loads(proc.stdout)

@@ -22,6 +22,7 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
@@ -282,7 +283,7 @@ static void print_percentiles(const char *name, int64_t *ns, long n)
 	const double ps[] = {50, 90, 99};
 	const char *names[] = {"p50", "p90", "p99"};
 	for (int j = 0; j < 3; j++) {
-		long rank = (long)((ps[j] / 100.0) * (double)k + 0.999999);
+		long rank = (long)ceil((ps[j] / 100.0) * (double)k);
 		if (rank < 1)
 			rank = 1;
 		printf("\"%s\": %.3f, ", names[j], (double)ns[rank - 1] / 1000.0);

@@ -54,6 +54,7 @@ struct endpoint {
 	struct conn *conn;
 	int fd;
 	int is_upstream;
+	uint32_t armed; /* the events epoll waits for now */
 };
 
 struct conn {
@@ -165,8 +166,12 @@ static void rearm(struct conn *c, struct endpoint *ep, int add)
 		if (into->len > 0)
 			ev.events |= EPOLLOUT;
 	}
+	/* In a steady request/response nothing changes: skip the syscall. */
+	if (!add && ev.events == ep->armed)
+		return;
 	if (epoll_ctl(epfd, add ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, ep->fd, &ev) != 0)
 		die("epoll_ctl");
+	ep->armed = ev.events;
 }
 
 /* Write what is pending; 0 when done or would block, -1 on error. */

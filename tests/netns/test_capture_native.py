@@ -47,6 +47,8 @@ def test_each_mode_measured_and_captured_connections_go_through_the_standin(
             samples[mode] = run_mode(mode, programs, bench, SETTINGS, UNPINNED)
         for mode in ("iptables", "ebpf"):
             bulk[mode] = run_mode(mode, programs, bench, BULK, UNPINNED)
+        # The client's last close is still being relayed when it exits.
+        settled = bench.standin.settled()
         final = bench.standin.stop()
 
     for mode, s in samples.items():
@@ -63,6 +65,7 @@ def test_each_mode_measured_and_captured_connections_go_through_the_standin(
 
     # SIGTERM's report: every connection accepted was relayed and ended cleanly.
     captured = sum(s[m]["connections"] for s in (samples, bulk) for m in ("iptables", "ebpf"))
+    assert final == settled
     assert final == {
         "accepted": captured,
         "completed": captured,

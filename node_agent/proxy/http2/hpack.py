@@ -372,8 +372,11 @@ def encode(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
 def size_update(size: int) -> bytes:
     """A dynamic table size update, to begin a block with (RFC 7541 6.3).
 
-    encode() never adds to the peer's table, but a peer whose SETTINGS_HEADER_TABLE_SIZE
-    drops below 4096 still expects the next block to confirm a size within it
-    (RFC 7541 4.2); size_update(0) before that block's encode() output always fits.
+    encode() never adds to the peer's table, but a peer that sends a smaller
+    SETTINGS_HEADER_TABLE_SIZE than the one in force still expects the next block
+    to begin by confirming a size within it (RFC 7541 4.2), and nghttp2 (Envoy),
+    in the versions whose source we read, expects one after any such setting at
+    all. size_update(0) fits every setting: put it before the encode() output of
+    the first block after each SETTINGS carrying SETTINGS_HEADER_TABLE_SIZE.
     """
     return _encode_integer(_check_size(size, "table size"), 0x1F, 0x20)

@@ -9,7 +9,6 @@ input, and `carry` reports a connection from open to close.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import ssl
@@ -33,9 +32,7 @@ class UpstreamError(Exception):
 
 
 def format_authority(address: str, port: int) -> str:
-    return (
-        f"[{address}]:{port}" if ipaddress.ip_address(address).version == 6 else f"{address}:{port}"
-    )
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 class UpstreamConnector:

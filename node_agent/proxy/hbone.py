@@ -418,9 +418,7 @@ class H2Protocol(asyncio.Protocol):
         self.last_active = time.monotonic()
         self.opened_at = self.last_active
         self.peer_identity: SpiffeId | None = None  # verified, set once TLS is up
-        # While handling received bytes, writes are gathered and sent once at the
-        # end: one TLS record and one syscall instead of one per frame handled.
-        self._receiving = False
+        self._flush_pending = False
         self.protocol_error: str | None = None
         self._on_request = on_request
         self._on_idle = on_idle
@@ -435,19 +433,14 @@ class H2Protocol(asyncio.Protocol):
         self.flush()  # the preface and our SETTINGS
 
     def data_received(self, data: bytes) -> None:
-        self._receiving = True
         try:
             self.h2.receive(data)
         except ProtocolError as e:
             self.protocol_error = f"HTTP/2 protocol error: {e}"
             self._close_reason = self.protocol_error
             self.h2.goaway(e.code, str(e).encode()[:256])
-            self._receiving = False
-            self.flush()
             self.close()
             return
-        finally:
-            self._receiving = False
         self.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -470,8 +463,17 @@ class H2Protocol(asyncio.Protocol):
     # -- used by streams, the pool and the listeners --------------------------
 
     def flush(self) -> None:
-        if self._receiving:
-            return  # data_received sends everything once it is done
+        """Send what the codec gathered, at the end of this event-loop iteration.
+
+        The answers to one read, and what several streams wrote meanwhile, go
+        out as one TLS record and one syscall instead of one per frame.
+        """
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_pending = False
         data = self.h2.data_to_send()
         transport = self.transport
         if data and transport is not None and not self.closed and not transport.is_closing():
@@ -543,6 +545,7 @@ class H2Protocol(asyncio.Protocol):
         if reason is not None and self._close_reason is None:
             self._close_reason = reason
         if self.transport is not None:
+            self._flush_now()  # a GOAWAY, the last frames of a drain
             self.transport.close()
 
     # -- http2.Events ------------------------------------------------------------

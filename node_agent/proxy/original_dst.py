@@ -22,7 +22,7 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
     if sock.family == socket.AF_INET:
         raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_LEN)
         port, packed = struct.unpack_from("!2xH4s", raw)
-        return str(ipaddress.IPv4Address(packed)), port
+        return socket.inet_ntop(socket.AF_INET, packed), port
     raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6_LEN)
     port, packed = struct.unpack_from("!2xH4x16s", raw)
     return str(ipaddress.IPv6Address(packed)), port

@@ -287,6 +287,7 @@ class Proxy:
         except BaseException:
             for server in pod.servers:
                 server.close()
+            self._sockets.forget(netns)
             self.identities.release(identity)
             raise
         self._pods[workload.uid] = pod
@@ -307,6 +308,7 @@ class Proxy:
             return
         for server in pod.servers:
             server.close()
+        self._sockets.forget(pod.netns)
         for conn in pod.tunnels:
             conn.shutdown()
         self.pool.retire(lambda key: isinstance(key, tuple) and key[0] == uid)

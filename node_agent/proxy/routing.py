@@ -8,7 +8,6 @@ position, connections in flight, endpoints that recently failed).
 from __future__ import annotations
 
 import enum
-import ipaddress
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,7 +46,7 @@ Route = MeshRoute | Passthrough
 
 
 def resolve(snapshot: MeshSnapshot, address: str, port: int) -> Route:
-    version = ipaddress.ip_address(address).version
+    version = 6 if ":" in address else 4  # addresses here are canonical already
     service = snapshot.service_by_vip(address)
     if service is not None:
         target_port = service.target_port(port)

@@ -4,16 +4,21 @@ As in ztunnel, the proxy never enters a namespace itself: it asks a
 SocketFactory for a socket that belongs to a pod's netns and carries the
 proxy mark, and from then on uses it from the event loop like any other. A
 socket belongs for life to the netns it was created in, so only creation
-needs the calling thread inside (node_agent.netns does that, briefly).
+needs the calling thread inside (node_agent.netns does that, briefly, on the
+event loop's own thread: no thread hop per connection). Each pod's netns fd
+is opened once and kept until `forget`, so an upstream socket costs two
+setns(2) calls and no path lookups.
 """
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
 from typing import Final, Protocol
 
 from node_agent.constants import PROXY_MARK
-from node_agent.netns import Netns, entered
+from node_agent.netns import Netns, open_fd, socket_inside
 
 LISTEN_BACKLOG: Final = 1024
 
@@ -27,12 +32,18 @@ class SocketFactory(Protocol):
         """A non-blocking, unconnected TCP socket of `netns`, ready for sock_connect."""
         ...
 
+    def forget(self, netns: Netns) -> None:
+        """No more sockets in `netns`: let go of anything kept for it."""
+        ...
+
 
 class NetnsSocketFactory:
     """Sockets created inside the pod's netns, marked so capture lets them through."""
 
     def __init__(self, mark: int = PROXY_MARK) -> None:
         self._mark = mark
+        self._netns_fds: dict[Netns, int] = {}
+        self._home = threading.local()  # each thread's own netns fd, to step back into
 
     def listener(self, netns: Netns, family: socket.AddressFamily, port: int) -> socket.socket:
         sock = self._create(netns, family)
@@ -56,9 +67,19 @@ class NetnsSocketFactory:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
+    def forget(self, netns: Netns) -> None:
+        fd = self._netns_fds.pop(netns, None)
+        if fd is not None:
+            os.close(fd)
+
     def _create(self, netns: Netns, family: socket.AddressFamily) -> socket.socket:
-        with entered(netns):
-            sock = socket.socket(family, socket.SOCK_STREAM)
+        fd = self._netns_fds.get(netns)
+        if fd is None:
+            fd = self._netns_fds[netns] = open_fd(netns)
+        home: int | None = getattr(self._home, "fd", None)
+        if home is None:
+            home = self._home.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        sock = socket_inside(fd, home, family)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)
             sock.setblocking(False)

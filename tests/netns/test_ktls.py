@@ -29,10 +29,12 @@ import uvloop
 from cryptography import x509
 
 from controlplane.ca import load_or_create_root
+from node_agent.constants import INBOUND_TUNNEL_PORT
 from node_agent.localmesh.wiring import NETNS_DIR, create_netns, delete_netns, links
 from node_agent.netns import Netns, entered
 from node_agent.proxy import ktls, tls
 from testbed.proxy_fakes import LocalCaCertificates
+from testbed.proxy_lab import EnvoyProcess, envoy_hbone_server, write_svid
 from weir_common.mesh import SpiffeId
 
 pytestmark = pytest.mark.netns
@@ -302,6 +304,12 @@ async def _ktls_exchange(ns: Netns, pki: Pki, size: int) -> None:
             assert _digest(got_up) == _digest(up) and _digest(got_down) == _digest(down)
             # Half-close: the client is done sending, and still hears the server out.
             await ktls.close_write(client.sock)
+            await _readable(server.sock)
+            # Why a plain Protocol cannot run over kTLS: recv() fails on the
+            # close_notify record (EIO) instead of reading end of stream.
+            with pytest.raises(OSError) as eio:
+                server.sock.recv(1)
+            assert eio.value.errno == errno.EIO
             assert await ktls.receive(server.sock) == b""
             await loop.sock_sendall(server.sock, tail)
             await ktls.close_write(server.sock)
@@ -309,6 +317,21 @@ async def _ktls_exchange(ns: Netns, pki: Pki, size: int) -> None:
     finally:
         client.sock.close()
         server.sock.close()
+
+
+async def _readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(sock.fileno(), wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
 
 
 async def _ktls_read_exactly(sock: socket.socket, size: int) -> bytes:
@@ -415,6 +438,33 @@ def test_detaching_after_the_handshake_writes_nothing(netns: Netns, tmp_path: Pa
         # The fd is still the live connection: bytes written now arrive as they are.
         plain_client.sendall(b"after")
         assert plain_server.recv(5) == b"after"
+
+
+def test_envoy_hbone_server_sends_session_tickets(netns: Netns, tmp_path: Path) -> None:
+    """Why receive() skips NewSessionTicket: Envoy (BoringSSL) sends them after a TLS 1.3
+    handshake even though its config never mentions resumption."""
+    ca = load_or_create_root(tmp_path, "cluster.local", now=datetime.datetime.now(datetime.UTC))
+    certs = LocalCaCertificates(ca)
+    svid = write_svid(tmp_path / "svid", "server", certs.issue(SERVER_ID), ca.trust_bundle_pem)
+    config = envoy_hbone_server(
+        listen_address="127.0.0.1", app_address="127.0.0.1", app_port=9, svid=svid
+    )
+    envoy = EnvoyProcess(netns, config, tmp_path / "envoy", "server")
+    try:
+        envoy.wait_listening("127.0.0.1", INBOUND_TUNNEL_PORT)
+        context = tls.client_context(certs.issue(CLIENT_ID), ca.trust_bundle_pem)
+        with entered(netns):
+            raw = socket.create_connection(("127.0.0.1", INBOUND_TUNNEL_PORT), timeout=5)
+        with context.wrap_socket(raw) as client:
+            assert client.version() == "TLSv1.3" and client.session is not None
+            assert not client.session.has_ticket
+            # Envoy answers the HTTP/2 preface with SETTINGS, sent after its tickets:
+            # reading that reads them.
+            client.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+            assert client.recv(9)
+            assert client.session.has_ticket
+    finally:
+        envoy.close()
 
 
 # --- measured, not asserted: printed for the report ----------------------------

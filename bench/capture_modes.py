@@ -299,7 +299,7 @@ class Helper:
         return counters
 
     def stop(self) -> dict[str, int] | None:
-        """SIGTERM; the final counters if it printed them, else None (then it is killed)."""
+        """SIGTERM; the final counters if it printed them (the stand-in does), else None."""
         if self.proc.poll() is not None:
             return None
         self.proc.terminate()
@@ -310,7 +310,10 @@ class Helper:
             self.proc.wait(timeout=5)
             return None
         lines = out.strip().splitlines()
-        return {k: int(v) for k, v in json.loads(lines[-1]).items()} if lines else None
+        try:
+            return {k: int(v) for k, v in json.loads(lines[-1]).items()}
+        except (IndexError, ValueError, AttributeError):
+            return None
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,9 +13,11 @@ from bench.capture_modes import (
     METRICS,
     Cpus,
     Settings,
+    cpu_flags,
     medians,
     parse_args,
     parse_cpus,
+    pinned,
     render_table,
     report,
     sample,
@@ -168,6 +171,15 @@ def test_bad_cpus_are_refused(text: str, message: str) -> None:
         parse_cpus(text, {0, 1})
 
 
+def test_pinning_argv_for_the_c_programs_and_for_the_echo_server() -> None:
+    assert cpu_flags(1) == ["--cpu", "1"]
+    assert cpu_flags(None) == []
+    assert pinned(["/bin/echo", "--port", "8080"], 0) == [
+        "taskset", "-c", "0", "/bin/echo", "--port", "8080"
+    ]  # fmt: skip
+    assert pinned(["/bin/echo"], None) == ["/bin/echo"]
+
+
 def test_unbounded_options_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--seconds", "100"])
@@ -175,7 +187,7 @@ def test_unbounded_options_are_refused(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_json_into_a_missing_directory_is_refused_up_front(
-    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--json", str(tmp_path / "nowhere" / "out.json")])

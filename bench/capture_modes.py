@@ -493,6 +493,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     programs = build_programs()
     raw: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+    # Before the run: the load the other tenants of the machine put on it.
+    machine = machine_facts()
+    when = datetime.datetime.now(datetime.UTC)
     started = time.monotonic()
     with bench_pods(programs, args.cpus) as bench:
         for repeat in range(args.repeats):
@@ -502,14 +505,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"repeat {repeat + 1} {mode:8} {json.dumps(s)}", file=sys.stderr)
     print(f"({time.monotonic() - started:.0f} s)", file=sys.stderr)
     print(render_table(medians(raw), args.repeats, settings))
+    load_after = list(os.getloadavg())
+    print(
+        f"1-min load average {machine['load_avg'][0]:.2f} before, {load_after[0]:.2f} after "
+        f"({os.cpu_count()} CPUs, {machine['kernel']})"
+    )
     if args.json is not None:
         doc = report(
             raw,
             settings=settings,
             cpus=args.cpus,
             repeats=args.repeats,
-            when=datetime.datetime.now(datetime.UTC),
-            machine=machine_facts(),
+            when=when,
+            machine={**machine, "load_avg_after": load_after},
             command=sys.argv,
         )
         args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")

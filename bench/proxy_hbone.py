@@ -38,10 +38,15 @@ Figures (per path, per repeat):
   MiB, answered requests or connections. It stays comparable when other work
   shares the machine, where rates do not.
 - CPU busy %: how busy the harness's CPU and the middle's CPU were over
-  the phase (/proc/stat, whoever ran there): on a saturating phase the
-  middle's should be near 100 and the harness's below it.
+  the phase (/proc/stat). On a quiet machine a saturating phase shows the
+  middle's near 100 and the harness's below it; other work on the machine
+  counts too, so on a shared one both read 100 and say little.
 - failures: connects refused or timed out, resets, unanswered requests; a
   sane run has none.
+- py-spy (--py-spy DIR): each Weir proxy sampled (--native, raw format, one
+  file per proxy and repeat) during its path's phases. py-spy pauses the
+  process to sample, so a profiled run's Weir figures are lower: profile
+  and measure in separate runs.
 - RSS (after all repeats): VmRSS of each Weir proxy with the benchmark's pods,
   then with --pods more captured pods enrolled on node 1's proxy (each its own
   service account, so its own certificate); Envoy's for reference.

@@ -873,7 +873,12 @@ int main(int argc, char **argv)
 		perror("calloc");
 		return 3;
 	}
-	unsigned queue = o.mode == RATE ? RATE_QUEUE : 1;
+	/* Rate mode pipelines: up to RATE_QUEUE per connection, 1 Mi entries in all. */
+	unsigned queue = 1;
+	if (o.mode == RATE) {
+		queue = (1u << 20) / (unsigned)o.conns;
+		queue = queue > RATE_QUEUE ? RATE_QUEUE : queue < 16 ? 16 : queue;
+	}
 	pthread_barrier_init(&ready_barrier, NULL, (unsigned)o.threads);
 	for (int t = 0; t < o.threads; t++) {
 		struct worker *w = &workers[t];

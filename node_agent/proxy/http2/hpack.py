@@ -14,8 +14,11 @@ longer than five continuation octets are refused (RFC 7541 5.1 lets an
 implementation limit both), the dynamic table never grows past the size the
 peer last signalled, which may never exceed what we advertised, and the
 decoded list may not exceed max_header_list_size counted as RFC 9113 counts
-it (name + value + 32 per field). Checking names and values for HTTP (case,
-forbidden octets, pseudo-headers) is the caller's job.
+it (name + value + 32 per field). That last one is an HpackError too: the rest
+of the block is left undecoded, so the table is out of step with the peer's
+and the connection has to go (RFC 9113 10.5.1 allows closing it rather than
+answering 431). Checking names and values for HTTP (case, forbidden octets,
+pseudo-headers) is the caller's job.
 
 Encoding never touches the peer's dynamic table and never Huffman-codes: a
 field that matches a static entry exactly is one octet, any other is a

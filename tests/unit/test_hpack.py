@@ -180,8 +180,8 @@ def test_huffman_table_is_rfc7541_appendix_b():
 
 
 def test_huffman_decodes_every_octet_after_every_prefix():
-    # Every symbol, preceded by every other one, starts at every bit offset and
-    # crosses octet boundaries in every way the table has to compose.
+    # All 256 symbols in 256 rotations behind 256 different first symbols: each
+    # symbol lands at many bit offsets, across octet boundaries, after many others.
     every = bytes(range(256))
     for first in range(256):
         text = bytes([first]) + every[first:] + every[:first]
@@ -210,7 +210,7 @@ def test_huffman_padding_of_up_to_seven_ones_is_accepted():
         (b"\x1f\xff", "Huffman padding longer than 7 bits"),
         (b"\x18", "Huffman padding is not a prefix of EOS (all ones)"),
         (b"\x1e", "Huffman padding is not a prefix of EOS (all ones)"),
-        # 'a' then the 30 bits of EOS, then one bit of padding.
+        # 'a' (5 bits), then 35 ones: the 30 of EOS and 5 more.
         (bytes([0b00011111, 0xFF, 0xFF, 0xFF, 0xFF]), "Huffman string contains EOS"),
         (b"\xff\xff\xff\xff", "Huffman string contains EOS"),
         # An incomplete 28-bit code: 24 bits in, longer than any padding.

@@ -105,7 +105,8 @@ ENTRY_OVERHEAD: Final = 32
 # RFC 9113 6.5.2: the table size in force before SETTINGS say otherwise.
 DEFAULT_TABLE_SIZE: Final = 4096
 _INTEGER_MAX: Final = 2**32
-# Enough for any value up to 2**32 after the smallest (1-bit) prefix.
+# Five 7-bit groups carry any value up to 2**32 above the smallest (4-bit) prefix;
+# a sixth could only be padding or too large.
 _CONTINUATIONS_MAX: Final = 5
 
 

@@ -29,8 +29,11 @@ Figures (per path, per repeat):
 - rate R: an open loop at R requests/s in total over --conns connections;
   latency counts from when a request was due, so a stall is charged to every
   request it delayed (no coordinated omission). "achieved" is answers per
-  second; "added p99" is the path's p99 minus the direct path's p99 in the
-  same repeat: what the middle adds to the tail at that load.
+  second within the phase (short of R if the path cannot keep up; past its
+  capacity, requests queue and the proxy reads several per segment, so CPU
+  per request drops while latency soars); "added p99" is the path's p99
+  minus the direct path's p99 in the same repeat: what the middle adds to
+  the tail at that load.
 - crr conn/s: --crr-conns slots each connecting, sending --size bytes, reading
   the echo and closing, over and over; p99 of that whole exchange.
 - CPU per MiB / request / connection: user+system time of the two middle
@@ -54,6 +57,11 @@ Figures (per path, per repeat):
 The harness must not be the bottleneck: the direct path's figures are
 printed, and a line warns if the direct path is not at least twice the
 better proxied path on a throughput figure.
+
+The CPU figures are the middle processes' own (system calls included); the
+kernel's receive work for a packet runs on the sending CPU (veth delivers in
+the sender's context), so part of the network stack's work for either middle
+lands on the harness's CPU, alike for Weir and Envoy.
 
 All pods get net.ipv4.tcp_tw_reuse=1 and ports 20000-65000 for outgoing
 connections: crr leaves TIME_WAIT sockets at the client and at each middle's
@@ -185,7 +193,7 @@ def bulk_deadline(mib: int) -> float:
 REPORT_KEYS: Final = {
     "bulk": ("gbps", "ops", "failures", "bytes_sent", "bytes_received"),
     "rr": ("per_s", "p50_us", "p90_us", "p99_us", "max_us", "ops", "failures"),
-    "rate": ("per_s", "p50_us", "p99_us", "max_us", "ops", "failures", "target_rate"),
+    "rate": ("per_s", "p50_us", "p99_us", "max_us", "ops", "answered", "failures", "target_rate"),
     "crr": ("per_s", "p50_us", "p99_us", "ops", "failures"),
 }
 
@@ -229,8 +237,10 @@ def phase_figures(phase: Phase, report: Mapping[str, float], cpu: float | None) 
     }
     if phase.mode == "rr":
         out[f"{p}_p90_us"] = report["p90_us"]
-    if cpu is not None and report["ops"] > 0:
-        out[f"{p}_cpu_us_per_op"] = cpu * 1e6 / report["ops"]
+    # The middle's CPU over the phase includes the late answers of an open loop.
+    ops = report["answered"] if phase.mode == "rate" else report["ops"]
+    if cpu is not None and ops > 0:
+        out[f"{p}_cpu_us_per_op"] = cpu * 1e6 / ops
     return out
 
 

@@ -221,8 +221,8 @@ def test_direct_path_has_no_cpu_figure() -> None:
 
 def test_cpu_per_request_and_per_connection() -> None:
     report = {"per_s": 1000.0, "p50_us": 50.0, "p99_us": 80.0, "ops": 4000.0, "failures": 1.0}
-    rate = phase_figures(Phase("rate1000", "rate", 1000), report, cpu=0.2)
-    assert rate["rate1000_cpu_us_per_op"] == pytest.approx(50.0)
+    rate = phase_figures(Phase("rate1000", "rate", 1000), {**report, "answered": 5000.0}, cpu=0.2)
+    assert rate["rate1000_cpu_us_per_op"] == pytest.approx(40.0), "late answers cost CPU too"
     assert "rate1000_p90_us" not in rate
     crr = phase_figures(Phase("crr", "crr"), report, cpu=0.4)
     assert crr["crr_cpu_us_per_op"] == pytest.approx(100.0)

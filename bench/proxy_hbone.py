@@ -237,6 +237,8 @@ def phase_figures(phase: Phase, report: Mapping[str, float], cpu: float | None) 
     }
     if phase.mode == "rr":
         out[f"{p}_p90_us"] = report["p90_us"]
+    if phase.mode in ("rr", "rate"):
+        out[f"{p}_max_us"] = report["max_us"]
     # The middle's CPU over the phase includes the late answers of an open loop.
     ops = report["answered"] if phase.mode == "rate" else report["ops"]
     if cpu is not None and ops > 0:
@@ -290,6 +292,7 @@ def table_rows(rates: Sequence[int], conns: int, crr_conns: int, size: int) -> l
         Row("rr p50 us", "rr_p50_us", "lower"),
         Row("rr p90 us", "rr_p90_us", "lower"),
         Row("rr p99 us", "rr_p99_us", "lower"),
+        Row("rr max us", "rr_max_us", "lower"),
     ]
     for r in rates:
         rows += [
@@ -913,7 +916,13 @@ def positive_int(value: str) -> int:
 
 
 def non_negative_int(value: str) -> int:
-    return 0 if value == "0" else positive_int(value)
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return count
 
 
 def positive_seconds(value: str) -> float:

@@ -70,7 +70,8 @@ def test_quick_and_an_explicit_length_contradict(capsys: pytest.CaptureFixture[s
         (["--seconds", "nan"], "nan s is not in (0, 600]"),
         (["--rates", "1000,1000"], "a rate is given twice"),
         (["--rates", "1000,-5"], "-5 must be at least 1"),
-        (["--pods", "-1"], "-1 must be at least 1"),
+        (["--pods", "-1"], "-1 must be 0 or more"),
+        (["--pods", "1e2"], "'1e2' is not an integer"),
         (["--size", str(2 << 20)], "above weir_load's 1 MiB"),
         (["--middle-cpu", "0"], "--harness-cpu and --middle-cpu must differ (both 0)"),
         (["--middle-cpu", "7"], "--middle-cpu 7 is not a CPU this process may use [0, 1]"),
@@ -215,12 +216,20 @@ def test_direct_path_has_no_cpu_figure() -> None:
         "rr_p50_us": 100.0,
         "rr_p90_us": 150.0,
         "rr_p99_us": 300.0,
+        "rr_max_us": 900.0,
         "rr_failures": 0.0,
     }
 
 
 def test_cpu_per_request_and_per_connection() -> None:
-    report = {"per_s": 1000.0, "p50_us": 50.0, "p99_us": 80.0, "ops": 4000.0, "failures": 1.0}
+    report = {
+        "per_s": 1000.0,
+        "p50_us": 50.0,
+        "p99_us": 80.0,
+        "max_us": 90.0,
+        "ops": 4000.0,
+        "failures": 1.0,
+    }
     rate = phase_figures(Phase("rate1000", "rate", 1000), {**report, "answered": 5000.0}, cpu=0.2)
     assert rate["rate1000_cpu_us_per_op"] == pytest.approx(40.0), "late answers cost CPU too"
     assert "rate1000_p90_us" not in rate

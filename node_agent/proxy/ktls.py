@@ -33,9 +33,11 @@ side never resumes), and a KeyUpdate or any other alert fails the connection
 (the new receive key would come from a traffic secret OpenSSL does not give
 out). `close_write()` sends close_notify, then the FIN.
 
-Detaching is safe: SSL_free sends nothing (only SSL_shutdown writes
-close_notify), and Python's SSLSocket gives OpenSSL a BIO_NOCLOSE socket BIO,
-so the fd and its kernel TLS state outlive the SSL object.
+Detaching loses nothing: without read-ahead (Python never sets it) OpenSSL
+reads one record at a time, so no application data waits inside it. It is
+quiet too: SSL_free sends nothing (only SSL_shutdown writes close_notify),
+and Python's SSLSocket gives OpenSSL a BIO_NOCLOSE socket BIO, so the fd and
+its kernel TLS state outlive the SSL object.
 """
 
 from __future__ import annotations
@@ -157,10 +159,16 @@ def unavailable_reason(context: ssl.SSLContext) -> str | None:
         ulps = None
     return assess(
         available_ulps=ulps,
-        openssl_version=ssl.OPENSSL_VERSION_INFO,
+        openssl_version=_openssl_version(),
         ktls_option=bool(context.options & SSL_OP_ENABLE_KTLS),
         tls13=context.maximum_version in (ssl.TLSVersion.MAXIMUM_SUPPORTED, ssl.TLSVersion.TLSv1_3),
     )
+
+
+def _openssl_version() -> tuple[int, int, int]:
+    major, minor, fix, patch, _ = ssl.OPENSSL_VERSION_INFO
+    # From 3.0 the number is MNN00PP0S: the third field is always 0, the patch is the fourth.
+    return (major, minor, patch) if major >= 3 else (major, minor, fix)
 
 
 def kernel_directions(sock: socket.socket) -> tuple[bool, bool]:

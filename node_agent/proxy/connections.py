@@ -15,6 +15,7 @@ import ssl
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
+from node_agent.proxy import tls_transport
 from node_agent.proxy.hbone import Flow, HboneStream, TcpPeer
 from node_agent.proxy.sockets import SocketFactory
 from node_agent.proxy.state import PodState
@@ -67,16 +68,14 @@ class UpstreamConnector:
                 await loop.sock_connect(sock, (address, port))
             if tls is None:
                 return await loop.create_connection(protocol, sock=sock)
-            return await loop.create_connection(
-                protocol,
-                sock=sock,
-                ssl=tls,
-                server_hostname="",
-                ssl_handshake_timeout=self._handshake_timeout,
+            secured = await tls_transport.handshake(
+                sock, tls, server_side=False, timeout=self._handshake_timeout
             )
         except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
             sock.close()
             raise UpstreamError(f"cannot connect to {address}:{port}: {str(e) or 'timeout'}") from e
+        connected = protocol()
+        return tls_transport.TlsTransport(secured, connected), connected
 
 
 class ConnectionTasks:

@@ -14,13 +14,14 @@ import logging
 import re
 import socket
 import ssl
-from typing import Final, cast
+from typing import Final
 
 from node_agent.constants import (
     INBOUND_PLAINTEXT_CAPTURE_PORT,
     INBOUND_TUNNEL_PORT,
     OUTBOUND_CAPTURE_PORT,
 )
+from node_agent.proxy import tls_transport
 from node_agent.proxy.authz import Request, authorize
 from node_agent.proxy.connections import (
     ConnectionTasks,
@@ -104,22 +105,6 @@ class TunnelListener:
         self._sock.close()
 
 
-class _TlsGate(asyncio.Protocol):
-    """Holds a fresh TLS connection until its peer is checked; keeps any early bytes."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.early = bytearray()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.pause_reading()
-
-    def data_received(self, data: bytes) -> None:
-        self.early += data
-
-
 class Inbound:
     """15008 and 15006 of every served pod: check the peer, authorize, connect to the app.
 
@@ -158,28 +143,24 @@ class Inbound:
         except OSError:  # gone between accept and now: nothing to refuse or count
             sock.close()
             return
-        gate = _TlsGate()
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: gate,
+            tls = await tls_transport.handshake(
                 sock,
-                ssl=self._tls.server(pod.identity).context,
-                ssl_handshake_timeout=self._handshake_timeout,
+                self._tls.server(pod.identity).context,
+                server_side=True,
+                timeout=self._handshake_timeout,
             )
-        except (OSError, TimeoutError, ssl.SSLError) as e:
+        except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
             sock.close()
             refusals.refuse(TUNNEL, _handshake_failure(e), f"TLS handshake from {peer}: {e}", None)
             return
-        tls = gate.transport
-        assert tls is not None
-        ssl_object = tls.get_extra_info("ssl_object")
-        identity = peer_identity(ssl_object)
-        if ssl_object is None or ssl_object.selected_alpn_protocol() != ALPN_H2:
-            tls.abort()
+        identity = peer_identity(tls)
+        if tls.selected_alpn_protocol() != ALPN_H2:
+            tls.close()
             refusals.refuse(TUNNEL, "no_alpn_h2", f"{peer} did not negotiate ALPN h2", None)
             return
         if identity is None or identity.trust_domain != self._mesh.snapshot.trust_domain:
-            tls.abort()
+            tls.close()
             refusals.refuse(TUNNEL, "bad_peer_identity", f"{peer} presented no mesh identity", None)
             return
         conn = H2Protocol(
@@ -189,11 +170,7 @@ class Inbound:
         )
         conn.peer_identity = identity
         pod.tunnels.add(conn)
-        tls.set_protocol(conn)
-        conn.connection_made(tls)
-        if gate.early:
-            conn.data_received(bytes(gate.early))
-        tls.resume_reading()
+        tls_transport.TlsTransport(tls, conn)
 
     def _tunnel_closed(self, pod: PodState, conn: H2Protocol) -> None:
         pod.tunnels.discard(conn)

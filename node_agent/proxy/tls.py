@@ -24,6 +24,9 @@ def server_context(cert: WorkloadCertificate, trust_bundle: Sequence[str]) -> ss
     """Presents `cert`; requires a client certificate chaining to `trust_bundle`."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _configure(ctx, cert, trust_bundle)
+    # No session tickets: peers hold one pooled connection for hours and never
+    # resume, and a ticket nobody reads would turn the client's close into a reset.
+    ctx.num_tickets = 0
     return ctx
 
 

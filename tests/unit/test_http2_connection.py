@@ -272,6 +272,23 @@ def test_settings_grow_every_open_streams_send_window() -> None:
     assert ("window", 0) in client_events.events
 
 
+def test_a_peers_header_table_size_is_answered_by_a_size_update_in_the_next_block() -> None:
+    client, _, server, server_events = pair()
+    client.receive(frames.settings({frames.Setting.HEADER_TABLE_SIZE: 256}))
+    stream = client.open_stream(CONNECT)
+    wire = client.data_to_send()
+    headers_at = frame_types(wire).index(FrameType.HEADERS)
+    offset = sum_frame_sizes(wire, headers_at)
+    assert wire[offset + frames.HEADER_SIZE] == 0x20  # dynamic table size update to 0
+    server.receive(wire)
+    assert server_events.named("request") == [("request", stream, CONNECT, False)]
+    second = client.open_stream(CONNECT)  # once only
+    wire = client.data_to_send()
+    assert wire[frames.HEADER_SIZE] != 0x20
+    server.receive(wire)
+    assert [e[1] for e in server_events.named("request")] == [stream, second]
+
+
 # -- what a peer must not send ---------------------------------------------------------
 
 
@@ -419,6 +436,15 @@ def test_unknown_frame_types_and_priority_are_ignored() -> None:
 def h2_encoder_block(headers: HeaderList) -> bytes:
     """A header block from hpack's encoder (Huffman and the dynamic table, as Envoy sends)."""
     return bytes(hpack.Encoder().encode(headers))
+
+
+def sum_frame_sizes(wire: bytes, count: int) -> int:
+    """Where the frame after the first `count` frames starts."""
+    pos = 0
+    for _ in range(count):
+        high, low = frames.HEADER.unpack_from(wire, pos)[:2]
+        pos += frames.HEADER_SIZE + (high << 16 | low)
+    return pos
 
 
 def frame_types(wire: bytes) -> list[int]:

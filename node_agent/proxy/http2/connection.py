@@ -145,6 +145,9 @@ class Connection:
         self._recv_unacked = 0
         self._connection_threshold = connection_window // 4
         self._stream_threshold = stream_window // 4
+        # The peer changed its decoder's table size: our next block says ours is 0
+        # (RFC 7541 4.2; we never index, and 0 is within any limit it set).
+        self._table_size_update_due = False
         self.goaway_sent = False
         self.goaway_received: int | None = None  # the peer's last stream id
         self._out: list[bytes] = []
@@ -206,10 +209,14 @@ class Connection:
 
     def send_headers(self, stream_id: int, headers: HeaderList, *, end_stream: bool) -> None:
         stream = self.streams[stream_id]
+        block = hpack.encode(headers)
+        if self._table_size_update_due:
+            self._table_size_update_due = False
+            block = hpack.size_update(0) + block
         self._out.append(
             frames.headers(
                 stream_id,
-                hpack.encode(headers),
+                block,
                 end_stream=end_stream,
                 max_frame_size=self.remote_max_frame_size,
             )
@@ -603,11 +610,12 @@ class Connection:
             self.remote_max_frame_size = value
         elif code == Setting.MAX_CONCURRENT_STREAMS:
             self.remote_max_concurrent = value
+        elif code == Setting.HEADER_TABLE_SIZE:
+            self._table_size_update_due = True
         elif code == Setting.ENABLE_PUSH and (value > 1 or (value == 1 and self.client_side)):
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, f"ENABLE_PUSH {value}")
         # (Only a client may say it takes pushes; we never push anyway.)
-        # HEADER_TABLE_SIZE needs nothing: we never index what we send.
-        # MAX_HEADER_LIST_SIZE neither: ours are a few dozen bytes.
+        # MAX_HEADER_LIST_SIZE needs nothing: ours are a few dozen bytes.
         return False
 
     def _rst_stream(self, stream_id: int, payload: memoryview) -> None:

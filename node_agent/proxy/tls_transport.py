@@ -1,0 +1,353 @@
+"""TLS where OpenSSL owns the socket: the handshake and the transport HBONE runs on.
+
+uvloop's TLS runs OpenSSL over memory BIOs: every read is copied into a BIO
+and pulled out again through Python-level calls, every write the same way
+back. Here the event loop only says when the socket is ready; an
+`ssl.SSLSocket` reads, decrypts, encrypts and writes in one call each. In a
+1 KiB ping-pong this costs about 30-40% less CPU per exchange than uvloop's
+SSL transport (bench/proxy_hbone.py measures the proxy as a whole).
+
+A socket OpenSSL owns is also one the kernel can take over: with
+SSL_OP_ENABLE_KTLS on the context, OpenSSL hands the record layer to the
+kernel (kTLS) wherever the kernel and OpenSSL allow it, and nothing here
+changes. `kernel_tls` says which directions the kernel took.
+
+Without read-ahead (Python never enables it) OpenSSL reads one record at a
+time, so when `pending()` is 0 nothing waits inside OpenSSL and the loop's
+readiness stays the whole truth about what is left to read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import socket
+import ssl
+from collections.abc import Callable, Iterable
+from typing import Any, Final, cast
+
+# One TLS record's worth of plaintext; a read that returns less was the last
+# record the kernel had, so the next one waits for the loop to say so.
+RECORD_PLAINTEXT: Final = 16384
+READ_BUFFER: Final = 256 * 1024
+WRITE_HIGH: Final = 1024 * 1024
+WRITE_LOW: Final = 256 * 1024
+# Readiness waits per handshake: a TLS 1.3 handshake takes a handful; this only
+# stops a peer trickling bytes from keeping us busy inside the timeout.
+MAX_HANDSHAKE_STEPS: Final = 64
+SOL_TLS: Final = 282  # linux/socket.h
+TLS_TX: Final = 1
+TLS_RX: Final = 2
+_TLS_CRYPTO_INFO_SIZE: Final = 64
+
+
+async def handshake(
+    sock: socket.socket, context: ssl.SSLContext, *, server_side: bool, timeout: float
+) -> ssl.SSLSocket:
+    """TLS on the connected, non-blocking `sock` (which it takes over), driven by the loop.
+
+    Raises what the handshake failed with (ssl.SSLError, OSError, TimeoutError);
+    the socket is closed then.
+    """
+    loop = asyncio.get_running_loop()
+    tls = context.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
+    try:
+        async with asyncio.timeout(timeout):
+            await _drive(loop, tls)
+    except BaseException:
+        tls.close()
+        raise
+    return tls
+
+
+async def _drive(loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
+    fd = tls.fileno()
+    for _ in range(MAX_HANDSHAKE_STEPS):
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            await _ready(loop.add_reader, loop.remove_reader, fd)
+        except ssl.SSLWantWriteError:
+            await _ready(loop.add_writer, loop.remove_writer, fd)
+        else:
+            return
+    raise ConnectionAbortedError("TLS handshake took too many round trips")
+
+
+async def _ready(add: Callable[..., object], remove: Callable[[int], object], fd: int) -> None:
+    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    add(fd, _resolve, future)
+    try:
+        await future
+    finally:
+        remove(fd)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def kernel_tls(tls: ssl.SSLSocket) -> tuple[bool, bool]:
+    """(transmit, receive): which directions the kernel encrypts for this socket."""
+    return _kernel_direction(tls, TLS_TX), _kernel_direction(tls, TLS_RX)
+
+
+def _kernel_direction(tls: ssl.SSLSocket, direction: int) -> bool:
+    try:
+        tls.getsockopt(SOL_TLS, direction, _TLS_CRYPTO_INFO_SIZE)
+    except OSError:
+        return False  # ENOPROTOOPT: no TLS ULP on this socket
+    return True
+
+
+class TlsTransport(asyncio.Transport):
+    """An asyncio transport over a handshaken SSLSocket, for one protocol.
+
+    Writes go straight to OpenSSL; what the socket cannot take yet waits in
+    order (the piece OpenSSL already started is retried as it was, as
+    SSL_write requires) and the protocol is paused above WRITE_HIGH. `close`
+    sends what is queued, then close_notify; `abort` neither.
+    """
+
+    def __init__(self, tls: ssl.SSLSocket, protocol: asyncio.BaseProtocol) -> None:
+        super().__init__()
+        self._loop = asyncio.get_running_loop()
+        self._tls = tls
+        self._fd = tls.fileno()
+        self._protocol = cast(asyncio.Protocol, protocol)
+        self._buffer = bytearray(READ_BUFFER)
+        self._view = memoryview(self._buffer)
+        self._inflight: bytes | bytearray | memoryview | None = None
+        self._queue: collections.deque[bytes | bytearray | memoryview] = collections.deque()
+        self._queued = 0  # bytes in _inflight and _queue
+        self._high = WRITE_HIGH
+        self._low = WRITE_LOW
+        self._protocol_paused = False
+        self._reading = False
+        self._writer_armed = False
+        self._write_waits_for_read = False
+        self._closing = False
+        self._lost = False
+        try:
+            peername = tls.getpeername()
+            sockname = tls.getsockname()
+        except OSError:
+            peername = sockname = None
+        self._extra: dict[str, Any] = {
+            "ssl_object": tls,
+            "socket": tls,
+            "peername": peername,
+            "sockname": sockname,
+            "cipher": tls.cipher(),
+            "compression": None,
+        }
+        protocol.connection_made(self)
+        if not self._closing:
+            self.resume_reading()
+
+    # -- asyncio.BaseTransport ---------------------------------------------------
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:  # noqa: ANN401 (asyncio's signature)
+        return self._extra.get(name, default)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._stop_reading()
+        if self._inflight is None and not self._queue:
+            self._loop.call_soon(self._finish, None, True)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = cast(asyncio.Protocol, protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._protocol
+
+    # -- reading ---------------------------------------------------------------------
+
+    def is_reading(self) -> bool:
+        return self._reading
+
+    def pause_reading(self) -> None:
+        self._stop_reading()
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._closing:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._on_readable)
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def _on_readable(self) -> None:
+        if self._write_waits_for_read:
+            self._write_waits_for_read = False
+            self._on_writable()
+        tls = self._tls
+        view = self._view
+        got = 0
+        eof = False
+        try:
+            while got < READ_BUFFER:
+                n = tls.recv_into(view[got:], READ_BUFFER - got)
+                if n == 0:
+                    eof = True
+                    break
+                got += n
+                if n < RECORD_PLAINTEXT and not tls.pending():
+                    break
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass  # nothing more for now (or only a session ticket or a key update)
+        except OSError as e:  # ssl.SSLError included: a bad record, a reset
+            if got:
+                self._protocol.data_received(bytes(view[:got]))
+            self._fatal(e)
+            return
+        if got:
+            self._protocol.data_received(bytes(view[:got]))
+        if eof and not self._lost:
+            self._stop_reading()
+            if not self._protocol.eof_received():
+                self.close()
+
+    # -- writing ---------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or self._lost or not data:
+            return
+        if self._inflight is not None or self._queue:
+            self._queue.append(data)
+            self._queued += len(data)
+            self._maybe_pause_protocol()
+            return
+        self._send(data)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.write(b"".join(list_of_data))
+
+    def _send(self, data: bytes | bytearray | memoryview) -> None:
+        """Hand `data` to OpenSSL; what it cannot take now becomes the in-flight piece."""
+        try:
+            sent = self._tls.send(data)
+        except ssl.SSLWantWriteError:
+            sent = 0
+        except ssl.SSLWantReadError:
+            # Not in TLS 1.3 as we use it; if it happens, the next readable retries.
+            sent = 0
+            self._write_waits_for_read = True
+        except OSError as e:
+            self._fatal(e)
+            return
+        if sent == len(data):
+            return
+        if sent == 0:
+            self._inflight = data  # OpenSSL may hold part of it: retried exactly as it was
+            self._queued += len(data)
+        else:  # a partial write completed: the rest is a new write
+            rest = memoryview(data)[sent:]
+            self._queue.appendleft(rest)
+            self._queued += len(rest)
+        self._arm_writer()
+        self._maybe_pause_protocol()
+
+    def _arm_writer(self) -> None:
+        if not self._writer_armed and not self._write_waits_for_read:
+            self._writer_armed = True
+            self._loop.add_writer(self._fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        while self._inflight is not None or self._queue:
+            if self._inflight is None:
+                queue = self._queue
+                # What queued meanwhile goes out as one write: fewer records and syscalls.
+                data = queue.popleft() if len(queue) == 1 else b"".join(queue)
+                queue.clear()
+                self._queued -= len(data)
+                self._inflight = None
+                self._send(data)
+                if self._lost or self._inflight is not None or self._queue:
+                    return
+                continue
+            data = self._inflight
+            try:
+                sent = self._tls.send(data)
+            except ssl.SSLWantWriteError:
+                return
+            except ssl.SSLWantReadError:
+                self._write_waits_for_read = True
+                self._disarm_writer()
+                return
+            except OSError as e:
+                self._fatal(e)
+                return
+            self._inflight = None
+            self._queued -= len(data)
+            if sent < len(data):
+                rest = memoryview(data)[sent:]
+                self._queue.appendleft(rest)
+                self._queued += len(rest)
+        self._disarm_writer()
+        if self._protocol_paused and self._queued <= self._low:
+            self._protocol_paused = False
+            self._protocol.resume_writing()
+        if self._closing and not self._lost:
+            self._finish(None, True)
+
+    def _disarm_writer(self) -> None:
+        if self._writer_armed:
+            self._writer_armed = False
+            self._loop.remove_writer(self._fd)
+
+    def _maybe_pause_protocol(self) -> None:
+        if not self._protocol_paused and self._queued > self._high:
+            self._protocol_paused = True
+            self._protocol.pause_writing()
+
+    def can_write_eof(self) -> bool:
+        return False  # TLS has close_notify, not a half-close
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS connections cannot be half-closed")
+
+    def get_write_buffer_size(self) -> int:
+        return self._queued
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low, self._high
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high = WRITE_HIGH if high is None else high
+        self._low = self._high // 4 if low is None else low
+
+    def abort(self) -> None:
+        self._closing = True
+        self._finish(None, False)
+
+    # -- the end -----------------------------------------------------------------------
+
+    def _fatal(self, exc: Exception) -> None:
+        self._closing = True
+        self._finish(exc, False)
+
+    def _finish(self, exc: Exception | None, notify: bool) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self._stop_reading()
+        self._disarm_writer()
+        self._queue.clear()
+        self._inflight = None
+        if notify:
+            # close_notify: the first SSL_shutdown sends ours; the peer's is not awaited.
+            with contextlib.suppress(OSError, ValueError):
+                self._tls.unwrap()
+        self._tls.close()
+        self._loop.call_soon(self._protocol.connection_lost, exc)

@@ -1,0 +1,241 @@
+"""tls_transport: handshakes driven by the loop, and the transport HBONE runs on (loopback only)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import socket
+import ssl
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import uvloop
+
+from controlplane.ca import load_or_create_root
+from node_agent.proxy import tls_transport
+from node_agent.proxy.identity import WorkloadCertificate
+from node_agent.proxy.tls import ALPN_H2, client_context, peer_identity, server_context
+from testbed.proxy_fakes import LocalCaCertificates
+from weir_common.mesh import SpiffeId
+
+LOCAL = "127.0.0.1"
+SERVER_ID = SpiffeId("cluster.local", "default", "server")
+CLIENT_ID = SpiffeId("cluster.local", "default", "client")
+
+
+@pytest.fixture
+def contexts(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca = load_or_create_root(
+        tmp_path_factory.mktemp("ca"), "cluster.local", now=datetime.datetime.now(datetime.UTC)
+    )
+    issuer = LocalCaCertificates(ca)
+    server: WorkloadCertificate = issuer.issue(SERVER_ID)
+    client: WorkloadCertificate = issuer.issue(CLIENT_ID)
+    bundle = ca.trust_bundle_pem
+    return server_context(server, bundle), client_context(client, bundle)
+
+
+class Collector(asyncio.Protocol):
+    """Keeps what arrives; can echo it; records every callback."""
+
+    def __init__(self, *, echo: bool = False) -> None:
+        self.echo = echo
+        self.transport: asyncio.Transport | None = None
+        self.data = bytearray()
+        self.eof = False
+        self.paused = 0
+        self.resumed = 0
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        if self.echo and self.transport is not None:
+            self.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return False
+
+    def pause_writing(self) -> None:
+        self.paused += 1
+
+    def resume_writing(self) -> None:
+        self.resumed += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+@contextlib.asynccontextmanager
+async def tls_pair(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    server_protocol: Callable[[], asyncio.Protocol],
+    client_protocol: Callable[[], asyncio.Protocol],
+) -> AsyncIterator[tuple[tls_transport.TlsTransport, tls_transport.TlsTransport]]:
+    server_ctx, client_ctx = contexts
+    listener = socket.socket()
+    listener.bind((LOCAL, 0))
+    listener.listen()
+    listener.setblocking(False)
+    loop = asyncio.get_running_loop()
+    client_sock = socket.socket()
+    client_sock.setblocking(False)
+    try:
+        accepted, _ = await asyncio.gather(
+            loop.sock_accept(listener), loop.sock_connect(client_sock, listener.getsockname())
+        )
+        server_sock = accepted[0]
+        server_sock.setblocking(False)
+        server_tls, client_tls = await asyncio.gather(
+            tls_transport.handshake(server_sock, server_ctx, server_side=True, timeout=5),
+            tls_transport.handshake(client_sock, client_ctx, server_side=False, timeout=5),
+        )
+        assert server_tls.selected_alpn_protocol() == ALPN_H2
+        assert peer_identity(server_tls) == CLIENT_ID
+        assert peer_identity(client_tls) == SERVER_ID
+        server = tls_transport.TlsTransport(server_tls, server_protocol())
+        client = tls_transport.TlsTransport(client_tls, client_protocol())
+        try:
+            yield server, client
+        finally:
+            server.abort()
+            client.abort()
+    finally:
+        listener.close()
+        client_sock.close()
+
+
+def run(coro: object) -> None:
+    uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def test_megabytes_both_ways_arrive_whole_and_in_order_with_backpressure(contexts) -> None:
+    payload = hashlib.sha256(b"seed").digest() * (8 * 1024 * 1024 // 32)
+
+    async def main() -> None:
+        async with tls_pair(contexts, lambda: Collector(echo=True), Collector) as (_, client):
+            protocol = client.get_protocol()
+            assert isinstance(protocol, Collector)
+            for start in range(0, len(payload), 1 << 20):  # faster than the echo can answer
+                client.write(payload[start : start + (1 << 20)])
+            assert client.get_write_buffer_size() > 0
+            async with asyncio.timeout(30):
+                while len(protocol.data) < len(payload):
+                    await asyncio.sleep(0.01)
+            assert protocol.data == payload
+            # The writer was held back above the high-water mark and let go below it.
+            assert protocol.paused >= 1 and protocol.resumed == protocol.paused
+            assert client.get_write_buffer_size() == 0
+
+    run(main())
+
+
+def read_to_the_end(listener: socket.socket, context: ssl.SSLContext) -> bytes | Exception:
+    """A blocking TLS peer that tells a close_notify (b"" at the end) from a bare FIN (error)."""
+    # Python ignores an EOF without close_notify by default; this peer must not.
+    context.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
+    conn, _ = listener.accept()
+    with context.wrap_socket(conn, server_side=True, suppress_ragged_eofs=False) as tls:
+        tls.settimeout(10)
+        got = bytearray()
+        try:
+            while data := tls.recv(65536):
+                got += data
+        except ssl.SSLError as e:
+            return e
+        return bytes(got)
+
+
+async def client_to_blocking_peer(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    end: Callable[[tls_transport.TlsTransport], None],
+) -> tuple[bytes | Exception, Exception | None]:
+    server_ctx, client_ctx = contexts
+    listener = socket.socket()
+    listener.bind((LOCAL, 0))
+    listener.listen()
+    peer = asyncio.create_task(asyncio.to_thread(read_to_the_end, listener, server_ctx))
+    try:
+        sock = socket.socket()
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, listener.getsockname())
+        tls = await tls_transport.handshake(sock, client_ctx, server_side=False, timeout=5)
+        protocol = Collector()
+        transport = tls_transport.TlsTransport(tls, protocol)
+        transport.write(b"last words " * 100_000)  # more than the socket takes at once
+        end(transport)
+        assert transport.is_closing()
+        transport.write(b"ignored after the end")
+        async with asyncio.timeout(10):
+            return await peer, await protocol.lost
+    finally:
+        listener.close()
+
+
+def test_close_sends_what_is_queued_then_close_notify(contexts) -> None:
+    async def main() -> None:
+        received, lost = await client_to_blocking_peer(contexts, lambda t: t.close())
+        assert received == b"last words " * 100_000
+        assert lost is None
+
+    run(main())
+
+
+def test_abort_drops_what_is_queued_and_sends_no_close_notify(contexts) -> None:
+    async def main() -> None:
+        received, lost = await client_to_blocking_peer(contexts, lambda t: t.abort())
+        assert isinstance(received, ssl.SSLError), received
+        assert "EOF" in str(received)  # the data ended without close_notify
+        assert lost is None
+
+    run(main())
+
+
+def test_the_peers_close_notify_is_end_of_stream_then_lost(contexts) -> None:
+    async def main() -> None:
+        async with tls_pair(contexts, Collector, Collector) as (server, client):
+            server_side = server.get_protocol()
+            assert isinstance(server_side, Collector)
+            client.write(b"bye")
+            client.close()
+            async with asyncio.timeout(10):
+                assert await server_side.lost is None
+            assert server_side.eof and server_side.data == b"bye"
+
+    run(main())
+
+
+def test_handshake_with_a_peer_that_is_not_tls_fails_and_closes(contexts) -> None:
+    server_ctx, _ = contexts
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with pytest.raises(ssl.SSLError):
+            await tls_transport.handshake(a, server_ctx, server_side=True, timeout=5)
+        assert a.fileno() == -1  # taken over, and closed with the failure
+        b.close()
+        assert loop.is_running()
+
+    run(main())
+
+
+def test_handshake_with_a_silent_peer_times_out(contexts) -> None:
+    server_ctx, _ = contexts
+
+    async def main() -> None:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        with pytest.raises(TimeoutError):
+            await tls_transport.handshake(a, server_ctx, server_side=True, timeout=0.2)
+        b.close()
+
+    run(main())

@@ -280,7 +280,9 @@ def summarize_runs(
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or denominator is None or denominator == 0:
+    """None unless both are known and the quotient means something: an added
+    p99 can come out negative in a noisy repeat, and x / -y says nothing."""
+    if numerator is None or denominator is None or numerator < 0 or denominator <= 0:
         return None
     return numerator / denominator
 

@@ -494,13 +494,13 @@ static void connect_all(struct worker *w, uint64_t hard_end)
 	}
 }
 
-static void fail_conn(struct worker *w, struct conn *c, int alive_matters, int *alive)
+/* rr and rate: a broken connection is not replaced; what it had queued is lost. */
+static void fail_conn(struct worker *w, struct conn *c, int *alive)
 {
 	w->io_failures++;
 	w->incomplete += c->count;
 	close_conn(c, DEAD);
-	if (alive_matters)
-		(*alive)--;
+	(*alive)--;
 }
 
 static void run_rr(struct worker *w, uint64_t hard_end)
@@ -518,7 +518,7 @@ static void run_rr(struct worker *w, uint64_t hard_end)
 		alive++;
 		queue_request(w, c, now);
 		if (pump_out(w, c) < 0)
-			fail_conn(w, c, 1, &alive);
+			fail_conn(w, c, &alive);
 	}
 	struct epoll_event events[MAX_EVENTS];
 	while (alive > 0 && !interrupted && !failed_too_often(w)) {
@@ -532,14 +532,14 @@ static void run_rr(struct worker *w, uint64_t hard_end)
 			if (c->state != OPEN)
 				continue;
 			if ((events[i].events & EPOLLOUT) && pump_out(w, c) < 0) {
-				fail_conn(w, c, 1, &alive);
+				fail_conn(w, c, &alive);
 				continue;
 			}
 			if (!(events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)))
 				continue;
 			int answered = pump_in(w, c, now, now < end);
 			if (answered < 0) {
-				fail_conn(w, c, 1, &alive);
+				fail_conn(w, c, &alive);
 				continue;
 			}
 			if (now < end)
@@ -547,7 +547,7 @@ static void run_rr(struct worker *w, uint64_t hard_end)
 			if (answered > 0 && now < end) {
 				queue_request(w, c, now);
 				if (pump_out(w, c) < 0)
-					fail_conn(w, c, 1, &alive);
+					fail_conn(w, c, &alive);
 			}
 		}
 	}
@@ -625,7 +625,7 @@ static void run_rate(struct worker *w, uint64_t hard_end)
 						continue;
 					queue_request(w, c, next_due);
 					if (pump_out(w, c) < 0)
-						fail_conn(w, c, 1, &alive);
+						fail_conn(w, c, &alive);
 					k++;
 					next_due = start + (uint64_t)((double)k * interval);
 				}
@@ -637,14 +637,14 @@ static void run_rate(struct worker *w, uint64_t hard_end)
 			if (c->state != OPEN)
 				continue;
 			if ((events[i].events & EPOLLOUT) && pump_out(w, c) < 0) {
-				fail_conn(w, c, 1, &alive);
+				fail_conn(w, c, &alive);
 				continue;
 			}
 			if (!(events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)))
 				continue;
 			int answered = pump_in(w, c, now, 1);
 			if (answered < 0) {
-				fail_conn(w, c, 1, &alive);
+				fail_conn(w, c, &alive);
 				continue;
 			}
 			w->answered += (uint64_t)answered;

@@ -293,7 +293,10 @@ def test_cpu_busy_between_two_readings() -> None:
 
 def test_ratio() -> None:
     assert ratio(3.0, 2.0) == 1.5
+    assert ratio(0.0, 2.0) == 0.0
     assert ratio(3.0, 0.0) is None
+    assert ratio(-164.0, 47694.0) is None
+    assert ratio(3.0, -1.0) is None
     assert ratio(None, 2.0) is None
     assert ratio(3.0, None) is None
 

@@ -79,6 +79,7 @@ import json
 import math
 import os
 import selectors
+import shutil
 import signal
 import statistics
 import subprocess
@@ -852,6 +853,8 @@ def run_benchmark(args: argparse.Namespace) -> Result:
             for pod in captured:
                 with contextlib.suppress(Exception):
                     capture.remove(pod.netns)
+            # Holds the CA's and the Envoys' private keys: never left behind.
+            shutil.rmtree(work, ignore_errors=True)
     return result
 
 

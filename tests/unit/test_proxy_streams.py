@@ -277,3 +277,33 @@ def test_a_client_that_stops_reading_is_held_back_not_buffered(run):
             writer.close()
 
     run(main())
+
+
+def test_a_draining_peer_lets_open_streams_finish_and_new_ones_go_to_a_fresh_connection(run):
+    """The server drains (GOAWAY) mid-stream: that stream still carries data both
+    ways to a clean end, and the next connection through the path is not put on
+    the draining one."""
+
+    async def main() -> None:
+        async with mini_path() as path:
+            reader, writer = await asyncio.open_connection(LOCAL, path.app_port)
+            writer.write(b"before")
+            assert await reader.readexactly(6) == b"before"
+            (draining,) = path.server_conns
+            draining.shutdown()  # GOAWAY: no new streams, open ones go on
+            await asyncio.sleep(0.05)
+            client_conn = path.client_streams[0].conn
+            assert client_conn.goaway and client_conn.capacity == 0
+            writer.write(b"after the GOAWAY")
+            assert await reader.readexactly(16) == b"after the GOAWAY"
+            assert await roundtrip(path.app_port, b"new connection") == b"new connection"
+            assert len(path.server_conns) == 2  # the new stream went to a fresh connection
+            writer.write_eof()
+            assert await reader.read() == b""
+            writer.close()
+            flow = path.client_streams[0].flow
+            assert await asyncio.wait_for(flow.done, 5) is None  # a clean end
+            await asyncio.sleep(0.05)
+            assert draining.closed and client_conn.closed  # closed once its last stream ended
+
+    run(main())

@@ -55,8 +55,9 @@ Figures (per path, per repeat):
   service account, so its own certificate); Envoy's for reference.
 
 The harness must not be the bottleneck: the direct path's figures are
-printed, and a line warns if the direct path is not at least twice the
-better proxied path on a throughput figure.
+printed beside the others, and the harness check after the table warns
+when, on bulk, rr or crr, the direct path is not twice the better proxied
+path while the harness's CPU was saturated on a proxied one.
 
 The CPU figures are the middle processes' own (system calls included); the
 kernel's receive work for a packet runs on the sending CPU (veth delivers in
@@ -380,11 +381,18 @@ def render_table(summary: Mapping[str, Mapping[str, Summary]], rows: Sequence[Ro
 
 
 HEADROOM_KEYS: Final = (("bulk_gbps", "bulk"), ("rr_per_s", "rr"), ("crr_per_s", "crr"))
+HARNESS_SATURATED_PCT: Final = 90.0
 
 
 def headroom(summary: Mapping[str, Mapping[str, Summary]]) -> list[str]:
-    """How far the direct path is above the better proxied path, one line per figure;
-    a figure where it is not twice as high is flagged: the harness may be what limits it."""
+    """Per saturating phase: how far the direct path is above the better proxied path, and
+    how busy the harness's and the middle's CPUs were on each proxied path.
+
+    Flagged when the direct path is not twice as high AND the harness's CPU was
+    saturated on a proxied path: then the harness, not the middle, may be the limit.
+    (Direct alone is no proof either way: it pays the kernel's forwarding on the
+    harness's CPU for both directions, where a proxied path shares it with the middle's.)
+    """
     lines = []
     for key, name in HEADROOM_KEYS:
         direct = median_of(summary, "direct", key)
@@ -393,10 +401,20 @@ def headroom(summary: Mapping[str, Mapping[str, Summary]]) -> list[str]:
             continue
         factor = ratio(direct, max(proxied))
         text = "inf" if factor is None else f"{factor:.1f}x"
-        flag = (
-            "" if factor is None or factor >= 2 else "  WARNING: the harness may be the bottleneck"
-        )
-        lines.append(f"{name}: direct {number(direct)} is {text} the better proxied path{flag}")
+        busy = []
+        saturated = False
+        for path in ("weir", "envoy"):
+            harness = median_of(summary, path, f"{name}_harness_cpu_pct")
+            middle = median_of(summary, path, f"{name}_middle_cpu_pct")
+            if harness is not None and middle is not None:
+                busy.append(f"{path} {harness:.0f}%/{middle:.0f}%")
+                saturated |= harness >= HARNESS_SATURATED_PCT
+        line = f"{name}: direct {number(direct)} is {text} the better proxied path"
+        if busy:
+            line += "; CPU busy harness/middle: " + ", ".join(busy)
+        if factor is not None and factor < 2 and (saturated or not busy):
+            line += "  WARNING: the harness may be the bottleneck"
+        lines.append(line)
     return lines
 
 

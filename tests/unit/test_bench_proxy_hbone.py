@@ -354,6 +354,38 @@ def test_headroom_flags_a_direct_path_that_is_not_far_above() -> None:
     ]
 
 
+def busy(harness: float, middle: float, phase: str = "rr") -> dict[str, Summary]:
+    return {
+        f"{phase}_harness_cpu_pct": Summary(harness, harness, harness),
+        f"{phase}_middle_cpu_pct": Summary(middle, middle, middle),
+    }
+
+
+def test_headroom_close_to_direct_is_fine_while_the_middle_is_the_busy_one() -> None:
+    summary = {
+        "direct": {"rr_per_s": Summary(29585, 29585, 29585)},
+        "weir": {"rr_per_s": Summary(7208, 7208, 7208), **busy(80.6, 89.7)},
+        "envoy": {"rr_per_s": Summary(21024, 21024, 21024), **busy(56.3, 96.5)},
+    }
+    assert headroom(summary) == [
+        "rr: direct 29585 is 1.4x the better proxied path;"
+        " CPU busy harness/middle: weir 81%/90%, envoy 56%/96%"
+    ]
+
+
+def test_headroom_flags_a_saturated_harness() -> None:
+    summary = {
+        "direct": {"crr_per_s": Summary(5000, 5000, 5000)},
+        "weir": {"crr_per_s": Summary(1000, 1000, 1000), **busy(60, 100, "crr")},
+        "envoy": {"crr_per_s": Summary(4000, 4000, 4000), **busy(97, 70, "crr")},
+    }
+    assert headroom(summary) == [
+        "crr: direct 5000 is 1.2x the better proxied path;"
+        " CPU busy harness/middle: weir 60%/100%, envoy 97%/70%"
+        "  WARNING: the harness may be the bottleneck"
+    ]
+
+
 def test_json_document_holds_raw_figures_medians_and_machine() -> None:
     args = parse_args(["--quick"], CPUS)
     result = Result(

@@ -24,6 +24,7 @@ import collections
 import contextlib
 import socket
 import ssl
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Final, cast
 
@@ -102,6 +103,19 @@ def _kernel_direction(tls: ssl.SSLSocket, direction: int) -> bool:
     return True
 
 
+_buffers = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """Where decrypted bytes land before they are copied out: one per thread, not one
+    per connection (256 KiB each would be most of a busy proxy's memory). Nothing
+    holds it across a callback: each read is copied out before data_received."""
+    view: memoryview | None = getattr(_buffers, "view", None)
+    if view is None:
+        view = _buffers.view = memoryview(bytearray(READ_BUFFER))
+    return view
+
+
 class TlsTransport(asyncio.Transport):
     """An asyncio transport over a handshaken SSLSocket, for one protocol.
 
@@ -117,8 +131,6 @@ class TlsTransport(asyncio.Transport):
         self._tls = tls
         self._fd = tls.fileno()
         self._protocol = cast(asyncio.Protocol, protocol)
-        self._buffer = bytearray(READ_BUFFER)
-        self._view = memoryview(self._buffer)
         self._inflight: bytes | bytearray | memoryview | None = None
         self._queue: collections.deque[bytes | bytearray | memoryview] = collections.deque()
         self._queued = 0  # bytes in _inflight and _queue
@@ -192,7 +204,7 @@ class TlsTransport(asyncio.Transport):
             self._write_waits_for_read = False
             self._on_writable()
         tls = self._tls
-        view = self._view
+        view = _read_buffer()
         got = 0
         eof = False
         try:

@@ -80,7 +80,9 @@ _CLOSE_NOTIFY: Final = bytes([1, _ALERT_CLOSE_NOTIFY])  # level warning, as Open
 MAX_HANDSHAKE_STEPS: Final = 64
 # Control records skipped in one receive() before giving up on the peer.
 MAX_SKIPPED_RECORDS: Final = 16
-RECORD_BYTES: Final = 16384  # the most plaintext one TLS record carries
+# One receive() may return several data records: the kernel joins records of
+# the same type in one recvmsg, and each call costs a Python round trip.
+RECEIVE_BYTES: Final = 256 * 1024
 
 
 class KtlsDeclinedError(Exception):
@@ -303,7 +305,7 @@ def _handshake_messages(payload: bytes) -> list[int]:
     return types
 
 
-def read_record(sock: socket.socket, max_bytes: int = RECORD_BYTES) -> tuple[int, bytes]:
+def read_record(sock: socket.socket, max_bytes: int = RECEIVE_BYTES) -> tuple[int, bytes]:
     """One record's (type, plaintext); BlockingIOError if none is ready, (DATA, b"") on FIN."""
     data, ancdata, flags, _ = sock.recvmsg(max_bytes, socket.CMSG_SPACE(1))
     if flags & socket.MSG_CTRUNC:
@@ -314,7 +316,7 @@ def read_record(sock: socket.socket, max_bytes: int = RECORD_BYTES) -> tuple[int
     return RECORD_DATA, data
 
 
-async def receive(sock: socket.socket, max_bytes: int = RECORD_BYTES) -> bytes:
+async def receive(sock: socket.socket, max_bytes: int = RECEIVE_BYTES) -> bytes:
     """The next application data; b"" at the peer's close_notify or FIN.
 
     No deadline of its own: the caller bounds idle time, as for any read.

@@ -8,16 +8,25 @@ through /proc/self/fd and closed at once.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import ssl
 from collections.abc import Sequence
 from typing import Final
 
+from node_agent.proxy import tls_transport
 from node_agent.proxy.identity import WorkloadCertificate
 from weir_common.errors import InvalidInputError
 from weir_common.mesh import SpiffeId
 
 ALPN_H2: Final = "h2"
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning("%s", message)
 
 
 def server_context(cert: WorkloadCertificate, trust_bundle: Sequence[str]) -> ssl.SSLContext:
@@ -45,6 +54,9 @@ def _configure(ctx: ssl.SSLContext, cert: WorkloadCertificate, trust_bundle: Seq
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata="".join(trust_bundle))
     ctx.set_alpn_protocols([ALPN_H2])
+    why_not = tls_transport.read_ahead(ctx)
+    if why_not is not None:
+        _warn_once(f"TLS reads one record per two syscalls: {why_not}")
     fd = os.memfd_create("weir-svid", os.MFD_CLOEXEC)
     try:
         os.write(fd, "".join(cert.chain_pem).encode() + cert.private_key_pem)

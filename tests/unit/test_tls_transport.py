@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import datetime
 import hashlib
 import socket
@@ -239,3 +240,11 @@ def test_handshake_with_a_silent_peer_times_out(contexts) -> None:
         b.close()
 
     run(main())
+
+
+def test_read_ahead_is_on_for_the_proxys_contexts(contexts) -> None:
+    for context in contexts:
+        assert tls_transport.read_ahead(context) is None
+        libssl = tls_transport._libssl()
+        address = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+        assert libssl.SSL_CTX_ctrl(address, 40, 0, None) == 1  # SSL_CTRL_GET_READ_AHEAD

@@ -15,7 +15,7 @@ import ssl
 from collections.abc import Sequence
 from typing import Final
 
-from node_agent.proxy import tls_transport
+from node_agent.proxy import ktls, tls_transport
 from node_agent.proxy.identity import WorkloadCertificate
 from weir_common.errors import InvalidInputError
 from weir_common.mesh import SpiffeId
@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 
 @functools.cache
-def _warn_once(message: str) -> None:
-    log.warning("%s", message)
+def _log_once(level: int, message: str) -> None:
+    log.log(level, "%s", message)
 
 
 def server_context(cert: WorkloadCertificate, trust_bundle: Sequence[str]) -> ssl.SSLContext:
@@ -56,7 +56,9 @@ def _configure(ctx: ssl.SSLContext, cert: WorkloadCertificate, trust_bundle: Seq
     ctx.set_alpn_protocols([ALPN_H2])
     why_not = tls_transport.read_ahead(ctx)
     if why_not is not None:
-        _warn_once(f"TLS reads one record per two syscalls: {why_not}")
+        _log_once(logging.WARNING, f"TLS reads one record per two syscalls: {why_not}")
+    ktls.enable(ctx)
+    _log_once(logging.INFO, ktls.status(ctx))
     fd = os.memfd_create("weir-svid", os.MFD_CLOEXEC)
     try:
         os.write(fd, "".join(cert.chain_pem).encode() + cert.private_key_pem)

@@ -8,8 +8,15 @@ Three paths between two simulated nodes (LocalTopology, real CNI wiring):
 - direct: pod c (node 1) -> pod d (node 2), no proxy;
 - weir:   pod a (node 1, captured) -> 15001 of proxy 1 -> HBONE (mTLS, pooled) ->
           15008 of proxy 2 -> pod b (node 2, captured); each proxy its own process;
-- envoy:  pod c -> Envoy in c (tcp_proxy + tunneling_config) -> HBONE -> Envoy in d
-          (CONNECT termination) -> pod d; each Envoy with --concurrency 1.
+- envoy:  pod e -> Envoy in e (tcp_proxy + tunneling_config) -> HBONE -> Envoy in f
+          (CONNECT termination) -> pod f; each Envoy with --concurrency 1.
+
+a, b, e and f carry the same capture rules (iptables, nft), so both proxied
+paths pay for netfilter alike: in a captured pod every connection goes
+through the nat table and conntrack, and a proxy's upstream connect does that
+work in the proxy's own process. The Envoys run as the proxy's UID (1337),
+which capture lets by, as Weir's proxies are let by through their mark. The
+direct path (c -> d) has no capture.
 
 The ends are C programs (bench/native: weir_load, weir_echo), the same on
 every path, so only what sits in between differs. The two processes in the
@@ -94,6 +101,7 @@ from typing import Final, Literal
 import uvloop
 
 from controlplane.ca import load_or_create_root
+from node_agent.constants import PROXY_GID, PROXY_UID
 from node_agent.localmesh.topology import LocalTopology, Node, Pod
 from node_agent.localmesh.wiring import set_sysctls
 from node_agent.netns import Netns, entered
@@ -752,6 +760,7 @@ def run_benchmark(args: argparse.Namespace) -> Result:
     load_binary = native.build("weir_load")
     echo_binary = native.build("weir_echo")
     work = Path(tempfile.mkdtemp(prefix="weir-bench-"))
+    envoy_dir = Path(tempfile.mkdtemp(prefix="weir-bench-envoy-"))
     children: list[subprocess.Popen[str]] = []
     envoys: list[EnvoyProcess] = []
     captured: list[Pod] = []
@@ -763,12 +772,15 @@ def run_benchmark(args: argparse.Namespace) -> Result:
         try:
             n1 = topology.add_node("node-1", "10.244.1.0/24")
             n2 = topology.add_node("node-2", "10.244.2.0/24")
-            a, c = topology.add_pod(n1, "a"), topology.add_pod(n1, "c")
-            b, d = topology.add_pod(n2, "b"), topology.add_pod(n2, "d")
-            for pod in (a, b, c, d):
+            a, c, e = (topology.add_pod(n1, name) for name in ("a", "c", "e"))
+            b, d, f = (topology.add_pod(n2, name) for name in ("b", "d", "f"))
+            for pod in (a, b, c, d, e, f):
                 set_sysctls(pod.netns, POD_SYSCTLS)
             workloads = [make_workload(p, p in (a, b)) for p in (a, b, c, d)]
-            for pod in (a, b):
+            # Both proxied paths pay for capture alike: Weir's pods a and b and
+            # Envoy's pods e and f get the same rules (the Envoys run as the
+            # proxy's UID, which capture exempts); c and d, the direct path, none.
+            for pod in (a, b, e, f):
                 capture.apply(pod.netns, CaptureConfig())
                 captured.append(pod)
             proxies: dict[str, subprocess.Popen[str]] = {}
@@ -789,50 +801,58 @@ def run_benchmark(args: argparse.Namespace) -> Result:
                     None, [sys.executable, __file__, "proxy", str(config)], f"{node} proxy"
                 )
                 children.append(proxies[node])
-            for pod in (b, d):
+            for pod in (b, d, f):
                 argv = [str(echo_binary), "--addr", str(pod.ipv4), "--port", str(ECHO_PORT)]
                 children.append(spawn(pod.netns, argv, f"echo server in {pod.name}"))
             issuer = LocalCaCertificates(ca)
             bundle = ca.trust_bundle_pem
-            d_ip = str(d.ipv4)
+            d_ip, f_ip = str(d.ipv4), str(f.ipv4)
+            os.chown(envoy_dir, PROXY_UID, PROXY_GID)  # the Envoys' UID only
+
+            def envoy_svid(name: str) -> dict[str, str]:
+                files = write_svid(
+                    envoy_dir, name, issuer.issue(SpiffeId(TRUST_DOMAIN, "default", name)), bundle
+                )
+                for path in files.values():
+                    os.chown(path, PROXY_UID, PROXY_GID)
+                return files
+
             client = EnvoyProcess(
-                c.netns,
+                e.netns,
                 envoy_hbone_client(
                     ENVOY_PORT,
-                    tunnel_address=d_ip,
-                    authority=f"{d_ip}:{ECHO_PORT}",
-                    svid=write_svid(
-                        work, "c", issuer.issue(SpiffeId(TRUST_DOMAIN, "default", "c")), bundle
-                    ),
-                    peer_identity=str(SpiffeId(TRUST_DOMAIN, "default", "d")),
+                    tunnel_address=f_ip,
+                    authority=f"{f_ip}:{ECHO_PORT}",
+                    svid=envoy_svid("e"),
+                    peer_identity=str(SpiffeId(TRUST_DOMAIN, "default", "f")),
                 ),
-                work,
-                "envoy-c",
+                envoy_dir,
+                "envoy-e",
+                uid=PROXY_UID,
             )
             envoys.append(client)
             server = EnvoyProcess(
-                d.netns,
+                f.netns,
                 envoy_hbone_server(
-                    listen_address=d_ip,
-                    app_address=d_ip,
+                    listen_address=f_ip,
+                    app_address=f_ip,
                     app_port=ECHO_PORT,
-                    svid=write_svid(
-                        work, "d", issuer.issue(SpiffeId(TRUST_DOMAIN, "default", "d")), bundle
-                    ),
+                    svid=envoy_svid("f"),
                 ),
-                work,
-                "envoy-d",
+                envoy_dir,
+                "envoy-f",
+                uid=PROXY_UID,
             )
             envoys.append(server)
             client.wait_listening("127.0.0.1", ENVOY_PORT)
-            server.wait_listening(d_ip, 15008)
+            server.wait_listening(f_ip, 15008)
             weir_pids = {name: proc.pid for name, proc in proxies.items()}
             for pid in (*weir_pids.values(), client.pid, server.pid):
                 pin(pid, args.middle_cpu)
             targets = {
                 "direct": Target(c.netns, d_ip, ECHO_PORT, ()),
                 "weir": Target(a.netns, str(b.ipv4), ECHO_PORT, tuple(weir_pids.values())),
-                "envoy": Target(c.netns, "127.0.0.1", ENVOY_PORT, (client.pid, server.pid)),
+                "envoy": Target(e.netns, "127.0.0.1", ENVOY_PORT, (client.pid, server.pid)),
             }
             for repeat in range(args.repeats):
                 order = rotated(repeat)
@@ -854,8 +874,8 @@ def run_benchmark(args: argparse.Namespace) -> Result:
                 result.runs.append(run)
             rss["weir proxy node-1 (1 pod)"] = vm_rss_kib(weir_pids["node-1"])
             rss["weir proxy node-2 (1 pod)"] = vm_rss_kib(weir_pids["node-2"])
-            rss["envoy client (c)"] = vm_rss_kib(client.pid)
-            rss["envoy server (d)"] = vm_rss_kib(server.pid)
+            rss["envoy client (e)"] = vm_rss_kib(client.pid)
+            rss["envoy server (f)"] = vm_rss_kib(server.pid)
             if args.pods:
                 print(f"enrolling {args.pods} pods on node-1", file=sys.stderr, flush=True)
                 result.timings_s = enroll_many(
@@ -873,6 +893,7 @@ def run_benchmark(args: argparse.Namespace) -> Result:
                     capture.remove(pod.netns)
             # Holds the CA's and the Envoys' private keys: never left behind.
             shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(envoy_dir, ignore_errors=True)
     return result
 
 

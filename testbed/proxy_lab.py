@@ -470,8 +470,15 @@ class EnvoyProcess:
     """An Envoy started inside a netns from a config dict; `close()` stops it."""
 
     def __init__(
-        self, netns: Netns, config: Mapping[str, object], work_dir: Path, name: str
+        self,
+        netns: Netns,
+        config: Mapping[str, object],
+        work_dir: Path,
+        name: str,
+        *,
+        uid: int | None = None,
     ) -> None:
+        """`uid` (and the same gid) to run as: the proxy's 1337 lets capture exempt it."""
         work_dir.mkdir(parents=True, exist_ok=True)
         config_path = work_dir / f"{name}.json"
         config_path.write_text(json.dumps(config))
@@ -490,6 +497,9 @@ class EnvoyProcess:
                 ],
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
+                user=uid,
+                group=uid,
+                extra_groups=[] if uid is not None else None,
             )
         self._netns = netns
 

@@ -71,9 +71,14 @@ kernel's receive work for a packet runs on the sending CPU (veth delivers in
 the sender's context), so part of the network stack's work for either middle
 lands on the harness's CPU, alike for Weir and Envoy.
 
-All pods get net.ipv4.tcp_tw_reuse=1 and ports 20000-65000 for outgoing
-connections: crr leaves TIME_WAIT sockets at the client and at each middle's
-upstream side, and the default range would run out across repeats.
+All pods get net.ipv4.tcp_tw_reuse=1, ports 20000-65000 for outgoing
+connections and at most 4096 TIME_WAIT sockets (tcp_max_tw_buckets): crr
+leaves TIME_WAIT sockets at the client and at each middle's upstream side
+(it sends the first FIN towards the app), and with tens of thousands of them
+every connect() searches the port range: perf showed that search
+(__inet_hash_connect, __inet_check_established) as 40-55% of whichever
+middle ran its crr phase while many were pending, Weir or Envoy alike, so
+the figure depended on the order of the paths, not on the proxy.
 """
 
 from __future__ import annotations
@@ -131,6 +136,7 @@ ENROLL_TIMEOUT: Final = 600.0
 POD_SYSCTLS: Final = {
     "net.ipv4.tcp_tw_reuse": "1",
     "net.ipv4.ip_local_port_range": "20000 65000",
+    "net.ipv4.tcp_max_tw_buckets": "4096",
 }
 # weir_load's exit statuses: 0 clean, 2 some failures (report still printed).
 LOAD_OK: Final = (0, 2)

@@ -37,11 +37,12 @@ def build(name: str, *, extra_flags: tuple[str, ...] = ()) -> Path:
     binary.parent.mkdir(parents=True, exist_ok=True)
     # Built beside its final name and renamed: a concurrent build or an
     # interrupted one never leaves a half-written binary under that name.
-    fd, partial = tempfile.mkstemp(prefix=f".{name}-", dir=binary.parent)
+    fd, partial_name = tempfile.mkstemp(prefix=f".{name}-", dir=binary.parent)
     os.close(fd)
+    partial = Path(partial_name)
     try:
         result = subprocess.run(
-            ["cc", *flags, "-o", partial, str(source), "-lm"],
+            ["cc", *flags, "-o", str(partial), str(source), "-lm"],
             capture_output=True,
             text=True,
             timeout=120,
@@ -49,9 +50,8 @@ def build(name: str, *, extra_flags: tuple[str, ...] = ()) -> Path:
         )
         if result.returncode != 0:
             raise RuntimeError(f"cc failed on {source}:\n{result.stderr}")
-        os.chmod(partial, 0o755)
-        os.replace(partial, binary)
+        partial.chmod(0o700)
+        partial.replace(binary)
     finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+        partial.unlink(missing_ok=True)
     return binary

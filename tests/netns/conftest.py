@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from node_agent.localmesh.topology import LocalTopology
-from node_agent.localmesh.wiring import NETNS_DIR
+from node_agent.localmesh.wiring import NETNS_DIR, create_netns, delete_netns, links
+from node_agent.netns import Netns
 from node_agent.redirect.ebpf import loader
 from node_agent.redirect.ebpf.pins import BPFFS, PinLayout
 
@@ -39,6 +40,19 @@ def topology() -> Iterator[LocalTopology]:
             yield topo
     finally:
         assert _leftovers(topo.prefix) == [], f"topology {topo.prefix} left things behind"
+
+
+@pytest.fixture
+def loopback_netns() -> Iterator[Netns]:
+    """A fresh netns with only `lo`, up; deleted after the test whatever happened."""
+    name = f"weirtest-lo-{uuid.uuid4().hex[:8]}"
+    created = create_netns(name)
+    try:
+        with links(created) as link:
+            link.up("lo")
+        yield created
+    finally:
+        delete_netns(name)
 
 
 @pytest.fixture

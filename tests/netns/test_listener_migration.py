@@ -14,14 +14,11 @@ import contextlib
 import socket
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from node_agent import netns as netns_mod
-from node_agent.localmesh.wiring import create_netns, delete_netns, links
 from node_agent.netns import Netns
 from node_agent.proxy_handoff.listener_migration import ListenerMigration
 
@@ -32,15 +29,8 @@ PORT = 15001
 
 
 @pytest.fixture
-def pod_netns() -> Iterator[Netns]:
-    name = f"weirtest-mig-{uuid.uuid4().hex[:8]}"
-    ns = create_netns(name)
-    try:
-        with links(ns) as link:
-            link.up("lo")
-        yield ns
-    finally:
-        delete_netns(name)
+def pod_netns(loopback_netns: Netns) -> Netns:
+    return loopback_netns
 
 
 def _listener(ns: Netns) -> socket.socket:

@@ -14,14 +14,12 @@ import selectors
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from node_agent import netns as netns_mod
-from node_agent.localmesh.wiring import create_netns, delete_netns, links
 from node_agent.netns import Netns
 from testbed import native
 
@@ -38,15 +36,8 @@ def binaries() -> dict[str, Path]:
 
 
 @pytest.fixture
-def ns() -> Iterator[Netns]:
-    name = f"weirtest-load-{uuid.uuid4().hex[:8]}"
-    created = create_netns(name)
-    try:
-        with links(created) as link:
-            link.up("lo")
-        yield created
-    finally:
-        delete_netns(name)
+def ns(loopback_netns: Netns) -> Netns:
+    return loopback_netns
 
 
 @contextlib.contextmanager

@@ -98,14 +98,18 @@ def entered(netns: Netns) -> Iterator[None]:
         try:
             yield
         finally:
-            # Failing to return would leave this thread in the pod: never continue.
-            try:
-                libc.setns(home, _CLONE_NEWNET)
-            except OSError as e:  # pragma: no cover - kernel refused to take us back
-                os.write(2, f"weir: fatal: cannot leave {netns.path}: {e}\n".encode())
-                os._exit(70)
+            _return(home, netns.path)
     finally:
         os.close(home)
+
+
+def _return(home_fd: int, left: object) -> None:
+    """Back into the thread's own netns; failing that would leave it in a pod: never go on."""
+    try:
+        libc.setns(home_fd, _CLONE_NEWNET)
+    except OSError as e:  # pragma: no cover - kernel refused to take us back
+        os.write(2, f"weir: fatal: cannot leave {left}: {e}\n".encode())
+        os._exit(70)
 
 
 def socket_inside(netns_fd: int, home_fd: int, family: socket.AddressFamily) -> socket.socket:
@@ -119,11 +123,7 @@ def socket_inside(netns_fd: int, home_fd: int, family: socket.AddressFamily) -> 
     try:
         return socket.socket(family, socket.SOCK_STREAM)
     finally:
-        try:
-            libc.setns(home_fd, _CLONE_NEWNET)
-        except OSError as e:  # pragma: no cover - kernel refused to take us back
-            os.write(2, f"weir: fatal: cannot return to namespace fd {home_fd}: {e}\n".encode())
-            os._exit(70)
+        _return(home_fd, f"namespace fd {netns_fd}")
 
 
 def run(

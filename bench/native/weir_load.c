@@ -503,6 +503,28 @@ static void fail_conn(struct worker *w, struct conn *c, int *alive)
 	(*alive)--;
 }
 
+/* One epoll event on an open request/response connection: writes what is
+ * queued, reads answers. Returns how many requests it answered, or -1 when
+ * there is nothing more to do with it now (not open, no input, or failed). */
+static int conn_event(struct worker *w, struct conn *c, uint32_t events, uint64_t now,
+		      int record_latency, int *alive)
+{
+	if (c->state != OPEN)
+		return -1;
+	if ((events & EPOLLOUT) && pump_out(w, c) < 0) {
+		fail_conn(w, c, alive);
+		return -1;
+	}
+	if (!(events & (EPOLLIN | EPOLLHUP | EPOLLERR)))
+		return -1;
+	int answered = pump_in(w, c, now, record_latency);
+	if (answered < 0) {
+		fail_conn(w, c, alive);
+		return -1;
+	}
+	return answered;
+}
+
 static void run_rr(struct worker *w, uint64_t hard_end)
 {
 	int alive = 0;
@@ -529,19 +551,9 @@ static void run_rr(struct worker *w, uint64_t hard_end)
 		now = now_ns();
 		for (int i = 0; i < n; i++) {
 			struct conn *c = events[i].data.ptr;
-			if (c->state != OPEN)
+			int answered = conn_event(w, c, events[i].events, now, now < end, &alive);
+			if (answered < 0)
 				continue;
-			if ((events[i].events & EPOLLOUT) && pump_out(w, c) < 0) {
-				fail_conn(w, c, &alive);
-				continue;
-			}
-			if (!(events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)))
-				continue;
-			int answered = pump_in(w, c, now, now < end);
-			if (answered < 0) {
-				fail_conn(w, c, &alive);
-				continue;
-			}
 			if (now < end)
 				w->ops += (uint64_t)answered;
 			if (answered > 0 && now < end) {
@@ -634,19 +646,9 @@ static void run_rate(struct worker *w, uint64_t hard_end)
 				continue;
 			}
 			struct conn *c = events[i].data.ptr;
-			if (c->state != OPEN)
+			int answered = conn_event(w, c, events[i].events, now, 1, &alive);
+			if (answered < 0)
 				continue;
-			if ((events[i].events & EPOLLOUT) && pump_out(w, c) < 0) {
-				fail_conn(w, c, &alive);
-				continue;
-			}
-			if (!(events[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR)))
-				continue;
-			int answered = pump_in(w, c, now, 1);
-			if (answered < 0) {
-				fail_conn(w, c, &alive);
-				continue;
-			}
 			w->answered += (uint64_t)answered;
 			if (now < end)
 				w->ops += (uint64_t)answered;

@@ -4,14 +4,15 @@ The decoder is a state machine over the code tree: a state is an inner node
 (the bits read since the last symbol), and one precomputed transition per
 (state, octet) gives the next state and the zero, one or two symbols those
 eight bits complete. Decoding is then one table lookup per input octet, with
-no per-bit work in Python. The table is composed from a per-nibble one at
-import, which keeps the start-up cost to a few tens of milliseconds.
+no per-bit work in Python. The table is composed from a per-nibble one when
+the first Huffman string arrives, in a few tens of milliseconds.
 
 Only the decoder lives here: our encoder never Huffman-codes (see hpack.py).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
 # RFC 7541 Appendix B as printed there, so the two can be compared line by line;
@@ -341,7 +342,10 @@ def _nibbles(children: list[list[int]]) -> list[tuple[int, bytes]]:
     return nibble
 
 
+@functools.cache
 def _tables() -> tuple[list[int], list[bytes], list[str]]:
+    """Built on the first Huffman string, not at import: about 4 MB that a proxy whose
+    peers never Huffman-code (ours never do; Envoy does) does not need to hold."""
     children, depth, ones = _tree()
     inner = len(children)  # 256 for a complete code of 257 symbols
     states = inner + 1  # and the failed state after EOS
@@ -373,20 +377,16 @@ def _tables() -> tuple[list[int], list[bytes], list[str]]:
     return following, emitted, ending
 
 
-_FOLLOWING, _EMITTED, _ENDING = _tables()
-
-
 def decode(data: bytes) -> bytes:
     """The octets a Huffman-coded string stands for; HuffmanError if RFC 7541 5.2 forbids it."""
-    following = _FOLLOWING
-    emitted = _EMITTED
+    following, emitted, ending = _tables()
     state = 0
     out = []
     for octet in data:
         transition = state + octet
         state = following[transition]
         out.append(emitted[transition])
-    error = _ENDING[state >> 8]
+    error = ending[state >> 8]
     if error:
         raise HuffmanError(error)
     return b"".join(out)

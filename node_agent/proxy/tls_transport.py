@@ -203,6 +203,10 @@ class TlsTransport(asyncio.Transport):
         protocol.connection_made(self)
         if not self._closing:
             self.resume_reading()
+            # Reading ahead, the handshake may have taken the peer's first records
+            # (its preface, SETTINGS, a request) out of the kernel already: the
+            # loop will never report them, so look once now.
+            self._loop.call_soon(self._on_readable)
 
     # -- asyncio.BaseTransport ---------------------------------------------------
 
@@ -245,6 +249,8 @@ class TlsTransport(asyncio.Transport):
             self._loop.remove_reader(self._fd)
 
     def _on_readable(self) -> None:
+        if not self._reading:
+            return  # paused or closed since this was scheduled
         if self._write_waits_for_read:
             self._write_waits_for_read = False
             self._on_writable()

@@ -248,3 +248,32 @@ def test_read_ahead_is_on_for_the_proxys_contexts(contexts) -> None:
         libssl = tls_transport._libssl()
         address = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
         assert libssl.SSL_CTX_ctrl(address, 40, 0, None) == 1  # SSL_CTRL_GET_READ_AHEAD
+
+
+def test_records_read_ahead_during_the_handshake_are_delivered(contexts) -> None:
+    """The client writes in the same breath as its last handshake message: the
+    server's OpenSSL reads both at once (read-ahead), so the kernel has nothing
+    left to report, and the bytes must still reach the protocol."""
+    server_ctx, client_ctx = contexts
+
+    async def main() -> None:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        server = asyncio.create_task(
+            tls_transport.handshake(a, server_ctx, server_side=True, timeout=5)
+        )
+        client_tls = await tls_transport.handshake(b, client_ctx, server_side=False, timeout=5)
+        client_tls.send(b"first words")  # no await in between: beside the Finished message
+        server_tls = await server
+        protocol = Collector()
+        transport = tls_transport.TlsTransport(server_tls, protocol)
+        try:
+            async with asyncio.timeout(5):
+                while protocol.data != b"first words":
+                    await asyncio.sleep(0.01)
+        finally:
+            transport.abort()
+            client_tls.close()
+
+    run(main())

@@ -41,6 +41,7 @@ import yaml
 from node_agent.localmesh.cni_runtime import CniPluginError
 from node_agent.localmesh.mesh import REPO, LocalMesh, Process, real_proxy, spawn
 from node_agent.localmesh.topology import Pod
+from testbed.traffic_load import wait_serving
 
 CONFIG: Final = REPO / "examples" / "mesh.yaml"
 PORT: Final = 8080
@@ -244,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
             server = local.add_pod("node-2", "server")
             echo = spawn(server.netns, "echo", [*LOAD, "serve", "--port", str(PORT)], local.work)
             try:
+                wait_serving(server.netns, PORT)
                 soak = Soak(local, client, server, args.rate)
                 _drive(soak, args)
             finally:

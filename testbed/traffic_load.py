@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import ipaddress
 import json
 import sys
 import time
@@ -29,6 +30,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Final
 
 import uvloop
+
+from node_agent.localmesh.sockets import open_connection
+from node_agent.netns import Netns
 
 TIMEOUT_S: Final = 5.0
 TICK_S: Final = 0.1
@@ -46,6 +50,20 @@ class Report:
     long_lived_echoes: int = 0
     # The slowest new connections (seconds), to show a stall that did not fail.
     new_slowest: list[float] = field(default_factory=list)
+
+
+def wait_serving(netns: Netns, port: int, timeout_s: float = 15.0) -> None:
+    """Until `serve` in `netns` accepts on `port`: load started before it would fail."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            open_connection(netns, ipaddress.IPv4Address("127.0.0.1"), port, 1.0).close()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+            continue
+        return
 
 
 async def serve(port: int) -> None:

@@ -29,6 +29,7 @@ from node_agent.localmesh.mesh import (
     spawn,
 )
 from node_agent.localmesh.topology import Pod
+from testbed.traffic_load import wait_serving
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(300)]
 
@@ -61,6 +62,7 @@ def mesh() -> Iterator[Mesh]:
             server.netns, "echo", [*_load_command(), "serve", "--port", str(PORT)], local.work
         )
         try:
+            wait_serving(server.netns, PORT)
             yield Mesh(local, client, server)
         finally:
             echo.stop()
@@ -124,6 +126,15 @@ def test_a_proxy_upgrade_under_load_fails_no_connection(mesh: Mesh, upgraded: st
     report = _report(load)
 
     print(f"upgrade of {upgraded}'s proxy under load: {json.dumps(report)}")
+    # Shown only if an assertion fails: what the proxies said besides successes.
+    for name, each in (*((n, m.proxy) for n, m in mesh.local.nodes.items()), ("old", old)):
+        if each is not None:
+            unusual = [
+                line
+                for line in each.log.read_text(errors="replace").splitlines()
+                if '"outcome":"ok"' not in line
+            ]
+            print(f"--- {name} proxy log, less successes\n" + "\n".join(unusual[-40:]))
     assert report["new_attempted"] == int(RATE * SECONDS)
     assert report["new_failed"] == 0, report["new_failures"]
     assert report["long_lived_reset"] == 0, report["long_lived_resets"]

@@ -10,7 +10,7 @@ SSL transport (bench/proxy_hbone.py measures the proxy as a whole).
 A socket OpenSSL owns is also one the kernel can take over: with
 SSL_OP_ENABLE_KTLS on the context, OpenSSL hands the record layer to the
 kernel (kTLS) wherever the kernel and OpenSSL allow it, and nothing here
-changes. `kernel_tls` says which directions the kernel took.
+changes.
 
 Python never enables OpenSSL's read-ahead, so OpenSSL would read each record
 with two syscalls (its 5-byte header, then its body): 128 per MiB. `read_ahead`
@@ -39,10 +39,6 @@ WRITE_LOW: Final = 256 * 1024
 # Readiness waits per handshake: a TLS 1.3 handshake takes a handful; this only
 # stops a peer trickling bytes from keeping us busy inside the timeout.
 MAX_HANDSHAKE_STEPS: Final = 64
-SOL_TLS: Final = 282  # linux/socket.h
-TLS_TX: Final = 1
-TLS_RX: Final = 2
-_TLS_CRYPTO_INFO_SIZE: Final = 64
 
 
 async def handshake(
@@ -133,19 +129,6 @@ def _openssl_soversion() -> int:
     if major < 3:
         raise OSError(f"OpenSSL {ssl.OPENSSL_VERSION} is older than 3")
     return major
-
-
-def kernel_tls(tls: ssl.SSLSocket) -> tuple[bool, bool]:
-    """(transmit, receive): which directions the kernel encrypts for this socket."""
-    return _kernel_direction(tls, TLS_TX), _kernel_direction(tls, TLS_RX)
-
-
-def _kernel_direction(tls: ssl.SSLSocket, direction: int) -> bool:
-    try:
-        tls.getsockopt(SOL_TLS, direction, _TLS_CRYPTO_INFO_SIZE)
-    except OSError:
-        return False  # ENOPROTOOPT: no TLS ULP on this socket
-    return True
 
 
 _buffers = threading.local()

@@ -203,10 +203,6 @@ class Connection:
         self.send_headers(stream_id, headers, end_stream=end_stream)
         return stream_id
 
-    @property
-    def next_stream_id(self) -> int:
-        return self._next_stream_id
-
     def send_headers(self, stream_id: int, headers: HeaderList, *, end_stream: bool) -> None:
         stream = self.streams[stream_id]
         block = hpack.encode(headers)

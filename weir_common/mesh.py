@@ -7,6 +7,7 @@ them; a SPIFFE ID names a workload's identity in certificates and policies.
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Final
 
 from google.protobuf.message import Message
@@ -49,6 +50,11 @@ class SpiffeId:
         return cls(match["td"], match["ns"], match["sa"])
 
     def __str__(self) -> str:
+        return self.uri
+
+    @cached_property
+    def uri(self) -> str:
+        # Cached: the proxy names identities in metrics and logs on every connection.
         return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
 
 

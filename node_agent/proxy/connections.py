@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Callable, Coroutine, Sequence
@@ -45,6 +46,7 @@ class UpstreamConnector:
         self._sockets = sockets
         self._connect_timeout = connect_timeout
         self._handshake_timeout = handshake_timeout
+        self._loop = _LoopCache()
 
     async def connect(
         self,
@@ -59,13 +61,12 @@ class UpstreamConnector:
         The caller checks who answered: with `tls`, only that the peer chains
         to the context's trust bundle is known.
         """
-        loop = asyncio.get_running_loop()
+        loop = self._loop.get()
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         # Not in the try: failing to make a socket in the pod's netns is no fault of the upstream.
         sock = self._sockets.stream(pod.netns, family)
         try:
-            async with asyncio.timeout(self._connect_timeout):
-                await loop.sock_connect(sock, (address, port))
+            await _connect(loop, sock, (address, port), self._connect_timeout)
             if tls is None:
                 return await loop.create_connection(protocol, sock=sock)
             secured = await tls_transport.handshake(
@@ -74,8 +75,63 @@ class UpstreamConnector:
         except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
             sock.close()
             raise UpstreamError(f"cannot connect to {address}:{port}: {str(e) or 'timeout'}") from e
+        except BaseException:
+            sock.close()
+            raise
         connected = protocol()
         return tls_transport.TlsTransport(secured, connected), connected
+
+
+async def _connect(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, address: tuple[str, int], timeout: float
+) -> None:
+    """A non-blocking connect to a literal address, bounded by `timeout`.
+
+    Not loop.sock_connect: uvloop resolves even a literal address there with
+    getaddrinfo on its thread pool, a thread hop for every upstream connection.
+    """
+    try:
+        sock.connect(address)
+    except BlockingIOError:
+        pass
+    else:
+        return
+    writable: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _settle, writable, None)
+    timer = loop.call_later(timeout, _settle, writable, TimeoutError())
+    try:
+        await writable
+    finally:
+        timer.cancel()
+        loop.remove_writer(fd)
+    error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if error:
+        raise OSError(error, os.strerror(error))
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+class _LoopCache:
+    """The running loop, looked up once: on Python 3.11 each asyncio.get_running_loop()
+    is a getpid(2), and these are asked for it on every connection. A closed loop
+    (a test's previous one) is looked up again."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def get(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
 
 class ConnectionTasks:
@@ -83,12 +139,13 @@ class ConnectionTasks:
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop = _LoopCache()
 
     def __len__(self) -> int:
         return len(self._tasks)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        task = self._loop.get().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
 

@@ -138,10 +138,10 @@ class Flow:
     directions closed), or to why it ended otherwise.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.up = 0
         self.down = 0
-        self.done: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[str | None] = loop.create_future()
 
     def finish(self, error: str | None) -> None:
         if not self.done.done():
@@ -152,7 +152,7 @@ class Relay:
     """TCP to TCP, both directions, with half-close and backpressure."""
 
     def __init__(self, downstream: TcpPeer, upstream: TcpPeer) -> None:
-        self.flow = Flow()
+        self.flow = Flow(asyncio.get_running_loop())
         self._eofs = 0
         downstream.attach(_RelayHalf(self, downstream, upstream, upward=True))
         upstream.attach(_RelayHalf(self, upstream, downstream, upward=False))
@@ -215,8 +215,8 @@ class HboneStream:
     def __init__(self, conn: H2Protocol, stream_id: int) -> None:
         self.conn = conn
         self.id = stream_id
-        self.flow = Flow()
-        self.response: asyncio.Future[Headers] = asyncio.get_running_loop().create_future()
+        self.flow = Flow(conn.loop)
+        self.response: asyncio.Future[Headers] = conn.loop.create_future()
         self._peer: TcpPeer | None = None
         self._pending = bytearray()  # from TCP, waiting for HTTP/2 window
         self._early: list[Bytes] = []  # from HTTP/2 before a peer was attached
@@ -411,6 +411,9 @@ class H2Protocol(asyncio.Protocol):
         )
         self.streams: dict[int, HboneStream] = {}
         self.transport: asyncio.Transport | None = None
+        # Set with the transport. Kept because on Python 3.11 every
+        # asyncio.get_running_loop() is a getpid(2): per stream, that showed.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.write_paused = False
         self.closed = False
         self.goaway = False  # the peer said it takes no new streams
@@ -430,6 +433,7 @@ class H2Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self._loop = asyncio.get_running_loop()
         self.flush()  # the preface and our SETTINGS
 
     def data_received(self, data: bytes) -> None:
@@ -462,6 +466,12 @@ class H2Protocol(asyncio.Protocol):
 
     # -- used by streams, the pool and the listeners --------------------------
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("HBONE connection used before it was connected")
+        return self._loop
+
     def flush(self) -> None:
         """Send what the codec gathered, at the end of this event-loop iteration.
 
@@ -470,7 +480,7 @@ class H2Protocol(asyncio.Protocol):
         """
         if not self._flush_pending:
             self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self._flush_now)
+            self.loop.call_soon(self._flush_now)
 
     def _flush_now(self) -> None:
         self._flush_pending = False

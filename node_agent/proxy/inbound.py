@@ -9,6 +9,7 @@ connection through. A CONNECT may only name an address of the pod whose
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import re
@@ -61,13 +62,22 @@ def parse_authority(value: bytes | None) -> tuple[str, int] | None:
     if match is None:
         return None
     port = int(match["port"])
+    parsed = _ip_address(match["v6"] or match["v4"])
+    if parsed is None or not 0 < port < 65536 or (match["v6"] is not None) != (parsed[1] == 6):
+        return None
+    return parsed[0], port
+
+
+# Cached: a tunnel's CONNECTs name the same few pod addresses over and over,
+# and parsing took a few percent of the proxy's time per connection.
+@functools.lru_cache(maxsize=4096)
+def _ip_address(text: str) -> tuple[str, int] | None:
+    """(canonical text, version) of an IP address, or None if `text` is not one."""
     try:
-        address = ipaddress.ip_address(match["v6"] or match["v4"])
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
-    if not 0 < port < 65536 or (match["v6"] is not None) != (address.version == 6):
-        return None
-    return str(address), port
+    return str(address), address.version
 
 
 class TunnelListener:

@@ -12,7 +12,7 @@ import enum
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Any
 
 from weir_common.mesh import SpiffeId, resource_name
@@ -164,6 +164,9 @@ class MeshSnapshot:
         }
 
 
+# Cached: every connection looks up its peer's and its destination's address,
+# and parsing one took a few percent of the proxy's time per new connection.
+@lru_cache(maxsize=4096)
 def _canonical(ip: str) -> str:
     return str(ipaddress.ip_address(ip))
 

@@ -213,15 +213,19 @@ class Outbound:
     ) -> tuple[HboneStream, Headers]:
         """Open a CONNECT stream and wait for its response headers."""
         stream = await self._pool.open_stream(key, authority, dial)
+        # A timer on the future, not asyncio.timeout: that costs a task lookup
+        # and, on Python 3.11, getpid(2) calls on every connection.
+        timer = stream.conn.loop.call_later(self._response_timeout, _time_out, stream.response)
         try:
-            async with asyncio.timeout(self._response_timeout):
-                return stream, await stream.response
+            return stream, await stream.response
         except StreamRefusedError as e:
             stream.reset(f"no CONNECT response: {e}")
             raise _RefusedStreamError(e, stream.conn.opened_at) from e
         except TimeoutError as e:
             stream.reset("no CONNECT response in time")
             raise UpstreamError("no CONNECT response in time") from e
+        finally:
+            timer.cancel()
 
     @staticmethod
     def _check_response(stream: HboneStream, headers: Headers) -> HboneStream:
@@ -257,3 +261,8 @@ class Outbound:
             log.warning("%s presented %s, expected %s: refused", address, actual, expected)
             raise UpstreamError(f"{address} presented identity {actual}, expected {expected}")
         return conn
+
+
+def _time_out(response: asyncio.Future[Headers]) -> None:
+    if not response.done():
+        response.set_exception(TimeoutError())

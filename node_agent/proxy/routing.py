@@ -93,8 +93,8 @@ class EndpointPicker:
         self._ejected_until: dict[tuple[str, int], float] = {}
 
     def order(self, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
-        if not endpoints:
-            return []
+        if len(endpoints) < 2:
+            return list(endpoints)  # nothing to order: a pod dialed by IP, a one-pod service
         start = self._next % len(endpoints)
         self._next += 1
         rotated = [*endpoints[start:], *endpoints[:start]]

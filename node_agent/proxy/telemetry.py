@@ -190,17 +190,20 @@ class Telemetry:
         self.metrics = metrics
         self.access_log = access_log
         # Keyed by id(): records are mutable dataclasses, hence unhashable.
-        self._live: dict[int, tuple[ConnectionRecord, ByteCounts | None]] = {}
+        # The labels are kept from the opening: a record is complete once
+        # opened, and building them costs as much as counting with them.
+        self._live: dict[int, tuple[ConnectionRecord, ByteCounts | None, Labels]] = {}
 
     def opened(self, record: ConnectionRecord, counts: ByteCounts | None = None) -> None:
-        self.metrics.inc(OPENED, record.labels())
-        self._live[id(record)] = (record, counts)
+        labels = record.labels()
+        self.metrics.inc(OPENED, labels)
+        self._live[id(record)] = (record, counts, labels)
 
     def live(self) -> list[dict[str, Any]]:
         """The open connections, oldest first, with both identities, bytes, age, direction."""
         now = time.time()
         out = []
-        for record, counts in sorted(self._live.values(), key=lambda rc: rc[0].started):
+        for record, counts, _ in sorted(self._live.values(), key=lambda rc: rc[0].started):
             src, dst = record.source_workload, record.destination_workload
             out.append(
                 {
@@ -231,8 +234,8 @@ class Telemetry:
         return out
 
     def closed(self, record: ConnectionRecord, *, up: int, down: int, error: str | None) -> None:
-        self._live.pop(id(record), None)
-        labels = record.labels()
+        live = self._live.pop(id(record), None)
+        labels = live[2] if live is not None else record.labels()
         self.metrics.inc(CLOSED, labels)
         self.metrics.inc(RECEIVED, labels, up)
         self.metrics.inc(SENT, labels, down)

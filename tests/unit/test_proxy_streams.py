@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import pytest
 import uvloop
 
+from node_agent.proxy.connections import ConnectionTasks, Refusals, UpstreamConnector, UpstreamError
 from node_agent.proxy.hbone import (
     PENDING_HIGH,
     STREAM_WINDOW,
@@ -26,7 +27,12 @@ from node_agent.proxy.hbone import (
     Headers,
     TcpPeer,
 )
+from node_agent.proxy.outbound import Outbound
 from node_agent.proxy.pool import ConnectionPool, PoolExhaustedError
+from node_agent.proxy.routing import EndpointPicker
+from node_agent.proxy.sockets import NetnsSocketFactory
+from node_agent.proxy.state import MeshView, TlsContexts
+from node_agent.proxy.telemetry import AccessLog, ProxyMetrics, Telemetry
 
 LOCAL = "127.0.0.1"
 
@@ -305,5 +311,47 @@ def test_a_draining_peer_lets_open_streams_finish_and_new_ones_go_to_a_fresh_con
             assert await asyncio.wait_for(flow.done, 5) is None  # a clean end
             await asyncio.sleep(0.05)
             assert draining.closed and client_conn.closed  # closed once its last stream ended
+
+    run(main())
+
+
+def test_a_connect_left_unanswered_gives_up_at_the_response_timeout_and_resets(run):
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        unanswered: list[HboneStream] = []
+        server = await loop.create_server(
+            lambda: H2Protocol(client_side=False, on_request=lambda s, _h: unanswered.append(s)),
+            LOCAL,
+            0,
+        )
+        port = server.sockets[0].getsockname()[1]
+        metrics = ProxyMetrics()
+        outbound = Outbound(
+            mesh=MeshView(),
+            tls=TlsContexts(),
+            pool=ConnectionPool(max_streams=10, idle_seconds=60),
+            picker=EndpointPicker(),
+            upstream=UpstreamConnector(
+                NetnsSocketFactory(), connect_timeout=1, handshake_timeout=1
+            ),
+            tasks=ConnectionTasks(),
+            refusals=Refusals(metrics),
+            telemetry=Telemetry(metrics, AccessLog(lambda _line: None)),
+            response_timeout=0.2,
+        )
+
+        async def dial() -> H2Protocol:
+            conn = H2Protocol(client_side=True)
+            await loop.create_connection(lambda: conn, LOCAL, port)
+            return conn
+
+        started = loop.time()
+        with pytest.raises(UpstreamError, match="no CONNECT response in time"):
+            await outbound._request("key", "10.0.0.1:80", dial)
+        assert 0.15 < loop.time() - started < 2.0
+        await asyncio.sleep(0.05)
+        (stream,) = unanswered
+        assert stream.flow.done.done()  # the client reset it: the server let go too
+        server.close()
 
     run(main())

@@ -44,15 +44,24 @@ class Workload:
     captured: bool = True
     mtls_mode: MtlsMode = MtlsMode.STRICT
 
-    @property
+    # Cached (workloads are immutable and live as long as the snapshot): the
+    # proxy asks these on every connection.
+    @cached_property
     def key(self) -> str:
         return resource_name(self.namespace, self.name)
 
     def identity(self, trust_domain: str) -> SpiffeId:
-        return SpiffeId(trust_domain, self.namespace, self.service_account)
+        return _spiffe_id(trust_domain, self.namespace, self.service_account)
 
     def ip_of_family(self, version: int) -> str | None:
-        return next((ip for ip in self.ips if ipaddress.ip_address(ip).version == version), None)
+        return self._first_ip_by_version.get(version)
+
+    @cached_property
+    def _first_ip_by_version(self) -> dict[int, str]:
+        first: dict[int, str] = {}
+        for ip in self.ips:
+            first.setdefault(ipaddress.ip_address(ip).version, ip)
+        return first
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,12 @@ class MeshSnapshot:
             "services": {k: _plain(s) for k, s in sorted(self.services.items())},
             "policies": {k: _plain(p) for k, p in sorted(self.policies.items())},
         }
+
+
+@lru_cache(maxsize=4096)
+def _spiffe_id(trust_domain: str, namespace: str, service_account: str) -> SpiffeId:
+    """One object per identity, so its URI is built once (SpiffeId.uri is cached)."""
+    return SpiffeId(trust_domain, namespace, service_account)
 
 
 # Cached: every connection looks up its peer's and its destination's address,

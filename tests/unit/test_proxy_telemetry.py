@@ -122,3 +122,35 @@ def test_metrics_endpoint_serves_prometheus_text_and_readiness():
             await server.close()
 
     uvloop.run(asyncio.wait_for(main(), 10))
+
+
+def test_access_log_line_is_the_json_of_the_entry_for_any_text():
+    """Put together by hand for speed: it must parse to exactly what json.dumps would write."""
+    lines: list[str] = []
+    log = AccessLog(lines.append)
+    odd = 'quote " backslash \\ newline \n tab \t nul \x00 é ☃ \U0001f600'
+    rec = record(source_addr=odd, source_identity=None, destination_service=None, started=1e9 + 0.5)
+    log.record(rec, sent=7, received=0, outcome="error", reason=odd)
+    log.record(record(started=1e9 + 1.25), sent=0, received=3, outcome="ok", reason=None)
+    first, second = (json.loads(line) for line in lines)
+    assert first["start_time"] == "2001-09-09T01:46:40Z"
+    assert second["start_time"] == "2001-09-09T01:46:41Z"
+    assert isinstance(first.pop("duration_ms"), float)
+    assert first == {
+        "start_time": "2001-09-09T01:46:40Z",
+        "reporter": "source",
+        "src": {"addr": odd, "workload": "web/a", "identity": None},
+        "dst": {
+            "addr": "10.244.2.2:8080",
+            "workload": "prod/b",
+            "identity": "spiffe://cluster.local/ns/prod/sa/b-sa",
+            "service": None,
+        },
+        "security_policy": "mutual_tls",
+        "bytes_sent": 7,
+        "bytes_received": 0,
+        "outcome": "error",
+        "reason": odd,
+    }
+    assert second["reason"] is None and second["src"]["identity"].endswith("/sa/a-sa")
+    assert all(line.isascii() and "\n" not in line for line in lines)

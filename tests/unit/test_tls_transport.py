@@ -275,3 +275,104 @@ def test_records_read_ahead_during_the_handshake_are_delivered(contexts) -> None
             client_tls.close()
 
     run(main())
+
+
+@pytest.fixture(params=["has_pending", "until_want_read"])
+def read_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a read event ends: asking OpenSSL (this Python), or reading until
+    SSLWantReadError (a Python whose SSL object layout is not the known one)."""
+    if request.param == "until_want_read":
+        monkeypatch.setattr(tls_transport, "_has_pending_probe", lambda _tls: None)
+    return str(request.param)
+
+
+def test_this_python_reads_with_has_pending(contexts) -> None:
+    async def main() -> None:
+        async with tls_pair(contexts, Collector, Collector) as (server, client):
+            assert server._has_pending is not None and client._has_pending is not None
+            assert tls_transport._LayoutCheck.confirmed is True
+            assert server._has_pending() == 0  # nothing sent yet
+
+    run(main())
+
+
+def test_a_burst_of_small_records_read_ahead_at_once_is_delivered_whole(
+    contexts, read_mode: str
+) -> None:
+    """300 records land in the kernel before the server reads: OpenSSL takes them
+    all in one read-ahead, so only OpenSSL, not the kernel, knows the rest is
+    there. Stopping when the record at hand is done would strand them."""
+    server_ctx, client_ctx = contexts
+    records = [bytes([i % 251]) * 100 for i in range(300)]
+
+    async def main() -> None:
+        a, b = socket.socketpair()
+        for sock, option in ((a, socket.SO_RCVBUF), (b, socket.SO_SNDBUF)):
+            sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)  # room for the whole burst
+        a.setblocking(False)
+        b.setblocking(False)
+        server = asyncio.create_task(
+            tls_transport.handshake(a, server_ctx, server_side=True, timeout=5)
+        )
+        client_tls = await tls_transport.handshake(b, client_ctx, server_side=False, timeout=5)
+        server_tls = await server
+        for record in records:  # each send is one record
+            client_tls.send(record)
+        protocol = Collector()
+        transport = tls_transport.TlsTransport(server_tls, protocol)
+        try:
+            async with asyncio.timeout(5):
+                while len(protocol.data) < 30_000:
+                    await asyncio.sleep(0.01)
+            assert protocol.data == b"".join(records)
+        finally:
+            transport.abort()
+            client_tls.close()
+
+    run(main())
+
+
+def test_megabytes_arrive_whole_either_way_reads_end(contexts, read_mode: str) -> None:
+    payload = hashlib.sha256(b"other seed").digest() * (2 * 1024 * 1024 // 32)
+
+    async def main() -> None:
+        async with tls_pair(contexts, lambda: Collector(echo=True), Collector) as (_, client):
+            protocol = client.get_protocol()
+            assert isinstance(protocol, Collector)
+            client.write(payload)
+            async with asyncio.timeout(30):
+                while len(protocol.data) < len(payload):
+                    await asyncio.sleep(0.01)
+            assert protocol.data == payload
+
+    run(main())
+
+
+def test_a_peer_gone_without_close_notify_is_an_eof(contexts, read_mode: str) -> None:
+    """What SSLSocket's suppress_ragged_eofs made of it before reads went to OpenSSL directly."""
+    server_ctx, client_ctx = contexts
+
+    async def main() -> None:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        b.setblocking(False)
+        server = asyncio.create_task(
+            tls_transport.handshake(a, server_ctx, server_side=True, timeout=5)
+        )
+        client_tls = await tls_transport.handshake(b, client_ctx, server_side=False, timeout=5)
+        server_tls = await server
+        client_tls.send(b"last words")
+        client_tls.shutdown(
+            socket.SHUT_WR
+        )  # the FIN alone: SSLSocket.shutdown sends no close_notify
+        protocol = Collector()
+        transport = tls_transport.TlsTransport(server_tls, protocol)
+        try:
+            async with asyncio.timeout(5):
+                lost = await protocol.lost
+            assert (bytes(protocol.data), protocol.eof, lost) == (b"last words", True, None)
+        finally:
+            transport.abort()
+            client_tls.close()
+
+    run(main())

@@ -25,6 +25,13 @@ reach the SSL object, reads go on until SSLWantReadError instead.
 
 Reads and writes call the SSLSocket's own `_sslobj` (what its `recv_into` and
 `send` end in) directly: two Python frames less per call.
+
+OpenSSL writes each record (16 KiB at most) with its own syscall: 64 per MiB,
+each its own packet through the pod's netfilter hooks. Where the SSL object is
+reachable, a buffering BIO (BIO_f_buffer, WRITE_COALESCE bytes) goes in front
+of the socket for writes, as OpenSSL itself does during the handshake, and is
+flushed after every write we hand it: records leave in 64 KiB writes, and a
+small write still leaves at once.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -45,6 +53,7 @@ from typing import Any, Final, Protocol, cast
 log = logging.getLogger(__name__)
 
 READ_BUFFER: Final = 256 * 1024
+WRITE_COALESCE: Final = 64 * 1024  # per connection, allocated by OpenSSL
 WRITE_HIGH: Final = 1024 * 1024
 WRITE_LOW: Final = 256 * 1024
 # Readiness waits per handshake: a TLS 1.3 handshake takes a handful; this only
@@ -120,6 +129,11 @@ def read_ahead(context: ssl.SSLContext) -> str | None:
 
 
 _SSL_CTRL_SET_READ_AHEAD: Final = 41  # openssl/ssl.h
+# openssl/bio.h
+_BIO_CTRL_FLUSH: Final = 11
+_BIO_CTRL_GET_KTLS_SEND: Final = 73
+_BIO_C_SET_BUFF_SIZE: Final = 117
+_BIO_FLAGS_SHOULD_RETRY: Final = 0x08
 # CPython's PySSLSocket: the object header, a weakref to the socket, then the SSL*
 # (the same from 3.7 to 3.13; other versions are not trusted with it).
 _SSL_OFFSET: Final = object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)
@@ -151,8 +165,8 @@ class _LayoutCheck:
     confirmed: bool | None = None
 
 
-def _has_pending_probe(tls: ssl.SSLSocket) -> Callable[[], int] | None:
-    """A call telling whether OpenSSL holds any of `tls`'s input (SSL_has_pending), or None."""
+def _ssl_address(tls: ssl.SSLSocket) -> int | None:
+    """The SSL* under `tls`, or None where it cannot be reached safely."""
     sslobj = getattr(tls, "_sslobj", None)
     if not _SSL_LAYOUT_KNOWN or sslobj is None or _LayoutCheck.confirmed is False:
         return None
@@ -172,11 +186,67 @@ def _has_pending_probe(tls: ssl.SSLSocket) -> Callable[[], int] | None:
         )
         if not _LayoutCheck.confirmed:
             log.warning(
-                "TLS reads end on SSLWantReadError: this Python's SSL object layout "
-                "is not the one expected"
+                "TLS reads end on SSLWantReadError and records are written one by one: "
+                "this Python's SSL object layout is not the one expected"
             )
             return None
-    return functools.partial(libssl.SSL_has_pending, ctypes.c_void_p(address))
+    return address
+
+
+def _has_pending_probe(tls: ssl.SSLSocket) -> Callable[[], int] | None:
+    """A call telling whether OpenSSL holds any of `tls`'s input (SSL_has_pending), or None."""
+    address = _ssl_address(tls)
+    if address is None:
+        return None
+    return functools.partial(_libssl().SSL_has_pending, ctypes.c_void_p(address))
+
+
+class _WriteBuffer:
+    """A buffering BIO in front of the socket, for writes only (see the module docstring).
+
+    OpenSSL owns it from installation on (SSL_free frees it with the socket
+    BIO it leads to); this only flushes it.
+    """
+
+    def __init__(self, address: int) -> None:
+        self._bio = ctypes.c_void_p(address)
+        self._flush = functools.partial(_libcrypto().BIO_ctrl, self._bio, _BIO_CTRL_FLUSH, 0, None)
+
+    @classmethod
+    def install(cls, tls: ssl.SSLSocket) -> _WriteBuffer | None:
+        """Put a buffer in front of `tls`'s socket BIO; None where it cannot or must not be."""
+        address = _ssl_address(tls)
+        if address is None:
+            return None
+        try:
+            libcrypto = _libcrypto()
+        except (OSError, AttributeError):
+            return None
+        libssl = _libssl()
+        socket_bio = libssl.SSL_get_wbio(address)
+        # With kTLS the kernel frames records: OpenSSL must write to the socket itself.
+        if not socket_bio or libcrypto.BIO_ctrl(socket_bio, _BIO_CTRL_GET_KTLS_SEND, 0, None):
+            return None
+        buffer = libcrypto.BIO_new(libcrypto.BIO_f_buffer())
+        if not buffer:
+            return None
+        if libcrypto.BIO_int_ctrl(buffer, _BIO_C_SET_BUFF_SIZE, WRITE_COALESCE, 1) != 1:
+            libcrypto.BIO_free(buffer)
+            return None
+        # The socket BIO is also the read BIO: one more reference for the chain,
+        # which SSL_set0_wbio takes over (dropping the reference the old wbio held).
+        libcrypto.BIO_up_ref(socket_bio)
+        libcrypto.BIO_push(buffer, socket_bio)
+        libssl.SSL_set0_wbio(address, buffer)
+        return cls(buffer)
+
+    def flush(self) -> bool | None:
+        """True when all went to the socket, False when it would block, None on an error."""
+        if self._flush() == 1:
+            return True
+        if _libcrypto().BIO_test_flags(self._bio, _BIO_FLAGS_SHOULD_RETRY):
+            return False
+        return None
 
 
 @functools.cache
@@ -195,6 +265,31 @@ def _libssl() -> ctypes.CDLL:
     library.SSL_get_fd.argtypes = [ctypes.c_void_p]
     library.SSL_get_SSL_CTX.restype = ctypes.c_void_p
     library.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
+    library.SSL_get_wbio.restype = ctypes.c_void_p
+    library.SSL_get_wbio.argtypes = [ctypes.c_void_p]
+    library.SSL_set0_wbio.restype = None
+    library.SSL_set0_wbio.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    return library
+
+
+@functools.cache
+def _libcrypto() -> ctypes.CDLL:
+    """The libcrypto beside `_libssl`, for the BIO calls."""
+    library = ctypes.CDLL(f"libcrypto.so.{_openssl_soversion()}")
+    bio, long, integer = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    for name, restype, argtypes in (
+        ("BIO_f_buffer", ctypes.c_void_p, []),  # a BIO_METHOD*
+        ("BIO_new", bio, [ctypes.c_void_p]),
+        ("BIO_free", integer, [bio]),
+        ("BIO_up_ref", integer, [bio]),
+        ("BIO_push", bio, [bio, bio]),
+        ("BIO_ctrl", long, [bio, integer, long, ctypes.c_void_p]),
+        ("BIO_int_ctrl", long, [bio, integer, long, integer]),
+        ("BIO_test_flags", integer, [bio, integer]),
+    ):
+        function = getattr(library, name)
+        function.restype = restype
+        function.argtypes = argtypes
     return library
 
 
@@ -235,6 +330,8 @@ class TlsTransport(asyncio.Transport):
         self._read = sslobj.read
         self._write = sslobj.write
         self._has_pending = _has_pending_probe(tls)
+        self._buffer = _WriteBuffer.install(tls)
+        self._buffer_unflushed = False  # a flush would have blocked: the writer finishes it
         self._fd = tls.fileno()
         self._protocol = cast(asyncio.Protocol, protocol)
         self._inflight: bytes | bytearray | memoryview | None = None
@@ -282,7 +379,7 @@ class TlsTransport(asyncio.Transport):
             return
         self._closing = True
         self._stop_reading()
-        if self._inflight is None and not self._queue:
+        if self._inflight is None and not self._queue and not self._buffer_unflushed:
             self._loop.call_soon(self._finish, None, True)
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
@@ -384,6 +481,7 @@ class TlsTransport(asyncio.Transport):
             self._fatal(e)
             return
         if sent == len(data):
+            self._flush_buffer()
             return
         if sent == 0:
             self._inflight = data  # OpenSSL may hold part of it: retried exactly as it was
@@ -400,7 +498,25 @@ class TlsTransport(asyncio.Transport):
             self._writer_armed = True
             self._loop.add_writer(self._fd, self._on_writable)
 
+    def _flush_buffer(self) -> bool:
+        """Whether the write buffer is empty now; when it would block, the writer is armed."""
+        if self._buffer is None:
+            return True
+        flushed = self._buffer.flush()
+        if flushed:
+            self._buffer_unflushed = False
+            return True
+        if flushed is None:
+            error = self._tls.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._fatal(OSError(error, os.strerror(error)) if error else ConnectionResetError())
+            return False
+        self._buffer_unflushed = True
+        self._arm_writer()
+        return False
+
     def _on_writable(self) -> None:
+        if self._buffer_unflushed and not self._flush_buffer():
+            return
         while self._inflight is not None or self._queue:
             if self._inflight is None:
                 queue = self._queue
@@ -431,6 +547,8 @@ class TlsTransport(asyncio.Transport):
                 rest = memoryview(data)[sent:]
                 self._queue.appendleft(rest)
                 self._queued += len(rest)
+        if not self._flush_buffer():
+            return
         self._disarm_writer()
         if self._protocol_paused and self._queued <= self._low:
             self._protocol_paused = False

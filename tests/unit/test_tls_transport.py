@@ -10,6 +10,7 @@ import hashlib
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 import uvloop
@@ -279,19 +280,50 @@ def test_records_read_ahead_during_the_handshake_are_delivered(contexts) -> None
 
 @pytest.fixture(params=["has_pending", "until_want_read"])
 def read_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways a read event ends: asking OpenSSL (this Python), or reading until
-    SSLWantReadError (a Python whose SSL object layout is not the known one)."""
+    """With the SSL object reached (this Python: reads end on SSL_has_pending, writes
+    go through the buffer), and without (a Python whose layout is not the known one:
+    reads end on SSLWantReadError, OpenSSL writes each record itself)."""
     if request.param == "until_want_read":
-        monkeypatch.setattr(tls_transport, "_has_pending_probe", lambda _tls: None)
+        monkeypatch.setattr(tls_transport, "_ssl_address", lambda _tls: None)
     return str(request.param)
 
 
-def test_this_python_reads_with_has_pending(contexts) -> None:
+def test_this_python_reads_with_has_pending_and_writes_through_the_buffer(contexts) -> None:
     async def main() -> None:
         async with tls_pair(contexts, Collector, Collector) as (server, client):
-            assert server._has_pending is not None and client._has_pending is not None
             assert tls_transport._LayoutCheck.confirmed is True
+            for transport in (server, client):
+                assert transport._has_pending is not None and transport._buffer is not None
             assert server._has_pending() == 0  # nothing sent yet
+
+    run(main())
+
+
+def write_syscalls() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("syscw:"):
+            return int(line.split()[1])
+    raise AssertionError("no syscw in /proc/self/io")
+
+
+@pytest.mark.parametrize("size", [1, 1 << 20])
+def test_records_leave_in_few_writes_and_a_small_write_leaves_at_once(contexts, size) -> None:
+    """1 MiB is 64 records: OpenSSL alone writes each with its own syscall; through
+    the 64 KiB buffer they leave in about 16. One byte must not wait in the buffer."""
+    payload = bytes(range(256)) * (size // 256) if size > 1 else b"!"
+
+    async def main() -> None:
+        async with tls_pair(contexts, Collector, Collector) as (server, client):
+            protocol = server.get_protocol()
+            assert isinstance(protocol, Collector)
+            before = write_syscalls()
+            client.write(payload)
+            async with asyncio.timeout(10):
+                while len(protocol.data) < len(payload):
+                    await asyncio.sleep(0.001)
+            writes = write_syscalls() - before
+            assert protocol.data == payload
+            assert writes <= (1 if size == 1 else 24), writes
 
     run(main())
 

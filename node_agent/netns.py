@@ -113,15 +113,17 @@ def _return(home_fd: int, left: object) -> None:
 
 
 def socket_inside(netns_fd: int, home_fd: int, family: socket.AddressFamily) -> socket.socket:
-    """A TCP socket of the namespace `netns_fd`, made by stepping in and back to `home_fd`.
+    """A non-blocking TCP socket of the namespace `netns_fd`, made by stepping in and
+    back to `home_fd`.
 
     For the proxy's hot path: the caller keeps both fds open, so a socket in a
     pod costs two setns(2) calls and no path lookups. `home_fd` must be the
-    calling thread's own namespace.
+    calling thread's own namespace. Non-blocking from socket(2) on: no
+    ioctl(2) to make it so afterwards.
     """
     libc.setns(netns_fd, _CLONE_NEWNET)
     try:
-        return socket.socket(family, socket.SOCK_STREAM)
+        return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     finally:
         _return(home_fd, f"namespace fd {netns_fd}")
 

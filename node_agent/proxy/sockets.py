@@ -82,7 +82,6 @@ class NetnsSocketFactory:
         sock = socket_inside(fd, home, family)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)
-            sock.setblocking(False)
         except BaseException:
             sock.close()
             raise

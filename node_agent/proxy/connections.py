@@ -69,7 +69,10 @@ class UpstreamConnector:
         try:
             await _connect(loop, sock, (address, port), self._connect_timeout)
             if tls is None:
+                # uvloop's transport sets TCP_NODELAY itself.
                 return await loop.create_connection(protocol, sock=sock)
+            # Frames are small and latency-bound (a CONNECT, a window update).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             secured = await tls_transport.handshake(
                 sock, tls, server_side=False, timeout=self._handshake_timeout
             )

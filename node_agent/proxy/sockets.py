@@ -29,7 +29,7 @@ class SocketFactory(Protocol):
         ...
 
     def stream(self, netns: Netns, family: socket.AddressFamily) -> socket.socket:
-        """A non-blocking, unconnected TCP socket of `netns`, ready for sock_connect."""
+        """A non-blocking, unconnected TCP socket of `netns`, ready to connect."""
         ...
 
     def forget(self, netns: Netns) -> None:
@@ -63,9 +63,7 @@ class NetnsSocketFactory:
         return sock
 
     def stream(self, netns: Netns, family: socket.AddressFamily) -> socket.socket:
-        sock = self._create(netns, family)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        return self._create(netns, family)
 
     def forget(self, netns: Netns) -> None:
         fd = self._netns_fds.pop(netns, None)

@@ -105,6 +105,7 @@ def test_upstream_connects_from_the_pod_and_reports_refusal(loopback_netns: Netn
             assert socket_netns_inode(sock) == loopback_netns.inode
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == PROXY_MARK
             assert sock.getpeername() == ("127.0.0.1", port)
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # uvloop's doing
         finally:
             peer.abort()
         server.close()  # nothing listens there now

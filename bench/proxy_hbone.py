@@ -59,7 +59,9 @@ Figures (per path, per repeat):
   and measure in separate runs.
 - RSS (after all repeats): VmRSS of each Weir proxy with the benchmark's pods,
   then with --pods more captured pods enrolled on node 1's proxy (each its own
-  service account, so its own certificate); Envoy's for reference.
+  service account, so its own certificate); Envoy's for reference. Each Weir
+  proxy runs in bench/proxy_hbone_child.py, which loads what `weir proxy run`
+  loads (gRPC and protobuf included) and not the benchmark's own libraries.
 
 The harness must not be the bottleneck: the direct path's figures are
 printed beside the others, and the harness check after the table warns
@@ -84,7 +86,6 @@ the figure depended on the order of the paths, not on the proxy.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import datetime
@@ -103,21 +104,18 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final, Literal
 
-import uvloop
-
+from bench.proxy_hbone_child import READY, workload_json
 from controlplane.ca import load_or_create_root
 from node_agent.constants import PROXY_GID, PROXY_UID
 from node_agent.localmesh.topology import LocalTopology, Node, Pod
 from node_agent.localmesh.wiring import set_sysctls
 from node_agent.netns import Netns, entered
-from node_agent.proxy.model import MeshSnapshot, MtlsMode, Workload
-from node_agent.proxy.proxy import ProxySettings, build
-from node_agent.proxy.telemetry import AccessLog
+from node_agent.proxy.model import Workload
 from node_agent.redirect.backend import Backend
 from node_agent.redirect.config import CaptureConfig
 from node_agent.redirect.iptables import IptablesCapture
 from testbed import native
-from testbed.proxy_fakes import LocalCaCertificates, StaticConfigSource
+from testbed.proxy_fakes import LocalCaCertificates
 from testbed.proxy_lab import (
     TRUST_DOMAIN,
     EnvoyProcess,
@@ -130,7 +128,7 @@ from weir_common.mesh import SpiffeId
 PATHS: Final = ("direct", "weir", "envoy")
 ECHO_PORT: Final = 8080
 ENVOY_PORT: Final = 15100
-READY: Final = "ready"
+CHILD: Final = Path(__file__).with_name("proxy_hbone_child.py")
 CHILD_READY_TIMEOUT: Final = 60.0
 ENROLL_TIMEOUT: Final = 600.0
 POD_SYSCTLS: Final = {
@@ -444,73 +442,6 @@ def check_cpus(harness: int, middle: int, available: set[int]) -> None:
             raise ValueError(f"{flag} {cpu} is not a CPU this process may use {sorted(available)}")
 
 
-# -- child process: one node's Weir proxy -------------------------------------------
-
-
-def _workload_json(workload: Workload) -> dict[str, object]:
-    return {**dataclasses.asdict(workload), "mtls_mode": workload.mtls_mode.value}
-
-
-def _workload_from_json(raw: Mapping[str, object]) -> Workload:
-    fields = dict(raw)
-    ips = fields.pop("ips")
-    mode = fields.pop("mtls_mode")
-    assert isinstance(ips, list) and isinstance(mode, str)
-    return Workload(**fields, ips=tuple(ips), mtls_mode=MtlsMode(mode))  # type: ignore[arg-type]
-
-
-async def run_proxy(config_path: str) -> None:
-    """One node's proxy from a JSON description (what the node agent would hand it).
-
-    After "ready", each line on stdin is {"workloads": [...], "pods": [{"key", "netns"}]}:
-    the workloads join the mesh, the pods are enrolled, and "added N" is printed.
-    """
-    config = json.loads(Path(config_path).read_text())
-    ca = load_or_create_root(
-        Path(config["ca_dir"]), TRUST_DOMAIN, now=datetime.datetime.now(datetime.UTC)
-    )
-    workloads = {w.key: w for w in map(_workload_from_json, config["workloads"])}
-
-    def snapshot() -> MeshSnapshot:
-        return MeshSnapshot(TRUST_DOMAIN, tuple(ca.trust_bundle_pem), workloads=dict(workloads))
-
-    source = StaticConfigSource(snapshot())
-    settings = dataclasses.replace(ProxySettings(), metrics_address=None, readiness_address=None)
-    proxy = build(
-        settings,
-        config=source,
-        certificates=LocalCaCertificates(ca),
-        access_log=AccessLog(lambda _line: None),  # measured: the proxy, not a log writer
-    )
-    await proxy.start()
-    for pod in config["pods"]:
-        await proxy.add_pod(Netns.validate(pod["netns"]), workloads[pod["key"]])
-
-    async def enroll_from_stdin() -> None:
-        reader = asyncio.StreamReader(limit=64 << 20)
-        loop = asyncio.get_running_loop()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while line := await reader.readline():
-            request = json.loads(line)
-            for raw in request["workloads"]:
-                workload = _workload_from_json(raw)
-                workloads[workload.key] = workload
-            source.set(snapshot())
-            for pod in request["pods"]:
-                await proxy.add_pod(Netns.validate(pod["netns"]), workloads[pod["key"]])
-            print(f"added {len(request['pods'])}", flush=True)
-
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    commands = asyncio.create_task(enroll_from_stdin())
-    print(READY, flush=True)
-    await stop.wait()
-    commands.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await commands
-    await proxy.shutdown(1.0)
-
-
 # -- the harness: processes, pinning, measuring ---------------------------------------
 
 
@@ -713,7 +644,7 @@ def enroll_many(
         captured.append(pod)
     wired = time.monotonic()
     request = {
-        "workloads": [_workload_json(make_workload(p, True)) for p in pods],
+        "workloads": [workload_json(make_workload(p, True)) for p in pods],
         "pods": [{"key": f"{p.namespace}/{p.name}", "netns": str(p.netns.path)} for p in pods],
     }
     assert proxy.stdin is not None
@@ -796,7 +727,8 @@ def run_benchmark(args: argparse.Namespace) -> Result:
                     json.dumps(
                         {
                             "ca_dir": str(work / "ca"),
-                            "workloads": [_workload_json(w) for w in workloads],
+                            "trust_domain": TRUST_DOMAIN,
+                            "workloads": [workload_json(w) for w in workloads],
                             "pods": [
                                 {"key": f"{pod.namespace}/{pod.name}", "netns": str(pod.netns.path)}
                             ],
@@ -804,7 +736,7 @@ def run_benchmark(args: argparse.Namespace) -> Result:
                     )
                 )
                 proxies[node] = spawn(
-                    None, [sys.executable, __file__, "proxy", str(config)], f"{node} proxy"
+                    None, [sys.executable, str(CHILD), str(config)], f"{node} proxy"
                 )
                 children.append(proxies[node])
             for pod in (b, d, f):
@@ -1078,9 +1010,6 @@ def parse_args(argv: Sequence[str], available_cpus: set[int] | None = None) -> a
 
 
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "proxy":
-        uvloop.run(run_proxy(sys.argv[2]))
-        return
     args = parse_args(sys.argv[1:])
     result = run_benchmark(args)
     print(report(args, result))

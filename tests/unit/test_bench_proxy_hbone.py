@@ -14,8 +14,6 @@ from bench.proxy_hbone import (
     Result,
     Row,
     Summary,
-    _workload_from_json,
-    _workload_json,
     add_added_p99,
     add_failure_totals,
     bulk_deadline,
@@ -34,6 +32,7 @@ from bench.proxy_hbone import (
     summarize,
     summarize_runs,
 )
+from bench.proxy_hbone_child import workload_from_json, workload_json
 from node_agent.proxy.model import MtlsMode, Workload
 
 CPUS = {0, 1}
@@ -415,4 +414,4 @@ def test_workloads_cross_to_the_proxy_child_intact() -> None:
         "uid-1", "a", "default", "sa-a", "node-1", ("10.244.1.2",), captured=True,
         mtls_mode=MtlsMode.PERMISSIVE,
     )  # fmt: skip
-    assert _workload_from_json(json.loads(json.dumps(_workload_json(workload)))) == workload
+    assert workload_from_json(json.loads(json.dumps(workload_json(workload)))) == workload

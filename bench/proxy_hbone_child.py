@@ -1,0 +1,103 @@
+"""One node's Weir proxy for bench/proxy_hbone.py, as its own process (started by it).
+
+    python bench/proxy_hbone_child.py CONFIG.json
+
+It imports what `weir proxy run` imports (node_agent.proxy.cli: gRPC,
+protobuf, cryptography, uvloop) and little more, so its resident memory is a
+node proxy's: the benchmark's own libraries (pyroute2, python-iptables, the
+topology) stay in the parent. Config and certificates come from the JSON file
+and a local CA instead of the control plane; the gRPC client is imported, not
+connected.
+
+After "ready", each line on stdin is {"workloads": [...], "pods": [{"key", "netns"}]}:
+the workloads join the mesh, the pods are enrolled, and "added N" is printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import json
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+import uvloop
+
+import node_agent.proxy.cli  # noqa: F401 - a node proxy's libraries, for its memory figure
+from controlplane.ca import load_or_create_root
+from node_agent.netns import Netns
+from node_agent.proxy.model import MeshSnapshot, MtlsMode, Workload
+from node_agent.proxy.proxy import ProxySettings, build
+from node_agent.proxy.telemetry import AccessLog
+from testbed.proxy_fakes import LocalCaCertificates, StaticConfigSource
+
+READY: Final = "ready"
+
+
+def workload_json(workload: Workload) -> dict[str, object]:
+    return {**dataclasses.asdict(workload), "mtls_mode": workload.mtls_mode.value}
+
+
+def workload_from_json(raw: Mapping[str, object]) -> Workload:
+    fields = dict(raw)
+    ips = fields.pop("ips")
+    mode = fields.pop("mtls_mode")
+    assert isinstance(ips, list) and isinstance(mode, str)
+    return Workload(**fields, ips=tuple(ips), mtls_mode=MtlsMode(mode))  # type: ignore[arg-type]
+
+
+async def run_proxy(config_path: str) -> None:
+    config = json.loads(Path(config_path).read_text())
+    trust_domain = config["trust_domain"]
+    ca = load_or_create_root(
+        Path(config["ca_dir"]), trust_domain, now=datetime.datetime.now(datetime.UTC)
+    )
+    workloads = {w.key: w for w in map(workload_from_json, config["workloads"])}
+
+    def snapshot() -> MeshSnapshot:
+        return MeshSnapshot(trust_domain, tuple(ca.trust_bundle_pem), workloads=dict(workloads))
+
+    source = StaticConfigSource(snapshot())
+    settings = dataclasses.replace(ProxySettings(), metrics_address=None, readiness_address=None)
+    proxy = build(
+        settings,
+        config=source,
+        certificates=LocalCaCertificates(ca),
+        access_log=AccessLog(lambda _line: None),  # measured: the proxy, not a log writer
+    )
+    await proxy.start()
+    for pod in config["pods"]:
+        await proxy.add_pod(Netns.validate(pod["netns"]), workloads[pod["key"]])
+
+    async def enroll_from_stdin() -> None:
+        reader = asyncio.StreamReader(limit=64 << 20)
+        loop = asyncio.get_running_loop()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while line := await reader.readline():
+            request = json.loads(line)
+            for raw in request["workloads"]:
+                workload = workload_from_json(raw)
+                workloads[workload.key] = workload
+            source.set(snapshot())
+            for pod in request["pods"]:
+                await proxy.add_pod(Netns.validate(pod["netns"]), workloads[pod["key"]])
+            print(f"added {len(request['pods'])}", flush=True)
+
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    commands = asyncio.create_task(enroll_from_stdin())
+    print(READY, flush=True)
+    await stop.wait()
+    commands.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await commands
+    await proxy.shutdown(1.0)
+
+
+if __name__ == "__main__":
+    uvloop.run(run_proxy(sys.argv[1]))

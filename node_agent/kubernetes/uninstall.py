@@ -57,6 +57,7 @@ from node_agent.redirect.ebpf.capture import EbpfCapture
 from node_agent.redirect.ebpf.pins import PinLayout
 from node_agent.redirect.host_probes import HOST_PROBES_CHAIN, remove_host_probes
 from weir_common.errors import WeirError
+from weir_common.futures import settle
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ class UninstallCheck:
                 self._ask(answers, deadline)
             finally:
                 with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                    loop.call_soon_threadsafe(_settle, finished)
+                    loop.call_soon_threadsafe(settle, finished)
 
         # Its own daemon thread, not the loop's executor: a call stuck past its
         # timeout must not hold up the agent's exit.
@@ -266,11 +267,6 @@ class UninstallCheck:
             answers["daemonset"] = _get(
                 self._apps.read_namespaced_daemon_set, deadline, owner[0], self.namespace
             )
-
-
-def _settle(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def _get(call: Any, deadline: float, *args: str) -> Answer:  # noqa: ANN401 - a client method

@@ -24,6 +24,7 @@ from typing import Any, Final, Protocol
 
 from kubernetes.client.exceptions import ApiException
 
+from weir_common.futures import settle
 from weir_common.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -160,9 +161,9 @@ class ListWatch:
             try:
                 self.run_blocking(stop)
             except BaseException as e:  # handed to the supervised task, which reports it
-                loop.call_soon_threadsafe(_settle, ended, e)
+                loop.call_soon_threadsafe(settle, ended, e)
             else:
-                loop.call_soon_threadsafe(_settle, ended, None)
+                loop.call_soon_threadsafe(settle, ended)
 
         threading.Thread(target=body, name=f"watch {self.kind}", daemon=True).start()
         try:
@@ -170,15 +171,6 @@ class ListWatch:
         finally:
             stop.set()
             _interrupt(self._current)
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 def _lines(response: Any) -> Iterator[str]:  # noqa: ANN401 - a urllib3 response

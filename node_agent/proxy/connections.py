@@ -22,6 +22,7 @@ from node_agent.proxy.hbone import Flow, HboneStream, TcpPeer
 from node_agent.proxy.sockets import SocketFactory
 from node_agent.proxy.state import PodState
 from node_agent.proxy.telemetry import ConnectionRecord, ProxyMetrics, Telemetry
+from weir_common.futures import settle
 from weir_common.log_limit import LogLimiter
 from weir_common.mesh import SpiffeId
 
@@ -108,8 +109,8 @@ async def _connect(
         raise OSError(error, os.strerror(error))
     writable: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
-    loop.add_writer(fd, _settle, writable, None)
-    timer = loop.call_later(timeout, _settle, writable, TimeoutError())
+    loop.add_writer(fd, settle, writable)
+    timer = loop.call_later(timeout, settle, writable, TimeoutError())
     try:
         await writable
     finally:
@@ -118,15 +119,6 @@ async def _connect(
     error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, os.strerror(error))
-
-
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
 
 
 class _LoopCache:

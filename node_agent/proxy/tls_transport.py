@@ -50,6 +50,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Final, Protocol, cast
 
+from weir_common.futures import settle
+
 log = logging.getLogger(__name__)
 
 READ_BUFFER: Final = 256 * 1024
@@ -96,16 +98,11 @@ async def _drive(loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
 
 async def _ready(add: Callable[..., object], remove: Callable[[int], object], fd: int) -> None:
     future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    add(fd, _resolve, future)
+    add(fd, settle, future)
     try:
         await future
     finally:
         remove(fd)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 def read_ahead(context: ssl.SSLContext) -> str | None:

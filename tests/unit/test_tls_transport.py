@@ -113,6 +113,30 @@ async def tls_pair(
         client_sock.close()
 
 
+async def handshaken_socketpair(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    *,
+    buffer_bytes: int = 0,
+    client_first: Callable[[ssl.SSLSocket], object] | None = None,
+) -> tuple[ssl.SSLSocket, ssl.SSLSocket]:
+    """(server, client), handshaken over a socketpair; `client_first` runs on the
+    client as soon as its side is done, before the server's side completes."""
+    server_ctx, client_ctx = contexts
+    a, b = socket.socketpair()
+    if buffer_bytes:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
+    a.setblocking(False)
+    b.setblocking(False)
+    server = asyncio.create_task(
+        tls_transport.handshake(a, server_ctx, server_side=True, timeout=5)
+    )
+    client = await tls_transport.handshake(b, client_ctx, server_side=False, timeout=5)
+    if client_first is not None:
+        client_first(client)
+    return await server, client
+
+
 def run(coro: object) -> None:
     uvloop.run(coro)  # type: ignore[arg-type]
 
@@ -253,18 +277,12 @@ def test_records_read_ahead_during_the_handshake_are_delivered(contexts) -> None
     """The client writes in the same breath as its last handshake message: the
     server's OpenSSL reads both at once (read-ahead), so the kernel has nothing
     left to report, and the bytes must still reach the protocol."""
-    server_ctx, client_ctx = contexts
 
     async def main() -> None:
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        b.setblocking(False)
-        server = asyncio.create_task(
-            tls_transport.handshake(a, server_ctx, server_side=True, timeout=5)
+        # No await between the handshake's end and the send: beside the Finished message.
+        server_tls, client_tls = await handshaken_socketpair(
+            contexts, client_first=lambda client: client.send(b"first words")
         )
-        client_tls = await tls_transport.handshake(b, client_ctx, server_side=False, timeout=5)
-        client_tls.send(b"first words")  # no await in between: beside the Finished message
-        server_tls = await server
         protocol = Collector()
         transport = tls_transport.TlsTransport(server_tls, protocol)
         try:
@@ -334,20 +352,11 @@ def test_a_burst_of_small_records_read_ahead_at_once_is_delivered_whole(
     """300 records land in the kernel before the server reads: OpenSSL takes them
     all in one read-ahead, so only OpenSSL, not the kernel, knows the rest is
     there. Stopping when the record at hand is done would strand them."""
-    server_ctx, client_ctx = contexts
     records = [bytes([i % 251]) * 100 for i in range(300)]
 
     async def main() -> None:
-        a, b = socket.socketpair()
-        for sock, option in ((a, socket.SO_RCVBUF), (b, socket.SO_SNDBUF)):
-            sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)  # room for the whole burst
-        a.setblocking(False)
-        b.setblocking(False)
-        server = asyncio.create_task(
-            tls_transport.handshake(a, server_ctx, server_side=True, timeout=5)
-        )
-        client_tls = await tls_transport.handshake(b, client_ctx, server_side=False, timeout=5)
-        server_tls = await server
+        # Room in the socket buffers for the whole burst.
+        server_tls, client_tls = await handshaken_socketpair(contexts, buffer_bytes=4 << 20)
         for record in records:  # each send is one record
             client_tls.send(record)
         protocol = Collector()
@@ -382,21 +391,11 @@ def test_megabytes_arrive_whole_either_way_reads_end(contexts, read_mode: str) -
 
 def test_a_peer_gone_without_close_notify_is_an_eof(contexts, read_mode: str) -> None:
     """What SSLSocket's suppress_ragged_eofs made of it before reads went to OpenSSL directly."""
-    server_ctx, client_ctx = contexts
 
     async def main() -> None:
-        a, b = socket.socketpair()
-        a.setblocking(False)
-        b.setblocking(False)
-        server = asyncio.create_task(
-            tls_transport.handshake(a, server_ctx, server_side=True, timeout=5)
-        )
-        client_tls = await tls_transport.handshake(b, client_ctx, server_side=False, timeout=5)
-        server_tls = await server
+        server_tls, client_tls = await handshaken_socketpair(contexts)
         client_tls.send(b"last words")
-        client_tls.shutdown(
-            socket.SHUT_WR
-        )  # the FIN alone: SSLSocket.shutdown sends no close_notify
+        client_tls.shutdown(socket.SHUT_WR)  # the FIN alone: no close_notify
         protocol = Collector()
         transport = tls_transport.TlsTransport(server_tls, protocol)
         try:

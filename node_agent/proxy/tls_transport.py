@@ -131,12 +131,15 @@ _BIO_CTRL_FLUSH: Final = 11
 _BIO_CTRL_GET_KTLS_SEND: Final = 73
 _BIO_C_SET_BUFF_SIZE: Final = 117
 _BIO_FLAGS_SHOULD_RETRY: Final = 0x08
-# CPython's PySSLSocket: the object header, a weakref to the socket, then the SSL*
-# (the same from 3.7 to 3.13; other versions are not trusted with it).
+# CPython's PySSLSocket: the object header, a weakref to the socket, then the SSL*.
+# That start has not changed in years; only 3.11 (what runs here) and the two
+# after it are trusted, and OpenSSL confirms it on the first connection.
 _SSL_OFFSET: Final = object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)
-_SSL_LAYOUT_KNOWN: Final = sys.implementation.name == "cpython" and (3, 11) <= sys.version_info[
-    :2
-] <= (3, 13)
+_SSL_LAYOUT_KNOWN: Final = sys.implementation.name == "cpython" and sys.version_info[:2] in {
+    (3, 11),
+    (3, 12),
+    (3, 13),
+}
 
 
 def _context_address(libssl: ctypes.CDLL, context: ssl.SSLContext) -> int | None:
@@ -190,9 +193,9 @@ def _ssl_address(tls: ssl.SSLSocket) -> int | None:
     return address
 
 
-def _has_pending_probe(tls: ssl.SSLSocket) -> Callable[[], int] | None:
-    """A call telling whether OpenSSL holds any of `tls`'s input (SSL_has_pending), or None."""
-    address = _ssl_address(tls)
+def _has_pending_probe(address: int | None) -> Callable[[], int] | None:
+    """A call telling whether OpenSSL holds any input of the SSL at `address`
+    (SSL_has_pending), or None without one."""
     if address is None:
         return None
     return functools.partial(_libssl().SSL_has_pending, ctypes.c_void_p(address))
@@ -210,9 +213,9 @@ class _WriteBuffer:
         self._flush = functools.partial(_libcrypto().BIO_ctrl, self._bio, _BIO_CTRL_FLUSH, 0, None)
 
     @classmethod
-    def install(cls, tls: ssl.SSLSocket) -> _WriteBuffer | None:
-        """Put a buffer in front of `tls`'s socket BIO; None where it cannot or must not be."""
-        address = _ssl_address(tls)
+    def install(cls, address: int | None) -> _WriteBuffer | None:
+        """Put a buffer in front of the socket BIO of the SSL at `address`; None where
+        it cannot or must not be."""
         if address is None:
             return None
         try:
@@ -326,8 +329,9 @@ class TlsTransport(asyncio.Transport):
         sslobj = cast(_SslObject, tls._sslobj)  # type: ignore[attr-defined]
         self._read = sslobj.read
         self._write = sslobj.write
-        self._has_pending = _has_pending_probe(tls)
-        self._buffer = _WriteBuffer.install(tls)
+        address = _ssl_address(tls)
+        self._has_pending = _has_pending_probe(address)
+        self._buffer = _WriteBuffer.install(address)
         self._buffer_unflushed = False  # a flush would have blocked: the writer finishes it
         self._fd = tls.fileno()
         self._protocol = cast(asyncio.Protocol, protocol)

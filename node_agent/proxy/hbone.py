@@ -476,9 +476,11 @@ class H2Protocol(asyncio.Protocol):
         """Send what the codec gathered, at the end of this event-loop iteration.
 
         The answers to one read, and what several streams wrote meanwhile, go
-        out as one TLS record and one syscall instead of one per frame.
+        out as one TLS record and one syscall instead of one per frame. With
+        nothing gathered (most reads and acknowledgements) nothing is scheduled:
+        whatever gathers frames later calls this again.
         """
-        if not self._flush_pending:
+        if not self._flush_pending and self.h2.has_output:
             self._flush_pending = True
             self.loop.call_soon(self._flush_now)
 

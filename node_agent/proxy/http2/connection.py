@@ -180,6 +180,11 @@ class Connection:
 
     # -- sending ------------------------------------------------------------------
 
+    @property
+    def has_output(self) -> bool:
+        """Whether data_to_send would return anything."""
+        return bool(self._out)
+
     def data_to_send(self) -> bytes:
         out = self._out
         if not out:

@@ -22,7 +22,7 @@ from node_agent.proxy.hbone import Flow, HboneStream, TcpPeer
 from node_agent.proxy.sockets import SocketFactory
 from node_agent.proxy.state import PodState
 from node_agent.proxy.telemetry import ConnectionRecord, ProxyMetrics, Telemetry
-from weir_common.futures import settle
+from weir_common.futures import fd_ready
 from weir_common.log_limit import LogLimiter
 from weir_common.mesh import SpiffeId
 
@@ -107,15 +107,9 @@ async def _connect(
         return
     if error not in (errno.EINPROGRESS, errno.EALREADY):
         raise OSError(error, os.strerror(error))
-    writable: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-    loop.add_writer(fd, settle, writable)
-    timer = loop.call_later(timeout, settle, writable, TimeoutError())
-    try:
-        await writable
-    finally:
-        timer.cancel()
-        loop.remove_writer(fd)
+    # Rare (a peer on another node, a slow one): asyncio.timeout's cost does not matter here.
+    async with asyncio.timeout(timeout):
+        await fd_ready(loop.add_writer, loop.remove_writer, sock.fileno())
     error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if error:
         raise OSError(error, os.strerror(error))

@@ -9,8 +9,6 @@ connection through. A CONNECT may only name an address of the pod whose
 from __future__ import annotations
 
 import asyncio
-import functools
-import ipaddress
 import logging
 import re
 import socket
@@ -33,7 +31,7 @@ from node_agent.proxy.connections import (
     format_authority,
 )
 from node_agent.proxy.hbone import H2Protocol, HboneStream, Headers, Relay, TcpPeer
-from node_agent.proxy.model import MtlsMode
+from node_agent.proxy.model import MtlsMode, parse_ip
 from node_agent.proxy.original_dst import original_destination
 from node_agent.proxy.state import MeshView, PodState, TlsContexts
 from node_agent.proxy.telemetry import ConnectionRecord, Telemetry
@@ -62,22 +60,10 @@ def parse_authority(value: bytes | None) -> tuple[str, int] | None:
     if match is None:
         return None
     port = int(match["port"])
-    parsed = _ip_address(match["v6"] or match["v4"])
+    parsed = parse_ip(match["v6"] or match["v4"])
     if parsed is None or not 0 < port < 65536 or (match["v6"] is not None) != (parsed[1] == 6):
         return None
     return parsed[0], port
-
-
-# Cached: a tunnel's CONNECTs name the same few pod addresses over and over,
-# and parsing took a few percent of the proxy's time per connection.
-@functools.lru_cache(maxsize=4096)
-def _ip_address(text: str) -> tuple[str, int] | None:
-    """(canonical text, version) of an IP address, or None if `text` is not one."""
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    return str(address), address.version
 
 
 class TunnelListener:

@@ -6,7 +6,6 @@ connection can only arrive on that listener from inside that pod.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 import time
@@ -36,6 +35,7 @@ from node_agent.proxy.routing import Endpoint, EndpointPicker, MeshRoute, Passth
 from node_agent.proxy.state import MeshView, PodState, TlsContexts
 from node_agent.proxy.telemetry import ConnectionRecord, Telemetry
 from node_agent.proxy.tls import ALPN_H2, peer_identity
+from weir_common.futures import fail
 from weir_common.mesh import SpiffeId
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,9 @@ class Outbound:
         stream = await self._pool.open_stream(key, authority, dial)
         # A timer on the future, not asyncio.timeout: that costs a task lookup
         # and, on Python 3.11, getpid(2) calls on every connection.
-        timer = stream.conn.loop.call_later(self._response_timeout, _time_out, stream.response)
+        timer = stream.conn.loop.call_later(
+            self._response_timeout, fail, stream.response, TimeoutError()
+        )
         try:
             return stream, await stream.response
         except StreamRefusedError as e:
@@ -261,8 +263,3 @@ class Outbound:
             log.warning("%s presented %s, expected %s: refused", address, actual, expected)
             raise UpstreamError(f"{address} presented identity {actual}, expected {expected}")
         return conn
-
-
-def _time_out(response: asyncio.Future[Headers]) -> None:
-    if not response.done():
-        response.set_exception(TimeoutError())

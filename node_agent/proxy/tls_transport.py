@@ -50,7 +50,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Final, Protocol, cast
 
-from weir_common.futures import settle
+from weir_common.futures import fd_ready
 
 log = logging.getLogger(__name__)
 
@@ -88,21 +88,12 @@ async def _drive(loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
         try:
             tls.do_handshake()
         except ssl.SSLWantReadError:
-            await _ready(loop.add_reader, loop.remove_reader, fd)
+            await fd_ready(loop.add_reader, loop.remove_reader, fd)
         except ssl.SSLWantWriteError:
-            await _ready(loop.add_writer, loop.remove_writer, fd)
+            await fd_ready(loop.add_writer, loop.remove_writer, fd)
         else:
             return
     raise ConnectionAbortedError("TLS handshake took too many round trips")
-
-
-async def _ready(add: Callable[..., object], remove: Callable[[int], object], fd: int) -> None:
-    future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    add(fd, settle, future)
-    try:
-        await future
-    finally:
-        remove(fd)
 
 
 def read_ahead(context: ssl.SSLContext) -> str | None:

@@ -61,7 +61,8 @@ Figures (per path, per repeat):
   then with --pods more captured pods enrolled on node 1's proxy (each its own
   service account, so its own certificate); Envoy's for reference. Each Weir
   proxy runs in bench/proxy_hbone_child.py, which loads what `weir proxy run`
-  loads (gRPC and protobuf included) and not the benchmark's own libraries.
+  loads (gRPC and protobuf included) and not the benchmark's own libraries;
+  certificates are issued here and handed to it, as the CA answers a node.
 
 The harness must not be the bottleneck: the direct path's figures are
 printed beside the others, and the harness check after the table warns
@@ -104,7 +105,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Final, Literal
 
-from bench.proxy_hbone_child import READY, workload_json
+from bench.proxy_hbone_child import READY, certificate_json, workload_json
 from controlplane.ca import load_or_create_root
 from node_agent.constants import PROXY_GID, PROXY_UID
 from node_agent.localmesh.topology import LocalTopology, Node, Pod
@@ -626,10 +627,19 @@ def make_workload(pod: Pod, captured: bool) -> Workload:
     )
 
 
+def certificates_for(
+    issuer: LocalCaCertificates, workloads: Sequence[Workload]
+) -> dict[str, dict[str, object]]:
+    """Each workload's certificate, issued here as the CA answers a node's CSR."""
+    identities = {SpiffeId(TRUST_DOMAIN, w.namespace, w.service_account) for w in workloads}
+    return {str(i): certificate_json(issuer.issue(i)) for i in sorted(identities, key=str)}
+
+
 def enroll_many(
     topology: LocalTopology,
     node: Node,
     proxy: subprocess.Popen[str],
+    issuer: LocalCaCertificates,
     capture: IptablesCapture,
     captured: list[Pod],
     count: int,
@@ -643,8 +653,10 @@ def enroll_many(
         capture.apply(pod.netns, CaptureConfig())
         captured.append(pod)
     wired = time.monotonic()
+    workloads = [make_workload(p, True) for p in pods]
     request = {
-        "workloads": [workload_json(make_workload(p, True)) for p in pods],
+        "workloads": [workload_json(w) for w in workloads],
+        "certificates": certificates_for(issuer, workloads),
         "pods": [{"key": f"{p.namespace}/{p.name}", "netns": str(p.netns.path)} for p in pods],
     }
     assert proxy.stdin is not None
@@ -706,6 +718,7 @@ def run_benchmark(args: argparse.Namespace) -> Result:
     capture = IptablesCapture(Backend.NFT)
     with LocalTopology() as topology:
         ca = load_or_create_root(work / "ca", TRUST_DOMAIN, now=datetime.datetime.now(datetime.UTC))
+        issuer = LocalCaCertificates(ca)
         try:
             n1 = topology.add_node("node-1", "10.244.1.0/24")
             n2 = topology.add_node("node-2", "10.244.2.0/24")
@@ -726,8 +739,9 @@ def run_benchmark(args: argparse.Namespace) -> Result:
                 config.write_text(
                     json.dumps(
                         {
-                            "ca_dir": str(work / "ca"),
                             "trust_domain": TRUST_DOMAIN,
+                            "trust_bundle": ca.trust_bundle_pem,
+                            "certificates": certificates_for(issuer, [make_workload(pod, True)]),
                             "workloads": [workload_json(w) for w in workloads],
                             "pods": [
                                 {"key": f"{pod.namespace}/{pod.name}", "netns": str(pod.netns.path)}
@@ -742,7 +756,6 @@ def run_benchmark(args: argparse.Namespace) -> Result:
             for pod in (b, d, f):
                 argv = [str(echo_binary), "--addr", str(pod.ipv4), "--port", str(ECHO_PORT)]
                 children.append(spawn(pod.netns, argv, f"echo server in {pod.name}"))
-            issuer = LocalCaCertificates(ca)
             bundle = ca.trust_bundle_pem
             d_ip, f_ip = str(d.ipv4), str(f.ipv4)
             os.chown(envoy_dir, PROXY_UID, PROXY_GID)  # the Envoys' UID only
@@ -817,7 +830,7 @@ def run_benchmark(args: argparse.Namespace) -> Result:
             if args.pods:
                 print(f"enrolling {args.pods} pods on node-1", file=sys.stderr, flush=True)
                 result.timings_s = enroll_many(
-                    topology, n1, proxies["node-1"], capture, captured, args.pods
+                    topology, n1, proxies["node-1"], issuer, capture, captured, args.pods
                 )
                 time.sleep(1.0)
                 rss[f"weir proxy node-1 ({args.pods + 1} pods)"] = vm_rss_kib(weir_pids["node-1"])

@@ -3,13 +3,15 @@
     python bench/proxy_hbone_child.py CONFIG.json
 
 It imports what `weir proxy run` imports (node_agent.proxy.cli: gRPC,
-protobuf, cryptography, uvloop) and little more, so its resident memory is a
-node proxy's: the benchmark's own libraries (pyroute2, python-iptables, the
-topology) stay in the parent. Config and certificates come from the JSON file
-and a local CA instead of the control plane; the gRPC client is imported, not
-connected.
+protobuf, uvloop) and little more, so its resident memory is a node proxy's:
+the benchmark's own libraries (pyroute2, python-iptables, the topology, the
+CA and the cryptography package it runs on) stay in the parent. Config and
+certificates come from the JSON file instead of the control plane: the parent
+issues each identity's certificate (key and chain, as the CA would answer a
+node's CSR); the gRPC client is imported, not connected.
 
-After "ready", each line on stdin is {"workloads": [...], "pods": [{"key", "netns"}]}:
+After "ready", each line on stdin is
+{"workloads": [...], "certificates": {...}, "pods": [{"key", "netns"}]}:
 the workloads join the mesh, the pods are enrolled, and "added N" is printed.
 """
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import json
 import signal
 import sys
@@ -29,18 +30,42 @@ from typing import Final
 import uvloop
 
 import node_agent.proxy.cli  # noqa: F401 - a node proxy's libraries, for its memory figure
-from controlplane.ca import load_or_create_root
 from node_agent.netns import Netns
+from node_agent.proxy.identity import WorkloadCertificate
 from node_agent.proxy.model import MeshSnapshot, MtlsMode, Workload
 from node_agent.proxy.proxy import ProxySettings, build
 from node_agent.proxy.telemetry import AccessLog
-from testbed.proxy_fakes import LocalCaCertificates, StaticConfigSource
+from testbed.proxy_fakes import StaticConfigSource
+from weir_common.mesh import SpiffeId
 
 READY: Final = "ready"
 
 
 def workload_json(workload: Workload) -> dict[str, object]:
     return {**dataclasses.asdict(workload), "mtls_mode": workload.mtls_mode.value}
+
+
+def certificate_json(cert: WorkloadCertificate) -> dict[str, object]:
+    return {"chain": list(cert.chain_pem), "key": cert.private_key_pem.decode("ascii")}
+
+
+class IssuedCertificates:
+    """A CertificateProvider answering from the certificates the parent issued."""
+
+    def __init__(self) -> None:
+        self._issued: dict[str, WorkloadCertificate] = {}
+
+    def add(self, certificates: Mapping[str, Mapping[str, object]]) -> None:
+        for identity, raw in certificates.items():
+            chain, key = raw["chain"], raw["key"]
+            assert isinstance(chain, list) and isinstance(key, str)
+            self._issued[identity] = WorkloadCertificate.from_pem(tuple(chain), key.encode())
+
+    async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
+        try:
+            return self._issued[str(identity)]
+        except KeyError:
+            raise LookupError(f"the benchmark issued no certificate for {identity}") from None
 
 
 def workload_from_json(raw: Mapping[str, object]) -> Workload:
@@ -54,20 +79,20 @@ def workload_from_json(raw: Mapping[str, object]) -> Workload:
 async def run_proxy(config_path: str) -> None:
     config = json.loads(Path(config_path).read_text())
     trust_domain = config["trust_domain"]
-    ca = load_or_create_root(
-        Path(config["ca_dir"]), trust_domain, now=datetime.datetime.now(datetime.UTC)
-    )
+    trust_bundle = tuple(config["trust_bundle"])
     workloads = {w.key: w for w in map(workload_from_json, config["workloads"])}
+    certificates = IssuedCertificates()
+    certificates.add(config["certificates"])
 
     def snapshot() -> MeshSnapshot:
-        return MeshSnapshot(trust_domain, tuple(ca.trust_bundle_pem), workloads=dict(workloads))
+        return MeshSnapshot(trust_domain, trust_bundle, workloads=dict(workloads))
 
     source = StaticConfigSource(snapshot())
     settings = dataclasses.replace(ProxySettings(), metrics_address=None, readiness_address=None)
     proxy = build(
         settings,
         config=source,
-        certificates=LocalCaCertificates(ca),
+        certificates=certificates,
         access_log=AccessLog(lambda _line: None),  # measured: the proxy, not a log writer
     )
     await proxy.start()
@@ -80,6 +105,7 @@ async def run_proxy(config_path: str) -> None:
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
         while line := await reader.readline():
             request = json.loads(line)
+            certificates.add(request["certificates"])
             for raw in request["workloads"]:
                 workload = workload_from_json(raw)
                 workloads[workload.key] = workload

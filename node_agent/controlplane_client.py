@@ -41,6 +41,7 @@ import contextlib
 import datetime
 import errno
 import logging
+import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +49,9 @@ from types import TracebackType
 from typing import Any, Final, Protocol, Self
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import DecodeError, Message
 
+from node_agent import openssl
 from weir_common import xds_transport
 from weir_common._generated.weir.v1 import (
     ca_pb2,
@@ -108,6 +107,13 @@ REFUSALS_TO_BACK_OFF: Final = PERMANENT_REFUSALS | {
 }
 
 
+def _check_roots(pem: str) -> None:
+    if "-----BEGIN CERTIFICATE-----" not in pem:  # cadata takes "" without a word
+        raise ValueError("no PEM certificate in it")
+    # Loaded as a TLS client loads them: every certificate in it must parse.
+    ssl.create_default_context(cadata=pem)
+
+
 @dataclass(frozen=True)
 class ControlPlaneEndpoint:
     target: str  # "host:port" as gRPC dials it
@@ -123,8 +129,8 @@ class ControlPlaneEndpoint:
         """Verify the control plane against the PEM roots in `roots_file`."""
         try:
             pem = roots_file.read_bytes()
-            x509.load_pem_x509_certificates(pem)
-        except (OSError, ValueError) as exc:
+            _check_roots(pem.decode("ascii"))
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise InvalidInputError(f"{roots_file}: cannot load mesh root PEM: {exc}") from exc
         return cls(target, pem, server_name)
 
@@ -259,20 +265,12 @@ async def request_certificate(
     `channel` should come from ControlPlaneEndpoint.open_channel, so the CA is
     verified before the token is sent.
     """
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True
-        )
-        .sign(key, hashes.SHA256())
-    )
+    key_pem, csr_pem = openssl.new_key_and_csr(spiffe_id)
     metadata = auth_metadata(token if isinstance(token, str) else token.token())
     stub = ca_pb2_grpc.CertificateAuthorityStub(channel)
     response = await stub.SignCertificate(
         ca_pb2.SignCertificateRequest(
-            csr_pem=csr.public_bytes(serialization.Encoding.PEM).decode(),
+            csr_pem=csr_pem,
             spiffe_id=spiffe_id,
             validity_seconds=validity_seconds,
         ),
@@ -280,11 +278,7 @@ async def request_certificate(
         timeout=RPC_TIMEOUT_SECONDS,
     )
     return IssuedCertificate(
-        private_key_pem=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
+        private_key_pem=key_pem,
         chain_pem=tuple(response.certificate_chain_pem),
         trust_bundle_pem=tuple(response.trust_bundle_pem),
     )

@@ -16,18 +16,21 @@ import datetime
 import json
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import uvloop
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from controlplane.ca import CertificateAuthority
+from node_agent import openssl
 from node_agent.proxy.identity import WorkloadCertificate
 from node_agent.proxy.model import MeshSnapshot
 from node_agent.proxy.telemetry import AccessLog
 from weir_common.mesh import SpiffeId
+
+# The cryptography package (which controlplane.ca loads) stays out of this
+# module's imports: the benchmark's proxy child uses StaticConfigSource, and
+# its memory figure is a node proxy's, which does not load that package.
+if TYPE_CHECKING:
+    from controlplane.ca import CertificateAuthority
 
 T = TypeVar("T")
 
@@ -65,6 +68,10 @@ class SnapshotConsumer:
 
 
 def self_signed_root_pem() -> str:
+    from cryptography import x509  # noqa: PLC0415 - see the note at the imports
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(x509.oid.NameOID.ORGANIZATION_NAME, "test")])
     now = datetime.datetime.now(datetime.UTC)
@@ -82,21 +89,9 @@ def self_signed_root_pem() -> str:
 
 
 def make_csr(identity: SpiffeId) -> tuple[str, bytes]:
-    """(CSR PEM, private key PEM) for `identity`, as the identity manager makes them."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([]))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(identity))]),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return csr.public_bytes(serialization.Encoding.PEM).decode(), key_pem
+    """(CSR PEM, private key PEM) for `identity`, made as the node makes them."""
+    key_pem, csr_pem = openssl.new_key_and_csr(str(identity))
+    return csr_pem, key_pem
 
 
 class LocalCaCertificates:

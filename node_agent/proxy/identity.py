@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 import grpc
-from cryptography import x509
 
+from node_agent import openssl
 from node_agent.controlplane_client import (
     RECONNECT_BACKOFF,
     REFUSALS_TO_BACK_OFF,
@@ -56,11 +56,12 @@ class WorkloadCertificate:
     private_key_pem: bytes = field(repr=False)
     not_before: datetime.datetime
     not_after: datetime.datetime
+    serial: str  # the leaf's, in hex as openssl prints it
 
     @classmethod
     def from_pem(cls, chain_pem: tuple[str, ...], private_key_pem: bytes) -> WorkloadCertificate:
-        leaf = x509.load_pem_x509_certificate(chain_pem[0].encode())
-        return cls(chain_pem, private_key_pem, leaf.not_valid_before_utc, leaf.not_valid_after_utc)
+        leaf = openssl.certificate_facts(chain_pem[0])
+        return cls(chain_pem, private_key_pem, leaf.not_before, leaf.not_after, leaf.serial)
 
     def refresh_at(self, received: datetime.datetime) -> datetime.datetime:
         """Half the life left when it arrived (the CA backdates not_before, so not from there)."""
@@ -177,9 +178,7 @@ class IdentityManager:
         return {
             str(identity): {
                 # As openssl prints it, to match what a peer logged or a CA issued.
-                "serial": format(
-                    x509.load_pem_x509_certificate(cert.chain_pem[0].encode()).serial_number, "x"
-                ),
+                "serial": cert.serial,
                 "not_before": cert.not_before.isoformat(),
                 "not_after": cert.not_after.isoformat(),
                 "refresh_at": self._refresh_at[identity].isoformat(),

@@ -50,6 +50,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Final, Protocol, cast
 
+from node_agent import openssl
 from weir_common.futures import fd_ready
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def read_ahead(context: ssl.SSLContext) -> str | None:
     options must be the ones Python reports for `context`.
     """
     try:
-        libssl = _libssl()
+        libssl = openssl.libssl()
     except (OSError, AttributeError) as e:
         return f"libssl not loadable: {e}"
     address = _context_address(libssl, context)
@@ -162,7 +163,7 @@ def _ssl_address(tls: ssl.SSLSocket) -> int | None:
     if not _SSL_LAYOUT_KNOWN or sslobj is None or _LayoutCheck.confirmed is False:
         return None
     try:
-        libssl = _libssl()
+        libssl = openssl.libssl()
     except (OSError, AttributeError):
         return None
     address = ctypes.c_void_p.from_address(id(sslobj) + _SSL_OFFSET).value
@@ -189,7 +190,7 @@ def _has_pending_probe(address: int | None) -> Callable[[], int] | None:
     (SSL_has_pending), or None without one."""
     if address is None:
         return None
-    return functools.partial(_libssl().SSL_has_pending, ctypes.c_void_p(address))
+    return functools.partial(openssl.libssl().SSL_has_pending, ctypes.c_void_p(address))
 
 
 class _WriteBuffer:
@@ -201,7 +202,8 @@ class _WriteBuffer:
 
     def __init__(self, address: int) -> None:
         self._bio = ctypes.c_void_p(address)
-        self._flush = functools.partial(_libcrypto().BIO_ctrl, self._bio, _BIO_CTRL_FLUSH, 0, None)
+        flush = openssl.libcrypto().BIO_ctrl
+        self._flush = functools.partial(flush, self._bio, _BIO_CTRL_FLUSH, 0, None)
 
     @classmethod
     def install(cls, address: int | None) -> _WriteBuffer | None:
@@ -210,10 +212,10 @@ class _WriteBuffer:
         if address is None:
             return None
         try:
-            libcrypto = _libcrypto()
+            libcrypto = openssl.libcrypto()
         except (OSError, AttributeError):
             return None
-        libssl = _libssl()
+        libssl = openssl.libssl()
         socket_bio = libssl.SSL_get_wbio(address)
         # With kTLS the kernel frames records: OpenSSL must write to the socket itself.
         if not socket_bio or libcrypto.BIO_ctrl(socket_bio, _BIO_CTRL_GET_KTLS_SEND, 0, None):
@@ -235,60 +237,9 @@ class _WriteBuffer:
         """True when all went to the socket, False when it would block, None on an error."""
         if self._flush() == 1:
             return True
-        if _libcrypto().BIO_test_flags(self._bio, _BIO_FLAGS_SHOULD_RETRY):
+        if openssl.libcrypto().BIO_test_flags(self._bio, _BIO_FLAGS_SHOULD_RETRY):
             return False
         return None
-
-
-@functools.cache
-def _libssl() -> ctypes.CDLL:
-    """The libssl Python's ssl module runs on (the same soname, loaded once)."""
-    library = ctypes.CDLL(f"libssl.so.{_openssl_soversion()}")
-    library.SSL_CTX_get_options.restype = ctypes.c_uint64
-    library.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
-    library.SSL_CTX_ctrl.restype = ctypes.c_long
-    library.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-    library.SSL_CTX_set_default_read_buffer_len.restype = None
-    library.SSL_CTX_set_default_read_buffer_len.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    library.SSL_has_pending.restype = ctypes.c_int
-    library.SSL_has_pending.argtypes = [ctypes.c_void_p]
-    library.SSL_get_fd.restype = ctypes.c_int
-    library.SSL_get_fd.argtypes = [ctypes.c_void_p]
-    library.SSL_get_SSL_CTX.restype = ctypes.c_void_p
-    library.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
-    library.SSL_get_wbio.restype = ctypes.c_void_p
-    library.SSL_get_wbio.argtypes = [ctypes.c_void_p]
-    library.SSL_set0_wbio.restype = None
-    library.SSL_set0_wbio.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    return library
-
-
-@functools.cache
-def _libcrypto() -> ctypes.CDLL:
-    """The libcrypto beside `_libssl`, for the BIO calls."""
-    library = ctypes.CDLL(f"libcrypto.so.{_openssl_soversion()}")
-    bio, long, integer = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-    for name, restype, argtypes in (
-        ("BIO_f_buffer", ctypes.c_void_p, []),  # a BIO_METHOD*
-        ("BIO_new", bio, [ctypes.c_void_p]),
-        ("BIO_free", integer, [bio]),
-        ("BIO_up_ref", integer, [bio]),
-        ("BIO_push", bio, [bio, bio]),
-        ("BIO_ctrl", long, [bio, integer, long, ctypes.c_void_p]),
-        ("BIO_int_ctrl", long, [bio, integer, long, integer]),
-        ("BIO_test_flags", integer, [bio, integer]),
-    ):
-        function = getattr(library, name)
-        function.restype = restype
-        function.argtypes = argtypes
-    return library
-
-
-def _openssl_soversion() -> int:
-    major = ssl.OPENSSL_VERSION_INFO[0]
-    if major < 3:
-        raise OSError(f"OpenSSL {ssl.OPENSSL_VERSION} is older than 3")
-    return major
 
 
 _buffers = threading.local()

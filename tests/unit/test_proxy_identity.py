@@ -40,7 +40,11 @@ def run(coro):
 def test_refresh_at_half_the_remaining_life():
     received = _now()
     cert = WorkloadCertificate(
-        (), b"", received - datetime.timedelta(minutes=5), received + datetime.timedelta(hours=24)
+        (),
+        b"",
+        received - datetime.timedelta(minutes=5),
+        received + datetime.timedelta(hours=24),
+        "1",
     )
     assert cert.refresh_at(received) == received + datetime.timedelta(hours=12)
 

@@ -16,6 +16,7 @@ import pytest
 import uvloop
 
 from controlplane.ca import load_or_create_root
+from node_agent import openssl
 from node_agent.proxy import tls_transport
 from node_agent.proxy.identity import WorkloadCertificate
 from node_agent.proxy.tls import ALPN_H2, client_context, peer_identity, server_context
@@ -268,7 +269,7 @@ def test_handshake_with_a_silent_peer_times_out(contexts) -> None:
 def test_read_ahead_is_on_for_the_proxys_contexts(contexts) -> None:
     for context in contexts:
         assert tls_transport.read_ahead(context) is None
-        libssl = tls_transport._libssl()
+        libssl = openssl.libssl()
         address = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
         assert libssl.SSL_CTX_ctrl(address, 40, 0, None) == 1  # SSL_CTRL_GET_READ_AHEAD
 

@@ -35,7 +35,8 @@ from pathlib import Path
 import grpc
 
 from controlplane.ca import ROOT_CERT_FILE
-from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint
+from node_agent.controlplane_access import ControlPlaneEndpoint
+from node_agent.controlplane_client import ControlPlaneClient
 from weir_common import xds_transport
 from weir_common.mesh import WORKLOAD_TYPE, auth_metadata
 

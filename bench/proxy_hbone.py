@@ -61,7 +61,8 @@ Figures (per path, per repeat):
   then with --pods more captured pods enrolled on node 1's proxy (each its own
   service account, so its own certificate); Envoy's for reference. Each Weir
   proxy runs in bench/proxy_hbone_child.py, which loads what `weir proxy run`
-  loads (gRPC and protobuf included) and not the benchmark's own libraries;
+  loads (protobuf and its control-plane client included) and not the
+  benchmark's own libraries;
   certificates are issued here and handed to it, as the CA answers a node.
 
 The harness must not be the bottleneck: the direct path's figures are

@@ -2,13 +2,13 @@
 
     python bench/proxy_hbone_child.py CONFIG.json
 
-It imports what `weir proxy run` imports (node_agent.proxy.cli: gRPC,
-protobuf, uvloop) and little more, so its resident memory is a node proxy's:
-the benchmark's own libraries (pyroute2, python-iptables, the topology, the
-CA and the cryptography package it runs on) stay in the parent. Config and
-certificates come from the JSON file instead of the control plane: the parent
-issues each identity's certificate (key and chain, as the CA would answer a
-node's CSR); the gRPC client is imported, not connected.
+It imports what `weir proxy run` imports (node_agent.proxy.cli: uvloop,
+protobuf, its own gRPC client) and little more, so its resident memory is a
+node proxy's: the benchmark's own libraries (pyroute2, python-iptables, the
+topology, the CA and the cryptography package it runs on) stay in the parent.
+Config and certificates come from the JSON file instead of the control plane:
+the parent issues each identity's certificate (key and chain, as the CA would
+answer a node's CSR); the control-plane client is imported, not connected.
 
 After "ready", each line on stdin is
 {"workloads": [...], "certificates": {...}, "pods": [{"key", "netns"}]}:

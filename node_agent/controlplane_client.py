@@ -1,18 +1,15 @@
-"""What a node agent uses to talk to the control plane.
+"""The node agent's client of the control plane, on grpcio.
 
-- ControlPlaneEndpoint: where the control plane is and how to check it is the
-  real one (TLS, verified against the mesh root; plaintext only to reach a
-  control plane started with --insecure-listen).
-- TokenSource: where the node's bearer token comes from. A fixed string
-  (StaticToken), or a file re-read whenever it changes (TokenFile): the
-  kubelet rotates projected ServiceAccount tokens in place.
 - ControlPlaneClient: one node's connection. It presents the node's bearer
   token on every call, signs certificates (the key is generated here, only the
   CSR is sent), registers and deregisters enrolled workloads (local mode), and
   opens the config subscription.
-- XdsClient: subscribes to the mesh over delta ADS, keeps the last good config,
-  ACKs what its handler accepts and NACKs what it rejects (keeping the old
-  config), reconnects with backoff and resumes from the versions it holds.
+- XdsClient: the config subscription (controlplane_access.XdsSubscription)
+  over a grpcio stream, with the registrations sent again at its start.
+
+Where the control plane is, the token, the retry pacing and the subscription
+state are in node_agent.controlplane_access, shared with the node proxy's
+own client (node_agent.proxy.controlplane).
 
 The control plane keeps registrations in memory only (it has no state of its
 own, see docs/architecture.md), so the client remembers what it registered and
@@ -38,20 +35,31 @@ from the other nodes by then.
 
 import asyncio
 import contextlib
-import datetime
-import errno
 import logging
-import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Protocol, Self
+from typing import Self
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 
 from node_agent import openssl
+from node_agent.controlplane_access import (
+    CONNECT_TIMEOUT_SECONDS,
+    PERMANENT_REFUSALS,
+    RECONNECT_BACKOFF,
+    REFUSALS_TO_BACK_OFF,
+    REFUSED_BACKOFF,
+    RESUME_SETTLE_SECONDS,
+    RPC_TIMEOUT_SECONDS,
+    ConfigHandler,
+    ControlPlaneEndpoint,
+    IssuedCertificate,
+    StaticToken,
+    Status,
+    TokenSource,
+    XdsSubscription,
+)
 from weir_common import xds_transport
 from weir_common._generated.weir.v1 import (
     ca_pb2,
@@ -59,202 +67,16 @@ from weir_common._generated.weir.v1 import (
     registry_pb2,
     registry_pb2_grpc,
 )
-from weir_common.errors import InvalidInputError, TransientError
-from weir_common.mesh import (
-    MESSAGE_TYPES,
-    RESOURCE_TYPES,
-    auth_metadata,
-    resource_name,
-)
+from weir_common.errors import TransientError
+from weir_common.mesh import RESOURCE_TYPES, auth_metadata, resource_name
 from weir_common.retry import Backoff
 
 log = logging.getLogger(__name__)
 
-RPC_TIMEOUT_SECONDS: Final = 10.0
-# While the control plane is unreachable: the ceiling is the reconnect bound.
-RECONNECT_BACKOFF: Final = Backoff(initial=0.1, maximum=1.0)
-# After the control plane answered with a refusal (REFUSALS_TO_BACK_OFF).
-REFUSED_BACKOFF: Final = Backoff(initial=1.0, maximum=30.0)
-# How long one connection attempt (TCP and TLS handshake) may take. gRPC's
-# default of 20 s would let a lost SYN hold the next attempt back that long.
-CONNECT_TIMEOUT_SECONDS: Final = 5.0
-# How long a node that holds config waits after reconnecting before it takes
-# config again. A control plane that restarted has forgotten every
-# registration and gets them back as the nodes reconnect, each within the
-# reconnect bound (about 1.2 s) of its return; config taken before that would
-# lack other nodes' pods for a moment, and connections to them would fail.
-RESUME_SETTLE_SECONDS: Final = 3.0
-# A config stream that lived this long counts as healthy when it ends.
-HEALTHY_STREAM_SECONDS: Final = 10.0
-# Refusals that registering again cannot change (the config or another pod
-# says no): a remembered registration that meets one is dropped, not retried.
-PERMANENT_REFUSALS: Final = frozenset(
-    {
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.ALREADY_EXISTS,
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.FAILED_PRECONDITION,
-    }
-)
-# Answers of a control plane that is up and says no: retried on REFUSED_BACKOFF.
-# Every other code (UNAVAILABLE, CANCELLED, DEADLINE_EXCEEDED...) is taken for
-# a control plane that is away, and retried on the reconnect backoff.
-REFUSALS_TO_BACK_OFF: Final = PERMANENT_REFUSALS | {
-    grpc.StatusCode.UNAUTHENTICATED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.UNIMPLEMENTED,
-}
 
-
-def _check_roots(pem: str) -> None:
-    if "-----BEGIN CERTIFICATE-----" not in pem:  # cadata takes "" without a word
-        raise ValueError("no PEM certificate in it")
-    # Loaded as a TLS client loads them: every certificate in it must parse.
-    ssl.create_default_context(cadata=pem)
-
-
-@dataclass(frozen=True)
-class ControlPlaneEndpoint:
-    target: str  # "host:port" as gRPC dials it
-    # PEM roots the control plane's serving certificate must chain to (the mesh
-    # root); None means plaintext, for a control plane run with --insecure-listen.
-    trust_roots_pem: bytes | None = None
-    # The name checked against the serving certificate when it differs from
-    # the host in `target` (e.g. dialing an IP the certificate does not list).
-    server_name: str | None = None
-
-    @classmethod
-    def tls(cls, target: str, roots_file: Path, server_name: str | None = None) -> Self:
-        """Verify the control plane against the PEM roots in `roots_file`."""
-        try:
-            pem = roots_file.read_bytes()
-            _check_roots(pem.decode("ascii"))
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise InvalidInputError(f"{roots_file}: cannot load mesh root PEM: {exc}") from exc
-        return cls(target, pem, server_name)
-
-    @classmethod
-    def insecure(cls, target: str) -> Self:
-        return cls(target, None)
-
-    def open_channel(
-        self, backoff: Backoff, connect_timeout: float = CONNECT_TIMEOUT_SECONDS
-    ) -> grpc.aio.Channel:
-        # gRPC's own reconnect backoff grows to 120 s: after a long outage the
-        # channel would stay down for up to two minutes after the control plane
-        # came back. Capped at ours, it is reached about as soon as we retry.
-        options: list[tuple[str, str | int]] = [
-            ("grpc.initial_reconnect_backoff_ms", int(backoff.initial * 1000)),
-            ("grpc.max_reconnect_backoff_ms", int(backoff.maximum * 1000)),
-            # Despite its name, gRPC's minimum time one connection attempt may take.
-            ("grpc.min_reconnect_backoff_ms", int(connect_timeout * 1000)),
-            # The control plane's limit (xds_server.MAX_MESSAGE_BYTES), not gRPC's
-            # 4 MiB default: one push of ~23,000 workloads exceeded that before
-            # pushes were split, and the resume request lists every version held.
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ("grpc.max_send_message_length", 16 * 1024 * 1024),
-        ]
-        if self.trust_roots_pem is None:
-            log.warning("connecting to the control plane at %s WITHOUT TLS", self.target)
-            return grpc.aio.insecure_channel(self.target, options=options)
-        if self.server_name is not None:
-            options.append(("grpc.ssl_target_name_override", self.server_name))
-        credentials = grpc.ssl_channel_credentials(root_certificates=self.trust_roots_pem)
-        return grpc.aio.secure_channel(self.target, credentials, options=options)
-
-
-class TokenSource(Protocol):
-    def token(self) -> str:
-        """The token to send now; raises TransientError when there is none to send."""
-        ...
-
-
-@dataclass(frozen=True)
-class StaticToken:
-    value: str
-
-    def __repr__(self) -> str:
-        return "StaticToken(...)"
-
-    def token(self) -> str:
-        return self.value
-
-
-class TokenFile:
-    """A token file, read again whenever it changes (stat on every call, read on change).
-
-    An unreadable or empty file is never sent: the call fails with a
-    TransientError, logged once per distinct problem, and the caller retries.
-    `keep_when_denied` is for a process that read the file as root and then
-    dropped privileges (the proxy in local mode): when it may no longer look at
-    the file, it keeps the token it read and says so once.
-    """
-
-    def __init__(self, path: Path, *, keep_when_denied: bool = False) -> None:
-        self.path = path
-        self._keep_when_denied = keep_when_denied
-        self._value: str | None = None
-        # (inode, size, mtime) of the file the held value was read from.
-        self._seen: tuple[int, int, int] | None = None
-        self._reported: str | None = None
-
-    def __repr__(self) -> str:
-        return f"TokenFile({self.path})"
-
-    def token(self) -> str:
-        try:
-            st = self.path.stat()  # follows the kubelet's ..data symlink swap
-            identity = (st.st_ino, st.st_size, st.st_mtime_ns)
-            if self._value is not None and identity == self._seen:
-                return self._value
-            text = self.path.read_text().strip()
-        except OSError as e:
-            if e.errno in (errno.EACCES, errno.EPERM) and self._keep_when_denied and self._value:
-                self._report(
-                    f"token file {self.path} is not readable any more ({e.strerror}); "
-                    "keeping the token read at start",
-                    logging.WARNING,
-                )
-                return self._value
-            raise self._problem(f"cannot read token file {self.path}: {e.strerror}") from None
-        if not text:
-            raise self._problem(f"token file {self.path} is empty")
-        if self._value is not None and text != self._value:
-            log.info("token file %s changed; using the new token", self.path)
-        self._value, self._seen, self._reported = text, identity, None
-        return text
-
-    def _problem(self, message: str) -> TransientError:
-        self._report(message, logging.ERROR)
-        return TransientError(message)
-
-    def _report(self, message: str, level: int) -> None:
-        if message != self._reported:
-            log.log(level, "%s", message)
-            self._reported = message
-
-
-class ConfigHandler(Protocol):
-    def apply(
-        self,
-        type_url: str,
-        resources: Mapping[str, Message],
-        updated: Sequence[str],
-        removed: Sequence[str],
-    ) -> None:
-        """Take the new full state of `type_url`; raise InvalidInputError to reject it."""
-        ...
-
-
-@dataclass(frozen=True)
-class IssuedCertificate:
-    private_key_pem: bytes = b""  # stays on this node
-    chain_pem: tuple[str, ...] = ()  # leaf first
-    trust_bundle_pem: tuple[str, ...] = ()
-
-    def __repr__(self) -> str:
-        return f"IssuedCertificate(chain={len(self.chain_pem)} certs)"
+def status_of(error: grpc.aio.AioRpcError) -> Status:
+    """A grpcio call's failure as a controlplane_access.Status."""
+    return Status(error.code().value[0])
 
 
 async def request_certificate(
@@ -348,7 +170,7 @@ class ControlPlaneClient:
         """Registrations ("<namespace>/<name>") waiting for the control plane to be reachable."""
         return frozenset(self._unsent)
 
-    def retry_delay(self, failures: int, code: grpc.StatusCode | None) -> float:
+    def retry_delay(self, failures: int, code: Status | None) -> float:
         """How long to wait after `failures` failures in a row, the last ending with `code`.
 
         None is a failure without an answer from the control plane.
@@ -356,7 +178,7 @@ class ControlPlaneClient:
         backoff = self.refused_backoff if code in REFUSALS_TO_BACK_OFF else self.backoff
         return backoff.delay(failures)
 
-    async def wait_to_retry(self, failures: int, code: grpc.StatusCode | None) -> None:
+    async def wait_to_retry(self, failures: int, code: Status | None) -> None:
         """Wait retry_delay; while the channel is down, only until it is up again.
 
         gRPC reconnects the channel on its own backoff; sleeping ours after it
@@ -414,7 +236,7 @@ class ControlPlaneClient:
             await self._confirm_removals()
             await self._send_registration(registration)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in PERMANENT_REFUSALS:
+            if status_of(exc) in PERMANENT_REFUSALS:
                 self._forget(key, registration)
             else:
                 self._unsent_waiting.set()
@@ -448,7 +270,7 @@ class ControlPlaneClient:
         try:
             await self._send_removal(removal)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() not in PERMANENT_REFUSALS:
+            if status_of(exc) not in PERMANENT_REFUSALS:
                 self._unconfirmed_removals[uid] = removal
                 self._unsent_waiting.set()
             raise
@@ -467,7 +289,7 @@ class ControlPlaneClient:
             try:
                 await self._send_removal(removal)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in PERMANENT_REFUSALS:
+                if status_of(exc) not in PERMANENT_REFUSALS:
                     raise
                 # NOT_FOUND and the like: the control plane holds nothing of it any more.
             self._unconfirmed_removals.pop(uid, None)
@@ -511,7 +333,7 @@ class ControlPlaneClient:
                 )
             except grpc.aio.AioRpcError as exc:
                 failures += 1
-                await self.wait_to_retry(failures, exc.code())
+                await self.wait_to_retry(failures, status_of(exc))
                 continue
             except TransientError:
                 failures += 1
@@ -528,7 +350,7 @@ class ControlPlaneClient:
             try:
                 await self._send_registration(registration)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in PERMANENT_REFUSALS:
+                if status_of(exc) not in PERMANENT_REFUSALS:
                     self._unsent_waiting.set()
                     raise
                 self._forget(key, registration)
@@ -554,7 +376,9 @@ class ControlPlaneClient:
         )
 
 
-class XdsClient:
+class XdsClient(XdsSubscription):
+    """The node agent's config subscription, over a grpcio stream."""
+
     def __init__(
         self,
         client: ControlPlaneClient,
@@ -562,82 +386,18 @@ class XdsClient:
         *,
         types: Sequence[str] = RESOURCE_TYPES,
     ) -> None:
+        super().__init__(
+            node=client.node, target=client.endpoint.target, handler=handler, types=types
+        )
         self._client = client
-        self._node = client.node
-        self._handler = handler
-        self._types = tuple(types)
-        # type URL -> name -> (version, message): the last config the handler accepted.
-        self._accepted: dict[str, dict[str, tuple[str, Message]]] = {t: {} for t in self._types}
-        self.connected = asyncio.Event()
-        self._delivered = False
-        self._last_failure = "not connected yet"
-        # The last push refused (type, nonce, why, when): what `weir node status` shows.
-        self.last_nack: dict[str, str] | None = None
-        # Resource type (short name) -> NACKs sent since start: the agent's metrics.
-        self.nacks_sent: dict[str, int] = {}
 
-    def not_connected(self) -> str | None:
-        """A readiness check: None while the stream is up, else why it is not."""
-        if self.connected.is_set():
+    def _call_failure(self, exc: Exception) -> tuple[Status, str] | None:
+        if not isinstance(exc, grpc.aio.AioRpcError):
             return None
-        target = self._client.endpoint.target
-        return f"no config stream to the control plane at {target}: {self._last_failure}"
+        return status_of(exc), f"{exc.code().name}: {exc.details()}"
 
-    def dump(self) -> dict[str, Any]:
-        """The subscription as config_dump shows it: stream state, what is held, last NACK."""
-        return {
-            "target": self._client.endpoint.target,
-            "connected": self.connected.is_set(),
-            "not_connected": self.not_connected(),
-            "resources": {
-                type_url.rsplit(".", 1)[-1]: len(held) for type_url, held in self._accepted.items()
-            },
-            "last_nack": self.last_nack,
-        }
-
-    def versions(self, type_url: str) -> dict[str, str]:
-        return {name: version for name, (version, _) in self._accepted[type_url].items()}
-
-    def resources(self, type_url: str) -> dict[str, Message]:
-        return {name: message for name, (_, message) in self._accepted[type_url].items()}
-
-    async def run(self) -> None:
-        """Stay subscribed until cancelled, reconnecting with backoff.
-
-        A stream that is down is retried on the client's reconnect backoff
-        (at most about a second apart, however long the outage), one the
-        control plane refused on its refusal backoff. Failures while
-        disconnected are logged once per distinct reason, so an outage of an
-        hour is not a line a second.
-        """
-        failures = 0
-        target = self._client.endpoint.target
-        loop = asyncio.get_running_loop()
-        while True:
-            self._delivered = False
-            started = loop.time()
-            code: grpc.StatusCode | None = None
-            try:
-                await self._session()
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                failure = f"{code.name}: {exc.details()}"
-                if failure != self._last_failure or self._delivered:
-                    log.warning("xDS stream to %s failed: %s", target, failure)
-                self._last_failure = failure
-            except TransientError as exc:
-                # No token to present (the token source logged why): nothing was sent.
-                self._last_failure = exc.message
-            else:
-                self._last_failure = "closed by the server"
-                log.info("xDS stream to %s closed by the server", target)
-            finally:
-                self.connected.clear()
-            # A stream that delivered config and lasted was healthy: back off afresh.
-            # One that fails right after each delivery must not reconnect in a tight loop.
-            healthy = self._delivered and loop.time() - started >= HEALTHY_STREAM_SECONDS
-            failures = 0 if healthy else failures + 1
-            await self._client.wait_to_retry(failures, code)
+    async def _wait_to_retry(self, failures: int, code: Status | None) -> None:
+        await self._client.wait_to_retry(failures, code)
 
     async def _session(self) -> None:
         # Before subscribing, so the first push already carries this node's pods.
@@ -645,16 +405,8 @@ class XdsClient:
         catch_up = asyncio.create_task(self._client.catch_up(), name="registration catch-up")
         try:
             channel = self._client.channel
-            if any(self._accepted.values()) and (
-                channel.get_state() == grpc.ChannelConnectivity.READY
-            ):
-                # The config held stays in force meanwhile.
-                settle = self._client.resume_settle
-                self._last_failure = (
-                    f"reconnected; resuming config in {settle:.0f} s, "
-                    "once other nodes have registered their pods again"
-                )
-                await asyncio.sleep(settle)
+            if self.holds_config and channel.get_state() == grpc.ChannelConnectivity.READY:
+                await self._settle(self._client.resume_settle)
             await self._stream()
         finally:
             catch_up.cancel()
@@ -673,83 +425,10 @@ class XdsClient:
             response_deserializer=xds_transport.decode_response,
         )(None, metadata=self._client.metadata)
         try:
-            for type_url in self._types:
-                await call.write(
-                    xds_transport.encode_request(
-                        node_id=self._node,
-                        type_url=type_url,
-                        initial_versions=self.versions(type_url),
-                    )
-                )
+            for request in self._subscriptions():
+                await call.write(request)
             self.connected.set()
             async for response in call:
-                self._delivered = True
                 await call.write(self._apply(response))
         finally:
             call.cancel()
-
-    def _apply(self, response: xds_transport.DeltaResponse) -> bytes:
-        """Apply one push all or nothing; the ACK or NACK to send back.
-
-        Nothing is kept here unless the handler took the push; the handler
-        keeps nothing of a push it raises on (see ConfigHandler).
-        """
-        type_url = response.type_url
-        try:
-            proposed = self._proposed(response)
-            self._handler.apply(
-                type_url,
-                {name: message for name, (_, message) in proposed.items()},
-                [r.name for r in response.resources],
-                list(response.removed_resources),
-            )
-        except Exception as exc:
-            if isinstance(exc, InvalidInputError):
-                reason = exc.message
-            else:
-                # A handler that failed did not take the push either. Ending the
-                # stream instead would fetch the same push again on reconnect.
-                log.exception("%s push %s: the config handler failed", type_url, response.nonce)
-                reason = f"config handler failed: {type(exc).__name__}: {exc}"
-            log.warning("rejecting %s push %s: %s", type_url, response.nonce, reason)
-            kind = type_url.rsplit(".", 1)[-1]
-            self.nacks_sent[kind] = self.nacks_sent.get(kind, 0) + 1
-            self.last_nack = {
-                "type": kind,
-                "nonce": response.nonce,
-                "reason": reason,
-                "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            }
-            return xds_transport.encode_request(
-                node_id=self._node,
-                type_url=type_url,
-                response_nonce=response.nonce,
-                error=(grpc.StatusCode.INVALID_ARGUMENT.value[0], reason),
-            )
-        self._accepted[type_url] = proposed
-        return xds_transport.encode_request(
-            node_id=self._node, type_url=type_url, response_nonce=response.nonce
-        )
-
-    def _proposed(self, response: xds_transport.DeltaResponse) -> dict[str, tuple[str, Message]]:
-        """The accepted state of the response's type with the response applied."""
-        type_url = response.type_url
-        if type_url not in self._accepted:
-            raise InvalidInputError(f"not subscribed to {type_url}")
-        message_type = MESSAGE_TYPES.get(type_url)
-        if message_type is None:
-            raise InvalidInputError(f"no message type known for {type_url}")
-        proposed = dict(self._accepted[type_url])
-        for resource in response.resources:
-            if resource.resource.type_url != type_url:
-                raise InvalidInputError(
-                    f"{resource.name}: resource type {resource.resource.type_url}"
-                )
-            try:
-                message = message_type.FromString(resource.resource.value)
-            except DecodeError as exc:
-                raise InvalidInputError(f"{resource.name}: undecodable: {exc}") from None
-            proposed[resource.name] = (resource.version, message)
-        for name in response.removed_resources:
-            proposed.pop(name, None)
-        return proposed

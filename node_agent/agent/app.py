@@ -40,7 +40,8 @@ from node_agent.agent.metrics import AgentMetrics
 from node_agent.agent.registrar import ControlPlaneRegistrar
 from node_agent.cni_events.server import CniEventServer
 from node_agent.constants import ADMIN_PORT, READINESS_PORT
-from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint, TokenSource
+from node_agent.controlplane_access import ControlPlaneEndpoint, TokenSource
+from node_agent.controlplane_client import ControlPlaneClient
 from node_agent.enrollment.enroller import CaptureEngine, Enroller, HostRules
 from node_agent.enrollment.registry import PodRegistry
 from node_agent.kubernetes.discovery import HostProc

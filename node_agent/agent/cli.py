@@ -17,7 +17,7 @@ from node_agent.agent.cni_setup import CniSetupSettings
 from node_agent.cni_install.cli import DEFAULT_BIN_DIR, DEFAULT_PLUGIN_BUNDLE
 from node_agent.cni_install.conflist import PluginSettings
 from node_agent.constants import ADMIN_PORT, READINESS_PORT
-from node_agent.controlplane_client import ControlPlaneEndpoint, TokenFile
+from node_agent.controlplane_access import ControlPlaneEndpoint, TokenFile
 from node_agent.enrollment.enroller import CaptureEngine
 from node_agent.redirect.backend import Backend, choose_backend, probe_host
 from node_agent.redirect.ebpf.capture import EbpfCapture

@@ -36,10 +36,11 @@ from node_agent.constants import (
     PROXY_UID,
     READINESS_PORT,
 )
-from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint, TokenFile
+from node_agent.controlplane_access import ControlPlaneEndpoint, TokenFile
 from node_agent.netns import Netns
 from node_agent.proxy import privileges
 from node_agent.proxy.agent_pods import AgentPods
+from node_agent.proxy.controlplane import ProxyControlPlaneClient
 from node_agent.proxy.identity import CaCertificateProvider
 from node_agent.proxy.model import Workload
 from node_agent.proxy.proxy import Proxy, ProxySettings, build
@@ -240,7 +241,7 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with ControlPlaneClient(endpoint, node, token) as client:
+    async with ProxyControlPlaneClient(endpoint, node, token) as client:
         proxy = build(
             settings, config=XdsConfigSource(client), certificates=CaCertificateProvider(client)
         )

@@ -578,6 +578,9 @@ class H2Protocol(asyncio.Protocol):
         if stream is not None and not stream.response.done():
             stream.response.set_result(dict(headers))
 
+    def on_trailers(self, stream_id: int, headers: HeaderList) -> None:
+        """Nothing for a tunnel: its end (on_end) follows."""
+
     def on_data(self, stream_id: int, data: memoryview) -> None:
         stream = self.streams.get(stream_id)
         if stream is None:

@@ -24,15 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-import grpc
-
 from node_agent import openssl
-from node_agent.controlplane_client import (
+from node_agent.controlplane_access import (
     RECONNECT_BACKOFF,
     REFUSALS_TO_BACK_OFF,
     REFUSED_BACKOFF,
     IssuedCertificate,
 )
+from node_agent.proxy.controlplane import RpcError
 from node_agent.proxy.telemetry import RENEWAL_FAILURES, RENEWALS, ProxyMetrics
 from weir_common.errors import TransientError
 from weir_common.log_limit import LogLimiter
@@ -80,7 +79,8 @@ class CaUnreachableError(TransientError):
 
 
 class CertificateSigner(Protocol):
-    """What signs CSRs: node_agent.controlplane_client.ControlPlaneClient."""
+    """What signs CSRs: node_agent.proxy.controlplane.ProxyControlPlaneClient (raising
+    RpcError)."""
 
     async def request_certificate(
         self, spiffe_id: str, validity_seconds: int = 0
@@ -97,14 +97,10 @@ class CaCertificateProvider:
     async def fetch(self, identity: SpiffeId) -> WorkloadCertificate:
         try:
             issued = await self._signer.request_certificate(str(identity), self._validity_seconds)
-        except grpc.aio.AioRpcError as e:
-            if e.code() in REFUSALS_TO_BACK_OFF:
-                raise TransientError(
-                    f"CA refused {identity}: {e.code().name}: {e.details()}"
-                ) from e
-            raise CaUnreachableError(
-                f"CA unreachable for {identity}: {e.code().name}: {e.details()}"
-            ) from e
+        except RpcError as e:
+            if e.status in REFUSALS_TO_BACK_OFF:
+                raise TransientError(f"CA refused {identity}: {e}") from e
+            raise CaUnreachableError(f"CA unreachable for {identity}: {e}") from e
         return WorkloadCertificate.from_pem(issued.chain_pem, issued.private_key_pem)
 
 

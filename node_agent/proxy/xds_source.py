@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 from google.protobuf.message import Message
 
-from node_agent.controlplane_client import ControlPlaneClient
+from node_agent.controlplane_access import ConfigHandler
 from node_agent.proxy.model import (
     Action,
     AuthorizationPolicy,
@@ -188,10 +188,20 @@ def _load_roots(cadata: str, what: str) -> None:
         raise ValueError(f"{what}: not a PEM CA certificate ({e})") from None
 
 
+class Subscription(Protocol):
+    async def run(self) -> None: ...
+
+
+class Subscriber(Protocol):
+    """What subscribes to the mesh: node_agent.proxy.controlplane.ProxyControlPlaneClient."""
+
+    def subscribe(self, handler: ConfigHandler) -> Subscription: ...
+
+
 class XdsConfigSource:
     """ConfigSource: the node's xDS subscription to the control plane."""
 
-    def __init__(self, client: ControlPlaneClient) -> None:
+    def __init__(self, client: Subscriber) -> None:
         self._client = client
 
     async def run(self, apply: Callable[[MeshSnapshot], None]) -> None:

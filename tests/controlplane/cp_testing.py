@@ -12,7 +12,8 @@ from controlplane.app import ControlPlane, Settings
 from controlplane.ca import ROOT_CERT_FILE, load_or_create_root
 from controlplane.metrics import Metrics
 from controlplane.sources import FileSource
-from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint, XdsClient
+from node_agent.controlplane_access import ControlPlaneEndpoint
+from node_agent.controlplane_client import ControlPlaneClient, XdsClient
 from weir_common.errors import InvalidInputError
 from weir_common.retry import Backoff
 

@@ -30,7 +30,8 @@ from controlplane.kubernetes.tokenreview import (
     api_review,
 )
 from controlplane.mesh import MeshConfig
-from node_agent.controlplane_client import ControlPlaneEndpoint, request_certificate
+from node_agent.controlplane_access import ControlPlaneEndpoint
+from node_agent.controlplane_client import request_certificate
 from testbed.k8s_cluster import config
 from testbed.k8s_cluster.cluster import Cluster, leftovers, up
 from weir_common._generated.weir.v1 import mesh_pb2

@@ -28,7 +28,8 @@ from cryptography.x509.oid import NameOID
 
 from controlplane import metrics as m
 from controlplane.ca import ROOT_CERT_FILE, ROOT_KEY_FILE, load_intermediate, load_or_create_root
-from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint
+from node_agent.controlplane_access import ControlPlaneEndpoint
+from node_agent.controlplane_client import ControlPlaneClient
 from weir_common.errors import InvalidInputError
 
 pytestmark = pytest.mark.timeout(60)

@@ -24,7 +24,8 @@ from cryptography import x509
 from controlplane import metrics as m
 from controlplane.app import Settings
 from controlplane.ca import load_or_create_root
-from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint
+from node_agent.controlplane_access import ControlPlaneEndpoint
+from node_agent.controlplane_client import ControlPlaneClient
 from weir_common.mesh import WORKLOAD_TYPE
 
 pytestmark = pytest.mark.timeout(60)

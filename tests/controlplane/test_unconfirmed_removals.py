@@ -16,7 +16,8 @@ import grpc
 import pytest
 from cp_testing import FAST_BACKOFF, MESH_YAML, TOKENS, root_file, running_plane
 
-from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint
+from node_agent.controlplane_access import ControlPlaneEndpoint
+from node_agent.controlplane_client import ControlPlaneClient
 
 YAML = MESH_YAML.replace(
     "workloads:\n",

@@ -20,7 +20,8 @@ from controlplane.ca import ROOT_CERT_FILE, load_or_create_root
 from controlplane.mesh import MeshConfig, NodeConfig, ServiceConfig
 from controlplane.metrics import Metrics
 from controlplane.xds_server import MAX_PUSH_BYTES
-from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint
+from node_agent.controlplane_access import ControlPlaneEndpoint
+from node_agent.controlplane_client import ControlPlaneClient
 from node_agent.mesh_view import MeshView
 from node_agent.proxy.model import MeshSnapshot
 from node_agent.proxy.xds_source import SnapshotHandler

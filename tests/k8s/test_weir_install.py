@@ -185,7 +185,8 @@ _CA_REQUEST: Final = """
 import asyncio, sys
 from pathlib import Path
 import grpc
-from node_agent.controlplane_client import ControlPlaneEndpoint, request_certificate
+from node_agent.controlplane_access import ControlPlaneEndpoint
+from node_agent.controlplane_client import request_certificate
 from weir_common.retry import Backoff
 
 async def main() -> None:

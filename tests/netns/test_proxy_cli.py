@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint
+from node_agent.controlplane_access import ControlPlaneEndpoint
+from node_agent.controlplane_client import ControlPlaneClient
 from node_agent.localmesh.topology import LocalTopology, Pod
 from node_agent.netns import entered
 from node_agent.redirect.backend import Backend

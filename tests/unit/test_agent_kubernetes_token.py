@@ -10,12 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from node_agent.controlplane_client import (
-    ControlPlaneClient,
-    ControlPlaneEndpoint,
-    StaticToken,
-    TokenFile,
-)
+from node_agent.controlplane_access import ControlPlaneEndpoint, StaticToken, TokenFile
+from node_agent.controlplane_client import ControlPlaneClient
 from weir_common.errors import TransientError
 
 

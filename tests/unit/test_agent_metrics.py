@@ -20,7 +20,8 @@ from cni_plugin.protocol import PodInfo
 from controlplane.ca import load_or_create_root
 from node_agent.admin.server import AdminRegistry, HttpEndpoint
 from node_agent.agent.metrics import HELP, AgentMetrics, Histogram
-from node_agent.controlplane_client import ControlPlaneClient, ControlPlaneEndpoint
+from node_agent.controlplane_access import ControlPlaneEndpoint
+from node_agent.controlplane_client import ControlPlaneClient
 from node_agent.enrollment.enroller import Enroller, EnrollmentError, MeshIntent
 from node_agent.enrollment.registry import PodRegistry
 from node_agent.netns import Netns

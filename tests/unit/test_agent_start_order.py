@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from node_agent.agent.app import Agent, AgentSettings
-from node_agent.controlplane_client import ControlPlaneEndpoint
+from node_agent.controlplane_access import ControlPlaneEndpoint
 from node_agent.proxy_handoff.agent_side import ProxyHandoffServer
 from testbed.enrollment_fakes import FakeCapture
 

@@ -20,14 +20,15 @@ import pytest
 from controlplane.app import ControlPlane
 from controlplane.auth import RequestRefusedError
 from node_agent.agent.registrar import ControlPlaneRegistrar
-from node_agent.controlplane_client import (
+from node_agent.controlplane_access import (
     RECONNECT_BACKOFF,
     REFUSED_BACKOFF,
     RESUME_SETTLE_SECONDS,
-    ControlPlaneClient,
     ControlPlaneEndpoint,
+    Status,
     TokenFile,
 )
+from node_agent.controlplane_client import ControlPlaneClient
 from node_agent.enrollment.registry import PodRecord
 from node_agent.redirect.config import CaptureConfig
 from tests.controlplane.cp_testing import TOKENS, RecordingHandler, root_file, running_plane
@@ -84,11 +85,11 @@ def test_defaults_bound_the_reconnect_and_back_off_from_refusals():
         endpoint = ControlPlaneEndpoint.insecure(f"127.0.0.1:{_free_port()}")
         async with ControlPlaneClient(endpoint, "node-1", "t") as client:
             for failures in range(40):
-                assert client.retry_delay(failures, grpc.StatusCode.UNAVAILABLE) <= 1.0
-                assert client.retry_delay(failures, grpc.StatusCode.CANCELLED) <= 1.0
+                assert client.retry_delay(failures, Status.UNAVAILABLE) <= 1.0
+                assert client.retry_delay(failures, Status.CANCELLED) <= 1.0
                 assert client.retry_delay(failures, None) <= 1.0
-            assert client.retry_delay(20, grpc.StatusCode.PERMISSION_DENIED) >= 15.0
-            assert client.retry_delay(20, grpc.StatusCode.UNAUTHENTICATED) >= 15.0
+            assert client.retry_delay(20, Status.PERMISSION_DENIED) >= 15.0
+            assert client.retry_delay(20, Status.UNAUTHENTICATED) >= 15.0
 
     asyncio.run(scenario())
 

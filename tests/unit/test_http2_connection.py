@@ -15,6 +15,7 @@ import hpack
 import pytest
 
 from node_agent.proxy.http2 import frames
+from node_agent.proxy.http2 import hpack as our_hpack
 from node_agent.proxy.http2.connection import Connection, HeaderList, ProtocolError
 from node_agent.proxy.http2.frames import ErrorCode, FrameType
 
@@ -36,6 +37,9 @@ class Recorder:
 
     def on_response(self, stream_id: int, headers: HeaderList, end_stream: bool) -> None:
         self.events.append(("response", stream_id, headers, end_stream))
+
+    def on_trailers(self, stream_id: int, headers: HeaderList) -> None:
+        self.events.append(("trailers", stream_id, headers))
 
     def on_data(self, stream_id: int, data: memoryview) -> None:
         self.data.setdefault(stream_id, bytearray()).extend(data)
@@ -151,6 +155,43 @@ def test_client_tunnels_through_an_h2_server_both_ways_beyond_the_default_window
     assert events.data[stream] == b"down"
     assert events.named("end") == [("end", stream)]
     assert stream not in client.streams  # both sides ended: forgotten
+
+
+def test_a_grpc_style_answer_ends_in_trailers_and_bad_trailers_reset_the_stream() -> None:
+    client, events = ours(client_side=True)
+    server = theirs(client_side=False)
+    request = [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":path", b"/weir.v1.CertificateAuthority/SignCertificate"),
+        (b":authority", b"controlplane:15012"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    first = client.open_stream(request)
+    second = client.open_stream(request)
+    h2_events(server, client.data_to_send())
+    for stream in (first, second):
+        server.send_headers(stream, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        server.send_data(stream, b"\0\0\0\0\x02hi")
+    server.send_headers(first, [(b"grpc-status", b"0")], end_stream=True)
+    client.receive(server.data_to_send())
+    assert [e[1] for e in events.named("response")] == [first, second]
+    assert events.named("trailers") == [("trailers", first, [(b"grpc-status", b"0")])]
+    assert events.named("end") == [("end", first)]
+    assert events.data[first] == b"\0\0\0\0\x02hi"
+
+    # Trailers must end the stream: HEADERS after the response without
+    # END_STREAM is a malformed message (RFC 9113 8.1), reset, not a new response.
+    # (h2 will not send such a frame: it is built here.)
+    block = our_hpack.encode([(b"grpc-status", b"0")])  # literals: no table state
+    client.receive(frames.headers(second, block, end_stream=False, max_frame_size=16384))
+    assert events.named("reset") == [("reset", second, ErrorCode.PROTOCOL_ERROR)]
+    assert [e[1] for e in events.named("response")] == [first, second]
+    resets = [
+        e for e in h2_events(server, client.data_to_send()) if isinstance(e, h2.events.StreamReset)
+    ]
+    assert [(e.stream_id, e.error_code) for e in resets] == [(second, ErrorCode.PROTOCOL_ERROR)]
 
 
 def test_server_answers_an_h2_client_and_its_bytes_arrive_cut_anywhere() -> None:

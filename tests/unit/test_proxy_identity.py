@@ -7,14 +7,14 @@ import contextlib
 import datetime
 import ssl
 
-import grpc
 import pytest
 import uvloop
 from cryptography import x509
 
 from controlplane.ca import load_or_create_root
-from node_agent.controlplane_client import IssuedCertificate
+from node_agent.controlplane_access import IssuedCertificate, Status
 from node_agent.proxy import tls
+from node_agent.proxy.controlplane import RpcError
 from node_agent.proxy.identity import CaCertificateProvider, IdentityManager, WorkloadCertificate
 from testbed.proxy_fakes import LocalCaCertificates, make_csr
 from weir_common.errors import TransientError
@@ -162,7 +162,7 @@ def test_server_from_another_ca_is_refused(ca, tmp_path):
 class Signer:
     """Stands in for the control plane client: signs with the in-process CA, or refuses."""
 
-    def __init__(self, ca, refuse: grpc.StatusCode | None = None):
+    def __init__(self, ca, refuse: Status | None = None):
         self.ca = ca
         self.refuse = refuse
         self.asked: list[tuple[str, int]] = []
@@ -170,9 +170,7 @@ class Signer:
     async def request_certificate(self, spiffe_id: str, validity_seconds: int = 0):
         self.asked.append((spiffe_id, validity_seconds))
         if self.refuse is not None:
-            raise grpc.aio.AioRpcError(
-                self.refuse, grpc.aio.Metadata(), grpc.aio.Metadata(), "no workload here"
-            )
+            raise RpcError(self.refuse, "no workload here")
         csr, key = make_csr(SpiffeId.parse(spiffe_id))
         chain = self.ca.sign(csr, SpiffeId.parse(spiffe_id), ttl=None, now=_now())
         return IssuedCertificate(key, tuple(chain), tuple(self.ca.trust_bundle_pem))
@@ -189,5 +187,5 @@ def test_ca_provider_asks_for_the_identity_and_returns_its_svid(ca):
 
 def test_ca_refusal_is_a_retryable_error(ca):
     with pytest.raises(TransientError, match="PERMISSION_DENIED: no workload here") as info:
-        run(CaCertificateProvider(Signer(ca, grpc.StatusCode.PERMISSION_DENIED)).fetch(A))
+        run(CaCertificateProvider(Signer(ca, Status.PERMISSION_DENIED)).fetch(A))
     assert info.value.retryable

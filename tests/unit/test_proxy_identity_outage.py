@@ -6,12 +6,12 @@ import asyncio
 import datetime
 import time
 
-import grpc
 import pytest
 import uvloop
 
 from controlplane.ca import CertificateAuthority, load_or_create_root
-from node_agent.controlplane_client import IssuedCertificate
+from node_agent.controlplane_access import IssuedCertificate, Status
+from node_agent.proxy.controlplane import RpcError
 from node_agent.proxy.identity import (
     CaCertificateProvider,
     CaUnreachableError,
@@ -124,24 +124,22 @@ def test_an_expired_certificate_is_never_handed_out(ca):
 
 
 class Signer:
-    def __init__(self, code: grpc.StatusCode) -> None:
+    def __init__(self, code: Status) -> None:
         self.code = code
 
     async def request_certificate(
         self, spiffe_id: str, validity_seconds: int = 0
     ) -> IssuedCertificate:
-        raise grpc.aio.AioRpcError(
-            self.code, grpc.aio.Metadata(), grpc.aio.Metadata(), f"{spiffe_id} (test)"
-        )
+        raise RpcError(self.code, f"{spiffe_id} (test)")
 
 
 @pytest.mark.parametrize(
     ("code", "unreachable"),
     [
-        (grpc.StatusCode.UNAVAILABLE, True),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, True),
-        (grpc.StatusCode.PERMISSION_DENIED, False),
-        (grpc.StatusCode.UNAUTHENTICATED, False),
+        (Status.UNAVAILABLE, True),
+        (Status.DEADLINE_EXCEEDED, True),
+        (Status.PERMISSION_DENIED, False),
+        (Status.UNAUTHENTICATED, False),
     ],
 )
 def test_ca_provider_tells_an_unreachable_ca_from_a_refusal(code, unreachable):

@@ -9,7 +9,7 @@ import time
 
 from node_agent.admin.server import AdminRegistry, HttpEndpoint
 from node_agent.agent.app import Agent, AgentSettings
-from node_agent.controlplane_client import ControlPlaneEndpoint
+from node_agent.controlplane_access import ControlPlaneEndpoint
 from weir_common.supervision import Supervisor, wait_any
 
 

@@ -1,8 +1,9 @@
 """One HTTP/2 connection's state, without I/O: bytes in, events out, bytes to send.
 
-What HBONE needs and no more: CONNECT streams, flow control, SETTINGS, PING,
-RST_STREAM, GOAWAY. Server push is refused (ENABLE_PUSH 0) and priorities
-are ignored, as RFC 9113 allows.
+What HBONE and the proxy's gRPC client (node_agent.proxy.controlplane) need
+and no more: request streams (CONNECT, and the POSTs of gRPC with their
+trailers), flow control, SETTINGS, PING, RST_STREAM, GOAWAY. Server push is
+refused (ENABLE_PUSH 0) and priorities are ignored, as RFC 9113 allows.
 
 Written for the proxy's hot path:
 - DATA payloads are handed on as they arrive, as slices of the received
@@ -70,6 +71,9 @@ class Events(Protocol):
     def on_response(self, stream_id: int, headers: HeaderList, end_stream: bool) -> None:
         """The final response on a stream we opened (client side)."""
 
+    def on_trailers(self, stream_id: int, headers: HeaderList) -> None:
+        """Trailers after a response's data, on a stream we opened (on_end follows)."""
+
     def on_data(self, stream_id: int, data: memoryview) -> None:
         """Stream bytes, as they arrive. The receiver calls `acknowledge` once it took them."""
 
@@ -93,6 +97,7 @@ class _Stream:
         "recv_available",
         "recv_unacked",
         "remote_closed",
+        "responded",
         "send_window",
     )
 
@@ -103,6 +108,7 @@ class _Stream:
         self.recv_unacked = 0
         self.local_closed = False
         self.remote_closed = False
+        self.responded = False  # a stream of ours got its final response
 
 
 class Connection:
@@ -524,7 +530,13 @@ class Connection:
         if stream.remote_closed:
             self._stream_error(stream_id, ErrorCode.STREAM_CLOSED)
             return
-        if self.client_side and stream.local:
+        if self.client_side and stream.local and stream.responded:
+            # Trailers: only as the last frame, and without pseudo-headers.
+            if not end_stream or any(name.startswith(b":") for name, _ in headers):
+                self._stream_error(stream_id, ErrorCode.PROTOCOL_ERROR)
+                return
+            self._events.on_trailers(stream_id, headers)
+        elif self.client_side and stream.local:
             if not _well_formed(headers, _RESPONSE_PSEUDO, request=False):
                 self._stream_error(stream_id, ErrorCode.PROTOCOL_ERROR)
                 return
@@ -533,6 +545,7 @@ class Connection:
                 if end_stream:
                     self._stream_error(stream_id, ErrorCode.PROTOCOL_ERROR)
                 return  # informational: the final response follows
+            stream.responded = True
             self._events.on_response(stream_id, headers, end_stream)
         elif not end_stream or any(name.startswith(b":") for name, _ in headers):
             # Trailers: only as the last frame, and without pseudo-headers.

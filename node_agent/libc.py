@@ -37,6 +37,35 @@ class _CapData(ctypes.Structure):
     )
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = tuple(
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )
+    )  # fmt: skip
+
+
+# glibc's; absent from other C libraries (and from glibc before 2.33).
+_mallinfo2 = getattr(_libc, "mallinfo2", None)
+if _mallinfo2 is not None:
+    _mallinfo2.restype = _MallInfo2
+_malloc_trim = getattr(_libc, "malloc_trim", None)
+
+
+def heap_free_bytes() -> int | None:
+    """Bytes glibc's heap holds free (mallinfo2's fordblks); None without glibc."""
+    if _mallinfo2 is None or _malloc_trim is None:
+        return None
+    return int(_mallinfo2().fordblks)
+
+
+def release_free_heap() -> bool:
+    """Give the heap's free pages back to the kernel (malloc_trim(0)); whether any went."""
+    return _malloc_trim is not None and bool(_malloc_trim(0))
+
+
 def _checked(ret: int, what: str) -> int:
     if ret < 0:
         err = ctypes.get_errno()

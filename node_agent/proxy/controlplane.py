@@ -127,7 +127,7 @@ class _Call:
         self.stream_id = stream_id
         self._buffer = bytearray()
         self.messages: asyncio.Queue[bytes | RpcError | None] = asyncio.Queue()
-        self._responded = False
+        self.sent_end = False  # our side of the stream is closed
         self.finished = False
 
     # -- from the connection ----------------------------------------------------
@@ -145,7 +145,6 @@ class _Call:
                 RpcError(Status.UNKNOWN, f"content-type {content_type.decode(errors='replace')!r}")
             )
             return
-        self._responded = True
         if end_stream:  # trailers-only: the outcome is in these headers
             self.trailers(headers)
 
@@ -196,13 +195,16 @@ class _Call:
         self.finish(error)
 
     def finish(self, error: RpcError | None) -> None:
-        """The outcome, once. Our side of the stream is closed too: a bidirectional
-        call the server ended well is reset with NO_ERROR (gRPC's way), any other
-        with CANCEL; one already closed both ways is left alone."""
+        """The outcome, once. A call that failed is reset (CANCEL), so the control plane
+        stops working on it; one the server ended well while our side was still open (the
+        xDS stream) is reset with NO_ERROR, as gRPC does."""
         if self.finished:
             return
         self.finished = True
-        self._connection.reset(self, ErrorCode.CANCEL if error else ErrorCode.NO_ERROR)
+        if error is not None:
+            self._connection.reset(self, ErrorCode.CANCEL)
+        elif not self.sent_end:
+            self._connection.reset(self, ErrorCode.NO_ERROR)
         self.messages.put_nowait(error)
         self._connection.forget(self)
 
@@ -340,6 +342,7 @@ class _Connection(asyncio.Protocol):
             if size or not view:
                 last = size == len(view)
                 self.h2.send_data(call.stream_id, view[:size], end_stream=end and last)
+                call.sent_end = end and last
                 self.flush()
                 view = view[size:]
                 if last:

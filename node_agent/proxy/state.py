@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -103,24 +103,23 @@ class TlsContexts:
         self._client: dict[SpiffeId, TlsContext] = {}
 
     def server(self, identity: SpiffeId) -> TlsContext:
-        built = self._server.get(identity)
-        if built is None:
-            material = self._material[identity]
-            built = TlsContext(
-                tls_mod.server_context(material.cert, material.trust_bundle), material.generation
-            )
-            self._server[identity] = built
-        return built
+        return self._built(self._server, identity, tls_mod.server_context)
 
     def client(self, identity: SpiffeId) -> TlsContext:
-        built = self._client.get(identity)
-        if built is None:
+        return self._built(self._client, identity, tls_mod.client_context)
+
+    def _built(
+        self,
+        held: dict[SpiffeId, TlsContext],
+        identity: SpiffeId,
+        build: Callable[[WorkloadCertificate, Sequence[str]], ssl.SSLContext],
+    ) -> TlsContext:
+        context = held.get(identity)
+        if context is None:
             material = self._material[identity]
-            built = TlsContext(
-                tls_mod.client_context(material.cert, material.trust_bundle), material.generation
-            )
-            self._client[identity] = built
-        return built
+            context = TlsContext(build(material.cert, material.trust_bundle), material.generation)
+            held[identity] = context
+        return context
 
     def __contains__(self, identity: SpiffeId) -> bool:
         return identity in self._material

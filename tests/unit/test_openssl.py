@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from controlplane.ca import CertificateAuthority, load_or_create_root
 from node_agent import openssl
 from node_agent.controlplane_access import ControlPlaneEndpoint
+from testbed.memory import vm_rss_kib
 from weir_common.errors import InvalidInputError
 from weir_common.mesh import SpiffeId
 
@@ -29,13 +30,6 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
     return load_or_create_root(
         tmp_path_factory.mktemp("ca"), "cluster.local", now=datetime.datetime.now(datetime.UTC)
     )
-
-
-def _rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_csr_names_only_the_identity_and_is_signed_by_the_key() -> None:
@@ -120,11 +114,11 @@ def test_nothing_is_left_allocated(ca: CertificateAuthority) -> None:
                 openssl.certificate_facts("junk")
 
     churn(300)  # allocator and caches warm
-    before = _rss_kib()
+    before = vm_rss_kib()
     churn(3000)
     # A leak of any of the objects made per call (key, CSR, names, BIOs, a
     # certificate, ~0.3-2 KiB each) would grow RSS by megabytes over 3,000 rounds.
-    assert _rss_kib() - before < 1024
+    assert vm_rss_kib() - before < 1024
 
 
 def test_a_node_proxy_loads_neither_grpcio_nor_cryptography() -> None:

@@ -111,11 +111,15 @@ REFUSALS_TO_BACK_OFF: Final = PERMANENT_REFUSALS | {
 }
 
 
-def _check_roots(pem: str) -> None:
+def check_pem_roots(pem: str, what: str) -> None:
+    """ValueError unless `pem` holds CA certificates, every one loadable as a TLS client
+    loads them (the mesh roots a node is given, the trust bundle the control plane sends)."""
     if "-----BEGIN CERTIFICATE-----" not in pem:  # cadata takes "" without a word
-        raise ValueError("no PEM certificate in it")
-    # Loaded as a TLS client loads them: every certificate in it must parse.
-    ssl.create_default_context(cadata=pem)
+        raise ValueError(f"{what}: not a PEM CA certificate (no PEM certificate in it)")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem)
+    except (ssl.SSLError, ValueError, TypeError) as e:  # TypeError: text that is not ASCII
+        raise ValueError(f"{what}: not a PEM CA certificate ({e})") from None
 
 
 @dataclass(frozen=True)
@@ -133,8 +137,8 @@ class ControlPlaneEndpoint:
         """Verify the control plane against the PEM roots in `roots_file`."""
         try:
             pem = roots_file.read_bytes()
-            _check_roots(pem.decode("ascii"))
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            check_pem_roots(pem.decode("ascii"), "mesh roots")
+        except (OSError, ValueError) as exc:
             raise InvalidInputError(f"{roots_file}: cannot load mesh root PEM: {exc}") from exc
         return cls(target, pem, server_name)
 

@@ -20,7 +20,6 @@ the caller's: the subscription keeps the agent's pacing (controlplane_access).
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import ssl
 import struct
@@ -49,6 +48,7 @@ from node_agent.controlplane_access import (
 )
 from node_agent.proxy.http2.connection import Connection, HeaderList, ProtocolError
 from node_agent.proxy.http2.frames import ErrorCode
+from node_agent.proxy.model import parse_ip
 from weir_common import xds_transport
 from weir_common._generated.weir.v1 import ca_pb2
 from weir_common.errors import InvalidInputError
@@ -99,19 +99,13 @@ def split_target(target: str) -> tuple[str, int]:
     host, sep, port = target.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-        valid_host = _is_ipv6(host)
+        parsed = parse_ip(host)
+        valid_host = parsed is not None and parsed[1] == 6
     else:
         valid_host = bool(host) and ":" not in host
     if not (sep and valid_host and port.isdigit() and 0 < int(port) < 65536):
         raise InvalidInputError(f"control plane address {target!r} is not host:port")
     return host, int(port)
-
-
-def _is_ipv6(text: str) -> bool:
-    try:
-        return ipaddress.ip_address(text).version == 6
-    except ValueError:
-        return False
 
 
 def _timeout_header(seconds: float) -> bytes:
@@ -137,11 +131,11 @@ class _Call:
         raw_status = fields.get(b":status", b"")
         status = int(raw_status) if raw_status.isdigit() else 0
         if status != 200:
-            self.fail(RpcError(_HTTP_STATUS.get(status, Status.UNKNOWN), f"HTTP status {status}"))
+            self.finish(RpcError(_HTTP_STATUS.get(status, Status.UNKNOWN), f"HTTP status {status}"))
             return
         content_type = fields.get(b"content-type", b"")
         if not content_type.startswith(b"application/grpc"):
-            self.fail(
+            self.finish(
                 RpcError(Status.UNKNOWN, f"content-type {content_type.decode(errors='replace')!r}")
             )
             return
@@ -155,10 +149,10 @@ class _Call:
         while len(self._buffer) >= _PREFIX.size:
             compressed, length = _PREFIX.unpack_from(self._buffer)
             if length > MAX_MESSAGE_BYTES:
-                self.fail(RpcError(Status.RESOURCE_EXHAUSTED, f"{length}-byte message"))
+                self.finish(RpcError(Status.RESOURCE_EXHAUSTED, f"{length}-byte message"))
                 return
             if compressed:
-                self.fail(RpcError(Status.INTERNAL, "compressed message (none was offered)"))
+                self.finish(RpcError(Status.INTERNAL, "compressed message (none was offered)"))
                 return
             end = _PREFIX.size + length
             if len(self._buffer) < end:
@@ -175,24 +169,21 @@ class _Call:
             status = None
         message = urllib.parse.unquote(fields.get(b"grpc-message", b"").decode(errors="replace"))
         if status is None:
-            self.fail(RpcError(Status.UNKNOWN, f"no valid grpc-status in the trailers ({raw!r})"))
+            self.finish(RpcError(Status.UNKNOWN, f"no valid grpc-status in the trailers ({raw!r})"))
         elif status != Status.OK:
-            self.fail(RpcError(status, message))
+            self.finish(RpcError(status, message))
         elif self._buffer:
-            self.fail(RpcError(Status.INTERNAL, "the stream ended inside a message"))
+            self.finish(RpcError(Status.INTERNAL, "the stream ended inside a message"))
         else:
             self.finish(None)
 
     def end(self) -> None:
         """The server's side ended; without trailers that is a broken call."""
         if not self.finished:
-            self.fail(RpcError(Status.INTERNAL, "the stream ended without trailers"))
+            self.finish(RpcError(Status.INTERNAL, "the stream ended without trailers"))
 
     def reset(self, code: int) -> None:
-        self.fail(RpcError(_RESET_STATUS.get(code, Status.INTERNAL), f"stream reset ({code})"))
-
-    def fail(self, error: RpcError) -> None:
-        self.finish(error)
+        self.finish(RpcError(_RESET_STATUS.get(code, Status.INTERNAL), f"stream reset ({code})"))
 
     def finish(self, error: RpcError | None) -> None:
         """The outcome, once. A call that failed is reset (CANCEL), so the control plane

@@ -51,8 +51,8 @@ SWEEP_INTERVAL_SECONDS: Final = 1.0
 # Python and OpenSSL free into glibc's heap, which keeps what a burst of
 # traffic left behind: 3-5 MiB free after a bulk transfer here, more than a
 # tenth of an idle proxy's memory. Given back when over this much, checked
-# this often (mallinfo2 and malloc_trim take well under a millisecond on a
-# heap this size).
+# this often: mallinfo2 and malloc_trim took 0.8 and 1.7 ms on a heap with
+# 15 MiB free in 13,000 pieces, about 0.05 % of a core at one check per 5 s.
 MEMORY_RELEASE_INTERVAL_SECONDS: Final = 5.0
 MEMORY_RELEASE_THRESHOLD_BYTES: Final = 1024 * 1024
 

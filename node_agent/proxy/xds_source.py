@@ -10,13 +10,12 @@ through), and without a trust bundle no peer could be verified.
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, Protocol
 
 from google.protobuf.message import Message
 
-from node_agent.controlplane_access import ConfigHandler
+from node_agent.controlplane_access import ConfigHandler, check_pem_roots
 from node_agent.proxy.model import (
     Action,
     AuthorizationPolicy,
@@ -175,17 +174,10 @@ def _check_trust_bundle(bundle: mesh_pb2.TrustBundle) -> None:
     if not bundle.root_certificates_pem:
         raise ValueError("trust bundle without root certificates")
     for i, pem in enumerate(bundle.root_certificates_pem, 1):
-        _load_roots(pem, f"trust bundle root {i}")
+        check_pem_roots(pem, f"trust bundle root {i}")
     # The proxy loads them concatenated: a root without its final newline
     # would spoil the next one.
-    _load_roots("".join(bundle.root_certificates_pem), "trust bundle roots together")
-
-
-def _load_roots(cadata: str, what: str) -> None:
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=cadata)
-    except (ssl.SSLError, ValueError, TypeError) as e:  # TypeError: text that is not ASCII
-        raise ValueError(f"{what}: not a PEM CA certificate ({e})") from None
+    check_pem_roots("".join(bundle.root_certificates_pem), "trust bundle roots together")
 
 
 class Subscription(Protocol):

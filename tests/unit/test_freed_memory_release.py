@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from testbed.memory import in_fresh_interpreter
+
 CHUNK = 64 * 1024  # under glibc's mmap threshold: these come from the heap
 COUNT = 480  # 30 MiB
 
@@ -39,17 +36,7 @@ print(json.dumps({{
 
 
 def test_free_heap_left_by_a_burst_goes_back_to_the_kernel() -> None:
-    result = json.loads(
-        subprocess.run(
-            [sys.executable, "-c", BURST],
-            cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=60,
-        ).stdout
-    )
+    result = json.loads(in_fresh_interpreter(BURST))
     dropped = COUNT // 2 * CHUNK
     assert result["freed"] > dropped * 3 // 4
     assert result["released"]

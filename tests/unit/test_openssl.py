@@ -4,9 +4,6 @@ checked against the `cryptography` package and the control plane's own CA."""
 from __future__ import annotations
 
 import datetime
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,12 +14,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from controlplane.ca import CertificateAuthority, load_or_create_root
 from node_agent import openssl
 from node_agent.controlplane_access import ControlPlaneEndpoint
-from testbed.memory import vm_rss_kib
+from testbed.memory import in_fresh_interpreter, vm_rss_kib
 from weir_common.errors import InvalidInputError
 from weir_common.mesh import SpiffeId
 
 IDENTITY = "spiffe://cluster.local/ns/shop/sa/checkout"
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -124,20 +120,10 @@ def test_nothing_is_left_allocated(ca: CertificateAuthority) -> None:
 def test_a_node_proxy_loads_neither_grpcio_nor_cryptography() -> None:
     # Together about 17 MiB of a proxy's resident memory, for a handful of calls
     # (node_agent.openssl, node_agent.proxy.controlplane).
-    loaded = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, node_agent.proxy.cli;"
-            " print(sorted({m.split('.')[0] for m in sys.modules} & {'grpc', 'cryptography'}))",
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
+    loaded = in_fresh_interpreter(
+        "import sys, node_agent.proxy.cli;"
+        " print(sorted({m.split('.')[0] for m in sys.modules} & {'grpc', 'cryptography'}))"
+    )
     assert loaded.strip() == "[]"
 
 

@@ -63,11 +63,20 @@ def test_a_failed_publish_is_a_rejection_and_the_previous_snapshot_stays_in_forc
         ((), "cluster.local", "without root certificates"),
         (("-----BEGIN nonsense",), "cluster.local", "trust bundle root 1: not a PEM CA"),
         ((ROOT, "not a certificate"), "cluster.local", "trust bundle root 2: not a PEM CA"),
+        # ssl takes "" as cadata without a word; an empty root is still no root.
+        ((ROOT, ""), "cluster.local", "trust bundle root 2: not a PEM CA"),
         ((ROOT,), "", "without a trust domain"),
         # Each loads alone, but the proxy loads them concatenated.
         ((ROOT.rstrip("\n"), ROOT), "cluster.local", "trust bundle roots together"),
     ],
-    ids=["no-roots", "garbage", "second-root-garbage", "no-trust-domain", "no-final-newline"],
+    ids=[
+        "no-roots",
+        "garbage",
+        "second-root-garbage",
+        "second-root-empty",
+        "no-trust-domain",
+        "no-final-newline",
+    ],
 )
 def test_a_trust_bundle_the_proxy_could_not_load_is_rejected(roots, trust_domain, error):
     consumer = SnapshotConsumer()

@@ -40,7 +40,7 @@ class CertificateFacts:
 
     not_before: datetime.datetime
     not_after: datetime.datetime
-    serial: str  # lowercase hex, as openssl prints it
+    serial: str  # lowercase hex without leading zeros, as the control plane logs it
 
 
 class _Tm(ctypes.Structure):
@@ -286,7 +286,9 @@ def certificate_facts(pem: str) -> CertificateFacts:
         return CertificateFacts(
             not_before=_datetime(crypto.X509_get0_notBefore(cert)),
             not_after=_datetime(crypto.X509_get0_notAfter(cert)),
-            serial=ctypes.string_at(hex_serial).decode("ascii").lower(),
+            # BN_bn2hex prints whole bytes, so a serial whose top nibble is 0
+            # would gain a leading "0" the control plane's "%x" does not print.
+            serial=format(int(ctypes.string_at(hex_serial), 16), "x"),
         )
     finally:
         if hex_serial:

@@ -55,7 +55,7 @@ class WorkloadCertificate:
     private_key_pem: bytes = field(repr=False)
     not_before: datetime.datetime
     not_after: datetime.datetime
-    serial: str  # the leaf's, in hex as openssl prints it
+    serial: str  # the leaf's, lowercase hex without leading zeros
 
     @classmethod
     def from_pem(cls, chain_pem: tuple[str, ...], private_key_pem: bytes) -> WorkloadCertificate:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from controlplane.ca import CertificateAuthority, load_or_create_root
@@ -73,6 +73,28 @@ def test_the_ca_signs_it_and_the_facts_match_the_certificate(ca: CertificateAuth
     key = serialization.load_pem_private_key(key_pem, password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
     assert key.public_key() == leaf.public_key()
+
+
+@pytest.mark.parametrize("serial", [0x0AC88E9E, 0x0F, 0x100, 2**159 - 1, 0x01_00000000_00000000])
+def test_the_serial_reads_as_the_control_plane_prints_it(serial: int) -> None:
+    # BN_bn2hex prints whole bytes: a serial whose top nibble is zero once came
+    # back with a leading "0" (random serials hit that one time in sixteen).
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "serial test")])
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .sign(key, hashes.SHA256())
+    )
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    assert openssl.certificate_facts(pem).serial == f"{serial:x}"
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,9 @@ _mallinfo2 = getattr(_libc, "mallinfo2", None)
 if _mallinfo2 is not None:
     _mallinfo2.restype = _MallInfo2
 _malloc_trim = getattr(_libc, "malloc_trim", None)
+_mallopt = getattr(_libc, "mallopt", None)
+_M_TRIM_THRESHOLD: Final = -1  # malloc.h
+_M_MMAP_THRESHOLD: Final = -3
 
 
 def heap_free_bytes() -> int | None:
@@ -64,6 +67,23 @@ def heap_free_bytes() -> int | None:
 def release_free_heap() -> bool:
     """Give the heap's free pages back to the kernel (malloc_trim(0)); whether any went."""
     return _malloc_trim is not None and bool(_malloc_trim(0))
+
+
+def keep_freed_heap(*, trim_above: int, mmap_from: int) -> bool:
+    """Let glibc keep what is freed at the heap's top up to `trim_above` bytes, and
+    serve allocations under `mmap_from` bytes from the heap; whether it took both.
+
+    By default glibc gives the top back with brk(2) once about 128 KiB of it
+    is free, and maps every allocation over 128 KiB (at first) with mmap(2):
+    a process that makes and drops buffers of that size on every read pays
+    for the syscalls and faults the pages in again each time. Whoever calls
+    this gives memory back by other means (`release_free_heap`).
+    """
+    if _mallopt is None or _malloc_trim is None:  # not glibc
+        return False
+    return bool(_mallopt(_M_TRIM_THRESHOLD, trim_above)) and bool(
+        _mallopt(_M_MMAP_THRESHOLD, mmap_from)
+    )
 
 
 def _checked(ret: int, what: str) -> int:

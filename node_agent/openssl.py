@@ -93,6 +93,7 @@ def libssl() -> ctypes.CDLL:
             ("SSL_CTX_get_options", ctypes.c_uint64, [_P]),
             ("SSL_CTX_ctrl", _LONG, [_P, _INT, _LONG, _P]),
             ("SSL_CTX_set_default_read_buffer_len", None, [_P, ctypes.c_size_t]),
+            ("SSL_CTX_set_ciphersuites", _INT, [_P, ctypes.c_char_p]),
             ("SSL_has_pending", _INT, [_P]),
             ("SSL_get_fd", _INT, [_P]),
             ("SSL_get_SSL_CTX", _P, [_P]),

@@ -14,12 +14,14 @@ fill a fast link.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Callable
 from typing import Final, Protocol, cast
 
 from node_agent.proxy.http2.connection import Connection, HeaderList, ProtocolError
 from node_agent.proxy.http2.frames import ErrorCode
+from node_agent.proxy.pieces import LARGE
 from weir_common.mesh import SpiffeId
 
 STREAM_WINDOW: Final = 4 * 1024 * 1024
@@ -218,7 +220,9 @@ class HboneStream:
         self.flow = Flow(conn.loop)
         self.response: asyncio.Future[Headers] = conn.loop.create_future()
         self._peer: TcpPeer | None = None
-        self._pending = bytearray()  # from TCP, waiting for HTTP/2 window
+        # From TCP, waiting for HTTP/2 window: the pieces as read, not copied together.
+        self._pending: collections.deque[Bytes] = collections.deque()
+        self._pending_size = 0
         self._early: list[Bytes] = []  # from HTTP/2 before a peer was attached
         self._held_acks = 0  # delivered to TCP while its write buffer was full
         self._peer_congested = False
@@ -259,9 +263,10 @@ class HboneStream:
         self._count(from_tcp=len(data))
         if not self._pending and self._send_now(data):
             return
-        self._pending += data
+        self._pending.append(data)
+        self._pending_size += len(data)
         self._flush()
-        if len(self._pending) > PENDING_HIGH and self._peer is not None:
+        if self._pending_size > PENDING_HIGH and self._peer is not None:
             self._reading_paused = True
             self._peer.pause_reading()
 
@@ -345,12 +350,10 @@ class HboneStream:
         codec = conn.h2
         pending = self._pending
         while pending and not conn.write_paused and not conn.closed:
-            window = codec.send_window(self.id)
-            if window <= 0:
+            limit = min(codec.send_window(self.id), codec.remote_max_frame_size)
+            if limit <= 0:
                 break
-            size = min(len(pending), window, codec.remote_max_frame_size)
-            codec.send_data(self.id, pending[:size])
-            del pending[:size]
+            codec.send_data(self.id, self._take_pending(limit))
         if self._tcp_eof and not pending and not self._sent_end and not conn.closed:
             if self.id not in codec.streams:
                 # Reset or refused while the TCP side still had data for it.
@@ -361,10 +364,33 @@ class HboneStream:
             codec.end_stream(self.id)
             self._sent_end = True
         conn.flush()
-        if self._reading_paused and len(pending) < PENDING_LOW and self._peer is not None:
+        if self._reading_paused and self._pending_size < PENDING_LOW and self._peer is not None:
             self._reading_paused = False
             self._peer.resume_reading()
         self._maybe_finish()
+
+    def _take_pending(self, limit: int) -> Bytes:
+        """At most `limit` pending bytes for one DATA frame: the first piece (or as much of
+        it as fits) when it is large or alone, else the small pieces that fit, joined."""
+        pending = self._pending
+        first = pending[0]
+        run: list[Bytes] = []
+        if len(first) < LARGE and len(pending) > 1:
+            size = 0
+            while pending and len(pending[0]) < LARGE and size + len(pending[0]) <= limit:
+                size += len(pending[0])
+                run.append(pending.popleft())
+        if len(run) > 1:
+            taken: Bytes = b"".join(run)
+        elif run:
+            taken = run[0]
+        elif len(first) <= limit:
+            taken = pending.popleft()
+        else:
+            view = memoryview(first)
+            taken, pending[0] = view[:limit], view[limit:]
+        self._pending_size -= len(taken)
+        return taken
 
     def _maybe_finish(self) -> None:
         if self._sent_end and self._remote_end and self._peer is not None:
@@ -486,10 +512,10 @@ class H2Protocol(asyncio.Protocol):
 
     def _flush_now(self) -> None:
         self._flush_pending = False
-        data = self.h2.data_to_send()
+        pieces = self.h2.pieces_to_send()
         transport = self.transport
-        if data and transport is not None and not self.closed and not transport.is_closing():
-            transport.write(data)
+        if pieces and transport is not None and not self.closed and not transport.is_closing():
+            transport.writelines(pieces)
 
     def ack(self, stream_id: int, size: int) -> None:
         if not self.closed:

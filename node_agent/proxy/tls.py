@@ -57,6 +57,9 @@ def _configure(ctx: ssl.SSLContext, cert: WorkloadCertificate, trust_bundle: Seq
     why_not = tls_transport.read_ahead(ctx)
     if why_not is not None:
         _log_once(logging.WARNING, f"TLS reads one record per two syscalls: {why_not}")
+    why_not = tls_transport.order_tls13_suites(ctx)
+    if why_not is not None:
+        _log_once(logging.WARNING, f"TLS 1.3 suites in OpenSSL's default order: {why_not}")
     ktls.enable(ctx)
     _log_once(logging.INFO, ktls.status(ctx))
     fd = os.memfd_create("weir-svid", os.MFD_CLOEXEC)

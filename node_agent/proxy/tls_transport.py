@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final, Protocol, cast
 
 from node_agent import openssl
+from node_agent.proxy.pieces import join_small_runs
 from weir_common.futures import fd_ready
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,32 @@ def read_ahead(context: ssl.SSLContext) -> str | None:
         return "this Python's SSLContext layout is not the one expected"
     libssl.SSL_CTX_ctrl(address, _SSL_CTRL_SET_READ_AHEAD, 1, None)
     libssl.SSL_CTX_set_default_read_buffer_len(address, READ_BUFFER)
+    return None
+
+
+# AES-128-GCM first, as BoringSSL (Envoy's, and Go's crypto/tls) orders them
+# where the CPU has AES instructions: 1.3x the speed of OpenSSL's first
+# choice, AES-256-GCM, on this project's machines (`openssl speed`: 2.46
+# against 1.89 GB/s), and a TLS 1.3 suite every peer must offer. The other
+# two stay, for peers that prefer them.
+TLS13_SUITES: Final = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
+
+def order_tls13_suites(context: ssl.SSLContext) -> str | None:
+    """Offer and choose TLS 1.3 suites in TLS13_SUITES' order; None, or why it could not.
+
+    Python's ssl module sets only TLS 1.2 ciphers; this reaches the SSL_CTX as
+    `read_ahead` does.
+    """
+    try:
+        libssl = openssl.libssl()
+    except (OSError, AttributeError) as e:
+        return f"libssl not loadable: {e}"
+    address = _context_address(libssl, context)
+    if address is None:
+        return "this Python's SSLContext layout is not the one expected"
+    if libssl.SSL_CTX_set_ciphersuites(address, TLS13_SUITES.encode()) != 1:
+        return "OpenSSL refused the suite list"
     return None
 
 
@@ -398,20 +425,32 @@ class TlsTransport(asyncio.Transport):
     # -- writing ---------------------------------------------------------------------
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._closing or self._lost or not data:
-            return
-        if self._inflight is not None or self._queue:
-            self._queue.append(data)
-            self._queued += len(data)
-            self._maybe_pause_protocol()
-            return
-        self._send(data)
+        self.writelines((data,))
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        self.write(b"".join(list_of_data))
+        """Each piece to OpenSSL as it is (no joining copy), the socket written once at the end.
 
-    def _send(self, data: bytes | bytearray | memoryview) -> None:
-        """Hand `data` to OpenSSL; what it cannot take now becomes the in-flight piece."""
+        A piece is kept, not copied, while it waits for the socket: the caller
+        must not change it.
+        """
+        if self._closing or self._lost:
+            return
+        for data in list_of_data:
+            if not data:
+                continue
+            if self._inflight is not None or self._queue:
+                self._queue.append(data)
+                self._queued += len(data)
+            elif not self._send(data) and self._lost:
+                return
+        if self._inflight is None and not self._queue:
+            self._flush_buffer()
+        else:
+            self._maybe_pause_protocol()
+
+    def _send(self, data: bytes | bytearray | memoryview) -> bool:
+        """Hand `data` to OpenSSL; whether it took all of it (the write buffer is not
+        flushed). What it cannot take now becomes the in-flight piece."""
         try:
             sent = self._write(data)
         except ssl.SSLWantWriteError:
@@ -422,10 +461,9 @@ class TlsTransport(asyncio.Transport):
             self._write_waits_for_read = True
         except OSError as e:
             self._fatal(e)
-            return
+            return False
         if sent == len(data):
-            self._flush_buffer()
-            return
+            return True
         if sent == 0:
             self._inflight = data  # OpenSSL may hold part of it: retried exactly as it was
             self._queued += len(data)
@@ -434,7 +472,7 @@ class TlsTransport(asyncio.Transport):
             self._queue.appendleft(rest)
             self._queued += len(rest)
         self._arm_writer()
-        self._maybe_pause_protocol()
+        return False
 
     def _arm_writer(self) -> None:
         if not self._writer_armed and not self._write_waits_for_read:
@@ -460,16 +498,17 @@ class TlsTransport(asyncio.Transport):
     def _on_writable(self) -> None:
         if self._buffer_unflushed and not self._flush_buffer():
             return
-        while self._inflight is not None or self._queue:
+        queue = self._queue
+        if len(queue) > 1:
+            # Small pieces queued meanwhile go out joined: fewer records.
+            pieces = join_small_runs(queue)
+            queue.clear()
+            queue.extend(pieces)
+        while self._inflight is not None or queue:
             if self._inflight is None:
-                queue = self._queue
-                # What queued meanwhile goes out as one write: fewer records and syscalls.
-                data = queue.popleft() if len(queue) == 1 else b"".join(queue)
-                queue.clear()
+                data = queue.popleft()
                 self._queued -= len(data)
-                self._inflight = None
-                self._send(data)
-                if self._lost or self._inflight is not None or self._queue:
+                if not self._send(data):
                     return
                 continue
             data = self._inflight

@@ -43,3 +43,27 @@ def test_free_heap_left_by_a_burst_goes_back_to_the_kernel() -> None:
     # Most of the 15 MiB dropped (each free chunk keeps its headers' page).
     assert result["released_kib"] > dropped // 1024 * 3 // 4, result
     assert result["kept_intact"]
+
+
+# Buffers of the size a proxy reads into, made and dropped: the last ones
+# allocated sit at the heap's top, the case glibc trims at once by default.
+CHURN = """
+import json
+from node_agent import libc
+
+kept = libc.keep_freed_heap(trim_above=64 << 20, mmap_from=4 << 20) if {tune} else None
+before = libc.heap_free_bytes()
+buffers = [bytearray(1 << 20) for _ in range(8)]
+del buffers
+print(json.dumps({{"kept": kept, "freed": libc.heap_free_bytes() - before}}))
+"""
+
+
+def test_freed_buffers_stay_in_the_heap_until_released() -> None:
+    tuned = json.loads(in_fresh_interpreter(CHURN.format(tune=True)))
+    assert tuned["kept"] is True
+    assert tuned["freed"] > 7 << 20, tuned  # no brk(2) back, no mmap(2) of their own
+
+    # glibc's defaults, for contrast: the same churn leaves (almost) nothing in the heap.
+    default = json.loads(in_fresh_interpreter(CHURN.format(tune=False)))
+    assert default["freed"] < 2 << 20, default

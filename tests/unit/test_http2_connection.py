@@ -496,3 +496,25 @@ def frame_types(wire: bytes) -> list[int]:
         found.append(frame_type)
         pos += frames.HEADER_SIZE + (high << 16 | low)
     return found
+
+
+# -- what is sent, in pieces ----------------------------------------------------------------
+
+
+def test_a_large_payload_is_sent_as_given_and_small_frames_are_joined() -> None:
+    client, _, server, server_events = pair()
+    stream = client.open_stream(CONNECT)
+    pump(client, server)
+    big = bytes(range(256)) * 1024  # 256 KiB, under the 1 MiB frames both sides allow
+    client.send_data(stream, b"small")
+    client.send_data(stream, big)
+    client.send_data(stream, b"tail", end_stream=True)
+
+    pieces = client.pieces_to_send()
+
+    # Frames before the payload joined with its header; the payload itself not copied.
+    assert len(pieces) == 3 and pieces[1] is big
+    assert bytes(pieces[0]).endswith(frames.frame_header(len(big), FrameType.DATA, 0, stream))
+    server.receive(b"".join(pieces))
+    assert server_events.data[stream] == b"small" + big + b"tail"
+    assert client.pieces_to_send() == [] and client.data_to_send() == b""

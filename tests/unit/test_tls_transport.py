@@ -408,3 +408,69 @@ def test_a_peer_gone_without_close_notify_is_an_eof(contexts, read_mode: str) ->
             client_tls.close()
 
     run(main())
+
+
+def test_pieces_go_to_openssl_one_by_one_and_leave_in_one_write(contexts) -> None:
+    """writelines hands each piece to OpenSSL as it is and writes the socket once at
+    the end: three small pieces are one syscall, not three."""
+
+    async def main() -> None:
+        async with tls_pair(contexts, Collector, Collector) as (server, client):
+            protocol = server.get_protocol()
+            assert isinstance(protocol, Collector)
+            before = write_syscalls()
+            client.writelines([b"frame header", b"", b"payload", b"window update"])
+            writes = write_syscalls() - before
+            async with asyncio.timeout(10):
+                while len(protocol.data) < 32:
+                    await asyncio.sleep(0.001)
+            assert protocol.data == b"frame headerpayloadwindow update"
+            assert writes == 1
+
+    run(main())
+
+
+def test_pieces_queued_behind_a_full_socket_arrive_whole_and_in_order(contexts) -> None:
+    """HTTP/2 frames as the codec gives them (a small header, then a large payload
+    not copied behind it), faster than the peer reads: what waits is sent in order,
+    small pieces joined, large ones as they are."""
+    payloads = [bytes([i]) * (100_000 + i) for i in range(40)]  # 4 MB
+    expected = b"".join(b"H%02d" % i + p for i, p in enumerate(payloads))
+
+    async def main() -> None:
+        async with tls_pair(contexts, Collector, Collector) as (server, client):
+            protocol = server.get_protocol()
+            assert isinstance(protocol, Collector)
+            server.pause_reading()
+            for i, payload in enumerate(payloads):
+                client.writelines([b"H%02d" % i, payload])
+            assert client.get_write_buffer_size() > 0  # the socket is full: pieces wait
+            server.resume_reading()
+            async with asyncio.timeout(30):
+                while len(protocol.data) < len(expected):
+                    await asyncio.sleep(0.01)
+            assert protocol.data == expected
+            assert client.get_write_buffer_size() == 0
+
+    run(main())
+
+
+def test_aes_128_gcm_is_chosen_and_a_peer_without_it_is_still_served(contexts) -> None:
+    server_ctx, client_ctx = contexts
+    names = [c["name"] for c in client_ctx.get_ciphers()]
+    assert names[:3] == tls_transport.TLS13_SUITES.split(":")
+
+    async def negotiated() -> str:
+        async with tls_pair((server_ctx, client_ctx), Collector, Collector) as (server, client):
+            assert server.get_extra_info("cipher")[0] == client.get_extra_info("cipher")[0]
+            return str(client.get_extra_info("cipher")[0])
+
+    async def main() -> None:
+        assert await negotiated() == "TLS_AES_128_GCM_SHA256"
+        # A client offering only AES-256-GCM (set as order_tls13_suites does).
+        libssl = openssl.libssl()
+        address = ctypes.c_void_p.from_address(id(client_ctx) + object.__basicsize__).value
+        assert libssl.SSL_CTX_set_ciphersuites(address, b"TLS_AES_256_GCM_SHA384") == 1
+        assert await negotiated() == "TLS_AES_256_GCM_SHA384"
+
+    run(main())

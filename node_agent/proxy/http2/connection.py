@@ -9,8 +9,11 @@ Written for the proxy's hot path:
 - DATA payloads are handed on as they arrive, as slices of the received
   bytes, not buffered until the frame is complete or copied per frame;
 - events are method calls on one `Events` object, not event objects;
-- what is sent is gathered and taken in one piece (`data_to_send`), so that
-  one read's answers become one TLS record and one write.
+- what is sent is gathered and taken at once (`pieces_to_send`): small frames
+  joined, so that one read's answers become one TLS record and one write,
+  and a large DATA payload left as the caller gave it, not copied behind
+  its frame header (a 9-byte record of its own costs less than copying
+  256 KiB).
 
 Received header blocks are checked as RFC 9113 8.2-8.5 asks for the requests
 and responses HBONE carries; a malformed one resets its stream
@@ -41,6 +44,7 @@ from node_agent.proxy.http2.frames import (
     FrameType,
     Setting,
 )
+from node_agent.proxy.pieces import LARGE, Bytes, join_small_runs
 
 HeaderList = list[tuple[bytes, bytes]]
 
@@ -156,7 +160,7 @@ class Connection:
         self._table_size_update_due = False
         self.goaway_sent = False
         self.goaway_received: int | None = None  # the peer's last stream id
-        self._out: list[bytes] = []
+        self._out: list[Bytes] = []
         self._buffer = bytearray()
         self._preface_pending = not client_side
         self._settings_pending = True  # the peer's first frame must be SETTINGS
@@ -192,12 +196,17 @@ class Connection:
         return bool(self._out)
 
     def data_to_send(self) -> bytes:
+        """Everything gathered, in one piece."""
         out = self._out
-        if not out:
-            return b""
-        data = out[0] if len(out) == 1 else b"".join(out)
+        data = b"".join(out)
         out.clear()
         return data
+
+    def pieces_to_send(self) -> list[Bytes]:
+        """Everything gathered, in order: runs of small frames joined, large payloads as given."""
+        pieces = join_small_runs(self._out)
+        self._out.clear()
+        return pieces
 
     def open_stream(self, headers: HeaderList, *, end_stream: bool = False) -> int:
         """A new stream of ours with its request headers; its id."""
@@ -241,7 +250,11 @@ class Connection:
     def send_data(
         self, stream_id: int, data: bytes | bytearray | memoryview, *, end_stream: bool = False
     ) -> None:
-        """One DATA frame; the caller keeps it within `send_window` and the frame size."""
+        """One DATA frame; the caller keeps it within `send_window` and the frame size.
+
+        A large `data` is kept, not copied, until taken: the caller must not
+        change it meanwhile.
+        """
         size = len(data)
         stream = self.streams[stream_id]
         stream.send_window -= size
@@ -249,8 +262,11 @@ class Connection:
         header = HEADER.pack(
             size >> 16, size & 0xFFFF, FrameType.DATA, END_STREAM if end_stream else 0, stream_id
         )
-        # One piece with its header: the TLS layer makes a record per write.
-        self._out.append(header + data)
+        if size < LARGE:
+            # One piece with its header: the TLS layer makes a record per write.
+            self._out.append(header + data)
+        else:
+            self._out += (header, data)
         if end_stream:
             self._local_end(stream_id, stream)
 

@@ -1,0 +1,106 @@
+"""What a stream holds while HTTP/2 cannot take it: kept as read, sent without copying.
+
+Two HBONE connections joined in memory (no sockets): every byte one side's
+transport is given is fed to the other side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import uvloop
+
+from node_agent.proxy.hbone import H2Protocol, HboneStream, Headers, TcpPeer
+from node_agent.proxy.pieces import LARGE
+
+
+class MemoryTransport(asyncio.Transport):
+    """Keeps what is written, piece by piece, as the objects it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pieces: list[object] = []
+        self.peer: H2Protocol | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writelines([data])
+
+    def writelines(self, list_of_data: object) -> None:
+        self.pieces += list(list_of_data)  # type: ignore[call-overload]
+
+    def take(self) -> bytes:
+        data = b"".join(self.pieces)  # type: ignore[arg-type]
+        self.pieces.clear()
+        return data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def shuttle(
+    a: tuple[H2Protocol, MemoryTransport], b: tuple[H2Protocol, MemoryTransport]
+) -> None:
+    """Until neither side has anything more to send."""
+    for _ in range(50):
+        await asyncio.sleep(0)  # the connections flush at the end of a loop turn
+        moved = False
+        for (_, src), (dst, _) in ((a, b), (b, a)):
+            data = src.take()
+            if data:
+                moved = True
+                dst.data_received(data)
+        if not moved:
+            return
+    raise AssertionError("the two sides never went quiet")
+
+
+def test_pending_pieces_leave_uncopied_when_large_and_joined_when_small() -> None:
+    async def main() -> None:
+        served: list[HboneStream] = []
+
+        def on_request(stream: HboneStream, _headers: Headers) -> None:
+            served.append(stream)
+
+        client, server = (
+            H2Protocol(client_side=True),
+            H2Protocol(client_side=False, on_request=on_request),
+        )
+        client_io, server_io = MemoryTransport(), MemoryTransport()
+        client.connection_made(client_io)
+        server.connection_made(server_io)
+        ends = (client, client_io), (server, server_io)
+        await shuttle(*ends)
+        stream = client.open_stream("10.0.0.1:80")
+        await shuttle(*ends)
+        (far,) = served
+        server.respond(far, 200)
+        await shuttle(*ends)
+        assert (await stream.response)[b":status"] == b"200"
+        upstream_io = MemoryTransport()
+        upstream = TcpPeer()
+        upstream.connection_made(upstream_io)
+        far.attach(upstream)
+        stream.attach(TcpPeer())
+
+        client.pause_writing()  # the TLS socket is full: what TCP reads waits in the stream
+        big = bytes(range(256)) * 1024
+        reads = [b"a" * 100, b"b" * 100, big, b"c" * 10]
+        for data in reads:
+            stream.on_data(data)
+        assert client_io.pieces == []
+        client.resume_writing()
+        await asyncio.sleep(0)
+
+        # Two small reads became one frame; the large one went out as the object read.
+        assert any(piece is big for piece in client_io.pieces)
+        assert sum(len(p) < LARGE for p in client_io.pieces) == 2  # before and after it
+        await shuttle(*ends)
+        assert upstream_io.take() == b"".join(reads)
+
+    uvloop.run(main())

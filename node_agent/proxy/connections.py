@@ -61,7 +61,8 @@ class UpstreamConnector:
         """`protocol` connected to `address:port` from `pod`'s netns, over `tls` if given.
 
         The caller checks who answered: with `tls`, only that the peer chains
-        to the context's trust bundle is known.
+        to the context's trust bundle is known. Over `tls`, the protocol is
+        lent what is read (TlsTransport's `lend_reads`): HBONE's is the one used.
         """
         loop = self._loop.get()
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -84,7 +85,7 @@ class UpstreamConnector:
             sock.close()
             raise
         connected = protocol()
-        return tls_transport.TlsTransport(secured, connected), connected
+        return tls_transport.TlsTransport(secured, connected, lend_reads=True), connected
 
 
 async def _connect(

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Final, Protocol, cast
@@ -58,6 +60,7 @@ class TcpPeer(asyncio.Protocol):
         self._early = bytearray()
         self._early_eof = False
         self._lost_error: Exception | None = None
+        self._fd = -1  # looked up on the first lent write
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -110,6 +113,28 @@ class TcpPeer(asyncio.Protocol):
     def write(self, data: Bytes) -> None:
         if self.transport is not None and not self.lost and not self.transport.is_closing():
             self.transport.write(data)
+
+    def write_lent(self, data: Bytes) -> None:
+        """Write `data`, which is only valid until this returns.
+
+        uvloop's transport keeps what the socket cannot take yet as the object
+        it was given, so a lent view would change under it. The socket is
+        tried here first, and only what it does not take is copied for the
+        transport; with the transport's own queue empty, order is kept.
+        """
+        transport = self.transport
+        if transport is None or self.lost or transport.is_closing():
+            return
+        sent = 0
+        if not transport.get_write_buffer_size():
+            if self._fd < 0:
+                self._fd = transport.get_extra_info("socket").fileno()
+            # Would block: the rest waits in the transport. Failed: the
+            # transport meets the error itself on its write, and reports it.
+            with contextlib.suppress(OSError):
+                sent = os.write(self._fd, data)
+        if sent < len(data):
+            transport.write(bytes(data[sent:]))
 
     def write_eof(self) -> None:
         if self.transport is not None and not self.lost and not self.transport.is_closing():
@@ -291,7 +316,7 @@ class HboneStream:
 
     def _on_h2_data(self, data: Bytes) -> None:
         if self._peer is None:
-            self._early.append(data)
+            self._early.append(bytes(data))  # `data` may be lent (H2Protocol.data_received)
             return
         self._deliver(data)
 
@@ -299,7 +324,7 @@ class HboneStream:
         assert self._peer is not None
         size = len(data)
         self._count(to_tcp=size)
-        self._peer.write(data)
+        self._peer.write_lent(data)
         if self._peer_congested:
             self._held_acks += size
         else:
@@ -463,6 +488,8 @@ class H2Protocol(asyncio.Protocol):
         self.flush()  # the preface and our SETTINGS
 
     def data_received(self, data: bytes) -> None:
+        # `data` may be a view lent by the TLS transport, reused once this
+        # returns: the codec, the streams and the TCP sides copy what they keep.
         try:
             self.h2.receive(data)
         except ProtocolError as e:

@@ -166,7 +166,7 @@ class Inbound:
         )
         conn.peer_identity = identity
         pod.tunnels.add(conn)
-        tls_transport.TlsTransport(tls, conn)
+        tls_transport.TlsTransport(tls, conn, lend_reads=True)
 
     def _tunnel_closed(self, pod: PodState, conn: H2Protocol) -> None:
         pod.tunnels.discard(conn)

@@ -289,10 +289,18 @@ class TlsTransport(asyncio.Transport):
     order (the piece OpenSSL already started is retried as it was, as
     SSL_write requires) and the protocol is paused above WRITE_HIGH. `close`
     sends what is queued, then close_notify; `abort` neither.
+
+    With `lend_reads`, data_received is given a view of the thread's read
+    buffer, valid until it returns, rather than a copy of it: for a protocol
+    that copies whatever it keeps (HBONE's H2Protocol), one copy of every
+    byte received less.
     """
 
-    def __init__(self, tls: ssl.SSLSocket, protocol: asyncio.BaseProtocol) -> None:
+    def __init__(
+        self, tls: ssl.SSLSocket, protocol: asyncio.BaseProtocol, *, lend_reads: bool = False
+    ) -> None:
         super().__init__()
+        self._lend_reads = lend_reads
         self._loop = asyncio.get_running_loop()
         self._tls = tls
         sslobj = cast(_SslObject, tls._sslobj)  # type: ignore[attr-defined]
@@ -389,7 +397,8 @@ class TlsTransport(asyncio.Transport):
         view = _read_buffer()
         got, outcome = self._read_into(view)
         if got:
-            self._protocol.data_received(bytes(view[:got]))
+            data = view[:got] if self._lend_reads else bytes(view[:got])
+            self._protocol.data_received(cast(bytes, data))
         if isinstance(outcome, OSError):
             self._fatal(outcome)
         elif outcome == "full" and self._reading:

@@ -7,6 +7,7 @@ transport is given is fed to the other side.
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import uvloop
 
@@ -35,6 +36,9 @@ class MemoryTransport(asyncio.Transport):
 
     def is_closing(self) -> bool:
         return False
+
+    def get_write_buffer_size(self) -> int:
+        return 1  # no socket to try first (TcpPeer.write_lent): every write comes here
 
     def pause_reading(self) -> None:
         pass
@@ -102,5 +106,36 @@ def test_pending_pieces_leave_uncopied_when_large_and_joined_when_small() -> Non
         assert sum(len(p) < LARGE for p in client_io.pieces) == 2  # before and after it
         await shuttle(*ends)
         assert upstream_io.take() == b"".join(reads)
+
+    uvloop.run(main())
+
+
+def test_a_lent_write_survives_its_buffer_being_reused() -> None:
+    """What the socket does not take at once is copied for the transport: the
+    lender may overwrite its buffer as soon as write_lent returns."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        theirs.setblocking(False)
+        peer = TcpPeer()
+        await loop.connect_accepted_socket(lambda: peer, ours)
+        assert peer.transport is not None
+        try:
+            buffer = bytearray(b"x" * (2 << 20))
+            peer.write_lent(memoryview(buffer))
+            assert peer.transport.get_write_buffer_size() > 0  # the socket took only part
+            buffer[:] = b"y" * len(buffer)  # reused, as the TLS read buffer is
+            peer.write_lent(memoryview(buffer)[:10])  # behind the queue, in order
+            received = bytearray()
+            async with asyncio.timeout(10):
+                while len(received) < (2 << 20) + 10:
+                    received += await loop.sock_recv(theirs, 1 << 20)
+            assert received == b"x" * (2 << 20) + b"y" * 10
+            assert peer.transport.get_write_buffer_size() == 0
+        finally:
+            peer.abort()
+            theirs.close()
 
     uvloop.run(main())

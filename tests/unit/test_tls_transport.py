@@ -474,3 +474,41 @@ def test_aes_128_gcm_is_chosen_and_a_peer_without_it_is_still_served(contexts) -
         assert await negotiated() == "TLS_AES_256_GCM_SHA384"
 
     run(main())
+
+
+class Lent(Collector):
+    """Records the type of what it is given and overwrites a lent view on return,
+    as the next read would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.types: set[type] = set()
+
+    def data_received(self, data: bytes) -> None:
+        self.types.add(type(data))
+        self.data += data
+        if isinstance(data, memoryview):
+            data[:] = b"\0" * len(data)
+
+
+@pytest.mark.parametrize("lend", [True, False])
+def test_reads_are_lent_only_when_asked(contexts, lend: bool) -> None:
+    payload = bytes(range(1, 256)) * 4000
+
+    async def main() -> None:
+        server_tls, client_tls = await handshaken_socketpair(contexts)
+        protocol = Lent()
+        transport = tls_transport.TlsTransport(server_tls, protocol, lend_reads=lend)
+        sender = tls_transport.TlsTransport(client_tls, Collector())
+        try:
+            sender.write(payload)
+            async with asyncio.timeout(10):
+                while len(protocol.data) < len(payload):
+                    await asyncio.sleep(0.01)
+            assert protocol.data == payload  # what it copied in time is intact
+            assert protocol.types == ({memoryview} if lend else {bytes})
+        finally:
+            transport.abort()
+            sender.abort()
+
+    run(main())

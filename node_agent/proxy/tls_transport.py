@@ -99,20 +99,11 @@ async def _drive(loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
 
 
 def read_ahead(context: ssl.SSLContext) -> str | None:
-    """Let OpenSSL read ahead into a READ_BUFFER-sized buffer; None, or why it could not.
-
-    Python offers no call for it, so the SSL_CTX is reached through the
-    context object (CPython keeps it right after the object header), and is
-    only touched once OpenSSL itself confirms it is the right one: its
-    options must be the ones Python reports for `context`.
-    """
-    try:
-        libssl = openssl.libssl()
-    except (OSError, AttributeError) as e:
-        return f"libssl not loadable: {e}"
-    address = _context_address(libssl, context)
-    if address is None:
-        return "this Python's SSLContext layout is not the one expected"
+    """Let OpenSSL read ahead into a READ_BUFFER-sized buffer; None, or why it could not."""
+    reached = _reach_ssl_ctx(context)
+    if isinstance(reached, str):
+        return reached
+    libssl, address = reached
     libssl.SSL_CTX_ctrl(address, _SSL_CTRL_SET_READ_AHEAD, 1, None)
     libssl.SSL_CTX_set_default_read_buffer_len(address, READ_BUFFER)
     return None
@@ -127,10 +118,24 @@ TLS13_SUITES: Final = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA2
 
 
 def order_tls13_suites(context: ssl.SSLContext) -> str | None:
-    """Offer and choose TLS 1.3 suites in TLS13_SUITES' order; None, or why it could not.
+    """Offer and choose TLS 1.3 suites in TLS13_SUITES' order (Python's ssl module sets
+    only TLS 1.2 ciphers); None, or why it could not."""
+    reached = _reach_ssl_ctx(context)
+    if isinstance(reached, str):
+        return reached
+    libssl, address = reached
+    if libssl.SSL_CTX_set_ciphersuites(address, TLS13_SUITES.encode()) != 1:
+        return "OpenSSL refused the suite list"
+    return None
 
-    Python's ssl module sets only TLS 1.2 ciphers; this reaches the SSL_CTX as
-    `read_ahead` does.
+
+def _reach_ssl_ctx(context: ssl.SSLContext) -> tuple[ctypes.CDLL, int] | str:
+    """libssl and the SSL_CTX* of `context`, or why they cannot be reached.
+
+    Python offers no call for what the callers set, so the SSL_CTX is reached
+    through the context object (CPython keeps it right after the object
+    header), and only once OpenSSL itself confirms it is the right one: its
+    options must be the ones Python reports for `context`.
     """
     try:
         libssl = openssl.libssl()
@@ -139,9 +144,7 @@ def order_tls13_suites(context: ssl.SSLContext) -> str | None:
     address = _context_address(libssl, context)
     if address is None:
         return "this Python's SSLContext layout is not the one expected"
-    if libssl.SSL_CTX_set_ciphersuites(address, TLS13_SUITES.encode()) != 1:
-        return "OpenSSL refused the suite list"
-    return None
+    return libssl, address
 
 
 _SSL_CTRL_SET_READ_AHEAD: Final = 41  # openssl/ssl.h

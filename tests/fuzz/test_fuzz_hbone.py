@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -101,6 +101,10 @@ class _Transport:
     def write(self, data: bytes) -> None:
         assert not self.closed, "written after close"
         self.written += data
+
+    def writelines(self, pieces: Iterable[bytes]) -> None:
+        for piece in pieces:
+            self.write(piece)
 
     def is_closing(self) -> bool:
         return self.closed

@@ -23,7 +23,7 @@ from typing import Final, Protocol, cast
 
 from node_agent.proxy.http2.connection import Connection, HeaderList, ProtocolError
 from node_agent.proxy.http2.frames import ErrorCode
-from node_agent.proxy.pieces import LARGE
+from node_agent.proxy.pieces import LARGE, Bytes
 from weir_common.mesh import SpiffeId
 
 STREAM_WINDOW: Final = 4 * 1024 * 1024
@@ -36,7 +36,6 @@ PENDING_LOW: Final = 256 * 1024
 MAX_CONCURRENT_STREAMS: Final = 1000
 
 Headers = dict[bytes, bytes]
-Bytes = bytes | bytearray | memoryview
 
 
 class Pipe(Protocol):

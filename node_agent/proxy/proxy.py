@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import socket
 import time
@@ -64,6 +65,19 @@ MEMORY_RELEASE_THRESHOLD_BYTES: Final = 1024 * 1024
 # without it.
 HEAP_KEPT_BYTES: Final = 64 * 1024 * 1024
 HEAP_MMAP_FROM_BYTES: Final = 4 * 1024 * 1024
+# New objects the cyclic GC lets accumulate before a pass (CPython's default:
+# 700). Connections are freed by reference counting once finished, so a pass
+# finds the ones in flight, all alive: about 2,000 objects with 64 new
+# connections at a time. At 700 the outbound proxy made 190 passes in a
+# 10-second request and new-connection run (2 % of its CPU, the longest 13 ms,
+# a stall for every connection waiting); at this, none.
+GC_YOUNG_THRESHOLD: Final = 10_000
+
+
+def tune_collector() -> None:
+    """Raise the cyclic GC's first threshold for the process (the older ones stay)."""
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 class ConfigSource(Protocol):
@@ -180,6 +194,7 @@ class Proxy:
                 f"no mesh config within {self.settings.first_config_timeout:.0f} s"
             ) from None
         self.supervisor.start("idle tunnel sweep", self._sweep_idle_tunnels)
+        tune_collector()
         if libc.keep_freed_heap(trim_above=HEAP_KEPT_BYTES, mmap_from=HEAP_MMAP_FROM_BYTES):
             self.supervisor.start("freed memory release", self._release_freed_memory)
         # reuse_port: on Kubernetes the proxy runs on the host network and its

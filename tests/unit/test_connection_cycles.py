@@ -23,18 +23,33 @@ from tests.unit.test_hbone_pending import MemoryTransport, shuttle
 
 
 class WorkloadTransport(MemoryTransport):
-    """The far side's TCP connection to the workload: ends as it is told."""
+    """A TCP connection in memory that ends as it is told, and says so as uvloop's do."""
 
     def __init__(self) -> None:
         super().__init__()
         self.eof = False
         self.closed = False
+        self.protocol: asyncio.BaseProtocol | None = None
 
     def write_eof(self) -> None:
         self.eof = True
 
     def close(self) -> None:
+        protocol, self.protocol = self.protocol, None  # as uvloop lets go of its protocol
+        if not self.closed and protocol is not None:
+            asyncio.get_running_loop().call_soon(protocol.connection_lost, None)
         self.closed = True
+
+    def abort(self) -> None:
+        self.close()
+
+
+def peer_in_memory() -> tuple[TcpPeer, WorkloadTransport]:
+    transport = WorkloadTransport()
+    peer = TcpPeer()
+    transport.protocol = peer
+    peer.connection_made(transport)
+    return peer, transport
 
 
 @contextlib.contextmanager
@@ -113,9 +128,7 @@ def test_a_finished_hbone_stream_is_freed_without_the_collector() -> None:
 
         peer, app = await connected_peer()
         stream.attach(peer)
-        upstream_io = WorkloadTransport()
-        upstream = TcpPeer()
-        upstream.connection_made(upstream_io)
+        upstream, upstream_io = peer_in_memory()
         far.attach(upstream)
         flow = stream.flow
         refs: list[weakref.ref[object]] = [weakref.ref(stream), weakref.ref(peer)]

@@ -250,6 +250,10 @@ class Proxy:
         await self._metrics_server.close()
         await self._readiness_server.close()
         await self.supervisor.close()
+        # Last: the connections cut above have logged their lines by now. It
+        # blocks the loop only while a stalled reader holds the last write, and
+        # then for 2 s at most; nothing else runs on the loop any more.
+        self._telemetry.access_log.close()
 
     # -- config and certificates -------------------------------------------------
 

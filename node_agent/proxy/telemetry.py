@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+from node_agent.proxy.access_log_writer import AccessLogWriter
 from node_agent.proxy.model import Service, Workload
 from weir_common import http_endpoint, prometheus
 from weir_common.mesh import SpiffeId
@@ -34,6 +34,7 @@ RECEIVED: Final = "istio_tcp_received_bytes_total"
 REFUSED: Final = "weir_proxy_refused_total"
 RENEWALS: Final = "weir_proxy_certificate_renewals_total"
 RENEWAL_FAILURES: Final = "weir_proxy_certificate_renewal_failures_total"
+ACCESS_LOG_DROPPED: Final = "weir_proxy_access_log_dropped_total"
 HELP: Final = {
     OPENED: "TCP connections opened",
     CLOSED: "TCP connections closed",
@@ -43,6 +44,10 @@ HELP: Final = {
     REFUSED: "inbound input refused before it became a connection, by listener and reason",
     RENEWALS: "workload certificates renewed before they expired",
     RENEWAL_FAILURES: "attempts to renew a workload certificate that failed (each is retried)",
+}
+# Counted where they happen, read when rendered.
+OBSERVED_HELP: Final = {
+    ACCESS_LOG_DROPPED: "access log lines dropped: its reader fell behind, or writing failed",
 }
 UNKNOWN: Final = "unknown"
 
@@ -89,6 +94,11 @@ class ProxyMetrics:
 
     def __init__(self) -> None:
         self._values: dict[str, dict[Labels, float]] = {name: {} for name in HELP}
+        self._observed: dict[str, Callable[[], float]] = {}
+
+    def observe(self, name: str, read: Callable[[], float]) -> None:
+        """Render `name` (one of OBSERVED_HELP) as the counter `read` returns."""
+        self._observed[name] = read
 
     def inc(self, name: str, labels: Labels, amount: float = 1.0) -> None:
         series = self._values[name]
@@ -121,6 +131,9 @@ class ProxyMetrics:
             lines += [
                 prometheus.sample(name, labels, value) for labels, value in sorted(series.items())
             ]
+        for name, read in self._observed.items():
+            lines += prometheus.header(name, "counter", OBSERVED_HELP[name])
+            lines.append(prometheus.sample(name, (), read()))
         return "\n".join(lines) + "\n"
 
 
@@ -132,10 +145,24 @@ class AccessLog:
     through json's own escaping, so the line is the same JSON.
     """
 
-    def __init__(self, write: Callable[[str], None] | None = None) -> None:
-        self._write = write or _stdout_line
+    def __init__(self, write: Callable[[str], None] | None = None, *, fd: int = 1) -> None:
+        """Lines go to `write` if given (tests), else to `fd` (stdout) off the event loop."""
+        self._writer: AccessLogWriter | None = None
+        if write is None:
+            write = self._writer = AccessLogWriter(fd)
+        self._write = write
         self._second = -1
         self._second_text = ""
+
+    @property
+    def dropped(self) -> int:
+        """Lines that never reached the file (always 0 with a `write` of the caller's)."""
+        return self._writer.dropped if self._writer is not None else 0
+
+    def close(self) -> None:
+        """Write out what is still queued; lines after this are dropped."""
+        if self._writer is not None:
+            self._writer.close()
 
     def record(
         self,
@@ -181,11 +208,6 @@ class AccessLog:
 _text: Final[Callable[[str], str]] = json.encoder.encode_basestring_ascii
 
 
-def _stdout_line(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
-
-
 class ByteCounts(Protocol):
     """Bytes carried so far each way (hbone.Flow): read live, for the admin dump."""
 
@@ -203,6 +225,7 @@ class Telemetry:
     def __init__(self, metrics: ProxyMetrics, access_log: AccessLog) -> None:
         self.metrics = metrics
         self.access_log = access_log
+        metrics.observe(ACCESS_LOG_DROPPED, lambda: access_log.dropped)
         # Keyed by id(): records are mutable dataclasses, hence unhashable.
         # The labels are kept from the opening: a record is complete once
         # opened, and building them costs as much as counting with them.

@@ -1,0 +1,119 @@
+"""The access log's lines reach their file from a thread of their own, in batches.
+
+Written from the event loop, one write(2) per connection, a slow reader of
+stdout (a container runtime's log pipe that fills up) would block the loop,
+and with it every connection the node proxy carries. Here the loop only
+appends the line to a queue; a thread gathers what arrives over
+`flush_interval` and writes it at once (as Envoy's file access log flushes
+once a second). What the thread cannot write fast enough waits in the queue
+up to `max_pending` lines; beyond that, and after the file fails, lines are
+dropped and counted (weir_proxy_access_log_dropped_total), never waited for.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import select
+import threading
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+FLUSH_INTERVAL_SECONDS: Final = 0.2
+MAX_PENDING_LINES: Final = 50_000  # about 25 MB of lines
+# How long a write may wait for a non-blocking file to take more, per try.
+WRITABLE_WAIT_SECONDS: Final = 1.0
+
+
+class AccessLogWriter:
+    """Lines to `fd` (stdout by default), written off the event loop.
+
+    Call it from one thread (the event loop's); `close` writes what is left.
+    The thread starts with the first line, so a process that drops
+    privileges before starting threads can create this first.
+    """
+
+    def __init__(
+        self,
+        fd: int = 1,
+        *,
+        flush_interval: float = FLUSH_INTERVAL_SECONDS,
+        max_pending: int = MAX_PENDING_LINES,
+    ) -> None:
+        self._fd = fd
+        self._flush_interval = flush_interval
+        self._max_pending = max_pending
+        # deque's append and popleft are atomic: the one lock is the Event's.
+        self._lines: collections.deque[str] = collections.deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._closing = False
+        self._failed = False
+        self._thread: threading.Thread | None = None
+        self._dropped_here = 0  # by the caller's thread
+        self._lost_in_writes = 0  # by the writer thread
+
+    @property
+    def dropped(self) -> int:
+        """Lines not written: the queue was full, or the file failed."""
+        return self._dropped_here + self._lost_in_writes
+
+    def __call__(self, line: str) -> None:
+        if self._failed or self._closing or len(self._lines) >= self._max_pending:
+            self._dropped_here += 1
+            return
+        self._lines.append(line)
+        if not self._wake.is_set():
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="access log writer", daemon=True
+                )
+                self._thread.start()
+            self._wake.set()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued (waiting up to `timeout` seconds), then stop."""
+        self._closing = True
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("access log: %d lines not written at exit", len(self._lines))
+
+    def _run(self) -> None:
+        lines = self._lines
+        while True:
+            self._wake.wait()
+            # Gather: under load a batch holds hundreds of lines for one write.
+            self._stop.wait(self._flush_interval)
+            self._wake.clear()  # before draining: a line appended later wakes us again
+            batch = []
+            while lines:
+                batch.append(lines.popleft())
+            if batch and not self._failed:
+                self._write(batch)
+            elif batch:
+                self._lost_in_writes += len(batch)
+            if self._stop.is_set() and not lines:
+                return
+
+    def _write(self, batch: list[str]) -> None:
+        data = memoryview(("\n".join(batch) + "\n").encode())
+        try:
+            while data:
+                try:
+                    data = data[os.write(self._fd, data) :]
+                except BlockingIOError:
+                    select.select([], [self._fd], [], WRITABLE_WAIT_SECONDS)
+        except OSError as e:
+            self._failed = True
+            self._lost_in_writes += len(batch)
+            log.error(
+                "access log: cannot write to fd %d (%s); lines are dropped from now on",
+                self._fd,
+                e.strerror or e,
+            )

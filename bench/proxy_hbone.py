@@ -11,6 +11,10 @@ Three paths between two simulated nodes (LocalTopology, real CNI wiring):
 - envoy:  pod e -> Envoy in e (tcp_proxy + tunneling_config) -> HBONE -> Envoy in f
           (CONNECT termination) -> pod f; each Envoy with --concurrency 1.
 
+Both do the same job per connection, an access log included: each Weir proxy
+and each Envoy writes one JSON line per connection (stream) to /dev/null,
+Weir through its own writer thread, Envoy through its file access log.
+
 a, b, e and f carry the same capture rules (iptables, nft), so both proxied
 paths pay for netfilter alike: in a captured pod every connection goes
 through the nat table and conntrack, and a proxy's upstream connect does that
@@ -777,6 +781,7 @@ def run_benchmark(args: argparse.Namespace) -> Result:
                     authority=f"{f_ip}:{ECHO_PORT}",
                     svid=envoy_svid("e"),
                     peer_identity=str(SpiffeId(TRUST_DOMAIN, "default", "f")),
+                    access_log_path=os.devnull,
                 ),
                 envoy_dir,
                 "envoy-e",
@@ -790,6 +795,7 @@ def run_benchmark(args: argparse.Namespace) -> Result:
                     app_address=f_ip,
                     app_port=ECHO_PORT,
                     svid=envoy_svid("f"),
+                    access_log_path=os.devnull,
                 ),
                 envoy_dir,
                 "envoy-f",

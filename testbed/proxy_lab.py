@@ -250,6 +250,7 @@ _UPSTREAM_TLS: Final = _ENVOY_TYPES + "transport_sockets.tls.v3.UpstreamTlsConte
 _DOWNSTREAM_TLS: Final = _ENVOY_TYPES + "transport_sockets.tls.v3.DownstreamTlsContext"
 _HCM: Final = _ENVOY_TYPES + "filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER: Final = _ENVOY_TYPES + "filters.http.router.v3.Router"
+_FILE_ACCESS_LOG: Final = _ENVOY_TYPES + "access_loggers.file.v3.FileAccessLog"
 
 
 def envoy_binary() -> Path:
@@ -299,6 +300,41 @@ def _tls_common(svid: Mapping[str, str], peer_identity: str | None) -> dict[str,
     }
 
 
+def _access_log(path: str | None) -> dict[str, object]:
+    """Envoy's JSON line per connection (stream, on the HBONE server), with the fields
+    Weir's access log has: both do the same job when they are compared."""
+    if path is None:
+        return {}
+    line = {
+        "start_time": "%START_TIME%",
+        "duration_ms": "%DURATION%",
+        "src": {
+            "addr": "%DOWNSTREAM_REMOTE_ADDRESS%",
+            "identity": "%DOWNSTREAM_PEER_URI_SAN%",
+        },
+        "dst": {
+            "addr": "%UPSTREAM_HOST%",
+            "identity": "%UPSTREAM_PEER_URI_SAN%",
+        },
+        "bytes_sent": "%BYTES_SENT%",
+        "bytes_received": "%BYTES_RECEIVED%",
+        "outcome": "%RESPONSE_FLAGS%",
+        "reason": "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
+    }
+    return {
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": _FILE_ACCESS_LOG,
+                    "path": path,
+                    "log_format": {"json_format": line},
+                },
+            }
+        ]
+    }
+
+
 def _static_cluster(name: str, address: str, port: int, **extra: object) -> dict[str, object]:
     return {
         "name": name,
@@ -331,6 +367,7 @@ def envoy_hbone_client(
     authority: str,
     svid: Mapping[str, str],
     peer_identity: str,
+    access_log_path: str | None = None,
 ) -> dict[str, object]:
     """Envoy config: TCP on 127.0.0.1:listen_port, tunneled as HBONE to tunnel_address:15008."""
     return {
@@ -351,6 +388,7 @@ def envoy_hbone_client(
                                         "stat_prefix": "hbone_out",
                                         "cluster": "hbone",
                                         "tunneling_config": {"hostname": authority},
+                                        **_access_log(access_log_path),
                                     },
                                 }
                             ]
@@ -388,7 +426,12 @@ def envoy_hbone_client(
 
 
 def envoy_hbone_server(
-    *, listen_address: str, app_address: str, app_port: int, svid: Mapping[str, str]
+    *,
+    listen_address: str,
+    app_address: str,
+    app_port: int,
+    svid: Mapping[str, str],
+    access_log_path: str | None = None,
 ) -> dict[str, object]:
     """Envoy config: HBONE (mTLS, client cert required, CONNECT) on listen_address:15008,
     each stream carried to app_address:app_port."""
@@ -426,6 +469,7 @@ def envoy_hbone_server(
                                             "initial_connection_window_size": 16 * 1024 * 1024,
                                         },
                                         "upgrade_configs": [{"upgrade_type": "CONNECT"}],
+                                        **_access_log(access_log_path),
                                         "route_config": {
                                             "virtual_hosts": [
                                                 {

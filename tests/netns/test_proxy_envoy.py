@@ -7,9 +7,11 @@ prove we speak HBONE, not just our own dialect).
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +39,10 @@ def identity(name: str) -> SpiffeId:
     return SpiffeId(TD, "default", name)
 
 
+# Where each Envoy of the lab writes its access log.
+ENVOY_LOGS: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshLab]:
     work = tmp_path_factory.mktemp("envoy")
@@ -60,6 +66,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshLab]:
                 authority=f"{b_ip}:{APP_PORT}",
                 svid=write_svid(work, "client", issuer.issue(identity("envoy-client")), bundle),
                 peer_identity=str(identity("b")),
+                access_log_path=str(ENVOY_LOGS.setdefault("client", work / "client-access.log")),
             ),
             work,
             "envoy-client",
@@ -72,6 +79,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshLab]:
                 app_address=server_ip,
                 app_port=APP_PORT,
                 svid=write_svid(work, "server", issuer.issue(identity("envoy-server")), bundle),
+                access_log_path=str(ENVOY_LOGS.setdefault("server", work / "server-access.log")),
             ),
             work,
             "envoy-server",
@@ -109,6 +117,19 @@ def logged(lab: MeshLab, node: str, before: int, received: int) -> dict:
     raise AssertionError(f"no entry with {received} bytes in {entries[before:]}")
 
 
+def envoy_logged(who: str, received: int) -> dict:
+    """Envoy's JSON line for our connection (its file access log flushes once a second)."""
+    path = ENVOY_LOGS[who]
+    for _ in range(100):
+        if path.exists():
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)
+                if entry["bytes_received"] == received:
+                    return entry
+        time.sleep(0.1)
+    raise AssertionError(f"Envoy ({who}) logged no connection of {received} bytes")
+
+
 def test_envoy_tunnels_into_our_15008(lab):
     payload = b"from envoy " * 10_000
     before = len(lab.nodes["node-2"].access_log.entries)
@@ -121,6 +142,10 @@ def test_envoy_tunnels_into_our_15008(lab):
     assert entry["src"]["identity"] == str(identity("envoy-client"))
     assert entry["security_policy"] == "mutual_tls"
     assert entry["bytes_sent"] == len(payload)
+    # Envoy's access log (bench/proxy_hbone.py has both proxies log) says the same.
+    theirs = envoy_logged("client", len(payload))
+    assert theirs["dst"]["identity"] == str(identity("b"))
+    assert theirs["bytes_sent"] == len(payload)
 
 
 def test_our_outbound_tunnels_into_envoy(lab):
@@ -132,3 +157,5 @@ def test_our_outbound_tunnels_into_envoy(lab):
     assert entry["outcome"] == "ok"
     assert entry["dst"]["identity"] == str(identity("envoy-server"))
     assert entry["security_policy"] == "mutual_tls"
+    theirs = envoy_logged("server", len(payload))
+    assert theirs["src"]["identity"] == str(identity("a"))

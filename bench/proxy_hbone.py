@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/proxy_hbone.py [--repeats 5] [--seconds 5] [--json out.json]
     .venv/bin/python bench/proxy_hbone.py --quick            (a smoke run: 1 repeat, 2 s phases)
+    .venv/bin/python bench/proxy_hbone.py --phases rr,crr    (only those; bulk, rr, rate, crr)
 
 Three paths between two simulated nodes (LocalTopology, real CNI wiring):
 
@@ -176,13 +177,18 @@ class Row:
     better: Literal["higher", "lower", ""]  # "" for counts that should be 0
 
 
-def phases(rates: Sequence[int]) -> tuple[Phase, ...]:
-    return (
+PHASE_KINDS: Final = ("bulk", "rr", "rate", "crr")
+
+
+def phases(rates: Sequence[int], kinds: Sequence[str] = PHASE_KINDS) -> tuple[Phase, ...]:
+    """The phases each path runs, in this order; `kinds` picks some (--phases)."""
+    every = (
         Phase("bulk", "bulk"),
         Phase("rr", "rr"),
         *(Phase(f"rate{r}", "rate", r) for r in rates),
         Phase("crr", "crr"),
     )
+    return tuple(p for p in every if p.mode in kinds)
 
 
 def rotated(repeat: int, paths: Sequence[str] = PATHS) -> tuple[str, ...]:
@@ -552,7 +558,7 @@ def measure(binary: Path, path: str, target: Target, args: argparse.Namespace) -
     )
     figures: dict[str, float] = {}
     cpus = {"harness": args.harness_cpu, "middle": args.middle_cpu}
-    for phase in phases(args.rates):
+    for phase in phases(args.rates, args.phases):
         argv = load_argv(binary, phase, target.host, target.port, args)
         before, ticks_before = cpu_seconds(target.middle), cpu_ticks()
         out = run_load(target.netns, argv, f"{path} {phase.name}")
@@ -944,6 +950,18 @@ def rate_list(value: str) -> list[int]:
     return rates
 
 
+def phase_list(value: str) -> list[str]:
+    kinds = value.split(",")
+    unknown = [k for k in kinds if k not in PHASE_KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{','.join(unknown)}: not a phase (they are {', '.join(PHASE_KINDS)})"
+        )
+    if len(set(kinds)) != len(kinds):
+        raise argparse.ArgumentTypeError(f"{value}: a phase is given twice")
+    return kinds
+
+
 def output_dir(value: str) -> Path:
     """Created now, so a bad directory fails before minutes of setup."""
     path = Path(value)
@@ -979,6 +997,13 @@ def parse_args(argv: Sequence[str], available_cpus: set[int] | None = None) -> a
     parser.add_argument("--size", type=positive_int, default=1024, help="request bytes")
     parser.add_argument(
         "--rates", type=rate_list, default=[1000, 5000], help="open-loop rates, comma-separated"
+    )
+    parser.add_argument(
+        "--phases",
+        type=phase_list,
+        default=list(PHASE_KINDS),
+        help="which phases run, comma-separated (default all: bulk,rr,rate,crr); "
+        "for a change that touches one, more repeats of it in the same time",
     )
     parser.add_argument(
         "--pods", type=non_negative_int, default=100, help="extra pods enrolled on node 1 for RSS"

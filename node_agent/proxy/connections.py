@@ -72,7 +72,12 @@ class UpstreamConnector:
             await _connect(loop, sock, (address, port), self._connect_timeout)
             if tls is None:
                 # uvloop's transport sets TCP_NODELAY itself.
-                return await loop.create_connection(protocol, sock=sock)
+                transport, plain = await loop.create_connection(protocol, sock=sock)
+                if isinstance(plain, TcpPeer):
+                    # Its lent writes go to the fd: known here, it costs no
+                    # getsockname(2) for uvloop's socket object.
+                    plain.fd = sock.fileno()
+                return transport, plain
             # Frames are small and latency-bound (a CONNECT, a window update).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             secured = await tls_transport.handshake(

@@ -59,7 +59,7 @@ class TcpPeer(asyncio.Protocol):
         self._early = bytearray()
         self._early_eof = False
         self._lost_error: Exception | None = None
-        self._fd = -1  # looked up on the first lent write
+        self.fd = -1  # the socket's; looked up on the first lent write unless set
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -130,12 +130,12 @@ class TcpPeer(asyncio.Protocol):
             return
         sent = 0
         if not transport.get_write_buffer_size():
-            if self._fd < 0:
-                self._fd = transport.get_extra_info("socket").fileno()
+            if self.fd < 0:
+                self.fd = transport.get_extra_info("socket").fileno()
             # Would block: the rest waits in the transport. Failed: the
             # transport meets the error itself on its write, and reports it.
             with contextlib.suppress(OSError):
-                sent = os.write(self._fd, data)
+                sent = os.write(self.fd, data)
         if sent < len(data):
             transport.write(bytes(data[sent:]))
 

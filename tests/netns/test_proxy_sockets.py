@@ -106,6 +106,13 @@ def test_upstream_connects_from_the_pod_and_reports_refusal(loopback_netns: Netn
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == PROXY_MARK
             assert sock.getpeername() == ("127.0.0.1", port)
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # uvloop's doing
+            # Known from the connect, not looked up with getsockname(2) on a lent write.
+            assert peer.fd == sock.fileno()
+            peer.write_lent(memoryview(bytearray(b"ping")))
+            accepted, _ = server.accept()
+            with accepted:
+                accepted.settimeout(5)
+                assert accepted.recv(16) == b"ping"
         finally:
             peer.abort()
         server.close()  # nothing listens there now

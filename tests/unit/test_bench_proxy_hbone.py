@@ -75,6 +75,8 @@ def test_quick_and_an_explicit_length_contradict(capsys: pytest.CaptureFixture[s
         (["--middle-cpu", "0"], "--harness-cpu and --middle-cpu must differ (both 0)"),
         (["--middle-cpu", "7"], "--middle-cpu 7 is not a CPU this process may use [0, 1]"),
         (["--json", "/nonexistent-dir/out.json"], "no directory /nonexistent-dir"),
+        (["--phases", "rr,tls"], "tls: not a phase (they are bulk, rr, rate, crr)"),
+        (["--phases", "rr,rr"], "a phase is given twice"),
     ],
 )
 def test_bad_options_are_refused_before_anything_runs(
@@ -121,6 +123,12 @@ def test_every_path_takes_every_position_over_three_repeats() -> None:
 
 def test_phases_in_order() -> None:
     assert [p.name for p in phases([1000, 5000])] == ["bulk", "rr", "rate1000", "rate5000", "crr"]
+
+
+def test_some_phases_only() -> None:
+    args = parse_args(["--phases", "crr,rate"], CPUS)
+    assert [p.name for p in phases([1000], args.phases)] == ["rate1000", "crr"]
+    assert parse_args([], CPUS).phases == ["bulk", "rr", "rate", "crr"]
 
 
 def test_load_command_lines() -> None:

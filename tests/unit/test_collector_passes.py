@@ -17,9 +17,8 @@ CHURN = """
 import asyncio, gc, json
 import uvloop
 from node_agent.proxy import proxy
-from node_agent.proxy.hbone import H2Protocol
 from tests.unit.test_connection_cycles import peer_in_memory
-from tests.unit.test_hbone_pending import MemoryTransport, shuttle
+from tests.unit.test_hbone_pending import joined_pair, shuttle
 
 if {tune}:
     proxy.tune_collector()
@@ -27,14 +26,8 @@ passes = []
 gc.callbacks.append(lambda phase, info: phase == "start" and passes.append(info["generation"]))
 
 async def main():
-    served = []
-    client = H2Protocol(client_side=True)
-    server = H2Protocol(client_side=False, on_request=lambda s, _h: served.append(s))
-    client_io, server_io = MemoryTransport(), MemoryTransport()
-    client.connection_made(client_io)
-    server.connection_made(server_io)
-    ends = (client, client_io), (server, server_io)
-    await shuttle(*ends)
+    ends, served = await joined_pair()
+    (client, _), (server, _) = ends
     before = len(passes)
     for _round in range(20):
         streams = [client.open_stream("10.0.0.1:80") for _ in range(64)]

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 import uvloop
 
-from node_agent.proxy.hbone import H2Protocol, HboneStream, Headers, Relay, TcpPeer
-from tests.unit.test_hbone_pending import MemoryTransport, shuttle
+from node_agent.proxy.hbone import Relay, TcpPeer
+from tests.unit.test_hbone_pending import MemoryTransport, joined_pair, open_tunnel, shuttle
 
 
 class WorkloadTransport(MemoryTransport):
@@ -106,25 +106,8 @@ def test_a_finished_relay_is_freed_without_the_collector() -> None:
 
 def test_a_finished_hbone_stream_is_freed_without_the_collector() -> None:
     async def main() -> None:
-        served: list[HboneStream] = []
-
-        def on_request(stream: HboneStream, _headers: Headers) -> None:
-            served.append(stream)
-
-        client = H2Protocol(client_side=True)
-        server = H2Protocol(client_side=False, on_request=on_request)
-        client_io, server_io = MemoryTransport(), MemoryTransport()
-        client.connection_made(client_io)
-        server.connection_made(server_io)
-        ends = (client, client_io), (server, server_io)
-        await shuttle(*ends)
-        stream = client.open_stream("10.0.0.1:80")
-        await shuttle(*ends)
-        (far,) = served
-        served.clear()
-        server.respond(far, 200)
-        await shuttle(*ends)
-        assert (await stream.response)[b":status"] == b"200"
+        ends, served = await joined_pair()
+        stream, far = await open_tunnel(ends, served)
 
         peer, app = await connected_peer()
         stream.attach(peer)

@@ -47,6 +47,9 @@ class MemoryTransport(asyncio.Transport):
         pass
 
 
+Ends = tuple[tuple[H2Protocol, MemoryTransport], tuple[H2Protocol, MemoryTransport]]
+
+
 async def shuttle(
     a: tuple[H2Protocol, MemoryTransport], b: tuple[H2Protocol, MemoryTransport]
 ) -> None:
@@ -64,28 +67,41 @@ async def shuttle(
     raise AssertionError("the two sides never went quiet")
 
 
+async def joined_pair() -> tuple[Ends, list[HboneStream]]:
+    """A client and a server HBONE connection joined in memory, past their SETTINGS;
+    the server's streams are added to the list as their CONNECTs arrive."""
+    served: list[HboneStream] = []
+
+    def on_request(stream: HboneStream, _headers: Headers) -> None:
+        served.append(stream)
+
+    client = H2Protocol(client_side=True)
+    server = H2Protocol(client_side=False, on_request=on_request)
+    client_io, server_io = MemoryTransport(), MemoryTransport()
+    client.connection_made(client_io)
+    server.connection_made(server_io)
+    ends = (client, client_io), (server, server_io)
+    await shuttle(*ends)
+    return ends, served
+
+
+async def open_tunnel(ends: Ends, served: list[HboneStream]) -> tuple[HboneStream, HboneStream]:
+    """A CONNECT answered 200: the client's stream and the server's."""
+    (client, _), (server, _) = ends
+    stream = client.open_stream("10.0.0.1:80")
+    await shuttle(*ends)
+    far = served.pop()
+    server.respond(far, 200)
+    await shuttle(*ends)
+    assert (await stream.response)[b":status"] == b"200"
+    return stream, far
+
+
 def test_pending_pieces_leave_uncopied_when_large_and_joined_when_small() -> None:
     async def main() -> None:
-        served: list[HboneStream] = []
-
-        def on_request(stream: HboneStream, _headers: Headers) -> None:
-            served.append(stream)
-
-        client, server = (
-            H2Protocol(client_side=True),
-            H2Protocol(client_side=False, on_request=on_request),
-        )
-        client_io, server_io = MemoryTransport(), MemoryTransport()
-        client.connection_made(client_io)
-        server.connection_made(server_io)
-        ends = (client, client_io), (server, server_io)
-        await shuttle(*ends)
-        stream = client.open_stream("10.0.0.1:80")
-        await shuttle(*ends)
-        (far,) = served
-        server.respond(far, 200)
-        await shuttle(*ends)
-        assert (await stream.response)[b":status"] == b"200"
+        ends, served = await joined_pair()
+        (client, client_io), _ = ends
+        stream, far = await open_tunnel(ends, served)
         upstream_io = MemoryTransport()
         upstream = TcpPeer()
         upstream.connection_made(upstream_io)

@@ -48,8 +48,7 @@ class AccessLogWriter:
         # deque's append and popleft are atomic: the one lock is the Event's.
         self._lines: collections.deque[str] = collections.deque()
         self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._closing = False
+        self._stop = threading.Event()  # set by close(): write what is queued, take no more
         self._failed = False
         self._thread: threading.Thread | None = None
         self._dropped_here = 0  # by the caller's thread
@@ -61,7 +60,7 @@ class AccessLogWriter:
         return self._dropped_here + self._lost_in_writes
 
     def __call__(self, line: str) -> None:
-        if self._failed or self._closing or len(self._lines) >= self._max_pending:
+        if self._failed or self._stop.is_set() or len(self._lines) >= self._max_pending:
             self._dropped_here += 1
             return
         self._lines.append(line)
@@ -75,10 +74,9 @@ class AccessLogWriter:
 
     def close(self, timeout: float = 2.0) -> None:
         """Write what is queued (waiting up to `timeout` seconds), then stop."""
-        self._closing = True
+        self._stop.set()
         if self._thread is None:
             return
-        self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
         if self._thread.is_alive():

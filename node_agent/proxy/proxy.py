@@ -67,10 +67,10 @@ HEAP_KEPT_BYTES: Final = 64 * 1024 * 1024
 HEAP_MMAP_FROM_BYTES: Final = 4 * 1024 * 1024
 # New objects the cyclic GC lets accumulate before a pass (CPython's default:
 # 700). Connections are freed by reference counting once finished, so a pass
-# finds the ones in flight, all alive: about 2,000 objects with 64 new
-# connections at a time. At 700 the outbound proxy made 190 passes in a
-# 10-second request and new-connection run (2 % of its CPU, the longest 13 ms,
-# a stall for every connection waiting); at this, none.
+# finds the ones in flight, all alive: about 2,000 objects in the benchmark
+# (32 new connections at a time). At 700 the outbound proxy made 190 passes
+# in a 10-second request and new-connection run (2 % of its CPU, the longest
+# 13 ms, a stall for every connection waiting); at this, none.
 GC_YOUNG_THRESHOLD: Final = 10_000
 
 

@@ -11,7 +11,7 @@ import json
 
 from testbed.memory import in_fresh_interpreter
 
-# 64 CONNECT streams in flight at a time, as in bench/proxy_hbone.py's crr
+# 64 CONNECT streams in flight at a time, twice bench/proxy_hbone.py's crr
 # phase, over two HBONE connections joined in memory.
 CHURN = """
 import asyncio, gc, json

@@ -40,6 +40,9 @@ GRPC_OPTIONS: Final = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # The nodes' clients ping every 30 s (node_agent's KEEPALIVE_SECONDS), also
+    # between calls; without this, such PINGs count as abuse and end in GOAWAY.
+    ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.max_concurrent_streams", 10_000),
     # gRPC cancels a call the application has not picked up within this many
     # seconds (default 30). When 1,000 nodes connect at once, the event loop

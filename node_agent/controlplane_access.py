@@ -60,6 +60,14 @@ CONNECT_TIMEOUT_SECONDS: Final = 5.0
 # reconnect bound (about 1.2 s) of its return; config taken before that would
 # lack other nodes' pods for a moment, and connections to them would fail.
 RESUME_SETTLE_SECONDS: Final = 3.0
+# A control plane heard nothing from for this long is sent an HTTP/2 PING,
+# and the connection is given up if no answer comes within the timeout. A
+# control plane whose machine or network vanished sends no FIN or RST, and a
+# config stream that sends nothing would wait on it forever, holding stale
+# config. Above the control plane's minimum ping interval (10 s) so that it
+# never counts our PINGs as abuse.
+KEEPALIVE_SECONDS: Final = 30.0
+KEEPALIVE_TIMEOUT_SECONDS: Final = 10.0
 # A config stream that lived this long counts as healthy when it ends.
 HEALTHY_STREAM_SECONDS: Final = 10.0
 # The control plane's limit (controlplane/xds_server.py MAX_MESSAGE_BYTES), not
@@ -163,6 +171,12 @@ class ControlPlaneEndpoint:
             ("grpc.min_reconnect_backoff_ms", int(connect_timeout * 1000)),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", int(KEEPALIVE_SECONDS * 1000)),
+            ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_SECONDS * 1000)),
+            # gRPC stops pinging after two PINGs with no data sent in between
+            # by default; a config stream is mostly quiet, so it must go on.
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.keepalive_permit_without_calls", 1),
         ]
         if self.trust_roots_pem is None:
             log.warning("connecting to the control plane at %s WITHOUT TLS", self.target)

@@ -33,6 +33,8 @@ from google.protobuf.message import DecodeError
 from node_agent import openssl
 from node_agent.controlplane_access import (
     CONNECT_TIMEOUT_SECONDS,
+    KEEPALIVE_SECONDS,
+    KEEPALIVE_TIMEOUT_SECONDS,
     MAX_MESSAGE_BYTES,
     RECONNECT_BACKOFF,
     REFUSALS_TO_BACK_OFF,
@@ -48,6 +50,7 @@ from node_agent.controlplane_access import (
 )
 from node_agent.proxy.http2.connection import Connection, HeaderList, ProtocolError
 from node_agent.proxy.http2.frames import ErrorCode
+from node_agent.proxy.http2.keepalive import Keepalive, KeepaliveSettings
 from node_agent.proxy.model import parse_ip
 from weir_common import xds_transport
 from weir_common._generated.weir.v1 import ca_pb2
@@ -58,6 +61,7 @@ from weir_common.retry import Backoff
 log = logging.getLogger(__name__)
 
 SIGN_METHOD: Final = "/weir.v1.CertificateAuthority/SignCertificate"
+CONTROLPLANE_KEEPALIVE: Final = KeepaliveSettings(KEEPALIVE_SECONDS, KEEPALIVE_TIMEOUT_SECONDS)
 USER_AGENT: Final = b"weir-proxy"
 # Receive windows and frame size we advertise: a push of a large mesh is
 # megabytes, taken in big frames; every byte is acknowledged as it arrives.
@@ -219,9 +223,14 @@ class _Call:
 
 
 class _Connection(asyncio.Protocol):
-    """One HTTP/2 connection to the control plane, and the calls on it."""
+    """One HTTP/2 connection to the control plane, and the calls on it.
 
-    def __init__(self) -> None:
+    A control plane silent for `keepalive.interval` is sent a PING; without an
+    answer in `keepalive.timeout` the connection is aborted and its calls fail
+    UNAVAILABLE, so the subscription dials again instead of waiting forever.
+    """
+
+    def __init__(self, keepalive: KeepaliveSettings) -> None:
         self.h2 = Connection(
             self,
             client_side=True,
@@ -235,15 +244,23 @@ class _Connection(asyncio.Protocol):
         self._window = asyncio.Event()
         self.usable = True  # False once lost or told GOAWAY: no new calls here
         self.lost: str | None = None
+        self._keepalive_settings = keepalive
+        self._keepalive: Keepalive | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's TLS one does not subclass asyncio.Transport).
         self.transport = cast(asyncio.Transport, transport)
+        self._keepalive = Keepalive(
+            asyncio.get_running_loop(), self._keepalive_settings, ping=self._ping, dead=self._silent
+        )
+        self._keepalive.start()
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        if self._keepalive is not None:
+            self._keepalive.heard = True
         try:
             self.h2.receive(data)
         except ProtocolError as e:
@@ -260,7 +277,19 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lose(f"connection lost: {exc}" if exc else "connection closed")
 
+    def _ping(self) -> None:
+        self.h2.ping()
+        self.flush()
+
+    def _silent(self, why: str) -> None:
+        # Aborted: a close would wait for unsent bytes to reach a dead peer.
+        if self.transport is not None:
+            self.transport.abort()
+        self._lose(f"control plane silent: {why}")
+
     def _lose(self, why: str) -> None:
+        if self._keepalive is not None:
+            self._keepalive.stop()
         self.usable = False
         if self.lost is None:
             self.lost = why
@@ -376,6 +405,7 @@ class ProxyControlPlaneClient:
         refused_backoff: Backoff = REFUSED_BACKOFF,
         connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
         resume_settle: float = RESUME_SETTLE_SECONDS,
+        keepalive: KeepaliveSettings = CONTROLPLANE_KEEPALIVE,
     ) -> None:
         self.endpoint = endpoint
         self.node = node
@@ -387,6 +417,7 @@ class ProxyControlPlaneClient:
         self.refused_backoff = refused_backoff
         self.connect_timeout = connect_timeout
         self.resume_settle = resume_settle
+        self.keepalive = keepalive
         self._connection: _Connection | None = None
         self._dialing: asyncio.Future[_Connection] | None = None
 
@@ -511,7 +542,7 @@ class ProxyControlPlaneClient:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, connection = await loop.create_connection(
-                    _Connection,
+                    lambda: _Connection(self.keepalive),
                     self._host,
                     self._port,
                     ssl=self._tls,

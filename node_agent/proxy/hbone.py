@@ -23,6 +23,7 @@ from typing import Final, Protocol, cast
 
 from node_agent.proxy.http2.connection import Connection, HeaderList, ProtocolError
 from node_agent.proxy.http2.frames import ErrorCode
+from node_agent.proxy.http2.keepalive import Keepalive, KeepaliveSettings
 from node_agent.proxy.pieces import LARGE, Bytes
 from weir_common.mesh import SpiffeId
 
@@ -444,6 +445,10 @@ class H2Protocol(asyncio.Protocol):
     A GOAWAY received does the same from the other side: no new streams on
     this connection (streams the peer never saw fail as refused, safe to
     retry elsewhere); those it covers go on.
+
+    With `keepalive`, a peer silent for its interval is sent a PING, and one
+    that answers nothing within its timeout is taken for dead: the connection
+    is aborted (`peer_silent`), its streams reset, the pool forgets it.
     """
 
     def __init__(
@@ -453,6 +458,7 @@ class H2Protocol(asyncio.Protocol):
         on_request: Callable[[HboneStream, Headers], None] | None = None,
         on_idle: Callable[[H2Protocol], None] | None = None,
         on_closed: Callable[[H2Protocol, str | None], None] | None = None,
+        keepalive: KeepaliveSettings | None = None,
     ) -> None:
         self.client_side = client_side
         self.h2 = Connection(
@@ -481,18 +487,29 @@ class H2Protocol(asyncio.Protocol):
         self._on_idle = on_idle
         self._on_closed = on_closed
         self._close_reason: str | None = None
+        self._keepalive_settings = keepalive
+        self._keepalive: Keepalive | None = None
+        self.peer_silent = False  # closed because the peer answered no PING
 
     # -- asyncio.Protocol ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        if self._keepalive_settings is not None:
+            self._keepalive = Keepalive(
+                loop, self._keepalive_settings, ping=self._ping, dead=self._silent
+            )
+            self._keepalive.start()
         self.flush()  # the preface and our SETTINGS
 
     def data_received(self, data: bytes) -> None:
         # `data` may be a view lent by the TLS transport, reused once this
         # returns: the codec, the streams and the TCP sides copy what they keep.
+        keepalive = self._keepalive
+        if keepalive is not None:
+            keepalive.heard = True
         try:
             self.h2.receive(data)
         except ProtocolError as e:
@@ -505,6 +522,8 @@ class H2Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._keepalive is not None:
+            self._keepalive.stop()
         reason = self._close_reason or (f"connection lost: {exc}" if exc else "connection closed")
         for stream in list(self.streams.values()):
             stream._on_connection_lost(reason)
@@ -615,6 +634,21 @@ class H2Protocol(asyncio.Protocol):
         if self.transport is not None:
             self._flush_now()  # a GOAWAY, the last frames of a drain
             self.transport.close()
+
+    def _ping(self) -> None:
+        if not self.closed:
+            self.h2.ping()
+            self.flush()
+
+    def _silent(self, reason: str) -> None:
+        # Aborted, not closed: a close waits for unsent data to leave, and
+        # towards a dead peer it never would.
+        self.peer_silent = True
+        self.draining = True  # no new streams in the moment before connection_lost
+        if self._close_reason is None:
+            self._close_reason = reason
+        if self.transport is not None:
+            self.transport.abort()
 
     # -- http2.Events ------------------------------------------------------------
 

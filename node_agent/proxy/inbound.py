@@ -31,6 +31,7 @@ from node_agent.proxy.connections import (
     format_authority,
 )
 from node_agent.proxy.hbone import H2Protocol, HboneStream, Headers, Relay, TcpPeer
+from node_agent.proxy.http2.keepalive import KeepaliveSettings
 from node_agent.proxy.model import MtlsMode, parse_ip
 from node_agent.proxy.original_dst import original_destination
 from node_agent.proxy.state import MeshView, PodState, TlsContexts
@@ -118,6 +119,7 @@ class Inbound:
         refusals: Refusals,
         telemetry: Telemetry,
         handshake_timeout: float,
+        keepalive: KeepaliveSettings | None,
     ) -> None:
         self._mesh = mesh
         self._tls = tls
@@ -126,6 +128,7 @@ class Inbound:
         self._refusals = refusals
         self._telemetry = telemetry
         self._handshake_timeout = handshake_timeout
+        self._keepalive = keepalive
 
     # -- 15008 ------------------------------------------------------------
 
@@ -162,16 +165,28 @@ class Inbound:
         conn = H2Protocol(
             client_side=False,
             on_request=lambda stream, headers: self._request(pod, conn, stream, headers),
-            on_closed=lambda c, _reason: self._tunnel_closed(pod, c),
+            on_closed=lambda c, reason: self._tunnel_closed(pod, c, reason),
+            keepalive=self._keepalive,
         )
         conn.peer_identity = identity
         pod.tunnels.add(conn)
         tls_transport.TlsTransport(tls, conn, lend_reads=True)
 
-    def _tunnel_closed(self, pod: PodState, conn: H2Protocol) -> None:
+    def _tunnel_closed(self, pod: PodState, conn: H2Protocol, reason: str | None) -> None:
         pod.tunnels.discard(conn)
         if conn.protocol_error is not None:
             self._refusals.refuse(TUNNEL, "http2_protocol_error", conn.protocol_error, None)
+        if conn.peer_silent:
+            self._telemetry.metrics.silent_peer("inbound")
+            self._refusals.limiter.log(
+                log,
+                logging.WARNING,
+                (TUNNEL, "silent_peer"),
+                "HBONE connection from %s to pod %s aborted: %s",
+                conn.peer_identity,
+                pod.workload.key,
+                reason,
+            )
 
     def _request(
         self, pod: PodState, conn: H2Protocol, stream: HboneStream, headers: Headers

@@ -29,6 +29,7 @@ from node_agent.proxy.hbone import (
     StreamRefusedError,
     TcpPeer,
 )
+from node_agent.proxy.http2.keepalive import KeepaliveSettings
 from node_agent.proxy.original_dst import original_destination
 from node_agent.proxy.pool import ConnectionPool
 from node_agent.proxy.routing import Endpoint, EndpointPicker, MeshRoute, Passthrough, resolve
@@ -77,6 +78,7 @@ class Outbound:
         refusals: Refusals,
         telemetry: Telemetry,
         response_timeout: float,
+        keepalive: KeepaliveSettings | None,
     ) -> None:
         self._mesh = mesh
         self._tls = tls
@@ -87,6 +89,7 @@ class Outbound:
         self._refusals = refusals
         self._telemetry = telemetry
         self._response_timeout = response_timeout
+        self._keepalive = keepalive
 
     def accepted(self, pod: PodState, peer: TcpPeer) -> None:
         self._tasks.spawn(self._handle(pod, peer))
@@ -243,11 +246,11 @@ class Outbound:
     async def _dial(
         self, pod: PodState, address: str, expected: SpiffeId, context: ssl.SSLContext
     ) -> H2Protocol:
-        pool = self._pool
         conn = H2Protocol(
             client_side=True,
-            on_idle=pool.connection_idle,
-            on_closed=lambda c, _reason: pool.connection_closed(c),
+            on_idle=self._pool.connection_idle,
+            on_closed=lambda c, reason: self._tunnel_closed(c, address, reason),
+            keepalive=self._keepalive,
         )
         transport, _ = await self._upstream.connect(
             pod, address, INBOUND_TUNNEL_PORT, lambda: conn, tls=context
@@ -263,3 +266,16 @@ class Outbound:
             log.warning("%s presented %s, expected %s: refused", address, actual, expected)
             raise UpstreamError(f"{address} presented identity {actual}, expected {expected}")
         return conn
+
+    def _tunnel_closed(self, conn: H2Protocol, address: str, reason: str | None) -> None:
+        self._pool.connection_closed(conn)
+        if conn.peer_silent:
+            self._telemetry.metrics.silent_peer(LISTENER)
+            self._refusals.limiter.log(
+                log,
+                logging.WARNING,
+                (LISTENER, "silent_peer"),
+                "HBONE connection to %s aborted: %s",
+                address,
+                reason,
+            )

@@ -35,6 +35,7 @@ REFUSED: Final = "weir_proxy_refused_total"
 RENEWALS: Final = "weir_proxy_certificate_renewals_total"
 RENEWAL_FAILURES: Final = "weir_proxy_certificate_renewal_failures_total"
 ACCESS_LOG_DROPPED: Final = "weir_proxy_access_log_dropped_total"
+SILENT_PEERS: Final = "weir_proxy_hbone_silent_peers_total"
 HELP: Final = {
     OPENED: "TCP connections opened",
     CLOSED: "TCP connections closed",
@@ -44,6 +45,8 @@ HELP: Final = {
     REFUSED: "inbound input refused before it became a connection, by listener and reason",
     RENEWALS: "workload certificates renewed before they expired",
     RENEWAL_FAILURES: "attempts to renew a workload certificate that failed (each is retried)",
+    SILENT_PEERS: "HBONE connections aborted because the peer answered no PING in time, "
+    "by direction (outbound: we dialed it)",
 }
 # Counted where they happen, read when rendered.
 OBSERVED_HELP: Final = {
@@ -123,6 +126,9 @@ class ProxyMetrics:
 
     def refused(self, listener: str, reason: str) -> None:
         self.inc(REFUSED, (("listener", listener), ("reason", reason)))
+
+    def silent_peer(self, direction: str) -> None:
+        self.inc(SILENT_PEERS, (("direction", direction),))
 
     def render(self) -> str:
         lines: list[str] = []

@@ -25,7 +25,13 @@ from cp_testing import (
 from cryptography import x509
 
 from node_agent.controlplane_access import ControlPlaneEndpoint, StaticToken, Status
-from node_agent.proxy.controlplane import ProxyControlPlaneClient, RpcError, split_target
+from node_agent.proxy.controlplane import (
+    CONTROLPLANE_KEEPALIVE,
+    ProxyControlPlaneClient,
+    RpcError,
+    split_target,
+)
+from node_agent.proxy.http2.keepalive import KeepaliveSettings
 from testbed.proxy_fakes import self_signed_root_pem
 from weir_common.errors import InvalidInputError
 from weir_common.mesh import WORKLOAD_TYPE
@@ -199,9 +205,13 @@ class H2Server:
         self.requests: list[Request] = []
         self.live: list[h2.connection.H2Connection] = []
         self._writers: list[asyncio.StreamWriter] = []
+        # Connections (by number, from 1) that read and answer nothing more,
+        # their sockets left open: a control plane behind a cut link.
+        self.silent: set[int] = set()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        number = self.connections
         self._writers.append(writer)
         conn = h2.connection.H2Connection(
             h2.config.H2Configuration(client_side=False, header_encoding=None)
@@ -211,6 +221,8 @@ class H2Server:
         writer.write(conn.data_to_send())
         pending: dict[int, Request] = {}
         while data := await reader.read(65536):
+            if number in self.silent:
+                await asyncio.Future()  # until the test ends
             for event in conn.receive_data(data):
                 if isinstance(event, h2.events.RequestReceived):
                     pending[event.stream_id] = Request(event.stream_id, dict(event.headers))
@@ -240,11 +252,14 @@ def goaway(*, last_stream_id: int, code: int = 0) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def h2_server(answer: Answer) -> AsyncIterator[tuple[H2Server, ProxyControlPlaneClient]]:
+async def h2_server(
+    answer: Answer, keepalive: KeepaliveSettings = CONTROLPLANE_KEEPALIVE
+) -> AsyncIterator[tuple[H2Server, ProxyControlPlaneClient]]:
     server = H2Server(answer)
     listener = await asyncio.start_server(server.serve, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
     client = _client(ControlPlaneEndpoint.insecure(f"127.0.0.1:{port}"), token="t0ken")
+    client.keepalive = keepalive
     try:
         yield server, client
     finally:
@@ -422,6 +437,36 @@ def test_after_goaway_the_open_call_finishes_and_the_next_dials_anew() -> None:
             conn.send_headers(stream_id, [(b"grpc-status", b"0")], end_stream=True)
             server.push(conn)
             assert await slow == b"late"
+
+    uvloop.run(scenario())  # as the proxy runs it
+
+
+def test_a_control_plane_gone_silent_fails_the_open_call_and_the_next_dials_anew() -> None:
+    """A quiet control plane that answers PINGs keeps the connection; one that
+    answers nothing within the keepalive timeout loses it, and the call on it
+    (a config stream would wait forever) fails UNAVAILABLE."""
+
+    def answer(conn: h2.connection.H2Connection, req: Request) -> None:
+        if req.headers[b":path"] == b"/test.Echo/Fast":
+            conn.send_headers(req.stream_id, OK_HEADERS)
+            conn.send_data(req.stream_id, grpc_message(b"fresh"))
+            conn.send_headers(req.stream_id, [(b"grpc-status", b"0")], end_stream=True)
+
+    async def scenario() -> None:
+        keepalive = KeepaliveSettings(interval=0.2, timeout=0.3)
+        async with h2_server(answer, keepalive) as (server, client):
+            loop = asyncio.get_running_loop()
+            held = asyncio.create_task(client.unary("/test.Echo/Held", b"ping", 30))
+            await asyncio.sleep(2.5)  # five quiet spells: h2 answers each PING
+            assert not held.done() and server.connections == 1
+            server.silent.add(1)
+            muted = loop.time()
+            with pytest.raises(RpcError, match=r"answered no PING within 0\.3 s") as lost:
+                await asyncio.wait_for(held, 3.0)
+            assert lost.value.status == Status.UNAVAILABLE
+            assert loop.time() - muted <= 1.5
+            assert await client.unary("/test.Echo/Fast", b"ping", 5) == b"fresh"
+            assert server.connections == 2
 
     uvloop.run(scenario())  # as the proxy runs it
 

@@ -183,6 +183,7 @@ def _serve(data: bytes, cuts: list[int]) -> None:
         refusals=Refusals(metrics),
         telemetry=Telemetry(metrics, AccessLog(lambda _line: None)),
         handshake_timeout=1.0,
+        keepalive=None,
     )
     pod = PodState(
         netns=None,  # type: ignore[arg-type]
@@ -200,7 +201,7 @@ def _serve(data: bytes, cuts: list[int]) -> None:
     conn = H2Protocol(
         client_side=False,
         on_request=on_request,
-        on_closed=lambda c, _reason: inbound._tunnel_closed(pod, c),
+        on_closed=lambda c, reason: inbound._tunnel_closed(pod, c, reason),
     )
     conn.peer_identity = SpiffeId("cluster.local", "default", "client")
 

@@ -228,6 +228,20 @@ def test_h2_sees_our_ping_answers_settings_acks_and_resets() -> None:
     ]
 
 
+def test_our_ping_is_answered_by_h2_and_its_ack_is_taken_quietly() -> None:
+    client, events = ours(client_side=True)
+    server = theirs(client_side=False)
+    h2_events(server, client.data_to_send())  # our preface and SETTINGS
+    client.ping(b"keepaliv")
+    got = h2_events(server, client.data_to_send())
+    assert [e.ping_data for e in got if isinstance(e, h2.events.PingReceived)] == [b"keepaliv"]
+    client.receive(server.data_to_send())  # h2's PING ACK (and its SETTINGS)
+    assert events.events == []
+    assert b"keepaliv" not in client.data_to_send()  # an ACK is not answered
+    with pytest.raises(ValueError, match="8 bytes, not 3"):
+        client.ping(b"abc")
+
+
 def test_an_h2_peer_with_huffman_and_the_dynamic_table_is_decoded() -> None:
     server, events = ours(client_side=False)
     client = theirs(client_side=True)

@@ -27,6 +27,7 @@ from node_agent.proxy.hbone import (
     Headers,
     TcpPeer,
 )
+from node_agent.proxy.http2.keepalive import KeepaliveSettings
 from node_agent.proxy.outbound import Outbound
 from node_agent.proxy.pool import ConnectionPool, PoolExhaustedError
 from node_agent.proxy.routing import EndpointPicker
@@ -71,7 +72,13 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path
 
 
 @contextlib.asynccontextmanager
-async def mini_path(max_streams: int = 100, idle: float = 60.0) -> AsyncIterator[Path]:
+async def mini_path(
+    max_streams: int = 100,
+    idle: float = 60.0,
+    *,
+    client_keepalive: KeepaliveSettings | None = None,
+    server_keepalive: KeepaliveSettings | None = None,
+) -> AsyncIterator[Path]:
     loop = asyncio.get_running_loop()
     pool = ConnectionPool(max_streams=max_streams, idle_seconds=idle)
     path = Path(pool, 0)
@@ -89,7 +96,7 @@ async def mini_path(max_streams: int = 100, idle: float = 60.0) -> AsyncIterator
         path.tasks.add(loop.create_task(serve()))
 
     def server_conn() -> H2Protocol:
-        conn = H2Protocol(client_side=False, on_request=on_request)
+        conn = H2Protocol(client_side=False, on_request=on_request, keepalive=server_keepalive)
         path.server_conns.append(conn)
         return conn
 
@@ -101,6 +108,7 @@ async def mini_path(max_streams: int = 100, idle: float = 60.0) -> AsyncIterator
             client_side=True,
             on_idle=pool.connection_idle,
             on_closed=lambda c, _r: pool.connection_closed(c),
+            keepalive=client_keepalive,
         )
         await loop.create_connection(lambda: conn, LOCAL, tunnel_port)
         return conn
@@ -338,6 +346,7 @@ def test_a_connect_left_unanswered_gives_up_at_the_response_timeout_and_resets(r
             refusals=Refusals(metrics),
             telemetry=Telemetry(metrics, AccessLog(lambda _line: None)),
             response_timeout=0.2,
+            keepalive=None,
         )
 
         async def dial() -> H2Protocol:
@@ -355,3 +364,84 @@ def test_a_connect_left_unanswered_gives_up_at_the_response_timeout_and_resets(r
         server.close()
 
     run(main())
+
+
+# Short enough for a test: a silent peer is found within 0.5 s of its last byte.
+FAST_KEEPALIVE = KeepaliveSettings(interval=0.2, timeout=0.3)
+
+
+async def echoed_stream(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(LOCAL, path.app_port)
+    writer.write(b"hello")
+    assert await reader.readexactly(5) == b"hello"
+    return reader, writer
+
+
+async def wait_until(check, timeout: float) -> float:
+    """Seconds until `check()` held; fails the test if it does not within `timeout`."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.01)
+    return loop.time() - start
+
+
+def test_a_quiet_peer_that_answers_pings_keeps_its_connection(run):
+    async def main():
+        async with mini_path(client_keepalive=FAST_KEEPALIVE) as path:
+            reader, writer = await echoed_stream(path)
+            conn = path.client_streams[0].conn
+            # Five times interval + timeout with no stream traffic: only PINGs and
+            # their answers cross, and they keep the connection.
+            await asyncio.sleep(2.5)
+            assert not conn.closed and not conn.peer_silent
+            writer.write(b"still here")
+            assert await reader.readexactly(10) == b"still here"
+            assert path.pool.dials == 1
+            writer.close()
+
+    run(main())
+
+
+def test_a_silent_server_is_given_up_and_the_streams_through_it_reset(run):
+    async def main():
+        async with mini_path(client_keepalive=FAST_KEEPALIVE) as path:
+            reader, writer = await echoed_stream(path)
+            conn = path.client_streams[0].conn
+            # The server stops reading: it sends nothing more, answers no PING,
+            # and its socket stays open (as a peer behind a cut link).
+            path.server_conns[0].transport.pause_reading()
+            waited = await wait_until(lambda: conn.closed, timeout=3.0)
+            assert conn.peer_silent
+            assert 0.2 <= waited <= 1.5, waited
+            assert path.pool.dump() == []  # the next stream dials a fresh connection
+            # The app's connection through it is reset, not left hanging.
+            with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+                await asyncio.wait_for(reader.readexactly(1), 2.0)
+            writer.close()
+            _, again = await echoed_stream(path)
+            assert path.pool.dials == 2
+            again.close()
+
+    run(main())
+
+
+def test_a_silent_client_is_given_up_and_its_upstream_connections_closed(run):
+    async def main():
+        async with mini_path(server_keepalive=FAST_KEEPALIVE) as path:
+            _, writer = await echoed_stream(path)
+            server_conn = path.server_conns[0]
+            path.client_streams[0].conn.transport.pause_reading()
+            await wait_until(lambda: server_conn.closed, timeout=3.0)
+            assert server_conn.peer_silent
+            # The server side's connection to the app (the echo server) is ended.
+            await wait_until(lambda: path.echo_closed, timeout=2.0)
+            writer.close()
+
+    run(main())
+
+
+def test_keepalive_settings_must_be_positive():
+    with pytest.raises(ValueError, match="must be positive"):
+        KeepaliveSettings(interval=0.0, timeout=1.0)

@@ -304,6 +304,12 @@ class Connection:
         self.goaway_sent = True
         self._out.append(frames.goaway(self._last_peer_stream, code, debug))
 
+    def ping(self, opaque: bytes = b"\0" * 8) -> None:
+        """A PING for the peer to answer (RFC 9113 6.7); its ACK is just more bytes received."""
+        if len(opaque) != 8:
+            raise ValueError(f"a PING carries 8 bytes, not {len(opaque)}")
+        self._out.append(frames.ping(opaque, ack=False))
+
     def _local_end(self, stream_id: int, stream: _Stream) -> None:
         stream.local_closed = True
         if stream.remote_closed:

@@ -283,21 +283,28 @@ class Connection:
             self._out.append(frames.rst_stream(stream_id, code))
             self._forget(stream_id)
 
-    def acknowledge(self, stream_id: int, size: int) -> None:
-        """`size` bytes of `stream_id` were taken: the peer may send that much more."""
+    def acknowledge(self, stream_id: int, size: int) -> bool:
+        """`size` bytes of `stream_id` were taken: the peer may send that much more.
+
+        Window updates go out in batches; True if this queued one (something to send).
+        """
+        queued = False
         self._recv_unacked += size
         if self._recv_unacked >= self._connection_threshold:
             self._out.append(frames.window_update(0, self._recv_unacked))
             self._recv_available += self._recv_unacked
             self._recv_unacked = 0
+            queued = True
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed:
-            return
+            return queued
         stream.recv_unacked += size
         if stream.recv_unacked >= self._stream_threshold:
             self._out.append(frames.window_update(stream_id, stream.recv_unacked))
             stream.recv_available += stream.recv_unacked
             stream.recv_unacked = 0
+            queued = True
+        return queued
 
     def goaway(self, code: int = ErrorCode.NO_ERROR, debug: bytes = b"") -> None:
         """No new streams from the peer beyond those already seen; those go on (if NO_ERROR)."""

@@ -241,6 +241,26 @@ class EchoServer:
         self._listener.close()
 
 
+@contextlib.contextmanager
+def a_to_b(
+    work_dir: Path,
+    app_port: int,
+    settings: ProxySettings = LAB_SETTINGS,
+    certificate_ttl: datetime.timedelta | None = None,
+) -> Iterator[tuple[MeshLab, EchoServer]]:
+    """Two nodes, pod a on node-1 and pod b on node-2, b echoing on `app_port`."""
+    with open_lab(work_dir, settings, certificate_ttl) as lab:
+        lab.add_node("node-1", "10.244.1.0/24")
+        lab.add_node("node-2", "10.244.2.0/24")
+        lab.add_pod("node-1", "a")
+        lab.add_pod("node-2", "b")
+        server = EchoServer(lab.pods["b"], app_port)
+        try:
+            yield lab, server
+        finally:
+            server.close()
+
+
 # -- Envoy: the reference HBONE implementation, for interop tests and the benchmark --
 
 _ENVOY_TYPES: Final = "type.googleapis.com/envoy.extensions."

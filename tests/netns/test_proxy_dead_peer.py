@@ -24,7 +24,7 @@ from node_agent.constants import INBOUND_TUNNEL_PORT
 from node_agent.localmesh.topology import Node
 from node_agent.proxy.http2.keepalive import KeepaliveSettings
 from node_agent.proxy.telemetry import SILENT_PEERS
-from testbed.proxy_lab import LAB_SETTINGS, EchoServer, MeshLab, open_lab
+from testbed.proxy_lab import LAB_SETTINGS, EchoServer, MeshLab, a_to_b
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
 
@@ -40,16 +40,8 @@ CUT_RULES = (
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[tuple[MeshLab, EchoServer]]:
     settings = dataclasses.replace(LAB_SETTINGS, hbone_keepalive=KEEPALIVE)
-    with open_lab(tmp_path, settings) as lab:
-        lab.add_node("node-1", "10.244.1.0/24")
-        lab.add_node("node-2", "10.244.2.0/24")
-        lab.add_pod("node-1", "a")
-        lab.add_pod("node-2", "b")
-        server = EchoServer(lab.pods["b"], APP_PORT)
-        try:
-            yield lab, server
-        finally:
-            server.close()
+    with a_to_b(tmp_path, APP_PORT, settings) as pair:
+        yield pair
 
 
 def _iptables(node: Node, action: str, rule: list[str]) -> None:

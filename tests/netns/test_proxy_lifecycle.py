@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from node_agent.netns import entered
-from testbed.proxy_lab import EchoServer, MeshLab, open_lab
+from testbed.proxy_lab import MeshLab, a_to_b
 from weir_common.mesh import SpiffeId
 
 pytestmark = pytest.mark.netns
@@ -22,16 +22,8 @@ APP_PORT = 8080
 
 @contextlib.contextmanager
 def two_nodes(tmp_path, ttl: datetime.timedelta | None = None) -> Iterator[MeshLab]:
-    with open_lab(tmp_path, certificate_ttl=ttl) as lab:
-        lab.add_node("node-1", "10.244.1.0/24")
-        lab.add_node("node-2", "10.244.2.0/24")
-        lab.add_pod("node-1", "a")
-        lab.add_pod("node-2", "b")
-        server = EchoServer(lab.pods["b"], APP_PORT)
-        try:
-            yield lab
-        finally:
-            server.close()
+    with a_to_b(tmp_path, APP_PORT, certificate_ttl=ttl) as (lab, _):
+        yield lab
 
 
 def connect(lab: MeshLab) -> socket.socket:

@@ -169,7 +169,7 @@ class ConnectionTasks:
 
 
 class Refusals:
-    """Bad input and denials: each counted, each kind logged at a bounded rate, the peer dropped.
+    """Bad input, denials and silent peers: each counted, each kind logged at a bounded rate.
 
     Peers cause these at will; a line for every one would let them flood the log.
     """
@@ -197,6 +197,19 @@ class Refusals:
     def count(self, listener: str, reason: str) -> None:
         """Counted only: for refusals the caller reports in its own way."""
         self._metrics.refused(listener, reason)
+
+    def silent_peer(self, direction: str, detail: str) -> None:
+        """An HBONE connection given up because its peer answered no PING: counted and
+        logged like a refusal (a dead node takes every connection to it at once)."""
+        self._metrics.silent_peer(direction)
+        self.limiter.log(
+            log,
+            logging.WARNING,
+            (direction, "silent_peer"),
+            "%s HBONE connection aborted: %s",
+            direction,
+            detail,
+        )
 
     def denied(self, identity: SpiffeId | None, destination: str, reason: str) -> None:
         """A connection authorization denied (its metrics and access log are the caller's)."""

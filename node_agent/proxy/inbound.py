@@ -177,15 +177,8 @@ class Inbound:
         if conn.protocol_error is not None:
             self._refusals.refuse(TUNNEL, "http2_protocol_error", conn.protocol_error, None)
         if conn.peer_silent:
-            self._telemetry.metrics.silent_peer("inbound")
-            self._refusals.limiter.log(
-                log,
-                logging.WARNING,
-                (TUNNEL, "silent_peer"),
-                "HBONE connection from %s to pod %s aborted: %s",
-                conn.peer_identity,
-                pod.workload.key,
-                reason,
+            self._refusals.silent_peer(
+                "inbound", f"from {conn.peer_identity} to pod {pod.workload.key}: {reason}"
             )
 
     def _request(

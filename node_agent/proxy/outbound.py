@@ -270,12 +270,4 @@ class Outbound:
     def _tunnel_closed(self, conn: H2Protocol, address: str, reason: str | None) -> None:
         self._pool.connection_closed(conn)
         if conn.peer_silent:
-            self._telemetry.metrics.silent_peer(LISTENER)
-            self._refusals.limiter.log(
-                log,
-                logging.WARNING,
-                (LISTENER, "silent_peer"),
-                "HBONE connection to %s aborted: %s",
-                address,
-                reason,
-            )
+            self._refusals.silent_peer(LISTENER, f"to {address}: {reason}")

@@ -19,7 +19,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -79,18 +79,38 @@ def access_log(process: Process) -> list[dict[str, Any]]:
     return entries
 
 
-def _destination_entry(proxy: Process, skip: int, dst: DemoPod) -> dict[str, Any] | None:
-    """The inbound proxy's record of the connection just made (it logs when it ends)."""
-    deadline = time.monotonic() + _LOG_WAIT_S
-    while time.monotonic() < deadline:
-        for entry in access_log(proxy)[skip:]:
-            if entry.get("reporter") == "destination" and entry.get("dst", {}).get("workload") in (
-                dst.key,
-                dst.name,
-            ):
-                return entry
+def wait_for_access_log(
+    process: Process,
+    wanted: Callable[[dict[str, Any]], bool],
+    *,
+    skip: int = 0,
+    timeout_s: float = _LOG_WAIT_S,
+) -> list[dict[str, Any]]:
+    """The access log entries after the first `skip` that `wanted` picks, once there is one.
+
+    A proxy logs a connection once it ended, and writes its lines in batches
+    (every 0.2 s), so a caller that just saw a connection end polls; an empty
+    list means none came within `timeout_s`.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        entries = [entry for entry in access_log(process)[skip:] if wanted(entry)]
+        if entries or time.monotonic() > deadline:
+            return entries
         time.sleep(0.05)
-    return None
+
+
+def _destination_entry(proxy: Process, skip: int, dst: DemoPod) -> dict[str, Any] | None:
+    """The inbound proxy's record of the connection just made."""
+    entries = wait_for_access_log(
+        proxy,
+        lambda entry: (
+            entry.get("reporter") == "destination"
+            and entry.get("dst", {}).get("workload") in (dst.key, dst.name)
+        ),
+        skip=skip,
+    )
+    return entries[0] if entries else None
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from node_agent.cni_install.installer import install_plugin_binary
-from node_agent.demo.mesh import access_log
+from node_agent.demo.mesh import access_log, wait_for_access_log
 from node_agent.localmesh.mesh import REPO, LocalMesh, MeshNode, http_get, real_proxy
 from node_agent.localmesh.topology import CNI_BIN_DIR
 
@@ -109,13 +109,20 @@ def test_containers_reach_each_other_through_the_mesh(mesh, runtime):
             server.wait()
 
     assert node2.proxy is not None
-    entries = [
-        e
-        for e in access_log(node2.proxy)
-        if e["reporter"] == "destination"
-        and e["src"].get("identity") == "spiffe://cluster.local/ns/default/sa/client"
-    ]
-    assert entries, "node-2's proxy never saw the client's identity"
+    entries = wait_for_access_log(
+        node2.proxy,
+        lambda e: (
+            e["reporter"] == "destination"
+            and e["src"].get("identity") == "spiffe://cluster.local/ns/default/sa/client"
+        ),
+        timeout_s=10,
+    )
+    assert entries, (
+        "node-2's proxy never saw the client's identity; it logged "
+        + "\n".join(json.dumps(e) for e in access_log(node2.proxy))
+        + "\nnode-1's proxy logged "
+        + "\n".join(json.dumps(e) for e in access_log(node1.proxy))  # type: ignore[arg-type]
+    )
     assert {e["security_policy"] for e in entries} == {"mutual_tls"}
     assert entries[0]["dst"]["identity"] == "spiffe://cluster.local/ns/default/sa/server"
     # The containers' DEL unenrolled them on both nodes.

@@ -9,13 +9,12 @@ closed and, once the agent is back, is enrolled and reaches the mesh.
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from node_agent import netns as netns_mod
-from node_agent.demo.mesh import access_log
+from node_agent.demo.mesh import wait_for_access_log
 from node_agent.localmesh.cni_runtime import CniPluginError
 from node_agent.localmesh.mesh import REPO, LocalMesh, real_proxy
 from node_agent.localmesh.topology import Pod
@@ -93,15 +92,12 @@ def test_pod_created_while_its_agent_is_down_is_captured_once_it_is_back(mesh):
         assert conn.recv(100) == b""
     proxy = local.nodes["node-2"].proxy
     assert proxy is not None
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        refused = [
-            e
-            for e in access_log(proxy)
-            if e["reporter"] == "destination"
+    refused = wait_for_access_log(
+        proxy,
+        lambda e: (
+            e["reporter"] == "destination"
             and e["src"].get("identity") == "spiffe://cluster.local/ns/legacy/sa/intruder"
-        ]
-        if refused:
-            break
-        time.sleep(0.1)
+        ),
+        timeout_s=5,
+    )
     assert [e["outcome"] for e in refused] == ["denied"]

@@ -289,7 +289,15 @@ class HboneStream:
             self.flow.up += len(data)
         else:
             self.flow.down += len(data)
-        if not self._pending and self._send_now(data):
+        conn = self.conn
+        # The common case, without copying through the pending buffer: it all fits now.
+        if (
+            not self._pending
+            and not conn.write_paused
+            and not conn.closed
+            and conn.h2.try_send_data(self.id, data)
+        ):
+            conn.flush()
             return
         self._pending.append(data)
         self._pending_size += len(data)
@@ -330,8 +338,10 @@ class HboneStream:
         peer.write_lent(data)
         if self._peer_congested:
             self._held_acks += size
-        else:
-            self.conn.ack(self.id, size)
+            return
+        conn = self.conn  # conn.ack, inlined: this runs for every DATA frame
+        if not conn.closed and conn.h2.acknowledge(self.id, size):
+            conn.flush()
 
     def _on_h2_end(self) -> None:
         self._remote_end = True
@@ -357,21 +367,6 @@ class HboneStream:
         if self._peer is not None:
             self._peer.abort()
         self._finish(why)
-
-    def _send_now(self, data: Bytes) -> bool:
-        """The common case, without copying through the pending buffer: it all fits."""
-        conn = self.conn
-        codec = conn.h2
-        if (
-            conn.write_paused
-            or conn.closed
-            or len(data) > codec.remote_max_frame_size
-            or len(data) > codec.send_window(self.id)
-        ):
-            return False
-        codec.send_data(self.id, data)
-        conn.flush()
-        return True
 
     def _flush(self) -> None:
         conn = self.conn

@@ -118,7 +118,7 @@ def logged(lab: MeshLab, node: str, before: int, received: int) -> dict:
 
 
 def envoy_logged(who: str, received: int) -> dict:
-    """Envoy's JSON line for our connection (its file access log flushes once a second)."""
+    """Envoy's JSON line for our connection (EnvoyProcess has it written every 0.2 s)."""
     path = ENVOY_LOGS[who]
     for _ in range(100):
         if path.exists():

@@ -168,15 +168,19 @@ def test_a_resumed_stream_never_sees_a_restarted_plane_without_the_other_nodes_p
             await node_2.register_workload(
                 namespace="default", name="server", uid="u-s", ips=["10.2.0.9"]
             )
-            node_1 = ControlPlaneClient(endpoint, "node-1", TOKENS["node-1"])
+            # Twice the default settle: on a machine busy enough (the suite with
+            # two other CPU-bound processes), node-2's reconnect, handshake and
+            # registration took more than the 2.5 s the default leaves it here.
+            node_1 = ControlPlaneClient(
+                endpoint, "node-1", TOKENS["node-1"], resume_settle=2 * RESUME_SETTLE_SECONDS
+            )
             subscription = node_1.subscribe(RecordingHandler(_recording(record)))
             task = asyncio.create_task(subscription.run())
             await asyncio.wait_for(subscription.connected.wait(), 10)
         await asyncio.wait_for(_until_cleared(subscription.connected), 10)
         seen.clear()
         async with running_plane(tmp_path, grpc_listen=listen) as plane:
-            # node-2 is slower to come back, yet within the settle (3 s) with
-            # room for a busy machine's slower reconnect and registration.
+            # node-2 is slower to come back, yet within node-1's settle.
             await asyncio.sleep(0.5)
             node_2_stream = asyncio.create_task(node_2.subscribe(RecordingHandler()).run())
             await asyncio.wait_for(subscription.connected.wait(), 10)

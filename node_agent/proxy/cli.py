@@ -41,9 +41,10 @@ from node_agent.netns import Netns
 from node_agent.proxy import privileges
 from node_agent.proxy.agent_pods import AgentPods
 from node_agent.proxy.controlplane import ProxyControlPlaneClient
+from node_agent.proxy.http2.keepalive import KeepaliveSettings
 from node_agent.proxy.identity import CaCertificateProvider
 from node_agent.proxy.model import Workload
-from node_agent.proxy.proxy import Proxy, ProxySettings, build
+from node_agent.proxy.proxy import HBONE_KEEPALIVE, Proxy, ProxySettings, build
 from node_agent.proxy.routing import Balancing
 from node_agent.proxy.xds_source import XdsConfigSource
 from node_agent.proxy_handoff.proxy_side import ProxyHandoffClient
@@ -137,7 +138,36 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument(
         "--balancing", choices=[b.value for b in Balancing], default=Balancing.ROUND_ROBIN.value
     )
+    run.add_argument(
+        "--hbone-keepalive-seconds",
+        type=non_negative_seconds,
+        default=HBONE_KEEPALIVE.interval,
+        metavar="SECONDS",
+        help="a peer node's proxy silent this long is sent an HTTP/2 PING, which also keeps "
+        "quiet pooled connections through a firewall or NAT; 0 sends none "
+        f"(default {HBONE_KEEPALIVE.interval:g})",
+    )
+    run.add_argument(
+        "--hbone-keepalive-timeout-seconds",
+        type=non_negative_seconds,
+        default=HBONE_KEEPALIVE.timeout,
+        metavar="SECONDS",
+        help="no answer to that PING this long: the peer is taken for dead, its connection "
+        f"and the apps' connections through it reset (default {HBONE_KEEPALIVE.timeout:g})",
+    )
     run.set_defaults(func=_run)
+
+
+def hbone_keepalive(interval: float, timeout: float) -> KeepaliveSettings | None:
+    """The HBONE keepalive the two flags ask for (None: off); InvalidInputError if they clash."""
+    if interval == 0:
+        return None
+    if timeout == 0:
+        raise InvalidInputError(
+            "--hbone-keepalive-timeout-seconds must be above 0 while keepalive is on "
+            "(--hbone-keepalive-seconds 0 turns it off)"
+        )
+    return KeepaliveSettings(interval=interval, timeout=timeout)
 
 
 def parse_pod(text: str) -> tuple[str, Netns]:
@@ -193,6 +223,7 @@ def _run(args: argparse.Namespace) -> int:
         endpoint = ControlPlaneEndpoint.insecure(args.control_plane)
     else:
         endpoint = ControlPlaneEndpoint.tls(args.control_plane, args.control_plane_roots)
+    keepalive = hbone_keepalive(args.hbone_keepalive_seconds, args.hbone_keepalive_timeout_seconds)
     if args.drop_to_uid is not None:
         privileges.drop_to(args.drop_to_uid, args.drop_to_gid)
         log.info(
@@ -206,6 +237,7 @@ def _run(args: argparse.Namespace) -> int:
         metrics_address=args.metrics_listen,
         readiness_address=args.readiness_listen,
         balancing=Balancing(args.balancing),
+        hbone_keepalive=keepalive,
     )
     uvloop.run(
         _serve(

@@ -6,7 +6,8 @@ import argparse
 
 import pytest
 
-from node_agent.proxy.cli import parse_listen, parse_pod
+from node_agent.proxy.cli import hbone_keepalive, parse_listen, parse_pod
+from node_agent.proxy.http2.keepalive import KeepaliveSettings
 from node_agent.proxy.model import Action, MtlsMode
 from node_agent.proxy.xds_source import SnapshotHandler
 from testbed.proxy_fakes import self_signed_root_pem
@@ -135,3 +136,11 @@ def test_parse_pod_refuses_malformed_and_missing_netns(tmp_path):
             parse_pod(bad)
     with pytest.raises(argparse.ArgumentTypeError, match="does not exist"):
         parse_pod(f"default/a={tmp_path / 'nope'}")
+
+
+def test_hbone_keepalive_flags():
+    assert hbone_keepalive(15, 10) == KeepaliveSettings(interval=15, timeout=10)
+    assert hbone_keepalive(0, 10) is None  # off
+    assert hbone_keepalive(0, 0) is None
+    with pytest.raises(InvalidInputError, match="timeout-seconds must be above 0"):
+        hbone_keepalive(5, 0)

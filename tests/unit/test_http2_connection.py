@@ -17,7 +17,7 @@ import pytest
 from node_agent.proxy.http2 import frames
 from node_agent.proxy.http2 import hpack as our_hpack
 from node_agent.proxy.http2.connection import Connection, HeaderList, ProtocolError
-from node_agent.proxy.http2.frames import ErrorCode, FrameType
+from node_agent.proxy.http2.frames import END_STREAM, ErrorCode, FrameType
 
 AUTHORITY = b"10.244.2.5:8080"
 CONNECT: HeaderList = [(b":method", b"CONNECT"), (b":authority", AUTHORITY)]
@@ -302,6 +302,25 @@ def test_data_beyond_the_stream_window_resets_that_stream_only() -> None:
     raw = frames.frame_header(16385, FrameType.DATA, 0, stream) + b"y" * 16385
     server.receive(raw)
     assert ("reset", stream, ErrorCode.FLOW_CONTROL_ERROR) in server_events.events
+    assert stream not in server.streams
+
+
+def test_whole_data_frames_reach_the_stream_and_end_it_and_data_after_the_end_resets() -> None:
+    client, _, server, server_events = pair()
+    stream = client.open_stream(CONNECT)
+    pump(client, server)
+    server.receive(
+        frames.frame_header(5, FrameType.DATA, 0, stream)
+        + b"first"
+        + frames.frame_header(6, FrameType.DATA, END_STREAM, stream)
+        + b"second"
+    )
+    assert server_events.data[stream] == b"firstsecond"
+    assert server_events.named("end") == [("end", stream)]
+    assert stream in server.streams  # our side of it is still open
+    server.receive(frames.frame_header(4, FrameType.DATA, 0, stream) + b"late")
+    assert ("reset", stream, ErrorCode.STREAM_CLOSED) in server_events.events
+    assert server_events.data[stream] == b"firstsecond"
     assert stream not in server.streams
 
 

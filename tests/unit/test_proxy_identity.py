@@ -77,10 +77,17 @@ def test_failed_renewal_keeps_the_old_cert_and_retries(ca):
         manager = IdentityManager(provider, rotated.append)
         first = await manager.acquire(A)
         provider.fail_next = 1
-        await asyncio.sleep(1.3)  # the renewal at ~1 s failed
+        # The renewal is due at half the certificate's life: 0.5-1 s here, as
+        # X.509 times are whole seconds. Waited for rather than slept past: the
+        # retry comes 0.5-1 s after the failure (its backoff is jittered).
+        for _ in range(60):
+            if provider.fail_next == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert provider.fail_next == 0, "the renewal was never tried"
         assert not rotated
         assert manager.current(A) == first
-        for _ in range(40):  # the retry 1 s later succeeds
+        for _ in range(60):  # the retry succeeds
             if rotated:
                 break
             await asyncio.sleep(0.05)

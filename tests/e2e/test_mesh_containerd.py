@@ -108,7 +108,7 @@ def test_containers_reach_each_other_through_the_mesh(mesh, runtime):
             server.kill()
             server.wait()
 
-    assert node2.proxy is not None
+    assert node1.proxy is not None and node2.proxy is not None
     entries = wait_for_access_log(
         node2.proxy,
         lambda e: (
@@ -121,7 +121,7 @@ def test_containers_reach_each_other_through_the_mesh(mesh, runtime):
         "node-2's proxy never saw the client's identity; it logged "
         + "\n".join(json.dumps(e) for e in access_log(node2.proxy))
         + "\nnode-1's proxy logged "
-        + "\n".join(json.dumps(e) for e in access_log(node1.proxy))  # type: ignore[arg-type]
+        + "\n".join(json.dumps(e) for e in access_log(node1.proxy))
     )
     assert {e["security_policy"] for e in entries} == {"mutual_tls"}
     assert entries[0]["dst"]["identity"] == "spiffe://cluster.local/ns/default/sa/server"

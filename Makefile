@@ -16,6 +16,8 @@ DEBIAN_PACKAGES := iptables iproute2 util-linux openssl tcpdump \
 	vagrant shellcheck graphviz
 BCC_KERNEL_SOURCE := build/bcc-kernel-source
 VENV_STAMP := $(VENV)/.weir-installed
+NATIVE_SOURCES := $(wildcard node_agent/proxy/http2/*.c)
+NATIVE_STAMP := $(VENV)/.weir-native-built
 
 .PHONY: deps debian-packages venv test test-unit demo lint goldens protos cni-plugin clean \
 	k8s-bins k8s-up k8s-down weir-image k8s-load-weir
@@ -31,7 +33,7 @@ debian-packages:
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing </dev/null; \
 	fi
 
-venv: $(VENV_STAMP)
+venv: $(VENV_STAMP) $(NATIVE_STAMP)
 
 # The .pth puts the checkout itself on the venv's path, so testbed/ (test and
 # benchmark scaffolding, never in the wheel) imports from bench/ scripts too.
@@ -41,6 +43,12 @@ $(VENV_STAMP): pyproject.toml | debian-packages
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' </dev/null
 	scripts/link-bcc-into-venv.sh $(PY)
 	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "weir-checkout.pth").write_text(str(pathlib.Path.cwd()) + "\n")'
+	touch $@
+
+# The package's one C part (setup.py: the HTTP/2 DATA path), built in place by the
+# editable install above, and again whenever its source changes.
+$(NATIVE_STAMP): setup.py $(NATIVE_SOURCES) | $(VENV_STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . </dev/null
 	touch $@
 
 # bcc compiles against kernel headers; this kernel ships none, so merge Debian's

@@ -250,13 +250,15 @@ class HboneStream:
         self.id = stream_id
         self.flow = Flow(conn.loop)
         self.response: asyncio.Future[Headers] = conn.loop.create_future()
+        # The codec's state of this stream: once the TCP side is attached, the
+        # codec writes DATA to it from C, holding acknowledgements while the
+        # TCP side is congested (peer_congested, held_acks), as _on_h2_data does.
+        self._state = conn.h2.streams[stream_id]
         self._peer: TcpPeer | None = None
         # From TCP, waiting for HTTP/2 window: the pieces as read, not copied together.
         self._pending: collections.deque[Bytes] = collections.deque()
         self._pending_size = 0
         self._early: list[Bytes] = []  # from HTTP/2 before a peer was attached
-        self._held_acks = 0  # delivered to TCP while its write buffer was full
-        self._peer_congested = False
         self._reading_paused = False
         self._tcp_eof = False
         self._sent_end = False
@@ -271,6 +273,11 @@ class HboneStream:
         self._early.clear()
         if self._remote_end:
             peer.write_eof()
+        elif not self.flow.done.done():
+            state = self._state
+            state.flow = self.flow
+            state.count_down = self._tcp_opened
+            state.peer = peer
         peer.attach(self)
         self._maybe_finish()
 
@@ -315,13 +322,14 @@ class HboneStream:
             self.reset(f"TCP side lost: {exc or 'closed before the stream ended'}")
 
     def on_write_paused(self) -> None:
-        self._peer_congested = True
+        self._state.peer_congested = True
 
     def on_write_resumed(self) -> None:
-        self._peer_congested = False
-        if self._held_acks:
-            self.conn.ack(self.id, self._held_acks)
-            self._held_acks = 0
+        state = self._state
+        state.peer_congested = False
+        if state.held_acks:
+            self.conn.ack(self.id, state.held_acks)
+            state.held_acks = 0
 
     # -- events from the HTTP/2 connection ---------------------------------
 
@@ -336,8 +344,9 @@ class HboneStream:
         else:
             self.flow.up += size
         peer.write_lent(data)
-        if self._peer_congested:
-            self._held_acks += size
+        state = self._state
+        if state.peer_congested:
+            state.held_acks += size
             return
         conn = self.conn  # conn.ack, inlined: this runs for every DATA frame
         if not conn.closed and conn.h2.acknowledge(self.id, size):
@@ -423,6 +432,7 @@ class HboneStream:
     def _finish(self, error: str | None) -> None:
         if self.flow.done.done():
             return
+        self._state.peer = self._state.flow = None
         self.flow.finish(error)
         self.conn.stream_finished(self)
 

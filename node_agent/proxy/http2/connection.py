@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Final, Protocol
 
 from node_agent.proxy.http2 import frames, hpack
+from node_agent.proxy.http2._fastpath import StreamState, deliver_data
 from node_agent.proxy.http2.frames import (
     ACK,
     DEFAULT_MAX_FRAME_SIZE,
@@ -94,27 +95,6 @@ class Events(Protocol):
         """The peer takes no new streams; those up to `last_stream_id` go on."""
 
 
-class _Stream:
-    __slots__ = (
-        "local",
-        "local_closed",
-        "recv_available",
-        "recv_unacked",
-        "remote_closed",
-        "responded",
-        "send_window",
-    )
-
-    def __init__(self, *, local: bool, send_window: int, recv_window: int) -> None:
-        self.local = local
-        self.send_window = send_window
-        self.recv_available = recv_window
-        self.recv_unacked = 0
-        self.local_closed = False
-        self.remote_closed = False
-        self.responded = False  # a stream of ours got its final response
-
-
 class Connection:
     """Either side of one HTTP/2 connection.
 
@@ -139,7 +119,7 @@ class Connection:
         self._max_inbound_frame = max_frame_size
         self._max_concurrent = max_concurrent_streams
         self._decoder = hpack.Decoder(max_header_list_size=MAX_HEADER_LIST_SIZE)
-        self.streams: dict[int, _Stream] = {}
+        self.streams: dict[int, StreamState] = {}
         self.local_open = 0  # streams we opened that are not closed yet
         self._remote_open = 0
         self._next_stream_id = 1 if client_side else 2
@@ -216,7 +196,7 @@ class Connection:
         if stream_id > MAX_STREAM_ID:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "stream ids exhausted")
         self._next_stream_id += 2
-        self.streams[stream_id] = _Stream(
+        self.streams[stream_id] = StreamState(
             local=True, send_window=self._remote_initial_window, recv_window=self._stream_window
         )
         self.local_open += 1
@@ -277,7 +257,7 @@ class Connection:
         return True
 
     def _queue_data(
-        self, stream: _Stream, stream_id: int, data: bytes | bytearray | memoryview, flags: int
+        self, stream: StreamState, stream_id: int, data: bytes | bytearray | memoryview, flags: int
     ) -> None:
         size = len(data)
         stream.send_window -= size
@@ -336,7 +316,7 @@ class Connection:
             raise ValueError(f"a PING carries 8 bytes, not {len(opaque)}")
         self._out.append(frames.ping(opaque, ack=False))
 
-    def _local_end(self, stream_id: int, stream: _Stream) -> None:
+    def _local_end(self, stream_id: int, stream: StreamState) -> None:
         stream.local_closed = True
         if stream.remote_closed:
             self._forget(stream_id)
@@ -381,26 +361,7 @@ class Connection:
             ):
                 raise self._misplaced(length)
             if frame_type == FrameType.DATA and not flags & PADDED:
-                start = pos + HEADER_SIZE
-                # The usual case in one place (a call per step showed in
-                # profiles): all of the frame is here, for an open stream,
-                # within both windows. Anything else takes the long way.
-                stream = self.streams.get(stream_id) if end - start >= length > 0 else None
-                if (
-                    stream is not None
-                    and not stream.remote_closed
-                    and length <= stream.recv_available
-                    and length <= self._recv_available
-                ):
-                    self._recv_available -= length
-                    stream.recv_available -= length
-                    pos = start + length
-                    self._events.on_data(stream_id, view[start:pos])
-                    if flags & END_STREAM and stream_id in self.streams:
-                        self._remote_end(stream_id)
-                    continue
-                pos = start
-                self._data_start(stream_id, length, flags)
+                pos = self._data(view, pos, length, flags, stream_id)
                 continue
             if end - pos - HEADER_SIZE < length:
                 break  # the rest of this frame is still on its way
@@ -409,6 +370,46 @@ class Connection:
             self._frame(frame_type, flags, stream_id, view[start:pos])
         if pos < end:
             self._buffer += view[pos:end]
+
+    def _data(self, view: memoryview, pos: int, length: int, flags: int, stream_id: int) -> int:
+        """An unpadded DATA frame starting at `pos`, and as many after it as C takes:
+        where the next frame starts (or, for a partial frame, its payload)."""
+        # Frames for streams with a TCP side attached go there from C, a run
+        # at a time (_fastpath.c); it stops at the first that needs Python.
+        delivered_to, self._recv_available, self._recv_unacked = deliver_data(
+            view,
+            pos,
+            self.streams,
+            self._recv_available,
+            self._recv_unacked,
+            self._connection_threshold,
+            self._stream_threshold,
+            self._max_inbound_frame,
+            self._out,
+        )
+        if delivered_to != pos:
+            return delivered_to
+        start = pos + HEADER_SIZE
+        # The rest of the usual case (a stream with no TCP side, such as the
+        # control plane's gRPC, or the frame that ends a stream): all of the
+        # frame is here, for an open stream, within both windows. Anything
+        # else takes the long way.
+        stream = self.streams.get(stream_id) if len(view) - start >= length > 0 else None
+        if (
+            stream is not None
+            and not stream.remote_closed
+            and length <= stream.recv_available
+            and length <= self._recv_available
+        ):
+            self._recv_available -= length
+            stream.recv_available -= length
+            end = start + length
+            self._events.on_data(stream_id, view[start:end])
+            if flags & END_STREAM and stream_id in self.streams:
+                self._remote_end(stream_id)
+            return end
+        self._data_start(stream_id, length, flags)
+        return start
 
     def _misplaced(self, length: int) -> ProtocolError:
         """Why a frame cannot come here (receive found that it cannot)."""
@@ -509,7 +510,7 @@ class Connection:
             raise ProtocolError(ErrorCode.FLOW_CONTROL_ERROR, "DATA beyond the connection window")
         self._recv_available -= length
 
-    def _receiving_stream(self, stream_id: int, length: int) -> _Stream | None:
+    def _receiving_stream(self, stream_id: int, length: int) -> StreamState | None:
         """The stream DATA of `length` bytes is for, or None if that data is to be dropped."""
         if stream_id == 0:
             raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "DATA on stream 0")
@@ -588,7 +589,7 @@ class Connection:
         if not _well_formed(headers, _REQUEST_PSEUDO, request=True):
             self._out.append(frames.rst_stream(stream_id, ErrorCode.PROTOCOL_ERROR))
             return
-        self.streams[stream_id] = _Stream(
+        self.streams[stream_id] = StreamState(
             local=False, send_window=self._remote_initial_window, recv_window=self._stream_window
         )
         self._remote_open += 1
@@ -597,7 +598,7 @@ class Connection:
             self._remote_end(stream_id)
 
     def _headers_on_open_stream(
-        self, stream_id: int, stream: _Stream, headers: HeaderList, end_stream: bool
+        self, stream_id: int, stream: StreamState, headers: HeaderList, end_stream: bool
     ) -> None:
         if stream.remote_closed:
             self._stream_error(stream_id, ErrorCode.STREAM_CLOSED)

@@ -1,0 +1,348 @@
+"""The codec's DATA path in C (_fastpath.c) against its Python path, over real sockets.
+
+The same frames go to two server-side connections: in one the stream has a TCP
+side attached (the C path writes to its socket), in the other it has none (the
+Python path hands each payload to the events, which acknowledge it as
+HboneStream does). Bytes, windows and window updates must come out the same.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from node_agent.proxy.http2 import frames
+from node_agent.proxy.http2._fastpath import deliver_data
+from node_agent.proxy.http2.connection import Connection, HeaderList, ProtocolError
+from node_agent.proxy.http2.frames import END_STREAM, PADDED, ErrorCode, FrameType
+
+CONNECT: HeaderList = [(b":method", b"CONNECT"), (b":authority", b"10.244.2.5:8080")]
+WINDOW = 64 * 1024  # per stream; the connection's is four times that
+
+
+@dataclass
+class Events:
+    """The Python path's receiver: joins data per stream (or writes it to the stream's
+    socket in `tcp`, as HboneStream does) and acknowledges it."""
+
+    conn: Connection | None = None
+    data: dict[int, bytearray] = field(default_factory=dict)
+    tcp: dict[int, socket.socket] = field(default_factory=dict)
+    ends: list[int] = field(default_factory=list)
+    resets: list[tuple[int, int]] = field(default_factory=list)
+
+    def on_request(self, stream_id: int, headers: HeaderList, end_stream: bool) -> None:
+        pass
+
+    def on_response(self, stream_id: int, headers: HeaderList, end_stream: bool) -> None:
+        pass
+
+    def on_trailers(self, stream_id: int, headers: HeaderList) -> None:
+        pass
+
+    def on_data(self, stream_id: int, data: memoryview) -> None:
+        if stream_id in self.tcp:
+            self.tcp[stream_id].sendall(data)
+        else:
+            self.data.setdefault(stream_id, bytearray()).extend(data)
+        assert self.conn is not None
+        self.conn.acknowledge(stream_id, len(data))
+
+    def on_end(self, stream_id: int) -> None:
+        self.ends.append(stream_id)
+
+    def on_reset(self, stream_id: int, code: int) -> None:
+        self.resets.append((stream_id, code))
+
+    def on_window(self, stream_id: int) -> None:
+        pass
+
+    def on_goaway(self, last_stream_id: int, code: int) -> None:
+        pass
+
+
+class Transport:
+    """What the C path asks of uvloop's transport; `queued` stands for its buffer."""
+
+    def __init__(self) -> None:
+        self.closing = False
+        self.queued = bytearray()
+        self.on_write: list[Callable[[], None]] = []
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return len(self.queued)
+
+    def write(self, data: bytes) -> None:
+        assert isinstance(data, bytes)  # a copy: what it was lent is reused
+        self.queued += data
+        for hook in self.on_write:
+            hook()
+
+
+@dataclass
+class Peer:
+    """A TcpPeer as the C path sees it."""
+
+    transport: Transport | None
+    fd: int
+    lost: bool = False
+
+
+@dataclass
+class Flow:
+    up: int = 0
+    down: int = 0
+
+
+def connection(events: Events) -> Connection:
+    conn = Connection(
+        events,
+        client_side=False,
+        stream_window=WINDOW,
+        connection_window=4 * WINDOW,
+        max_frame_size=1 << 20,
+        max_concurrent_streams=100,
+    )
+    events.conn = conn
+    return conn
+
+
+def opened(stream_ids: tuple[int, ...] = (1,)) -> tuple[Connection, Events, bytes]:
+    """A server connection past its handshake with `stream_ids` open; what the client sent."""
+    client = Connection(
+        Events(),
+        client_side=True,
+        stream_window=WINDOW,
+        connection_window=4 * WINDOW,
+        max_frame_size=1 << 20,
+        max_concurrent_streams=100,
+    )
+    for _ in stream_ids:
+        client.open_stream(CONNECT)
+    wire = client.data_to_send()
+    events = Events()
+    server = connection(events)
+    server.receive(wire)
+    server.data_to_send()
+    return server, events, wire
+
+
+def data_frame(stream_id: int, payload: bytes, flags: int = 0) -> bytes:
+    return frames.frame_header(len(payload), FrameType.DATA, flags, stream_id) + payload
+
+
+@pytest.fixture
+def sockets() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def attach(conn: Connection, stream_id: int, sock: socket.socket, flow: Flow) -> Peer:
+    peer = Peer(Transport(), sock.fileno())
+    state = conn.streams[stream_id]
+    state.peer = peer
+    state.flow = flow
+    return peer
+
+
+def drain(sock: socket.socket) -> bytes:
+    got = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return bytes(got)
+        if not chunk:
+            return bytes(got)
+        got += chunk
+
+
+def test_attached_streams_get_their_bytes_and_the_same_window_updates_as_the_python_path(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = sockets
+    fast, fast_events, _ = opened((1, 3))
+    slow, slow_events, _ = opened((1, 3))
+    flow = Flow()
+    attach(fast, 1, ours, flow)  # stream 3 has no TCP side: Python's, in both
+    fast_events.tcp[1] = ours  # frames cut across reads are Python's too
+    payloads = [bytes([65 + i % 26]) * (3000 + 977 * i) for i in range(24)]
+    wire = b"".join(data_frame(1 if i % 3 else 3, p) for i, p in enumerate(payloads))
+    received = bytearray()
+    for start in range(0, len(wire), 40_000):  # as TLS reads might cut it
+        fast.receive(wire[start : start + 40_000])
+        slow.receive(wire[start : start + 40_000])
+        received += drain(theirs)
+    to_stream_1 = b"".join(p for i, p in enumerate(payloads) if i % 3)
+    assert received == to_stream_1 == slow_events.data[1]
+    assert fast_events.data[3] == slow_events.data[3]
+    assert fast.data_to_send() == slow.data_to_send() != b""  # window updates, in order
+    for stream_id in (1, 3):
+        assert fast.streams[stream_id].recv_available == slow.streams[stream_id].recv_available
+        assert fast.streams[stream_id].recv_unacked == slow.streams[stream_id].recv_unacked
+    assert 0.5 * len(to_stream_1) < flow.up < len(to_stream_1)  # whole frames went from C
+
+
+def test_a_run_stops_where_python_is_needed_and_goes_on_after_it(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = sockets
+    server, events, _ = opened()
+    attach(server, 1, ours, Flow())
+    padded = frames.frame_header(6, FrameType.DATA, PADDED, 1) + b"\x02pad\0\0"
+    server.receive(
+        data_frame(1, b"one ")
+        + frames.ping(b"12345678", ack=False)
+        + data_frame(1, b"two ")
+        + padded
+        + data_frame(1, b"three ")
+        + data_frame(1, b"last", END_STREAM)
+    )
+    # C wrote what it could; the padded frame and the stream's last one went to Python.
+    assert drain(theirs) == b"one two three "
+    assert events.data[1] == b"pad" + b"last"
+    assert events.ends == [1]
+    assert server.data_to_send().startswith(frames.ping(b"12345678", ack=True))
+
+
+def test_a_frame_cut_across_reads_is_left_to_python(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = sockets
+    server, events, _ = opened()
+    attach(server, 1, ours, Flow())
+    frame = data_frame(1, b"x" * 1000)
+    server.receive(frame[:500])
+    server.receive(frame[500:] + data_frame(1, b"after"))
+    assert events.data[1] == b"x" * 1000
+    assert drain(theirs) == b"after"
+
+
+def test_a_congested_tcp_side_holds_the_window_back(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = sockets
+    server, _, _ = opened()
+    attach(server, 1, ours, Flow())
+    state = server.streams[1]
+    state.peer_congested = True
+    server.receive(data_frame(1, b"y" * (WINDOW // 2)))
+    assert drain(theirs) == b"y" * (WINDOW // 2)
+    assert state.held_acks == WINDOW // 2
+    assert state.recv_available == WINDOW // 2
+    assert server.data_to_send() == b""  # no window back until the TCP side drains
+
+
+def test_what_the_socket_does_not_take_is_copied_to_the_transport_in_order(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = sockets
+    server, _, _ = opened()
+    peer = attach(server, 1, ours, Flow())
+    assert peer.transport is not None
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sent = 0
+    chunk = bytes(range(256)) * 64  # 16 KiB, within the stream window
+    frame_count = 0
+    while not peer.transport.queued and frame_count < 64:
+        server.receive(data_frame(1, chunk))
+        server.data_to_send()
+        sent += len(chunk)
+        frame_count += 1
+    assert peer.transport.queued, "the socket never filled"
+    # With the transport holding bytes, the next frame goes behind them, not to the socket.
+    queued = len(peer.transport.queued)
+    server.receive(data_frame(1, b"tail"))
+    assert bytes(peer.transport.queued[queued:]) == b"tail"
+    received = drain(theirs) + bytes(peer.transport.queued)
+    assert received == chunk * frame_count + b"tail"
+
+
+def test_a_closing_or_lost_tcp_side_gets_nothing_but_the_window_is_handed_back(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = sockets
+    for how in ("closing", "lost", "no transport"):
+        server, _, _ = opened()
+        flow = Flow()
+        peer = attach(server, 1, ours, flow)
+        server.streams[1].count_down = True
+        if how == "closing":
+            assert peer.transport is not None
+            peer.transport.closing = True
+        elif how == "lost":
+            peer.lost = True
+        else:
+            peer.transport = None
+        server.receive(data_frame(1, b"z" * WINDOW))
+        assert drain(theirs) == b"", how
+        assert flow == Flow(down=WINDOW), how
+        assert server.data_to_send() == frames.window_update(0, WINDOW) + frames.window_update(
+            1, WINDOW
+        ), how
+
+
+def test_a_stream_forgotten_during_the_write_gets_no_stream_window_back(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, _theirs = sockets
+    server, _, _ = opened()
+    peer = attach(server, 1, ours, Flow())
+    assert peer.transport is not None
+    peer.transport.queued += b"waiting"  # so the frame goes through transport.write
+    peer.transport.on_write.append(lambda: server.reset_stream(1, ErrorCode.CANCEL))
+    server.receive(data_frame(1, b"w" * WINDOW))
+    assert 1 not in server.streams
+    # The reset, then the connection's window only: the stream's is gone with it.
+    assert server.data_to_send() == frames.rst_stream(1, ErrorCode.CANCEL) + frames.window_update(
+        0, WINDOW
+    )
+
+
+def test_before_its_fd_is_known_a_stream_is_left_to_python(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = sockets
+    server, events, _ = opened()
+    attach(server, 1, ours, Flow())
+    peer = server.streams[1].peer
+    assert isinstance(peer, Peer)
+    peer.fd = -1
+    server.receive(data_frame(1, b"early"))
+    assert events.data[1] == b"early"
+    assert drain(theirs) == b""
+
+
+def test_flow_control_faults_are_still_raised_by_the_codec(
+    sockets: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, _theirs = sockets
+    server, _, _ = opened((1, 3, 5, 7, 9))
+    flows = [Flow() for _ in range(5)]
+    for stream_id, flow in zip((1, 3, 5, 7, 9), flows, strict=True):
+        attach(server, stream_id, ours, flow)
+        server.streams[stream_id].peer_congested = True  # nothing handed back
+    wire = b"".join(data_frame(s, b"q" * WINDOW) for s in (1, 3, 5, 7, 9))
+    with pytest.raises(ProtocolError) as raised:
+        server.receive(wire)
+    assert raised.value.code == ErrorCode.FLOW_CONTROL_ERROR
+    assert [flow.up for flow in flows] == [WINDOW] * 4 + [0]  # the four that fit, no more
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(TypeError, match="9 arguments"):
+        deliver_data(b"", 0)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="must be a dict"):
+        deliver_data(b"", 0, [], 0, 0, 1, 1, 16384, [])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="outside the data"):
+        deliver_data(b"abc", 4, {}, 0, 0, 1, 1, 16384, [])

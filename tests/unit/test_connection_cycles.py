@@ -34,6 +34,9 @@ class WorkloadTransport(MemoryTransport):
     def write_eof(self) -> None:
         self.eof = True
 
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
     def close(self) -> None:
         protocol, self.protocol = self.protocol, None  # as uvloop lets go of its protocol
         if not self.closed and protocol is not None:

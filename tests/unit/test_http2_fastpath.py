@@ -1,23 +1,33 @@
-"""The codec's DATA path in C (_fastpath.c) against its Python path, over real sockets.
+"""The HBONE data path in C (_fastpath.c) against its Python path.
 
-The same frames go to two server-side connections: in one the stream has a TCP
-side attached (the C path writes to its socket), in the other it has none (the
-Python path hands each payload to the events, which acknowledge it as
-HboneStream does). Bytes, windows and window updates must come out the same.
+Received DATA: the same frames go to two server-side connections, over real
+sockets. In one the stream has a TCP side attached (the C path writes to its
+socket), in the other it has none (the Python path hands each payload to the
+events, which acknowledge it as HboneStream does). Bytes, windows and window
+updates must come out the same.
+
+Reads of a TCP side (DataSender): HBONE connections joined in memory, as
+tests/unit/test_hbone_pending.py does; what C does not send must take the
+Python path, in order.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
+import uvloop
 
+from node_agent.proxy.hbone import HboneStream, TcpPeer
 from node_agent.proxy.http2 import frames
-from node_agent.proxy.http2._fastpath import deliver_data
+from node_agent.proxy.http2._fastpath import DataSender, StreamState, deliver_data
 from node_agent.proxy.http2.connection import Connection, HeaderList, ProtocolError
 from node_agent.proxy.http2.frames import END_STREAM, PADDED, ErrorCode, FrameType
+from tests.unit.test_connection_cycles import peer_in_memory
+from tests.unit.test_hbone_pending import Ends, MemoryTransport, joined_pair, open_tunnel, shuttle
 
 CONNECT: HeaderList = [(b":method", b"CONNECT"), (b":authority", b"10.244.2.5:8080")]
 WINDOW = 64 * 1024  # per stream; the connection's is four times that
@@ -346,3 +356,112 @@ def test_bad_arguments_are_refused() -> None:
         deliver_data(b"", 0, [], 0, 0, 1, 1, 16384, [])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="outside the data"):
         deliver_data(b"abc", 4, {}, 0, 0, 1, 1, 16384, [])
+
+
+# -- the TCP side's reads: DataSender ---------------------------------------------------
+
+
+def payloads_in(wire: bytes) -> list[tuple[int, int, int, bytes]]:
+    """(type, flags, stream, payload) of each frame in `wire`."""
+    found = []
+    pos = 0
+    while pos < len(wire):
+        high, low, frame_type, flags, stream_id = frames.HEADER.unpack_from(wire, pos)
+        end = pos + frames.HEADER_SIZE + (high << 16 | low)
+        found.append((frame_type, flags, stream_id, wire[pos + frames.HEADER_SIZE : end]))
+        pos = end
+    return found
+
+
+async def attached_tunnel() -> tuple[Ends, HboneStream, TcpPeer, MemoryTransport]:
+    """A tunnel up in memory, its client stream attached to a TCP side, the server's
+    to an upstream whose transport keeps what it is given."""
+    ends, served = await joined_pair()
+    stream, far = await open_tunnel(ends, served)
+    upstream_io = MemoryTransport()
+    upstream = TcpPeer()
+    upstream.connection_made(upstream_io)
+    far.attach(upstream)
+    peer, _ = peer_in_memory()
+    stream.attach(peer)
+    return ends, stream, peer, upstream_io
+
+
+def test_reads_go_out_as_one_data_frame_each_and_one_flush_per_loop_turn() -> None:
+    async def main() -> None:
+        ends, stream, peer, upstream_io = await attached_tunnel()
+        (client, client_io), (server, _) = ends
+        assert isinstance(vars(peer)["data_received"], DataSender)
+        state = client.h2.streams[stream.id]
+        window, stream_window = client.h2._send_window, state.send_window
+        big = bytes(range(256)) * 256  # 64 KiB: queued as the object read
+        for data in (b"first", b"second", big):
+            peer.data_received(data)
+        assert client_io.pieces == []  # nothing before the end of this loop turn
+        await asyncio.sleep(0)
+        assert any(piece is big for piece in client_io.pieces)
+        wire = client_io.take()
+        sent = payloads_in(wire)
+        assert [(t, f, s) for t, f, s, _ in sent] == [(FrameType.DATA, 0, stream.id)] * 3
+        assert [p for *_, p in sent] == [b"first", b"second", big]
+        size = 5 + 6 + len(big)
+        assert (client.h2._send_window, state.send_window) == (window - size, stream_window - size)
+        assert stream.flow.up == size  # the TCP side opened this connection: its bytes go up
+        server.data_received(wire)
+        await shuttle(*ends)
+        assert upstream_io.take() == b"firstsecond" + big
+
+    uvloop.run(main())
+
+
+def test_reads_the_c_path_cannot_send_now_take_the_python_path() -> None:
+    async def main() -> None:
+        ends, stream, peer, upstream_io = await attached_tunnel()
+        (client, client_io), (server, _) = ends
+        state = client.h2.streams[stream.id]
+
+        client.pause_writing()  # the TLS side is full: the read waits in the stream
+        peer.data_received(b"waits")
+        peer.data_received(b"behind it")  # in order: after what waits
+        assert list(stream._pending) == [b"waits", b"behind it"]
+        client.resume_writing()
+
+        window = state.send_window
+        state.send_window = 3  # less window than the read: Python frames what fits
+        peer.data_received(b"split")
+        assert list(stream._pending) == [b"it"]
+
+        await asyncio.sleep(0)
+        wire = client_io.take()
+        assert [p for *_, p in payloads_in(wire)] == [
+            b"waitsbehind it",
+            b"spl",
+        ]  # small runs joined
+        server.data_received(wire)
+        await shuttle(*ends)
+        assert upstream_io.take() == b"waitsbehind itspl"
+        assert stream.flow.up == len(b"waitsbehind itsplit")
+        assert state.send_window == 0 < window
+
+    uvloop.run(main())
+
+
+def test_once_the_stream_is_finished_reads_go_to_python_and_the_peer_lets_go() -> None:
+    async def main() -> None:
+        _, stream, peer, _ = await attached_tunnel()
+        stream.reset("test")
+        assert stream._state.peer is None
+        peer.data_received(b"late")  # the Python path, which the stream ignores now
+        await asyncio.sleep(0)  # the transport reports the abort
+        assert peer.lost
+        assert "data_received" not in vars(peer)
+
+    uvloop.run(main())
+
+
+def test_a_sender_wants_a_stream_state_and_a_stream_id() -> None:
+    with pytest.raises(TypeError):
+        DataSender(object(), 1, object(), object(), object())  # type: ignore[arg-type]
+    state = StreamState(local=True, send_window=1, recv_window=1)
+    with pytest.raises(ValueError, match="not a stream id"):
+        DataSender(state, 0, object(), object(), object())

@@ -18,6 +18,14 @@
  * connection.py's receive loop, hbone.py's HboneStream._on_h2_data,
  * TcpPeer.write_lent and Connection.acknowledge do, in that order;
  * tests/unit/test_http2_fastpath.py holds the two paths to the same results.
+ *
+ * The other way, a `DataSender` is what the TCP side's transport calls with
+ * each read of a stream's TCP side: in the common case (nothing waiting
+ * before it, the HTTP/2 connection writable, within both send windows and
+ * the peer's frame size) it queues one DATA frame and schedules the
+ * connection's flush, as HboneStream.on_data, Connection.try_send_data and
+ * H2Protocol.flush do; otherwise it hands the read to TcpPeer.data_received,
+ * the Python path, which decides afresh.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -32,6 +40,8 @@
 #define TYPE_WINDOW_UPDATE 0x8
 #define FLAG_END_STREAM 0x1
 #define FLAG_PADDED 0x8
+/* pieces.py LARGE: a payload this big is queued as it is, not copied behind its header. */
+#define LARGE_PIECE (16 * 1024)
 
 typedef struct {
 	PyObject_HEAD
@@ -53,7 +63,9 @@ typedef struct {
 } StreamState;
 
 static PyObject *str_transport, *str_lost, *str_fd, *str_up, *str_down, *str_is_closing,
-	*str_get_write_buffer_size, *str_write;
+	*str_get_write_buffer_size, *str_write, *str_pending, *str_write_paused, *str_closed,
+	*str_flush_pending, *str_remote_max_frame_size, *str_send_window, *str_h2, *str_out,
+	*str_loop, *str_call_soon, *str_flush_now, *str_data_received;
 
 static int StreamState_init(StreamState *self, PyObject *args, PyObject *kwargs)
 {
@@ -207,11 +219,12 @@ done:
 	return result;
 }
 
-static int count_into_flow(StreamState *stream, Py_ssize_t size)
+/* Adds `size` to the stream's flow.down if `down`, else to its flow.up. */
+static int count_into_flow(StreamState *stream, int down, Py_ssize_t size)
 {
 	if (stream->flow == NULL || stream->flow == Py_None)
 		return 0;
-	PyObject *name = stream->count_down ? str_down : str_up;
+	PyObject *name = down ? str_down : str_up;
 	PyObject *old = PyObject_GetAttr(stream->flow, name);
 	if (old == NULL)
 		return -1;
@@ -327,7 +340,7 @@ static PyObject *deliver_data(PyObject *module, PyObject *const *args, Py_ssize_
 		recv_available -= length;
 		stream->recv_available -= length;
 		const char *payload = (const char *)header + FRAME_HEADER_SIZE;
-		int failed = count_into_flow(stream, (Py_ssize_t)length) < 0 ||
+		int failed = count_into_flow(stream, stream->count_down, (Py_ssize_t)length) < 0 ||
 			     write_lent(peer, (int)fd, payload, (Py_ssize_t)length) < 0;
 		Py_DECREF(peer);
 		if (!failed && stream->peer_congested) {
@@ -367,6 +380,254 @@ error:
 	return NULL;
 }
 
+/* -- TCP to HTTP/2 ------------------------------------------------------------------ */
+
+typedef struct {
+	PyObject_HEAD
+	vectorcallfunc vectorcall;
+	StreamState *state;
+	uint32_t stream_id;
+	PyObject *peer;      /* the TcpPeer whose reads these are */
+	PyObject *fallback;  /* its class's data_received: the Python path */
+	PyObject *stream;    /* the HboneStream: what waits in its _pending */
+	PyObject *protocol;  /* the H2Protocol: write_paused, closed, _flush_pending */
+	PyObject *codec;     /* its Connection: remote_max_frame_size, _send_window */
+	PyObject *out;       /* the codec's output list */
+	PyObject *call_soon; /* the loop's */
+	PyObject *flush_now; /* the protocol's _flush_now */
+} DataSender;
+
+static int DataSender_traverse(DataSender *self, visitproc visit, void *arg)
+{
+	Py_VISIT(self->state);
+	Py_VISIT(self->peer);
+	Py_VISIT(self->fallback);
+	Py_VISIT(self->stream);
+	Py_VISIT(self->protocol);
+	Py_VISIT(self->codec);
+	Py_VISIT(self->out);
+	Py_VISIT(self->call_soon);
+	Py_VISIT(self->flush_now);
+	return 0;
+}
+
+static int DataSender_clear(DataSender *self)
+{
+	Py_CLEAR(self->state);
+	Py_CLEAR(self->peer);
+	Py_CLEAR(self->fallback);
+	Py_CLEAR(self->stream);
+	Py_CLEAR(self->protocol);
+	Py_CLEAR(self->codec);
+	Py_CLEAR(self->out);
+	Py_CLEAR(self->call_soon);
+	Py_CLEAR(self->flush_now);
+	return 0;
+}
+
+static void DataSender_dealloc(DataSender *self)
+{
+	PyObject_GC_UnTrack(self);
+	DataSender_clear(self);
+	Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* 1 if the attribute is true, 0 if not, -1 on an error. */
+static int attribute_true(PyObject *object, PyObject *name)
+{
+	PyObject *value = PyObject_GetAttr(object, name);
+	if (value == NULL)
+		return -1;
+	int result = PyObject_IsTrue(value);
+	Py_DECREF(value);
+	return result;
+}
+
+static int attribute_long_long(PyObject *object, PyObject *name, long long *result)
+{
+	PyObject *value = PyObject_GetAttr(object, name);
+	if (value == NULL)
+		return -1;
+	*result = PyLong_AsLongLong(value);
+	Py_DECREF(value);
+	return *result == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* Whether `size` bytes can go as one DATA frame now, as HboneStream.on_data and
+ * Connection.try_send_data decide: 1 yes (with the connection's send window in
+ * *window), 0 no, -1 on an error. */
+static int sendable(DataSender *self, Py_ssize_t size, long long *window)
+{
+	StreamState *state = self->state;
+	if (size == 0 || state->peer == NULL || state->peer == Py_None || state->local_closed ||
+	    size > state->send_window)
+		return 0;
+	PyObject *pending = PyObject_GetAttr(self->stream, str_pending);
+	if (pending == NULL)
+		return -1;
+	Py_ssize_t waiting = PyObject_Length(pending);
+	Py_DECREF(pending);
+	if (waiting != 0)
+		return waiting < 0 ? -1 : 0;
+	int blocked = attribute_true(self->protocol, str_write_paused);
+	if (blocked == 0)
+		blocked = attribute_true(self->protocol, str_closed);
+	if (blocked != 0)
+		return blocked < 0 ? -1 : 0;
+	long long max_frame_size;
+	if (attribute_long_long(self->codec, str_remote_max_frame_size, &max_frame_size) < 0 ||
+	    attribute_long_long(self->codec, str_send_window, window) < 0)
+		return -1;
+	return size <= max_frame_size && size <= *window;
+}
+
+static int queue_data_frame(DataSender *self, PyObject *data, Py_ssize_t size)
+{
+	uint32_t id = self->stream_id;
+	unsigned char header[FRAME_HEADER_SIZE] = {
+		(unsigned char)(size >> 16), (unsigned char)(size >> 8), (unsigned char)size,
+		TYPE_DATA, 0,
+		(unsigned char)(id >> 24), (unsigned char)(id >> 16), (unsigned char)(id >> 8),
+		(unsigned char)id,
+	};
+	if (size >= LARGE_PIECE) {
+		PyObject *head = PyBytes_FromStringAndSize((const char *)header, FRAME_HEADER_SIZE);
+		if (head == NULL)
+			return -1;
+		int result = PyList_Append(self->out, head);
+		Py_DECREF(head);
+		return result < 0 ? -1 : PyList_Append(self->out, data);
+	}
+	/* One piece with its header: the TLS layer makes a record per write. */
+	PyObject *frame = PyBytes_FromStringAndSize(NULL, FRAME_HEADER_SIZE + size);
+	if (frame == NULL)
+		return -1;
+	memcpy(PyBytes_AS_STRING(frame), header, FRAME_HEADER_SIZE);
+	memcpy(PyBytes_AS_STRING(frame) + FRAME_HEADER_SIZE, PyBytes_AS_STRING(data),
+	       (size_t)size);
+	int result = PyList_Append(self->out, frame);
+	Py_DECREF(frame);
+	return result;
+}
+
+/* H2Protocol.flush: the connection's output goes out once, at the end of this loop
+ * iteration. */
+static int schedule_flush(DataSender *self)
+{
+	int pending = attribute_true(self->protocol, str_flush_pending);
+	if (pending != 0)
+		return pending < 0 ? -1 : 0;
+	if (PyObject_SetAttr(self->protocol, str_flush_pending, Py_True) < 0)
+		return -1;
+	PyObject *handle = PyObject_CallOneArg(self->call_soon, self->flush_now);
+	if (handle == NULL)
+		return -1;
+	Py_DECREF(handle);
+	return 0;
+}
+
+static PyObject *DataSender_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
+				       PyObject *kwnames)
+{
+	DataSender *self = (DataSender *)callable;
+	if (PyVectorcall_NARGS(nargsf) != 1 || kwnames != NULL) {
+		PyErr_SetString(PyExc_TypeError, "a DataSender takes one argument, the bytes read");
+		return NULL;
+	}
+	PyObject *data = args[0];
+	long long window = 0;
+	Py_ssize_t size = PyBytes_Check(data) ? PyBytes_GET_SIZE(data) : 0;
+	int fast = size ? sendable(self, size, &window) : 0;
+	if (fast < 0)
+		return NULL;
+	if (!fast)
+		return PyObject_CallFunctionObjArgs(self->fallback, self->peer, data, NULL);
+	StreamState *state = self->state;
+	/* On the side where the TCP side opened the connection, its bytes go up. */
+	if (count_into_flow(state, !state->count_down, size) < 0)
+		return NULL;
+	PyObject *left = PyLong_FromLongLong(window - size);
+	if (left == NULL)
+		return NULL;
+	int failed = PyObject_SetAttr(self->codec, str_send_window, left);
+	Py_DECREF(left);
+	if (failed < 0)
+		return NULL;
+	state->send_window -= size;
+	if (queue_data_frame(self, data, size) < 0 || schedule_flush(self) < 0)
+		return NULL;
+	Py_RETURN_NONE;
+}
+
+static PyObject *DataSender_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+	static char *keywords[] = { "state", "stream_id", "peer", "stream", "protocol", NULL };
+	PyObject *state, *peer, *stream, *protocol;
+	unsigned long stream_id;
+	if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!kOOO", keywords, &StreamStateType,
+					 &state, &stream_id, &peer, &stream, &protocol))
+		return NULL;
+	if (stream_id == 0 || stream_id > 0x7fffffffUL) {
+		PyErr_SetString(PyExc_ValueError, "DataSender: not a stream id");
+		return NULL;
+	}
+	DataSender *self = (DataSender *)type->tp_alloc(type, 0);
+	if (self == NULL)
+		return NULL;
+	self->vectorcall = DataSender_vectorcall;
+	self->stream_id = (uint32_t)stream_id;
+	Py_INCREF(state);
+	self->state = (StreamState *)state;
+	Py_INCREF(peer);
+	self->peer = peer;
+	Py_INCREF(stream);
+	self->stream = stream;
+	Py_INCREF(protocol);
+	self->protocol = protocol;
+	PyObject *loop = NULL;
+	self->fallback = PyObject_GetAttr((PyObject *)Py_TYPE(peer), str_data_received);
+	if (self->fallback == NULL)
+		goto error;
+	self->codec = PyObject_GetAttr(protocol, str_h2);
+	if (self->codec == NULL)
+		goto error;
+	self->out = PyObject_GetAttr(self->codec, str_out);
+	if (self->out == NULL)
+		goto error;
+	if (!PyList_Check(self->out)) {
+		PyErr_SetString(PyExc_TypeError, "DataSender: the codec's output is not a list");
+		goto error;
+	}
+	self->flush_now = PyObject_GetAttr(protocol, str_flush_now);
+	if (self->flush_now == NULL)
+		goto error;
+	loop = PyObject_GetAttr(protocol, str_loop);
+	if (loop == NULL)
+		goto error;
+	self->call_soon = PyObject_GetAttr(loop, str_call_soon);
+	Py_DECREF(loop);
+	if (self->call_soon == NULL)
+		goto error;
+	return (PyObject *)self;
+error:
+	Py_DECREF(self);
+	return NULL;
+}
+
+static PyTypeObject DataSenderType = {
+	PyVarObject_HEAD_INIT(NULL, 0).tp_name = "node_agent.proxy.http2._fastpath.DataSender",
+	.tp_doc = PyDoc_STR("DataSender(state, stream_id, peer, stream, protocol): called with "
+			    "each read of a stream's TCP side, sends it as DATA when it can."),
+	.tp_basicsize = sizeof(DataSender),
+	.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+	.tp_new = DataSender_new,
+	.tp_dealloc = (destructor)DataSender_dealloc,
+	.tp_traverse = (traverseproc)DataSender_traverse,
+	.tp_clear = (inquiry)DataSender_clear,
+	.tp_call = PyVectorcall_Call,
+	.tp_vectorcall_offset = offsetof(DataSender, vectorcall),
+};
+
 static PyMethodDef fastpath_methods[] = {
 	{ "deliver_data", (PyCFunction)(void (*)(void))deliver_data, METH_FASTCALL,
 	  deliver_data_doc },
@@ -395,20 +656,31 @@ PyMODINIT_FUNC PyInit__fastpath(void)
 		{ &str_is_closing, "is_closing" },
 		{ &str_get_write_buffer_size, "get_write_buffer_size" },
 		{ &str_write, "write" },
+		{ &str_pending, "_pending" },
+		{ &str_write_paused, "write_paused" },
+		{ &str_closed, "closed" },
+		{ &str_flush_pending, "_flush_pending" },
+		{ &str_remote_max_frame_size, "remote_max_frame_size" },
+		{ &str_send_window, "_send_window" },
+		{ &str_h2, "h2" },
+		{ &str_out, "_out" },
+		{ &str_loop, "loop" },
+		{ &str_call_soon, "call_soon" },
+		{ &str_flush_now, "_flush_now" },
+		{ &str_data_received, "data_received" },
 	};
 	for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
 		*names[i].slot = PyUnicode_InternFromString(names[i].text);
 		if (*names[i].slot == NULL)
 			return NULL;
 	}
-	if (PyType_Ready(&StreamStateType) < 0)
+	if (PyType_Ready(&StreamStateType) < 0 || PyType_Ready(&DataSenderType) < 0)
 		return NULL;
 	PyObject *module = PyModule_Create(&fastpath_module);
 	if (module == NULL)
 		return NULL;
-	Py_INCREF(&StreamStateType);
-	if (PyModule_AddObject(module, "StreamState", (PyObject *)&StreamStateType) < 0) {
-		Py_DECREF(&StreamStateType);
+	if (PyModule_AddObjectRef(module, "StreamState", (PyObject *)&StreamStateType) < 0 ||
+	    PyModule_AddObjectRef(module, "DataSender", (PyObject *)&DataSenderType) < 0) {
 		Py_DECREF(module);
 		return NULL;
 	}

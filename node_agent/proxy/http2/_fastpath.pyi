@@ -1,5 +1,8 @@
 """Types of the C module _fastpath.c (see its header for what it does and why)."""
 
+from typing import final
+
+@final
 class StreamState:
     send_window: int
     recv_available: int
@@ -14,6 +17,13 @@ class StreamState:
     peer_congested: bool
     held_acks: int
     def __init__(self, local: bool, send_window: int, recv_window: int) -> None: ...
+
+@final
+class DataSender:
+    def __init__(
+        self, state: StreamState, stream_id: int, peer: object, stream: object, protocol: object
+    ) -> None: ...
+    def __call__(self, data: bytes, /) -> None: ...
 
 def deliver_data(
     data: bytes | memoryview,

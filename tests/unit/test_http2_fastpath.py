@@ -110,10 +110,10 @@ class Flow:
     down: int = 0
 
 
-def connection(events: Events) -> Connection:
+def connection(events: Events, *, client_side: bool = False) -> Connection:
     conn = Connection(
         events,
-        client_side=False,
+        client_side=client_side,
         stream_window=WINDOW,
         connection_window=4 * WINDOW,
         max_frame_size=1 << 20,
@@ -125,14 +125,7 @@ def connection(events: Events) -> Connection:
 
 def opened(stream_ids: tuple[int, ...] = (1,)) -> tuple[Connection, Events, bytes]:
     """A server connection past its handshake with `stream_ids` open; what the client sent."""
-    client = Connection(
-        Events(),
-        client_side=True,
-        stream_window=WINDOW,
-        connection_window=4 * WINDOW,
-        max_frame_size=1 << 20,
-        max_concurrent_streams=100,
-    )
+    client = connection(Events(), client_side=True)
     for _ in stream_ids:
         client.open_stream(CONNECT)
     wire = client.data_to_send()
@@ -261,13 +254,11 @@ def test_what_the_socket_does_not_take_is_copied_to_the_transport_in_order(
     peer = attach(server, 1, ours, Flow())
     assert peer.transport is not None
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    sent = 0
     chunk = bytes(range(256)) * 64  # 16 KiB, within the stream window
     frame_count = 0
     while not peer.transport.queued and frame_count < 64:
         server.receive(data_frame(1, chunk))
         server.data_to_send()
-        sent += len(chunk)
         frame_count += 1
     assert peer.transport.queued, "the socket never filled"
     # With the transport holding bytes, the next frame goes behind them, not to the socket.

@@ -134,6 +134,7 @@ class ControlPlaneClient:
         self.backoff = backoff
         self.refused_backoff = refused_backoff
         self.resume_settle = resume_settle
+        self.connect_timeout = connect_timeout
         self.channel = endpoint.open_channel(backoff, connect_timeout)
         # "<namespace>/<name>" -> what this node registered and has not removed.
         self._registered: dict[str, WorkloadRegistration] = {}
@@ -155,6 +156,17 @@ class ControlPlaneClient:
         traceback: TracebackType | None,
     ) -> None:
         await self.channel.close(None)
+
+    async def wait_until_reachable(self) -> None:
+        """Until the channel is connected; TransientError if not within the connect timeout
+        (the subscription then retries on its backoff, the config held staying in force)."""
+        try:
+            await asyncio.wait_for(self.channel.channel_ready(), self.connect_timeout)
+        except TimeoutError:
+            raise TransientError(
+                f"control plane at {self.endpoint.target} not reachable within "
+                f"{self.connect_timeout:.0f} s"
+            ) from None
 
     @property
     def metadata(self) -> tuple[tuple[str, str]]:
@@ -404,8 +416,14 @@ class XdsClient(XdsSubscription):
         await self._client.restore_registrations()
         catch_up = asyncio.create_task(self._client.catch_up(), name="registration catch-up")
         try:
-            channel = self._client.channel
-            if self.holds_config and channel.get_state() == grpc.ChannelConnectivity.READY:
+            if self.holds_config:
+                # Reachable again, then the other nodes get time to register (as the
+                # proxy's client does). Not decided on the channel's state at this
+                # instant: a node with no pods sends nothing before this, so its
+                # channel could still be connecting, and it skipped the settle and
+                # took config from a restarted control plane that had not yet heard
+                # from the other nodes.
+                await self._client.wait_until_reachable()
                 await self._settle(self._client.resume_settle)
             await self._stream()
         finally:

@@ -168,12 +168,7 @@ def test_a_resumed_stream_never_sees_a_restarted_plane_without_the_other_nodes_p
             await node_2.register_workload(
                 namespace="default", name="server", uid="u-s", ips=["10.2.0.9"]
             )
-            # Twice the default settle: on a machine busy enough (the suite with
-            # two other CPU-bound processes), node-2's reconnect, handshake and
-            # registration took more than the 2.5 s the default leaves it here.
-            node_1 = ControlPlaneClient(
-                endpoint, "node-1", TOKENS["node-1"], resume_settle=2 * RESUME_SETTLE_SECONDS
-            )
+            node_1 = ControlPlaneClient(endpoint, "node-1", TOKENS["node-1"])
             subscription = node_1.subscribe(RecordingHandler(_recording(record)))
             task = asyncio.create_task(subscription.run())
             await asyncio.wait_for(subscription.connected.wait(), 10)

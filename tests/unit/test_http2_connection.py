@@ -63,9 +63,13 @@ class Recorder:
 
 
 def ours(
-    *, client_side: bool, window: int = 1 << 20, streams: int = 100
+    *,
+    client_side: bool,
+    window: int = 1 << 20,
+    streams: int = 100,
+    recorder: Recorder | None = None,
 ) -> tuple[Connection, Recorder]:
-    recorder = Recorder()
+    recorder = recorder or Recorder()
     conn = Connection(
         recorder,
         client_side=client_side,
@@ -521,14 +525,20 @@ def sum_frame_sizes(wire: bytes, count: int) -> int:
     return pos
 
 
-def frame_types(wire: bytes) -> list[int]:
+def frames_in(wire: bytes) -> list[tuple[int, int, int, bytes]]:
+    """(type, flags, stream, payload) of each frame in `wire`."""
     found = []
     pos = 0
     while pos < len(wire):
-        high, low, frame_type, _flags, _stream = frames.HEADER.unpack_from(wire, pos)
-        found.append(frame_type)
-        pos += frames.HEADER_SIZE + (high << 16 | low)
+        high, low, frame_type, flags, stream_id = frames.HEADER.unpack_from(wire, pos)
+        end = pos + frames.HEADER_SIZE + (high << 16 | low)
+        found.append((frame_type, flags, stream_id, wire[pos + frames.HEADER_SIZE : end]))
+        pos = end
     return found
+
+
+def frame_types(wire: bytes) -> list[int]:
+    return [frame_type for frame_type, *_ in frames_in(wire)]
 
 
 # -- what is sent, in pieces ----------------------------------------------------------------

@@ -24,54 +24,30 @@ import uvloop
 from node_agent.proxy.hbone import HboneStream, TcpPeer
 from node_agent.proxy.http2 import frames
 from node_agent.proxy.http2._fastpath import DataSender, StreamState, deliver_data
-from node_agent.proxy.http2.connection import Connection, HeaderList, ProtocolError
+from node_agent.proxy.http2.connection import Connection, ProtocolError
 from node_agent.proxy.http2.frames import END_STREAM, PADDED, ErrorCode, FrameType
 from tests.unit.test_connection_cycles import peer_in_memory
 from tests.unit.test_hbone_pending import Ends, MemoryTransport, joined_pair, open_tunnel, shuttle
+from tests.unit.test_http2_connection import CONNECT, Recorder, frames_in, ours
 
-CONNECT: HeaderList = [(b":method", b"CONNECT"), (b":authority", b"10.244.2.5:8080")]
 WINDOW = 64 * 1024  # per stream; the connection's is four times that
 
 
 @dataclass
-class Events:
-    """The Python path's receiver: joins data per stream (or writes it to the stream's
-    socket in `tcp`, as HboneStream does) and acknowledges it."""
+class SocketRecorder(Recorder):
+    """The Python path's receiver: writes the data of a stream in `tcp` to that socket,
+    as HboneStream does, and records the rest as Recorder does; acknowledges it all."""
 
-    conn: Connection | None = None
-    data: dict[int, bytearray] = field(default_factory=dict)
     tcp: dict[int, socket.socket] = field(default_factory=dict)
-    ends: list[int] = field(default_factory=list)
-    resets: list[tuple[int, int]] = field(default_factory=list)
-
-    def on_request(self, stream_id: int, headers: HeaderList, end_stream: bool) -> None:
-        pass
-
-    def on_response(self, stream_id: int, headers: HeaderList, end_stream: bool) -> None:
-        pass
-
-    def on_trailers(self, stream_id: int, headers: HeaderList) -> None:
-        pass
 
     def on_data(self, stream_id: int, data: memoryview) -> None:
-        if stream_id in self.tcp:
-            self.tcp[stream_id].sendall(data)
-        else:
-            self.data.setdefault(stream_id, bytearray()).extend(data)
+        sock = self.tcp.get(stream_id)
+        if sock is None:
+            super().on_data(stream_id, data)
+            return
+        sock.sendall(data)
         assert self.conn is not None
         self.conn.acknowledge(stream_id, len(data))
-
-    def on_end(self, stream_id: int) -> None:
-        self.ends.append(stream_id)
-
-    def on_reset(self, stream_id: int, code: int) -> None:
-        self.resets.append((stream_id, code))
-
-    def on_window(self, stream_id: int) -> None:
-        pass
-
-    def on_goaway(self, last_stream_id: int, code: int) -> None:
-        pass
 
 
 class Transport:
@@ -110,30 +86,16 @@ class Flow:
     down: int = 0
 
 
-def connection(events: Events, *, client_side: bool = False) -> Connection:
-    conn = Connection(
-        events,
-        client_side=client_side,
-        stream_window=WINDOW,
-        connection_window=4 * WINDOW,
-        max_frame_size=1 << 20,
-        max_concurrent_streams=100,
-    )
-    events.conn = conn
-    return conn
-
-
-def opened(stream_ids: tuple[int, ...] = (1,)) -> tuple[Connection, Events, bytes]:
-    """A server connection past its handshake with `stream_ids` open; what the client sent."""
-    client = connection(Events(), client_side=True)
+def opened(stream_ids: tuple[int, ...] = (1,)) -> tuple[Connection, SocketRecorder]:
+    """A server connection past its handshake, with `stream_ids` open."""
+    client, _ = ours(client_side=True, window=WINDOW)
     for _ in stream_ids:
         client.open_stream(CONNECT)
-    wire = client.data_to_send()
-    events = Events()
-    server = connection(events)
-    server.receive(wire)
+    server, events = ours(client_side=False, window=WINDOW, recorder=SocketRecorder())
+    server.receive(client.data_to_send())
     server.data_to_send()
-    return server, events, wire
+    assert isinstance(events, SocketRecorder)
+    return server, events
 
 
 def data_frame(stream_id: int, payload: bytes, flags: int = 0) -> bytes:
@@ -158,6 +120,26 @@ def attach(conn: Connection, stream_id: int, sock: socket.socket, flow: Flow) ->
     return peer
 
 
+@dataclass
+class Attached:
+    """Stream 1 of a server connection, its TCP side a socketpair's end (C writes there)."""
+
+    server: Connection
+    events: SocketRecorder
+    peer: Peer
+    flow: Flow
+    ours: socket.socket
+    theirs: socket.socket
+
+
+@pytest.fixture
+def attached(sockets: tuple[socket.socket, socket.socket]) -> Attached:
+    ours, theirs = sockets
+    server, events = opened()
+    flow = Flow()
+    return Attached(server, events, attach(server, 1, ours, flow), flow, ours, theirs)
+
+
 def drain(sock: socket.socket) -> bytes:
     got = bytearray()
     while True:
@@ -174,8 +156,8 @@ def test_attached_streams_get_their_bytes_and_the_same_window_updates_as_the_pyt
     sockets: tuple[socket.socket, socket.socket],
 ) -> None:
     ours, theirs = sockets
-    fast, fast_events, _ = opened((1, 3))
-    slow, slow_events, _ = opened((1, 3))
+    fast, fast_events = opened((1, 3))
+    slow, slow_events = opened((1, 3))
     flow = Flow()
     attach(fast, 1, ours, flow)  # stream 3 has no TCP side: Python's, in both
     fast_events.tcp[1] = ours  # frames cut across reads are Python's too
@@ -196,12 +178,8 @@ def test_attached_streams_get_their_bytes_and_the_same_window_updates_as_the_pyt
     assert 0.5 * len(to_stream_1) < flow.up < len(to_stream_1)  # whole frames went from C
 
 
-def test_a_run_stops_where_python_is_needed_and_goes_on_after_it(
-    sockets: tuple[socket.socket, socket.socket],
-) -> None:
-    ours, theirs = sockets
-    server, events, _ = opened()
-    attach(server, 1, ours, Flow())
+def test_a_run_stops_where_python_is_needed_and_goes_on_after_it(attached: Attached) -> None:
+    server, events = attached.server, attached.events
     padded = frames.frame_header(6, FrameType.DATA, PADDED, 1) + b"\x02pad\0\0"
     server.receive(
         data_frame(1, b"one ")
@@ -212,48 +190,37 @@ def test_a_run_stops_where_python_is_needed_and_goes_on_after_it(
         + data_frame(1, b"last", END_STREAM)
     )
     # C wrote what it could; the padded frame and the stream's last one went to Python.
-    assert drain(theirs) == b"one two three "
+    assert drain(attached.theirs) == b"one two three "
     assert events.data[1] == b"pad" + b"last"
-    assert events.ends == [1]
+    assert events.named("end") == [("end", 1)]
     assert server.data_to_send().startswith(frames.ping(b"12345678", ack=True))
 
 
-def test_a_frame_cut_across_reads_is_left_to_python(
-    sockets: tuple[socket.socket, socket.socket],
-) -> None:
-    ours, theirs = sockets
-    server, events, _ = opened()
-    attach(server, 1, ours, Flow())
+def test_a_frame_cut_across_reads_is_left_to_python(attached: Attached) -> None:
     frame = data_frame(1, b"x" * 1000)
-    server.receive(frame[:500])
-    server.receive(frame[500:] + data_frame(1, b"after"))
-    assert events.data[1] == b"x" * 1000
-    assert drain(theirs) == b"after"
+    attached.server.receive(frame[:500])
+    attached.server.receive(frame[500:] + data_frame(1, b"after"))
+    assert attached.events.data[1] == b"x" * 1000
+    assert drain(attached.theirs) == b"after"
 
 
-def test_a_congested_tcp_side_holds_the_window_back(
-    sockets: tuple[socket.socket, socket.socket],
-) -> None:
-    ours, theirs = sockets
-    server, _, _ = opened()
-    attach(server, 1, ours, Flow())
+def test_a_congested_tcp_side_holds_the_window_back(attached: Attached) -> None:
+    server = attached.server
     state = server.streams[1]
     state.peer_congested = True
     server.receive(data_frame(1, b"y" * (WINDOW // 2)))
-    assert drain(theirs) == b"y" * (WINDOW // 2)
+    assert drain(attached.theirs) == b"y" * (WINDOW // 2)
     assert state.held_acks == WINDOW // 2
     assert state.recv_available == WINDOW // 2
     assert server.data_to_send() == b""  # no window back until the TCP side drains
 
 
 def test_what_the_socket_does_not_take_is_copied_to_the_transport_in_order(
-    sockets: tuple[socket.socket, socket.socket],
+    attached: Attached,
 ) -> None:
-    ours, theirs = sockets
-    server, _, _ = opened()
-    peer = attach(server, 1, ours, Flow())
+    server, peer = attached.server, attached.peer
     assert peer.transport is not None
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    attached.ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     chunk = bytes(range(256)) * 64  # 16 KiB, within the stream window
     frame_count = 0
     while not peer.transport.queued and frame_count < 64:
@@ -265,7 +232,7 @@ def test_what_the_socket_does_not_take_is_copied_to_the_transport_in_order(
     queued = len(peer.transport.queued)
     server.receive(data_frame(1, b"tail"))
     assert bytes(peer.transport.queued[queued:]) == b"tail"
-    received = drain(theirs) + bytes(peer.transport.queued)
+    received = drain(attached.theirs) + bytes(peer.transport.queued)
     assert received == chunk * frame_count + b"tail"
 
 
@@ -274,7 +241,7 @@ def test_a_closing_or_lost_tcp_side_gets_nothing_but_the_window_is_handed_back(
 ) -> None:
     ours, theirs = sockets
     for how in ("closing", "lost", "no transport"):
-        server, _, _ = opened()
+        server, _ = opened()
         flow = Flow()
         peer = attach(server, 1, ours, flow)
         server.streams[1].count_down = True
@@ -294,11 +261,9 @@ def test_a_closing_or_lost_tcp_side_gets_nothing_but_the_window_is_handed_back(
 
 
 def test_a_stream_forgotten_during_the_write_gets_no_stream_window_back(
-    sockets: tuple[socket.socket, socket.socket],
+    attached: Attached,
 ) -> None:
-    ours, _theirs = sockets
-    server, _, _ = opened()
-    peer = attach(server, 1, ours, Flow())
+    server, peer = attached.server, attached.peer
     assert peer.transport is not None
     peer.transport.queued += b"waiting"  # so the frame goes through transport.write
     peer.transport.on_write.append(lambda: server.reset_stream(1, ErrorCode.CANCEL))
@@ -310,25 +275,18 @@ def test_a_stream_forgotten_during_the_write_gets_no_stream_window_back(
     )
 
 
-def test_before_its_fd_is_known_a_stream_is_left_to_python(
-    sockets: tuple[socket.socket, socket.socket],
-) -> None:
-    ours, theirs = sockets
-    server, events, _ = opened()
-    attach(server, 1, ours, Flow())
-    peer = server.streams[1].peer
-    assert isinstance(peer, Peer)
-    peer.fd = -1
-    server.receive(data_frame(1, b"early"))
-    assert events.data[1] == b"early"
-    assert drain(theirs) == b""
+def test_before_its_fd_is_known_a_stream_is_left_to_python(attached: Attached) -> None:
+    attached.peer.fd = -1
+    attached.server.receive(data_frame(1, b"early"))
+    assert attached.events.data[1] == b"early"
+    assert drain(attached.theirs) == b""
 
 
 def test_flow_control_faults_are_still_raised_by_the_codec(
     sockets: tuple[socket.socket, socket.socket],
 ) -> None:
     ours, _theirs = sockets
-    server, _, _ = opened((1, 3, 5, 7, 9))
+    server, _ = opened((1, 3, 5, 7, 9))
     flows = [Flow() for _ in range(5)]
     for stream_id, flow in zip((1, 3, 5, 7, 9), flows, strict=True):
         attach(server, stream_id, ours, flow)
@@ -350,18 +308,6 @@ def test_bad_arguments_are_refused() -> None:
 
 
 # -- the TCP side's reads: DataSender ---------------------------------------------------
-
-
-def payloads_in(wire: bytes) -> list[tuple[int, int, int, bytes]]:
-    """(type, flags, stream, payload) of each frame in `wire`."""
-    found = []
-    pos = 0
-    while pos < len(wire):
-        high, low, frame_type, flags, stream_id = frames.HEADER.unpack_from(wire, pos)
-        end = pos + frames.HEADER_SIZE + (high << 16 | low)
-        found.append((frame_type, flags, stream_id, wire[pos + frames.HEADER_SIZE : end]))
-        pos = end
-    return found
 
 
 async def attached_tunnel() -> tuple[Ends, HboneStream, TcpPeer, MemoryTransport]:
@@ -392,7 +338,7 @@ def test_reads_go_out_as_one_data_frame_each_and_one_flush_per_loop_turn() -> No
         await asyncio.sleep(0)
         assert any(piece is big for piece in client_io.pieces)
         wire = client_io.take()
-        sent = payloads_in(wire)
+        sent = frames_in(wire)
         assert [(t, f, s) for t, f, s, _ in sent] == [(FrameType.DATA, 0, stream.id)] * 3
         assert [p for *_, p in sent] == [b"first", b"second", big]
         size = 5 + 6 + len(big)
@@ -424,7 +370,7 @@ def test_reads_the_c_path_cannot_send_now_take_the_python_path() -> None:
 
         await asyncio.sleep(0)
         wire = client_io.take()
-        assert [p for *_, p in payloads_in(wire)] == [
+        assert [p for *_, p in frames_in(wire)] == [
             b"waitsbehind it",
             b"spl",
         ]  # small runs joined

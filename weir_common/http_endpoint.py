@@ -9,15 +9,17 @@ a crawler or a prefetching browser cannot trigger it. The request head is
 bounded and must arrive within a deadline; a head past the bound is dropped
 without an answer, as is one that never completes. It runs on the caller's
 asyncio loop, so routes read the state they report without crossing
-threads, and listens on loopback unless told.
+threads, and listens on loopback unless told. A route may answer later (a
+coroutine): one that gathers what other processes report.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from typing import Final
 
@@ -30,7 +32,7 @@ READ_TIMEOUT_SECONDS: Final = 5.0
 Query = Mapping[str, str]
 # What a route answers: status, content type, body.
 Reply = tuple[HTTPStatus, str, bytes]
-Route = Callable[[Query], Reply]
+Route = Callable[[Query], Reply | Awaitable[Reply]]
 # How an endpoint words the answers it gives itself (404, 405, 400, 500):
 # (status, what went wrong) -> content type and body.
 ErrorBody = Callable[[HTTPStatus, str], tuple[str, bytes]]
@@ -53,9 +55,16 @@ def readiness(ready: Callable[[], bool]) -> Route:
     return route
 
 
-def prometheus(render: Callable[[], str]) -> Route:
-    """/metrics in the Prometheus text format."""
-    return lambda _query: text(render(), content_type=_PROMETHEUS_TEXT)
+def prometheus(render: Callable[[], str | Awaitable[str]]) -> Route:
+    """/metrics in the Prometheus text format (`render` may gather it from elsewhere first)."""
+
+    async def route(_query: Query) -> Reply:
+        body = render()
+        if inspect.isawaitable(body):
+            body = await body
+        return text(body, content_type=_PROMETHEUS_TEXT)
+
+    return route
 
 
 def plain_error(status: HTTPStatus, _message: str) -> tuple[str, bytes]:
@@ -106,7 +115,7 @@ class HttpEndpoint:
             async with asyncio.timeout(READ_TIMEOUT_SECONDS):
                 # The reader's limit bounds the head: LimitOverrunError past it.
                 head = await reader.readuntil(b"\r\n\r\n")
-            status, content_type, body = self._respond(head)
+            status, content_type, body = await self._respond(head)
             writer.write(
                 f"HTTP/1.0 {status.value} {status.phrase}\r\n"
                 f"Content-Type: {content_type}\r\n"
@@ -126,7 +135,7 @@ class HttpEndpoint:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    def _respond(self, head: bytes) -> Reply:
+    async def _respond(self, head: bytes) -> Reply:
         parts = head.split(b"\r\n", 1)[0].decode("latin-1").split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             return self._error(HTTPStatus.BAD_REQUEST, "malformed request line")
@@ -141,7 +150,8 @@ class HttpEndpoint:
                 return self._error(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} {path} is not served")
             return self._error(HTTPStatus.NOT_FOUND, f"no endpoint {path}")
         try:
-            return route(dict(p.partition("=")[::2] for p in query.split("&") if p))
+            reply = route(dict(p.partition("=")[::2] for p in query.split("&") if p))
+            return await reply if inspect.isawaitable(reply) else reply
         except Exception:
             log.exception("HTTP handler for %s failed", target)
             return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"handler for {target} failed")

@@ -1,7 +1,8 @@
 """A small HTTP/1.1 server for the admin and health endpoints.
 
 Each subsystem registers a `config_dump` section (a function returning plain
-data) and, if it gates readiness, a readiness check; the debugging CLI reads
+data, or a coroutine of it when the data comes from another process) and,
+if it gates readiness, a readiness check; the debugging CLI reads
 the same handlers, so what `weir node ...` shows is what the endpoint
 serves. The server itself is weir_common.http_endpoint; here its answers,
 including its errors, are JSON.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import inspect
 import ipaddress
 import json
 import os
@@ -57,9 +59,13 @@ class AdminRegistry:
     def add_readiness(self, name: str, check: ReadinessCheck) -> None:
         self.readiness[name] = check
 
-    def config_dump(self, only: str | None = None) -> dict[str, Any]:
+    async def config_dump(self, only: str | None = None) -> dict[str, Any]:
         names = [only] if only else sorted(self.sections)
-        return {name: self.sections[name]() for name in names}
+        dump = {}
+        for name in names:
+            value = self.sections[name]()
+            dump[name] = await value if inspect.isawaitable(value) else value
+        return dump
 
     def not_ready(self) -> dict[str, str]:
         """Reasons per failing check; empty when ready."""
@@ -105,11 +111,11 @@ def _routes(registry: AdminRegistry, admin: bool) -> dict[str, Route]:
             )
         return _json(HTTPStatus.OK, {"status": "ready"})
 
-    def config_dump(query: Query) -> Reply:
+    async def config_dump(query: Query) -> Reply:
         only = query.get("section")
         if only is not None and only not in registry.sections:
             return _json(HTTPStatus.NOT_FOUND, {"error": f"no section {only!r}"})
-        return _json(HTTPStatus.OK, registry.config_dump(only))
+        return _json(HTTPStatus.OK, await registry.config_dump(only))
 
     routes: dict[str, Route] = {
         "/healthz": lambda _query: _json(HTTPStatus.OK, {"status": "alive"}),

@@ -178,6 +178,8 @@ class LocalMesh:
     controlplane: Process | None = None
     # How long a stopping proxy lets its connections go on (`--drain-seconds`).
     proxy_drain_seconds: float = 1.0
+    # Processes per node proxy (`--workers`).
+    proxy_workers: int = 1
     _work: Path | None = None
 
     def __enter__(self) -> LocalMesh:
@@ -532,6 +534,8 @@ def _spawn_proxy(mesh: LocalMesh, node: MeshNode) -> Process:
             str(PROXY_UID),
             "--drain-seconds",
             str(mesh.proxy_drain_seconds),
+            "--workers",
+            str(mesh.proxy_workers),
         ],
         mesh.work,
     )

@@ -8,6 +8,10 @@ appends the line to a queue; a thread gathers what arrives over
 once a second). What the thread cannot write fast enough waits in the queue
 up to `max_pending` lines; beyond that, and after the file fails, lines are
 dropped and counted (weir_proxy_access_log_dropped_total), never waited for.
+
+Each write(2) is whole lines of at most PIPE_BUF bytes (a line longer than
+that goes alone): the proxy's worker processes share stdout, and a pipe
+keeps writes of up to PIPE_BUF whole, so their lines never interleave.
 """
 
 from __future__ import annotations
@@ -100,13 +104,14 @@ class AccessLogWriter:
                 return
 
     def _write(self, batch: list[str]) -> None:
-        data = memoryview(("\n".join(batch) + "\n").encode())
         try:
-            while data:
-                try:
-                    data = data[os.write(self._fd, data) :]
-                except BlockingIOError:
-                    select.select([], [self._fd], [], WRITABLE_WAIT_SECONDS)
+            for chunk in whole_line_chunks(batch, select.PIPE_BUF):
+                data = memoryview(chunk)
+                while data:
+                    try:
+                        data = data[os.write(self._fd, data) :]
+                    except BlockingIOError:
+                        select.select([], [self._fd], [], WRITABLE_WAIT_SECONDS)
         except OSError as e:
             self._failed = True
             self._lost_in_writes += len(batch)
@@ -115,3 +120,21 @@ class AccessLogWriter:
                 self._fd,
                 e.strerror or e,
             )
+
+
+def whole_line_chunks(lines: list[str], limit: int) -> list[bytes]:
+    """`lines`, newline-terminated, packed into chunks of at most `limit` bytes, never
+    splitting a line (one longer than `limit` is a chunk of its own)."""
+    chunks: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for line in lines:
+        encoded = line.encode() + b"\n"
+        if current and size + len(encoded) > limit:
+            chunks.append(b"".join(current))
+            current, size = [], 0
+        current.append(encoded)
+        size += len(encoded)
+    if current:
+        chunks.append(b"".join(current))
+    return chunks

@@ -7,6 +7,9 @@ by hand once the control plane knows it (registered, with IPs).
 
 Started as root with `--drop-to-uid 1337`, the process switches to the proxy
 user keeping only CAP_SYS_ADMIN and CAP_NET_ADMIN before it starts any thread.
+`--workers N` runs N proxy processes sharing every listener, one core's
+worth each (see node_agent/proxy/workers.py); the first one serves the
+metrics, readiness and admin ports for all of them.
 SIGTERM or SIGINT: hand over to a successor proxy if one is coming (see
 `--await-successor-seconds` and `--handover-seconds`), close the listeners,
 drain for `--drain-seconds`, exit.
@@ -21,9 +24,10 @@ import asyncio
 import ipaddress
 import logging
 import signal
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import uvloop
 
@@ -38,7 +42,7 @@ from node_agent.constants import (
 )
 from node_agent.controlplane_access import ControlPlaneEndpoint, TokenFile
 from node_agent.netns import Netns
-from node_agent.proxy import privileges
+from node_agent.proxy import privileges, workers
 from node_agent.proxy.agent_pods import AgentPods
 from node_agent.proxy.controlplane import ProxyControlPlaneClient
 from node_agent.proxy.http2.keepalive import KeepaliveSettings
@@ -46,7 +50,9 @@ from node_agent.proxy.identity import CaCertificateProvider
 from node_agent.proxy.model import Workload
 from node_agent.proxy.proxy import HBONE_KEEPALIVE, Proxy, ProxySettings, build
 from node_agent.proxy.routing import Balancing
+from node_agent.proxy.telemetry import values_to_json
 from node_agent.proxy.xds_source import XdsConfigSource
+from node_agent.proxy_handoff.protocol import MAX_WORKERS
 from node_agent.proxy_handoff.proxy_side import ProxyHandoffClient
 from weir_common.errors import InvalidInputError, NodeSetupError, TransientError
 from weir_common.mesh import resource_name
@@ -57,6 +63,9 @@ log = logging.getLogger(__name__)
 POD_WAIT_SECONDS: Final = 30.0
 POD_POLL_SECONDS: Final = 0.2
 HANDOFF_TASK: Final = "agent handoff"
+DEFAULT_WORKERS: Final = 1
+# Beyond its own drain and handover, how long a stopping first worker waits for the others.
+WORKERS_EXIT_MARGIN_SECONDS: Final = 10.0
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -139,6 +148,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--balancing", choices=[b.value for b in Balancing], default=Balancing.ROUND_ROBIN.value
     )
     run.add_argument(
+        "--workers",
+        type=worker_count,
+        default=DEFAULT_WORKERS,
+        metavar="N",
+        help="proxy processes sharing every listener, each using up to one core; the first "
+        "serves the metrics, readiness and admin ports for all (default "
+        f"{DEFAULT_WORKERS}, up to {MAX_WORKERS})",
+    )
+    run.add_argument(
         "--hbone-keepalive-seconds",
         type=non_negative_seconds,
         default=HBONE_KEEPALIVE.interval,
@@ -168,6 +186,14 @@ def hbone_keepalive(interval: float, timeout: float) -> KeepaliveSettings | None
             "(--hbone-keepalive-seconds 0 turns it off)"
         )
     return KeepaliveSettings(interval=interval, timeout=timeout)
+
+
+def worker_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of workers from 1 to {MAX_WORKERS}"
+        )
+    return int(text)
 
 
 def parse_pod(text: str) -> tuple[str, Netns]:
@@ -239,6 +265,12 @@ def _run(args: argparse.Namespace) -> int:
         balancing=Balancing(args.balancing),
         hbone_keepalive=keepalive,
     )
+    # Before the loop and any thread: each worker then builds its own.
+    role = workers.fork(args.workers)
+    workers.label_logs(role)
+    if isinstance(role, workers.Follower):
+        # Operators, Prometheus and the kubelet talk to the first worker only.
+        settings = replace(settings, metrics_address=None, readiness_address=None)
     uvloop.run(
         _serve(
             settings,
@@ -253,6 +285,7 @@ def _run(args: argparse.Namespace) -> int:
                 await_successor=args.await_successor_seconds,
             ),
             admin_address=args.admin_listen,
+            role=role,
         )
     )
     return 0
@@ -268,51 +301,183 @@ async def _serve(
     agent_socket: Path | None,
     stopping: Stopping,
     admin_address: tuple[str, int],
+    role: workers.Role,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    group = None
+    if isinstance(role, workers.Leader) and role.followers:
+        group = workers.WorkerGroup(role.followers)
+        await group.start()
+    failed: list[tuple[int, int]] = []
+    try:
+        await _serve_proxy(
+            settings,
+            endpoint,
+            node=node,
+            token=token,
+            pods=pods,
+            agent_socket=agent_socket,
+            stopping=stopping,
+            admin_address=admin_address,
+            role=role,
+            group=group,
+            stop=stop,
+        )
+    finally:
+        if group is not None:
+            failed = await group.wait_exited(
+                stopping.await_successor
+                + stopping.handover
+                + stopping.drain
+                + WORKERS_EXIT_MARGIN_SECONDS
+            )
+            await group.close()
+    if group is not None and group.failure:
+        raise NodeSetupError(f"proxy stopped: {group.failure}")
+    if failed:
+        raise NodeSetupError(
+            "; ".join(f"worker {index} exited with status {code}" for index, code in failed)
+        )
+
+
+async def _serve_proxy(
+    settings: ProxySettings,
+    endpoint: ControlPlaneEndpoint,
+    *,
+    node: str,
+    token: TokenFile,
+    pods: list[tuple[str, Netns]],
+    agent_socket: Path | None,
+    stopping: Stopping,
+    admin_address: tuple[str, int],
+    role: workers.Role,
+    group: workers.WorkerGroup | None,
+    stop: asyncio.Event,
+) -> None:
     async with ProxyControlPlaneClient(endpoint, node, token) as client:
         proxy = build(
             settings, config=XdsConfigSource(client), certificates=CaCertificateProvider(client)
         )
         await proxy.start()
-        follower = None
+        handoff = None
         if agent_socket is not None:
-            follower = ProxyHandoffClient(agent_socket, AgentPods(proxy, node))
-            proxy.supervisor.start(HANDOFF_TASK, follower.run)
-        # reuse_port: on Kubernetes the next proxy starts beside this one (maxSurge).
-        admin = HttpEndpoint(
-            _admin(proxy, node, stop, follower), *admin_address, admin=True, reuse_port=True
-        )
+            handoff = ProxyHandoffClient(agent_socket, AgentPods(proxy, node), hello=role.hello)
+            proxy.supervisor.start(HANDOFF_TASK, handoff.run)
+        registry = _admin(proxy, node, stop, handoff)
+        surface = _Surface(ends=[stop, proxy.failed])
+        if isinstance(role, workers.Follower):
+            leader_gone = asyncio.Event()
+            surface.ends.append(leader_gone)
+            surface.leader_channel = loop_task(
+                _answer_leader(role, proxy, registry), leader_gone.set
+            )
+        else:
+            if group is not None:
+                _serve_for_all(proxy, registry, group)
+                surface.ends.append(group.failed)
+            # reuse_port: on Kubernetes the next proxy starts beside this one (maxSurge).
+            surface.admin = HttpEndpoint(registry, *admin_address, admin=True, reuse_port=True)
         try:
-            await admin.start()
+            if surface.admin is not None:
+                await surface.admin.start()
             for key, netns in pods:
                 await proxy.add_pod(netns, await _registered_workload(proxy, key))
-            log.info(
-                "proxy ready (metrics port %s, readiness port %s)",
-                proxy.metrics_port,
-                proxy.readiness_port,
-            )
-            await wait_any(stop, proxy.failed)
+            if isinstance(role, workers.Follower):
+                log.info("worker %d of %d ready", role.index, role.workers)
+            else:
+                log.info(
+                    "proxy ready (metrics port %s, readiness port %s, %d workers)",
+                    proxy.metrics_port,
+                    proxy.readiness_port,
+                    role.workers,
+                )
+            await wait_any(*surface.ends)
         finally:
-            if follower is not None:
-                if stop.is_set() and not proxy.failed.is_set():
-                    # Listeners stay open (and pods keep arriving) until the
-                    # successor has them too: closing ours then moves their
-                    # queued connections to it instead of resetting them.
-                    handover = await follower.hand_over(
-                        await_connect=stopping.await_successor, await_sync=stopping.handover
-                    )
-                    level = logging.INFO if handover.handed_over else logging.WARNING
-                    log.log(level, "handover: %s", handover.detail)
-                # Stop taking pods; the agent hands them to the next proxy.
-                await proxy.supervisor.stop(HANDOFF_TASK)
-            await proxy.shutdown(stopping.drain)
-            await admin.close()
+            if group is not None:
+                # At once: every worker hands over and drains alongside this one.
+                group.stop()
+            await _wind_down(proxy, handoff, stop, stopping)
+            await surface.close()
         if proxy.failure:
             raise NodeSetupError(f"proxy stopped: {proxy.failure}")
+
+
+@dataclass
+class _Surface:
+    """What a worker shows outside: the first its admin listener, the others their
+    channel to it; and the events that end it."""
+
+    ends: list[asyncio.Event]
+    admin: HttpEndpoint | None = None
+    leader_channel: asyncio.Task[None] | None = None
+
+    async def close(self) -> None:
+        if self.admin is not None:
+            await self.admin.close()
+        if self.leader_channel is not None:
+            self.leader_channel.cancel()
+            await asyncio.gather(self.leader_channel, return_exceptions=True)
+
+
+async def _wind_down(
+    proxy: Proxy, handoff: ProxyHandoffClient | None, stop: asyncio.Event, stopping: Stopping
+) -> None:
+    if handoff is not None:
+        if stop.is_set() and not proxy.failed.is_set():
+            # Listeners stay open (and pods keep arriving) until the
+            # successor has them too: closing ours then moves their
+            # queued connections to it instead of resetting them.
+            handover = await handoff.hand_over(
+                await_connect=stopping.await_successor, await_sync=stopping.handover
+            )
+            level = logging.INFO if handover.handed_over else logging.WARNING
+            log.log(level, "handover: %s", handover.detail)
+        # Stop taking pods; the agent hands them to the next proxy.
+        await proxy.supervisor.stop(HANDOFF_TASK)
+    await proxy.shutdown(stopping.drain)
+
+
+def loop_task(coro: Coroutine[Any, Any, None], then: Callable[[], None]) -> asyncio.Task[None]:
+    """`coro` as a task; `then` runs once it is over, however it ended."""
+    task = asyncio.get_running_loop().create_task(coro)
+    task.add_done_callback(lambda _task: then())
+    return task
+
+
+async def _answer_leader(role: workers.Follower, proxy: Proxy, registry: AdminRegistry) -> None:
+    def answer(request: dict[str, Any]) -> Any:  # noqa: ANN401 - JSON
+        ask = request.get("ask")
+        if ask == "report":
+            reasons = registry.not_ready()
+            return {
+                "not_ready": "; ".join(reasons.values()) or None,
+                "metrics": values_to_json(proxy.metrics.values()),
+            }
+        if ask == "section" and request.get("name") in registry.sections:
+            return registry.sections[request["name"]]()
+        raise ValueError(f"cannot answer {ask!r} {request.get('name', '')}")
+
+    await workers.serve_leader(role.channel, answer)
+    log.warning("the first worker closed its channel: stopping")
+
+
+def _serve_for_all(proxy: Proxy, registry: AdminRegistry, group: workers.WorkerGroup) -> None:
+    """The first worker's metrics, readiness and sections count every worker in."""
+    proxy.other_workers_metrics = group.metric_values
+    proxy.readiness_checks.append(group.not_ready)
+    own = registry.sections["connections"]
+
+    async def connections() -> list[dict[str, Any]]:
+        theirs = await group.sections("connections")
+        everyone: list[dict[str, Any]] = [*own(), *(c for each in theirs for c in each)]
+        return sorted(everyone, key=lambda c: -float(c["age_seconds"]))
+
+    registry.sections["connections"] = connections
+    registry.add_section("workers", lambda: group.dump(proxy.metrics.values()))
+    proxy.supervisor.start("worker reports", group.report)
 
 
 @dataclass(frozen=True)
@@ -325,28 +490,28 @@ class Stopping:
 
 
 def _admin(
-    proxy: Proxy, node: str, stop: asyncio.Event, follower: ProxyHandoffClient | None
+    proxy: Proxy, node: str, stop: asyncio.Event, handoff: ProxyHandoffClient | None
 ) -> AdminRegistry:
     registry = AdminRegistry(log_components=PROXY_COMPONENTS, on_quit=stop.set)
     registry.add_section("node", lambda: node_info(node))
     for name, section in proxy.admin_sections().items():
         registry.add_section(name, section)
     proxy.readiness_checks.append(lambda: "stopping" if stop.is_set() else None)
-    if follower is not None:
-        proxy.readiness_checks.append(lambda: _handoff_not_ready(follower))
+    if handoff is not None:
+        proxy.readiness_checks.append(lambda: _handoff_not_ready(handoff))
     registry.add_readiness("proxy", proxy.not_ready)
     return registry
 
 
-def _handoff_not_ready(follower: ProxyHandoffClient) -> str | None:
+def _handoff_not_ready(handoff: ProxyHandoffClient) -> str | None:
     """Not ready until it holds the agent's pods, nor once a successor is taking over.
 
     On Kubernetes both proxies of a rollout answer probes on the same host
     port, so the old one must not answer "ready" for its successor.
     """
-    if not follower.synced.is_set():
+    if not handoff.synced.is_set():
         return "has not received the node agent's pods yet"
-    if follower.successors.connected:
+    if handoff.successors.connected:
         return "a successor proxy is taking over"
     return None
 

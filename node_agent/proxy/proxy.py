@@ -18,7 +18,7 @@ import gc
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -41,7 +41,13 @@ from node_agent.proxy.pool import ConnectionPool
 from node_agent.proxy.routing import Balancing, EndpointPicker
 from node_agent.proxy.sockets import NetnsSocketFactory, SocketFactory
 from node_agent.proxy.state import MeshView, PodState, TlsContexts
-from node_agent.proxy.telemetry import AccessLog, MetricsServer, ProxyMetrics, Telemetry
+from node_agent.proxy.telemetry import (
+    AccessLog,
+    MetricsServer,
+    MetricValues,
+    ProxyMetrics,
+    Telemetry,
+)
 from weir_common.errors import InvalidInputError, TransientError
 from weir_common.log_limit import LogLimiter
 from weir_common.mesh import SpiffeId
@@ -159,8 +165,10 @@ class Proxy:
         self.failure = ""
         # Whoever runs the proxy adds what else readiness waits for (the agent's pods).
         self.readiness_checks: list[Callable[[], str | None]] = []
-        self._metrics_server = MetricsServer(self.metrics, lambda: self.ready)
-        self._readiness_server = MetricsServer(self.metrics, lambda: self.ready)
+        # The other workers' counters, which the first worker serves with its own (see workers).
+        self.other_workers_metrics: Callable[[], Awaitable[Sequence[MetricValues]]] | None = None
+        self._metrics_server = MetricsServer(self._render_metrics, lambda: self.ready)
+        self._readiness_server = MetricsServer(self._render_metrics, lambda: self.ready)
         upstream = UpstreamConnector(
             sockets,
             connect_timeout=settings.connect_timeout,
@@ -233,6 +241,16 @@ class Proxy:
             if reason is not None:
                 return reason
         return self.supervisor.not_ready()
+
+    async def _render_metrics(self) -> str:
+        return self.metrics.render(await self._others_metrics())
+
+    async def _traffic(self) -> list[dict[str, Any]]:
+        return self.metrics.traffic(await self._others_metrics())
+
+    async def _others_metrics(self) -> Sequence[MetricValues]:
+        gather = self.other_workers_metrics
+        return () if gather is None else await gather()
 
     def _give_up(self, reason: str) -> None:
         log.critical("proxy stopping: %s", reason)
@@ -433,7 +451,7 @@ class Proxy:
             "mesh": self._mesh.dump,
             "certificates": self.identities.dump,
             "connections": self._telemetry.live,
-            "traffic": self.metrics.traffic,
+            "traffic": self._traffic,
             "pool": self.pool.dump,
             "tasks": self.supervisor.dump,
         }

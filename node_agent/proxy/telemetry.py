@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -55,6 +55,9 @@ OBSERVED_HELP: Final = {
 UNKNOWN: Final = "unknown"
 
 Labels = prometheus.Labels
+# Every counter of a proxy as it stands: name -> labels -> value. How one
+# worker's counters reach the first worker, which serves them all summed.
+MetricValues = dict[str, dict[Labels, float]]
 
 
 @dataclass
@@ -115,11 +118,20 @@ class ProxyMetrics:
             if all(dict(key).get(k) == want for k, want in labels.items())
         )
 
-    def traffic(self) -> list[dict[str, Any]]:
-        """Connections opened and failed so far, per reporter, pair of workloads and security."""
+    def values(self) -> MetricValues:
+        """Every counter as it stands now (the observed ones read now)."""
+        current = {name: dict(series) for name, series in self._values.items()}
+        for name, read in self._observed.items():
+            current[name] = {(): float(read())}
+        return current
+
+    def traffic(self, others: Sequence[MetricValues] = ()) -> list[dict[str, Any]]:
+        """Connections opened and failed so far, per reporter, pair of workloads and security;
+        `others`: the other workers' counters, counted in."""
+        values = summed(self._values, *others)
         rows: dict[Labels, dict[str, Any]] = {}
         for name, field_name in ((OPENED, "opened"), (FAILED, "failed")):
-            for labels, value in self._values[name].items():
+            for labels, value in values.get(name, {}).items():
                 row = rows.setdefault(labels, {**dict(labels), "opened": 0, "failed": 0})
                 row[field_name] += int(value)
         return [rows[key] for key in sorted(rows)]
@@ -130,17 +142,69 @@ class ProxyMetrics:
     def silent_peer(self, direction: str) -> None:
         self.inc(SILENT_PEERS, (("direction", direction),))
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for name, series in self._values.items():
-            lines += prometheus.header(name, "counter", HELP[name])
-            lines += [
-                prometheus.sample(name, labels, value) for labels, value in sorted(series.items())
-            ]
-        for name, read in self._observed.items():
-            lines += prometheus.header(name, "counter", OBSERVED_HELP[name])
-            lines.append(prometheus.sample(name, (), read()))
-        return "\n".join(lines) + "\n"
+    def render(self, others: Sequence[MetricValues] = ()) -> str:
+        """The Prometheus text of these counters, plus `others` (the other workers')."""
+        return render(summed(self.values(), *others))
+
+
+def summed(*values: MetricValues) -> MetricValues:
+    """Counters of several workers added up, series by series."""
+    total: MetricValues = {}
+    for each in values:
+        for name, series in each.items():
+            into = total.setdefault(name, {})
+            for labels, value in series.items():
+                into[labels] = into.get(labels, 0.0) + value
+    return total
+
+
+def render(values: MetricValues) -> str:
+    """Prometheus text, counters in HELP's order, then the observed ones."""
+    lines: list[str] = []
+    for name, help_text in (*HELP.items(), *OBSERVED_HELP.items()):
+        if name not in values:
+            continue
+        lines += prometheus.header(name, "counter", help_text)
+        lines += [
+            prometheus.sample(name, labels, value) for labels, value in sorted(values[name].items())
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def values_to_json(values: MetricValues) -> list[list[Any]]:
+    """[[name, [[label, value], ...], value], ...]: what JSON can carry of MetricValues."""
+    return [
+        [name, [list(pair) for pair in labels], value]
+        for name, series in values.items()
+        for labels, value in series.items()
+    ]
+
+
+def values_from_json(data: object) -> MetricValues:
+    """The inverse of values_to_json; TypeError or ValueError for anything else
+    (names we do not serve too)."""
+    if not isinstance(data, list):
+        raise TypeError("counters are not a list")
+    values: MetricValues = {}
+    for row in data:
+        if not (isinstance(row, list) and len(row) == 3):
+            raise ValueError(f"counter {row!r} is not [name, labels, value]")
+        name, labels, value = row
+        if name not in HELP and name not in OBSERVED_HELP:
+            raise ValueError(f"no counter {name!r}")
+        if not (
+            isinstance(labels, list)
+            and all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                for p in labels
+            )
+        ):
+            raise ValueError(f"counter {name} has labels that are not [name, value] pairs")
+        # type(), not isinstance: JSON true is a bool, and True == 1.
+        if type(value) not in (int, float):
+            raise ValueError(f"counter {name} has a value that is not a number")
+        values.setdefault(name, {})[tuple((k, v) for k, v in labels)] = float(value)
+    return values
 
 
 class AccessLog:
@@ -294,10 +358,12 @@ class Telemetry:
 class MetricsServer(http_endpoint.HttpEndpoint):
     """GET /metrics (Prometheus) and /healthz/ready, one request per connection."""
 
-    def __init__(self, metrics: ProxyMetrics, ready: Callable[[], bool]) -> None:
+    def __init__(
+        self, render: Callable[[], str | Awaitable[str]], ready: Callable[[], bool]
+    ) -> None:
         super().__init__(
             {
-                "/metrics": http_endpoint.prometheus(metrics.render),
+                "/metrics": http_endpoint.prometheus(render),
                 "/healthz/ready": http_endpoint.readiness(ready),
             }
         )

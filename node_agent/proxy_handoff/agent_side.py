@@ -14,10 +14,10 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from node_agent.constants import PROXY_GID, PROXY_UID
 from node_agent.netns import Netns
@@ -55,7 +55,10 @@ class _ProxyConnection:
     queue: asyncio.Queue[_Pending] = field(default_factory=asyncio.Queue)
     synced: bool = False
     version: int = 0  # from its hello
-    order: int = 0  # connection order: a higher one is a successor
+    # Its proxy's workers say the same group (version 3); any other proxy is a group of its own.
+    group: str = ""
+    workers: int = 1
+    order: int = 0  # connection order: a group whose first connection came later is a successor
     connected_at: float = field(default_factory=time.time)
     # (connected, synced) successors last sent, so unchanged counts are not resent.
     told: tuple[int, int] = (0, 0)
@@ -94,6 +97,8 @@ class ProxyHandoffServer:
             {
                 "pid": c.peer_pid,
                 "protocol_version": c.version,
+                "group": c.group,
+                "workers": c.workers,
                 "synced": c.synced,
                 "connected_since": c.connected_at,
             }
@@ -190,7 +195,8 @@ class ProxyHandoffServer:
             hello, fds = await asyncio.wait_for(protocol.recv(conn.sock), self._ack_timeout)
             for fd in fds:
                 os.close(fd)
-            conn.version = protocol.expect_hello(hello)
+            said = protocol.expect_hello(hello)
+            conn.version, conn.workers = said.version, said.workers
             async with self._lock:
                 for pod, netns in self._snapshot():
                     # Again for pods enrolled by an agent that did not set it.
@@ -199,6 +205,7 @@ class ProxyHandoffServer:
                 snapshot_done = self._enqueue(conn, {"type": "snapshot_done"}, None)
                 self._connection_order += 1
                 conn.order = self._connection_order
+                conn.group = said.group if said.group is not None else f"#{conn.order}"
                 self._connections.append(conn)
                 self._tell_successors()
             log.info("proxy pid %d connected; sending snapshot", conn.peer_pid)
@@ -221,11 +228,11 @@ class ProxyHandoffServer:
 
     def _tell_successors(self) -> None:
         """Tell each proxy what it needs to hand over on its way out (caller holds the lock)."""
+        groups = successor_groups(self._connections)
         for conn in self._connections:
             if conn.version < 2:
                 continue
-            after = [c for c in self._connections if c.order > conn.order]
-            counts = (len(after), sum(c.synced for c in after))
+            counts = groups[conn.group]
             if counts != conn.told:
                 conn.told = counts
                 message = {"type": "successors", "connected": counts[0], "synced": counts[1]}
@@ -283,6 +290,36 @@ class ProxyHandoffServer:
             item = conn.queue.get_nowait()
             if not item.done.done():
                 item.done.set_exception(ProxyGoneError(f"proxy pid {conn.peer_pid} disconnected"))
+
+
+class _GroupMember(Protocol):
+    group: str
+    workers: int
+    order: int
+    synced: bool
+
+
+def successor_groups(connections: Sequence[_GroupMember]) -> dict[str, tuple[int, int]]:
+    """Per group: how many groups came after it, and how many of those hold every pod.
+
+    A group came after another if its first connection did; it holds every
+    pod once as many of its workers as it declared are synced.
+    """
+    first: dict[str, int] = {}
+    workers: dict[str, int] = {}
+    synced: dict[str, int] = {}
+    for conn in connections:
+        first[conn.group] = min(first.get(conn.group, conn.order), conn.order)
+        workers[conn.group] = max(workers.get(conn.group, 1), conn.workers)
+        synced[conn.group] = synced.get(conn.group, 0) + conn.synced
+    complete = {group for group, count in synced.items() if count >= workers[group]}
+    return {
+        group: (
+            sum(1 for other in first if first[other] > order),
+            sum(1 for other in complete if first[other] > order),
+        )
+        for group, order in first.items()
+    }
 
 
 def _log_failure(done: asyncio.Future[None]) -> None:

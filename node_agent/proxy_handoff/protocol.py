@@ -7,6 +7,7 @@ never needs the host's /var/run/netns mounted and cannot be fooled by a path
 that was reused for another namespace.
 
     proxy -> agent   {"type": "hello", "version": 2}
+                     {"type": "hello", "version": 3, "group": "...", "workers": N}
     agent -> proxy   {"seq": N, "type": "add", "pod": {...}}      + 1 fd (the pod netns)
                      {"seq": N, "type": "remove", "uid": "..."}
                      {"seq": N, "type": "snapshot_done"}
@@ -27,6 +28,13 @@ when told to stop, whether someone else already listens in every pod: it
 closes its listeners only then (or when its handover time is up), so the
 kernel moves its queued connections to the successor instead of resetting
 them. A version 1 proxy never gets it.
+
+Version 3 is a proxy of several worker processes (`weir proxy run
+--workers`): each worker is a connection of its own, and all of a proxy's
+workers say the same `group` and how many workers it has. Workers of one
+group are not each other's successors; a group counts as one successor,
+connected with its first worker and holding every pod once all its workers
+do. A proxy of one worker still says version 2, which every agent speaks.
 """
 
 from __future__ import annotations
@@ -36,14 +44,17 @@ import ipaddress
 import json
 import socket
 from dataclasses import asdict, dataclass
-from typing import Any, TypeGuard
+from typing import Any, Final, TypeGuard
 
 from weir_common.errors import InvalidInputError
 
 VERSION = 2
+GROUP_VERSION = 3
 # Version 1 proxies (before successors existed) are still served.
-SUPPORTED_VERSIONS = frozenset({1, 2})
+SUPPORTED_VERSIONS = frozenset({1, 2, 3})
 MAX_DATAGRAM = 64 * 1024
+MAX_GROUP_LENGTH = 64
+MAX_WORKERS = 64
 
 
 class ProtocolError(InvalidInputError):
@@ -119,8 +130,31 @@ def decode(data: bytes) -> dict[str, Any]:
     return message
 
 
-def expect_hello(message: dict[str, Any]) -> int:
-    """The version the proxy speaks."""
+@dataclass(frozen=True)
+class Hello:
+    """What a proxy says first: its version and, from version 3, its worker group."""
+
+    version: int
+    group: str | None = None  # None: a proxy of one process, a group of its own
+    workers: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        if self.group is None:
+            return {"type": "hello", "version": self.version}
+        return {
+            "type": "hello",
+            "version": self.version,
+            "group": self.group,
+            "workers": self.workers,
+        }
+
+
+# What a proxy of one process says.
+SINGLE_PROCESS_HELLO: Final = Hello(VERSION)
+
+
+def expect_hello(message: dict[str, Any]) -> Hello:
+    """What the proxy said in its hello; ProtocolError if it is not one."""
     version = message.get("version")
     # type(), not isinstance: JSON true is a bool, and True == 1.
     if (
@@ -129,9 +163,23 @@ def expect_hello(message: dict[str, Any]) -> int:
         or version not in SUPPORTED_VERSIONS
     ):
         raise ProtocolError(
-            f"expected hello with a version in {sorted(SUPPORTED_VERSIONS)}, got {message}"
+            f"expected hello with a version in {sorted(SUPPORTED_VERSIONS)}, "
+            f"got {_excerpt(message)}"
         )
-    return version
+    if version < GROUP_VERSION:
+        return Hello(version)
+    group, workers = message.get("group"), message.get("workers")
+    if not isinstance(group, str) or not 0 < len(group) <= MAX_GROUP_LENGTH:
+        raise ProtocolError(
+            f"version {version} hello without a group of 1 to {MAX_GROUP_LENGTH} characters: "
+            f"{_excerpt(message)}"
+        )
+    if type(workers) is not int or not 1 <= workers <= MAX_WORKERS:
+        raise ProtocolError(
+            f"version {version} hello without a worker count of 1 to {MAX_WORKERS}: "
+            f"{_excerpt(message)}"
+        )
+    return Hello(version, group, workers)
 
 
 async def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:

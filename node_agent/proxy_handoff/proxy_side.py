@@ -73,12 +73,19 @@ class Handover:
 
 
 class ProxyHandoffClient:
+    """`hello` says which proxy this is: a worker of a group says its group (see protocol)."""
+
     def __init__(
-        self, path: Path, handler: PodHandler, backoff: Backoff = RECONNECT_BACKOFF
+        self,
+        path: Path,
+        handler: PodHandler,
+        backoff: Backoff = RECONNECT_BACKOFF,
+        hello: protocol.Hello = protocol.SINGLE_PROCESS_HELLO,
     ) -> None:
         self.path = path
         self._handler = handler
         self._backoff = backoff
+        self._hello = hello
         self._fds: dict[str, int] = {}
         # Set once the first full snapshot is applied; readiness waits on it.
         self.synced = asyncio.Event()
@@ -112,7 +119,7 @@ class ProxyHandoffClient:
         sock.setblocking(False)
         try:
             await asyncio.get_running_loop().sock_connect(sock, str(self.path))
-            await protocol.send(sock, {"type": "hello", "version": protocol.VERSION})
+            await protocol.send(sock, self._hello.to_json())
             in_snapshot: set[str] | None = set()
             # A new session (the agent restarted) says it afresh if there are any.
             await self._set_successors(Successors())

@@ -1,10 +1,15 @@
 """`weir proxy run` end to end: a real control plane (TLS, delta xDS, CA), two proxy
-processes dropped to UID 1337, pods served by hand, A reaching B through both."""
+processes dropped to UID 1337, pods served by hand, A reaching B through both; and
+the same with two worker processes per proxy, which share the listeners and are
+seen (metrics, readiness, connections) through the first one."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -103,7 +108,33 @@ def echo(pod: Pod, dst: Pod) -> bytes:
         return sock.recv(64)
 
 
-def test_weir_proxy_run_end_to_end(tmp_path):
+def admin_section(port: int, name: str):
+    body = http_get(port, f"/config_dump?section={name}")
+    assert body is not None, f"no answer from the admin port for {name}"
+    return json.loads(body)[name]
+
+
+def listeners(pod: Pod, port: int) -> int:
+    """Listening sockets on `port` in the pod's netns (a worker's each)."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", pod.netns_name, "ss", "-Hltn", f"sport = :{port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return len(out.splitlines())
+
+
+def opened(text: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("istio_tcp_connections_opened_total{")
+    )
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-worker", "two-workers"])
+def test_weir_proxy_run_end_to_end(tmp_path, workers):
     (tmp_path / "mesh.yaml").write_text(MESH)
     grpc_port, http_port = free_port(), free_port()
     root = tmp_path / "state" / "root-cert.pem"
@@ -137,6 +168,7 @@ def test_weir_proxy_run_end_to_end(tmp_path):
             asyncio.run(register(endpoint, [a, b]))
             metrics = {"node-1": free_port(), "node-2": free_port()}
             readiness = {"node-1": free_port(), "node-2": free_port()}
+            admin = {"node-1": free_port(), "node-2": free_port()}
             token_files = {}
             for node, token in TOKENS.items():
                 token_files[node] = tmp_path / f"{node}.token"
@@ -155,7 +187,8 @@ def test_weir_proxy_run_end_to_end(tmp_path):
                                 "--drop-to-uid", "1337",
                                 "--metrics-listen", f"127.0.0.1:{metrics[pod.node.name]}",
                                 "--readiness-listen", f"127.0.0.1:{readiness[pod.node.name]}",
-                                "--admin-listen", f"127.0.0.1:{free_port()}",
+                                "--admin-listen", f"127.0.0.1:{admin[pod.node.name]}",
+                                "--workers", str(workers),
                             ],
                             tmp_path / f"proxy-{pod.node.name}.log",
                         )
@@ -180,12 +213,104 @@ def test_weir_proxy_run_end_to_end(tmp_path):
                 text = http_get(metrics["node-2"], "/metrics") or ""
                 assert 'source_principal="spiffe://cluster.local/ns/default/sa/a"' in text
                 assert 'connection_security_policy="mutual_tls"' in text
+                assert listeners(b, 15006) == workers and listeners(a, 15001) == workers
+                others = []
+                if workers > 1:
+                    check_workers(a, b, admin["node-1"], metrics["node-1"], workers)
+                    for port in admin.values():
+                        others += [row["pid"] for row in admin_section(port, "workers")[1:]]
                 for proc in proxies.values():
                     proc.send_signal(signal.SIGTERM)
                 for proc in proxies.values():
                     assert proc.wait(timeout=15) == 0
+                # The other workers drained and exited with the first.
+                assert not [pid for pid in others if Path(f"/proc/{pid}").exists()]
         finally:
             server.close()
             for pod in (a, b):
                 with contextlib.suppress(Exception):
                     capture.remove(pod.netns)
+
+
+def check_workers(a: Pod, b: Pod, admin: int, metrics: int, workers: int) -> None:
+    """Every worker of a's proxy serves; what the first one shows counts them all in.
+
+    On a's side, where the app's connections are accepted, the kernel spreads
+    them over the workers. (b's proxy takes them as streams of the pooled
+    HBONE connections, each accepted by one of its workers.)"""
+    table = admin_section(admin, "workers")
+    assert [row["worker"] for row in table] == list(range(workers))
+    for row in table[1:]:
+        assert "Uid:\t1337\t1337\t1337\t1337" in Path(f"/proc/{row['pid']}/status").read_text()
+    before = opened(http_get(metrics, "/metrics") or "")
+    for _ in range(40):
+        assert echo(a, b) == b"through weir proxy run"
+    # Every worker's, asked for as /metrics is served.
+    assert opened(http_get(metrics, "/metrics") or "") == before + 40
+    spread = [row["connections_opened"] for row in admin_section(admin, "workers")]
+    assert all(count > 0 for count in spread), f"a worker took no connection: {spread}"
+    # Open connections of every worker show in `connections`.
+    with contextlib.ExitStack() as held:
+        for _ in range(12):
+            with entered(a.netns):
+                sock = held.enter_context(socket.socket())
+            sock.settimeout(5)
+            sock.connect((str(b.ipv4), APP_PORT))
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"
+        live = admin_section(admin, "connections")
+        assert sum(c["direction"] == "outbound" for c in live) == 12
+
+
+def test_a_worker_that_dies_stops_the_proxy(tmp_path):
+    """The group lives and dies together: the kubelet restarts the container."""
+    (tmp_path / "mesh.yaml").write_text(MESH)
+    grpc_port, http_port = free_port(), free_port()
+    root = tmp_path / "state" / "root-cert.pem"
+    with (
+        process(
+            [
+                sys.executable, "-c", CONTROL_PLANE,
+                "--config", str(tmp_path / "mesh.yaml"),
+                "--listen", f"127.0.0.1:{grpc_port}",
+                "--http-listen", f"127.0.0.1:{http_port}",
+                "--state-dir", str(tmp_path / "state"),
+            ],
+            tmp_path / "controlplane.log",
+        ),
+    ):  # fmt: skip
+        wait_until(
+            lambda: http_get(http_port, "/healthz/ready") is not None and root.exists(),
+            "the control plane to be ready",
+        )
+        token = tmp_path / "node-1.token"
+        token.write_text(TOKENS["node-1"])
+        readiness, admin = free_port(), free_port()
+        log = tmp_path / "proxy.log"
+        with process(
+            [
+                sys.executable, "-c", PROXY, "proxy", "run",
+                "--control-plane", f"127.0.0.1:{grpc_port}",
+                "--control-plane-roots", str(root),
+                "--node", "node-1",
+                "--token-file", str(token),
+                "--drop-to-uid", "1337",
+                "--metrics-listen", f"127.0.0.1:{free_port()}",
+                "--readiness-listen", f"127.0.0.1:{readiness}",
+                "--admin-listen", f"127.0.0.1:{admin}",
+                "--workers", "3",
+            ],
+            log,
+        ) as proxy:  # fmt: skip
+            wait_until(
+                lambda: http_get(readiness, "/healthz/ready") == "ready\n",
+                "all three workers to be ready",
+            )
+            pids = [row["pid"] for row in admin_section(admin, "workers")]
+            assert len(set(pids)) == 3 and pids[0] == proxy.pid
+            os.kill(pids[2], signal.SIGKILL)
+            assert proxy.wait(timeout=20) != 0
+            text = log.read_text()
+            assert re.search(rf"worker 2 \(pid {pids[2]}\) exited \(killed by SIGKILL\)", text)
+            # The other follower was stopped too, not left behind.
+            wait_until(lambda: not Path(f"/proc/{pids[1]}").exists(), "worker 1 to exit")

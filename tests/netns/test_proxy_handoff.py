@@ -19,8 +19,8 @@ import pytest
 from node_agent.constants import PROXY_UID
 from node_agent.netns import Netns, entered
 from node_agent.proxy_handoff.agent_side import HandoffError, ProxyHandoffServer
-from node_agent.proxy_handoff.protocol import EnrolledPod
-from node_agent.proxy_handoff.proxy_side import ProxyHandoffClient
+from node_agent.proxy_handoff.protocol import GROUP_VERSION, EnrolledPod, Hello
+from node_agent.proxy_handoff.proxy_side import ProxyHandoffClient, Successors
 from weir_common.errors import InvalidInputError
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(60)]
@@ -165,6 +165,49 @@ def test_two_proxies_during_a_rollout_both_get_every_pod(tmp_path, namespaces):
             await server.add(pod("a"), namespaces[0])
             assert "a" in old.pods
             assert "a" in new.pods
+        await server.close()
+
+    asyncio.run(scenario())
+
+
+def test_workers_of_one_proxy_are_one_successor_once_all_hold_every_pod(tmp_path, namespaces):
+    """A rollout of a two-worker proxy: its workers are not each other's
+    successors, and the old proxy hears of a successor holding every pod only
+    once both of the new proxy's workers do."""
+
+    async def scenario() -> None:
+        server = ProxyHandoffServer(tmp_path / "handoff.sock", lambda: [(pod("a"), namespaces[0])])
+        await server.start()
+        old_hello, new_hello = Hello(GROUP_VERSION, "old", 2), Hello(GROUP_VERSION, "new", 2)
+        old = [ProxyHandoffClient(server.path, RecordingProxy(), hello=old_hello) for _ in "12"]
+        slow = asyncio.Event()
+
+        class Slow(RecordingProxy):
+            async def add_pod(self, p: EnrolledPod, netns: Netns) -> None:
+                await slow.wait()
+                await super().add_pod(p, netns)
+
+        new_first = ProxyHandoffClient(server.path, RecordingProxy(), hello=new_hello)
+        new_second = ProxyHandoffClient(server.path, Slow(), hello=new_hello)
+        async with running(old[0]), running(old[1]):
+            await until(lambda: server.synced_proxies == 2)
+            assert old[0].successors == old[1].successors == Successors(0, 0)
+            async with running(new_first), running(new_second):
+                await until(new_first.synced.is_set)
+                await until(lambda: old[0].successors == Successors(1, 0))
+                # One of the new workers holds every pod, the other not yet: not synced.
+                await asyncio.sleep(0.2)
+                assert old[1].successors == Successors(1, 0)
+                assert new_first.successors == Successors(0, 0)
+                slow.set()
+                await until(lambda: old[0].successors == old[1].successors == Successors(1, 1))
+                dump = server.dump()
+                assert [(p["group"], p["workers"]) for p in dump] == [
+                    ("old", 2),
+                    ("old", 2),
+                    ("new", 2),
+                    ("new", 2),
+                ]
         await server.close()
 
     asyncio.run(scenario())

@@ -5,7 +5,8 @@ client (node-1) -> server (node-2) through both node proxies over HBONE, at
 while the old proxy drains. Each node's proxy is upgraded the way a
 DaemonSet rolls with maxSurge: the successor starts beside it, and the old
 one is told to stop once the successor reached the agent. No new connection
-may fail and no long-lived one may be reset.
+may fail and no long-lived one may be reset. All of it with one proxy
+process per node, then with two workers per node proxy (`--workers 2`).
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ class Mesh:
     server: Pod
 
 
-@pytest.fixture(scope="module")
-def mesh() -> Iterator[Mesh]:
-    with LocalMesh(CONFIG, real_proxy, proxy_drain_seconds=DRAIN_S) as local:
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-worker", "two-workers"])
+def mesh(request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    with LocalMesh(
+        CONFIG, real_proxy, proxy_drain_seconds=DRAIN_S, proxy_workers=request.param
+    ) as local:
         local.add_node("node-1", "10.244.1.0/24")
         local.add_node("node-2", "10.244.2.0/24")
         client = local.add_pod("node-1", "client")

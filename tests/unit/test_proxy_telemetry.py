@@ -101,7 +101,7 @@ def test_metrics_endpoint_serves_prometheus_text_and_readiness():
         return reply
 
     async def main():
-        server = MetricsServer(metrics, lambda: ready[0])
+        server = MetricsServer(metrics.render, lambda: ready[0])
         port = await server.start("127.0.0.1", 0)
         try:
             reply = await get(port, "/metrics")

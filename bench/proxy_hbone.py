@@ -10,7 +10,7 @@ Three paths between two simulated nodes (LocalTopology, real CNI wiring):
 - weir:   pod a (node 1, captured) -> 15001 of proxy 1 -> HBONE (mTLS, pooled) ->
           15008 of proxy 2 -> pod b (node 2, captured); each proxy its own process;
 - envoy:  pod e -> Envoy in e (tcp_proxy + tunneling_config) -> HBONE -> Envoy in f
-          (CONNECT termination) -> pod f; each Envoy with --concurrency 1.
+          (CONNECT termination) -> pod f; each Envoy with --concurrency 1 (see --workers).
 
 Both do the same job per connection, an access log included: each Weir proxy
 and each Envoy writes one JSON line per connection (stream) to /dev/null,
@@ -27,7 +27,14 @@ The ends are C programs (bench/native: weir_load, weir_echo), the same on
 every path, so only what sits in between differs. The two processes in the
 middle (both proxies, or both Envoys) are pinned to one CPU (--middle-cpu,
 default 1), the load generator and the echo servers to another (--harness-cpu,
-default 0). Each repeat runs every path once, in an order rotated by one each
+default 0).
+
+--workers N runs each Weir node proxy as N processes sharing its listeners
+(what `weir proxy run --workers N` forks: whole proxies, each its own
+bench/proxy_hbone_child.py here) and each Envoy with --concurrency N; give
+--middle-cpu a list (1,2 or 0,1) for them to spread over. Where it includes
+the harness's CPU, both share it and the figures say what the machine does,
+not what the middle does alone. Each repeat runs every path once, in an order rotated by one each
 repeat (direct, weir, envoy; then weir, envoy, direct; ...), so a slow spell of
 a shared machine falls on every path alike. The table shows the median over
 repeats and the range (min..max).
@@ -446,10 +453,13 @@ def render_rss(rss: Mapping[str, float]) -> str:
     return "\n".join(f"{name:40} {kib / 1024:8.1f} MiB" for name, kib in rss.items())
 
 
-def check_cpus(harness: int, middle: int, available: set[int]) -> None:
-    if harness == middle:
-        raise ValueError(f"--harness-cpu and --middle-cpu must differ (both {harness})")
-    for flag, cpu in (("--harness-cpu", harness), ("--middle-cpu", middle)):
+def check_cpus(harness: int, middle: tuple[int, ...], available: set[int]) -> None:
+    if middle == (harness,):
+        raise ValueError(
+            f"--middle-cpu {harness} is --harness-cpu: share it only in a list of CPUs "
+            "the middle spreads over (0,1)"
+        )
+    for flag, cpu in (("--harness-cpu", harness), *(("--middle-cpu", c) for c in middle)):
         if cpu not in available:
             raise ValueError(f"{flag} {cpu} is not a CPU this process may use {sorted(available)}")
 
@@ -499,11 +509,12 @@ def stop(proc: subprocess.Popen[str]) -> None:
         proc.wait(timeout=5)
 
 
-def pin(pid: int, cpu: int) -> None:
-    """Every thread of `pid` onto `cpu` (sched_setaffinity on a pid moves only its main thread)."""
+def pin(pid: int, cpus: tuple[int, ...]) -> None:
+    """Every thread of `pid` onto `cpus` (sched_setaffinity on a pid moves only its main
+    thread)."""
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(task.name), {cpu})
+            os.sched_setaffinity(int(task.name), set(cpus))
 
 
 def cpu_seconds(pids: Sequence[int]) -> float:
@@ -557,7 +568,7 @@ def measure(binary: Path, path: str, target: Target, args: argparse.Namespace) -
         f"{path} warm-up",
     )
     figures: dict[str, float] = {}
-    cpus = {"harness": args.harness_cpu, "middle": args.middle_cpu}
+    cpus = {"harness": (args.harness_cpu,), "middle": args.middle_cpu}
     for phase in phases(args.rates, args.phases):
         argv = load_argv(binary, phase, target.host, target.port, args)
         before, ticks_before = cpu_seconds(target.middle), cpu_ticks()
@@ -565,9 +576,9 @@ def measure(binary: Path, path: str, target: Target, args: argparse.Namespace) -
         spent, ticks_after = cpu_seconds(target.middle) - before, cpu_ticks()
         report = parse_report(out, phase.mode)
         figures.update(phase_figures(phase, report, spent if target.middle else None))
-        for who, cpu in cpus.items():
-            busy = busy_percent(ticks_before[cpu], ticks_after[cpu])
-            figures[f"{phase.name}_{who}_cpu_pct"] = busy
+        for who, group in cpus.items():
+            busy = [busy_percent(ticks_before[cpu], ticks_after[cpu]) for cpu in group]
+            figures[f"{phase.name}_{who}_cpu_pct"] = sum(busy) / len(busy)
     return figures
 
 
@@ -646,16 +657,22 @@ def certificates_for(
     return {str(i): certificate_json(issuer.issue(i)) for i in sorted(identities, key=str)}
 
 
+def worker_name(node: str, index: int) -> str:
+    """The first worker is named by its node alone, as a proxy of one process is."""
+    return node if index == 0 else f"{node} worker {index}"
+
+
 def enroll_many(
     topology: LocalTopology,
     node: Node,
-    proxy: subprocess.Popen[str],
+    workers: Sequence[subprocess.Popen[str]],
     issuer: LocalCaCertificates,
     capture: IptablesCapture,
     captured: list[Pod],
     count: int,
 ) -> dict[str, float]:
-    """`count` more captured pods on `node`, enrolled with its proxy; how long each part took."""
+    """`count` more captured pods on `node`, enrolled with each worker of its proxy; how long
+    each part took."""
     started = time.monotonic()
     pods = []
     for i in range(count):
@@ -670,12 +687,14 @@ def enroll_many(
         "certificates": certificates_for(issuer, workloads),
         "pods": [{"key": f"{p.namespace}/{p.name}", "netns": str(p.netns.path)} for p in pods],
     }
-    assert proxy.stdin is not None
-    proxy.stdin.write(json.dumps(request) + "\n")
-    proxy.stdin.flush()
-    answer = read_line(proxy, ENROLL_TIMEOUT, "node-1 proxy enrolling pods")
-    if answer != f"added {count}":
-        raise BenchError(f"node-1 proxy answered {answer!r} to {count} pods")
+    for worker in workers:
+        assert worker.stdin is not None
+        worker.stdin.write(json.dumps(request) + "\n")
+        worker.stdin.flush()
+    for worker in workers:
+        answer = read_line(worker, ENROLL_TIMEOUT, "node-1 proxy enrolling pods")
+        if answer != f"added {count}":
+            raise BenchError(f"node-1 proxy answered {answer!r} to {count} pods")
     return {"pods_wired_s": wired - started, "pods_enrolled_s": time.monotonic() - wired}
 
 
@@ -744,7 +763,7 @@ def run_benchmark(args: argparse.Namespace) -> Result:
             for pod in (a, b, e, f):
                 capture.apply(pod.netns, CaptureConfig())
                 captured.append(pod)
-            proxies: dict[str, subprocess.Popen[str]] = {}
+            proxies: dict[str, list[subprocess.Popen[str]]] = {}
             for node, pod in (("node-1", a), ("node-2", b)):
                 config = work / f"{node}.json"
                 config.write_text(
@@ -760,10 +779,11 @@ def run_benchmark(args: argparse.Namespace) -> Result:
                         }
                     )
                 )
-                proxies[node] = spawn(
-                    None, [sys.executable, str(CHILD), str(config)], f"{node} proxy"
-                )
-                children.append(proxies[node])
+                proxies[node] = [
+                    spawn(None, [sys.executable, str(CHILD), str(config)], f"{node} proxy {i}")
+                    for i in range(args.workers)
+                ]
+                children += proxies[node]
             for pod in (b, d, f):
                 argv = [str(echo_binary), "--addr", str(pod.ipv4), "--port", str(ECHO_PORT)]
                 children.append(spawn(pod.netns, argv, f"echo server in {pod.name}"))
@@ -792,6 +812,7 @@ def run_benchmark(args: argparse.Namespace) -> Result:
                 envoy_dir,
                 "envoy-e",
                 uid=PROXY_UID,
+                concurrency=args.workers,
             )
             envoys.append(client)
             server = EnvoyProcess(
@@ -806,11 +827,16 @@ def run_benchmark(args: argparse.Namespace) -> Result:
                 envoy_dir,
                 "envoy-f",
                 uid=PROXY_UID,
+                concurrency=args.workers,
             )
             envoys.append(server)
             client.wait_listening("127.0.0.1", ENVOY_PORT)
             server.wait_listening(f_ip, 15008)
-            weir_pids = {name: proc.pid for name, proc in proxies.items()}
+            weir_pids = {
+                worker_name(node, i): proc.pid
+                for node, procs in proxies.items()
+                for i, proc in enumerate(procs)
+            }
             for pid in (*weir_pids.values(), client.pid, server.pid):
                 pin(pid, args.middle_cpu)
             targets = {
@@ -836,8 +862,8 @@ def run_benchmark(args: argparse.Namespace) -> Result:
                 add_added_p99(run, args.rates)
                 add_failure_totals(run)
                 result.runs.append(run)
-            rss["weir proxy node-1 (1 pod)"] = vm_rss_kib(weir_pids["node-1"])
-            rss["weir proxy node-2 (1 pod)"] = vm_rss_kib(weir_pids["node-2"])
+            for name, pid in weir_pids.items():
+                rss[f"weir proxy {name} (1 pod)"] = vm_rss_kib(pid)
             rss["envoy client (e)"] = vm_rss_kib(client.pid)
             rss["envoy server (f)"] = vm_rss_kib(server.pid)
             if args.pods:
@@ -846,7 +872,9 @@ def run_benchmark(args: argparse.Namespace) -> Result:
                     topology, n1, proxies["node-1"], issuer, capture, captured, args.pods
                 )
                 time.sleep(1.0)
-                rss[f"weir proxy node-1 ({args.pods + 1} pods)"] = vm_rss_kib(weir_pids["node-1"])
+                for i in range(args.workers):
+                    name = worker_name("node-1", i)
+                    rss[f"weir proxy {name} ({args.pods + 1} pods)"] = vm_rss_kib(weir_pids[name])
         finally:
             for envoy in envoys:
                 envoy.close()
@@ -943,6 +971,16 @@ def positive_seconds(value: str) -> float:
     return seconds
 
 
+def cpu_list(value: str) -> tuple[int, ...]:
+    try:
+        cpus = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a CPU or a list of them") from None
+    if len(set(cpus)) != len(cpus) or min(cpus) < 0:
+        raise argparse.ArgumentTypeError(f"{value}: a CPU is given twice, or is negative")
+    return cpus
+
+
 def rate_list(value: str) -> list[int]:
     rates = [positive_int(part) for part in value.split(",")]
     if len(set(rates)) != len(rates):
@@ -1012,7 +1050,16 @@ def parse_args(argv: Sequence[str], available_cpus: set[int] | None = None) -> a
         "--harness-cpu", type=int, default=0, help="CPU of the load generator and echo servers"
     )
     parser.add_argument(
-        "--middle-cpu", type=int, default=1, help="CPU of the proxies and the Envoys"
+        "--middle-cpu",
+        type=cpu_list,
+        default=(1,),
+        help="CPU of the proxies and the Envoys (a list, 1,2, with --workers)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="processes per Weir node proxy, and each Envoy's --concurrency (default 1)",
     )
     parser.add_argument(
         "--json", type=Path, help="write raw per-repeat figures and the summary here"

@@ -541,8 +541,10 @@ class EnvoyProcess:
         name: str,
         *,
         uid: int | None = None,
+        concurrency: int = 1,
     ) -> None:
-        """`uid` (and the same gid) to run as: the proxy's 1337 lets capture exempt it."""
+        """`uid` (and the same gid) to run as: the proxy's 1337 lets capture exempt it;
+        `concurrency`: Envoy's worker threads."""
         work_dir.mkdir(parents=True, exist_ok=True)
         config_path = work_dir / f"{name}.json"
         config_path.write_text(json.dumps(config))
@@ -554,7 +556,7 @@ class EnvoyProcess:
                     "-c",
                     str(config_path),
                     "--concurrency",
-                    "1",
+                    str(concurrency),
                     "--disable-hot-restart",
                     "--log-level",
                     "warning",

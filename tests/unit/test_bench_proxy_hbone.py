@@ -45,7 +45,7 @@ def test_defaults() -> None:
     args = parse_args([], CPUS)
     assert (args.repeats, args.seconds, args.bulk_mib) == (5, 5.0, 512)
     assert (args.conns, args.crr_conns, args.size, args.rates) == (32, 32, 1024, [1000, 5000])
-    assert (args.harness_cpu, args.middle_cpu, args.pods) == (0, 1, 100)
+    assert (args.harness_cpu, args.middle_cpu, args.pods, args.workers) == (0, (1,), 100, 1)
     assert args.json is None and args.py_spy is None
 
 
@@ -72,8 +72,11 @@ def test_quick_and_an_explicit_length_contradict(capsys: pytest.CaptureFixture[s
         (["--pods", "-1"], "-1 must be 0 or more"),
         (["--pods", "1e2"], "'1e2' is not an integer"),
         (["--size", str(2 << 20)], "above weir_load's 1 MiB"),
-        (["--middle-cpu", "0"], "--harness-cpu and --middle-cpu must differ (both 0)"),
+        (["--middle-cpu", "0"], "--middle-cpu 0 is --harness-cpu: share it only in a list"),
         (["--middle-cpu", "7"], "--middle-cpu 7 is not a CPU this process may use [0, 1]"),
+        (["--middle-cpu", "1,1"], "a CPU is given twice"),
+        (["--middle-cpu", "1;0"], "'1;0' is not a CPU or a list of them"),
+        (["--workers", "0"], "0 must be at least 1"),
         (["--json", "/nonexistent-dir/out.json"], "no directory /nonexistent-dir"),
         (["--phases", "rr,tls"], "tls: not a phase (they are bulk, rr, rate, crr)"),
         (["--phases", "rr,rr"], "a phase is given twice"),
@@ -85,6 +88,11 @@ def test_bad_options_are_refused_before_anything_runs(
     with pytest.raises(SystemExit):
         parse_args(argv, CPUS)
     assert message in capsys.readouterr().err
+
+
+def test_workers_may_spread_over_every_cpu() -> None:
+    args = parse_args(["--workers", "2", "--middle-cpu", "0,1"], CPUS)
+    assert (args.workers, args.middle_cpu) == (2, (0, 1))
 
 
 def test_no_extra_pods() -> None:

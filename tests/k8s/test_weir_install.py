@@ -79,6 +79,14 @@ def test_the_install_brings_every_component_to_ready(installed: Cluster) -> None
     for name in ("weir-agent", "weir-proxy"):
         ds = json.loads(_ok(cluster, "get", "-n", SYSTEM, f"ds/{name}", "-o", "json"))
         assert ds["status"]["numberReady"] == ds["status"]["desiredNumberScheduled"] == 2, name
+    # Each node's proxy runs two workers (--workers=2), both following the agent as one group.
+    for node in ("n1", "n2"):
+        agent = _on_node(cluster, SYSTEM, "app.kubernetes.io/name=weir-agent", node)
+        url = "http://127.0.0.1:15019/config_dump?section=workers"
+        workers = json.loads(_fetch_local(cluster, agent, url))["workers"]
+        assert [w["worker"] for w in workers] == [0, 1], workers
+        proxies = _admin_section(cluster, node, "proxies")
+        assert len(proxies) == 2 and len({p["group"] for p in proxies}) == 1, proxies
 
 
 @pytest.fixture(scope="module")

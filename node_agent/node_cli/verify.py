@@ -58,6 +58,7 @@ class Process:
     effective_uid: int
     # In the netns verify runs in (the node's); others are pods' (or other nodes' in a local mesh).
     here: bool = True
+    parent: int = 0
 
 
 # -- decisions (pure) ------------------------------------------------------------
@@ -237,6 +238,16 @@ def uid_check(processes: Sequence[Process], proxy_pids: Collection[int]) -> Chec
     return Check(f"UID {PROXY_UID}", True, f"the proxy (pid {pids}) only")
 
 
+def with_workers(owners: Collection[int], processes: Iterable[Process]) -> set[int]:
+    """The proxy's processes: those holding its admin listener (the first worker) and
+    the UID 1337 children they forked (its other workers, `--workers`)."""
+    return set(owners) | {
+        p.pid
+        for p in processes
+        if p.parent in owners and PROXY_UID in (p.real_uid, p.effective_uid)
+    }
+
+
 def listening_inodes(sockets: Iterable[TcpSocket], port: int) -> set[int]:
     """Socket inodes listening on loopback `port`: the proxy's admin listener."""
     return {
@@ -252,7 +263,14 @@ def parse_status(pid: int, text: str) -> Process | None:
     uids = fields.get("Uid", "").split()
     if len(uids) < 2 or not all(u.isdigit() for u in uids[:2]):
         return None
-    return Process(pid, fields.get("Name", "").strip(), int(uids[0]), int(uids[1]))
+    parent = fields.get("PPid", "").strip()
+    return Process(
+        pid,
+        fields.get("Name", "").strip(),
+        int(uids[0]),
+        int(uids[1]),
+        parent=int(parent) if parent.isdigit() else 0,
+    )
 
 
 def count_owned(save_output: str) -> int:
@@ -279,6 +297,14 @@ def _processes(proc: Path = Path("/proc")) -> list[Process]:
         if process is not None:
             found.append(replace(process, here=netns == here))
     return found
+
+
+def running_proxy(admin_port: int) -> tuple[list[Process], set[int]]:
+    """Every process here, and the pids of the proxy whose admin listens on `admin_port`."""
+    processes = _processes()
+    as_proxy = [p for p in processes if PROXY_UID in (p.real_uid, p.effective_uid)]
+    inodes = listening_inodes(_loopback_sockets(), admin_port)
+    return processes, with_workers(_owners(inodes, as_proxy), as_proxy)
 
 
 def _owners(
@@ -397,10 +423,8 @@ def gather(args: argparse.Namespace, agent: Admin, proxy: Admin) -> dict[str, An
         plugin,
         plugin.is_file() and os.access(plugin, os.X_OK),
     )
-    processes = _processes()
-    as_proxy = [p for p in processes if PROXY_UID in (p.real_uid, p.effective_uid)]
-    inodes = listening_inodes(_loopback_sockets(), args.proxy_admin)
-    checks.append(uid_check(processes, _owners(inodes, as_proxy)))
+    processes, proxy_processes = running_proxy(args.proxy_admin)
+    checks.append(uid_check(processes, proxy_processes))
     return {"node": node, "mode": mode, "checks": [asdict(c) for c in checks]}
 
 

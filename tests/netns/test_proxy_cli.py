@@ -25,6 +25,7 @@ from node_agent.controlplane_access import ControlPlaneEndpoint
 from node_agent.controlplane_client import ControlPlaneClient
 from node_agent.localmesh.topology import LocalTopology, Pod
 from node_agent.netns import entered
+from node_agent.node_cli.verify import running_proxy
 from node_agent.redirect.backend import Backend
 from node_agent.redirect.config import CaptureConfig
 from node_agent.redirect.iptables import IptablesCapture
@@ -240,6 +241,9 @@ def check_workers(a: Pod, b: Pod, admin: int, metrics: int, workers: int) -> Non
     HBONE connections, each accepted by one of its workers.)"""
     table = admin_section(admin, "workers")
     assert [row["worker"] for row in table] == list(range(workers))
+    # `weir node verify` takes every worker for the proxy, not for a stray UID 1337 process.
+    _, proxy_pids = running_proxy(admin)
+    assert proxy_pids == {row["pid"] for row in table}
     for row in table[1:]:
         assert "Uid:\t1337\t1337\t1337\t1337" in Path(f"/proc/{row['pid']}/status").read_text()
     before = opened(http_get(metrics, "/metrics") or "")

@@ -18,6 +18,7 @@ from node_agent.node_cli.verify import (
     listening_inodes,
     parse_status,
     uid_check,
+    with_workers,
 )
 from node_agent.redirect.backend import Backend
 from node_agent.redirect.ebpf.preflight import Finding
@@ -193,6 +194,18 @@ def test_a_process_with_uid_1337_real_or_effective_is_reported_by_pid():
     assert "no proxy found" in uid_check([real], set()).detail
 
 
+def test_the_proxys_other_workers_are_the_proxy_too():
+    leader = Process(100, "weir", 1337, 1337)
+    worker = Process(101, "weir", 1337, 1337, parent=100)
+    stray = Process(102, "app", 1337, 1337, parent=1)
+    root_child = Process(103, "sh", 0, 0, parent=100)
+    pids = with_workers({100}, [leader, worker, stray, root_child])
+    assert pids == {100, 101}
+    check = uid_check([leader, worker, stray], pids)
+    assert not check.ok and check.detail.endswith("102 (app)")
+    assert uid_check([leader, worker], pids).detail == "the proxy (pid 100, 101) only"
+
+
 def test_the_proxy_is_the_holder_of_its_loopback_admin_listener():
     loopback, anywhere = ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("0.0.0.0")
     peer = (ipaddress.ip_address("127.0.0.1"), 40000)
@@ -207,6 +220,6 @@ def test_the_proxy_is_the_holder_of_its_loopback_admin_listener():
 
 
 def test_proc_status_is_parsed_for_name_and_uids():
-    text = "Name:\tweir\nUmask:\t0022\nUid:\t1337\t1338\t1337\t1337\nGid:\t0\t0\t0\t0\n"
-    assert parse_status(42, text) == Process(42, "weir", 1337, 1338)
+    text = "Name:\tweir\nUmask:\t0022\nPPid:\t7\nUid:\t1337\t1338\t1337\t1337\nGid:\t0\t0\t0\t0\n"
+    assert parse_status(42, text) == Process(42, "weir", 1337, 1338, parent=7)
     assert parse_status(42, "Name:\tx\n") is None

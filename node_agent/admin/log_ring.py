@@ -39,6 +39,9 @@ class LogRing(logging.Handler):
             "logger": record.name,
             "message": message,
         }
+        worker = getattr(record, "worker", None)
+        if worker is not None:
+            entry["worker"] = worker  # which process of a proxy run with --workers
         with self._lock_ring:
             self._records.append(entry)
 

@@ -25,7 +25,7 @@ import ipaddress
 import json
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -50,6 +50,8 @@ class AdminRegistry:
     on_quit: Callable[[], None] | None = None
     # What /metrics serves (Prometheus text). None: not served.
     metrics: Callable[[], str] | None = None
+    # Other processes' newest log records, merged into /logs (a proxy's other workers).
+    more_logs: Callable[[int], Awaitable[list[dict[str, Any]]]] | None = None
 
     def add_section(self, name: str, section: Section) -> None:
         if name in self.sections:
@@ -128,19 +130,24 @@ def _routes(registry: AdminRegistry, admin: bool) -> dict[str, Route]:
         routes["/logging"] = lambda _query: _json(
             HTTPStatus.OK, log_levels.levels(registry.log_components)
         )
-        routes["/logs"] = _logs_route(log_ring.process_ring())
+        routes["/logs"] = _logs_route(log_ring.process_ring(), registry)
     return routes
 
 
-def _logs_route(ring: log_ring.LogRing) -> Route:
-    def logs(query: Query) -> Reply:
+def _logs_route(ring: log_ring.LogRing, registry: AdminRegistry) -> Route:
+    async def logs(query: Query) -> Reply:
         text = query.get("lines", "100")
         if not text.isdigit() or not 0 < int(text) <= log_ring.CAPACITY:
             return _json(
                 HTTPStatus.BAD_REQUEST,
                 {"error": f"lines={text!r}: a number from 1 to {log_ring.CAPACITY}"},
             )
-        return _json(HTTPStatus.OK, {"records": ring.recent(int(text))})
+        lines = int(text)
+        records = ring.recent(lines)
+        if registry.more_logs is not None:
+            # Every process's newest, in time order (same-format UTC stamps sort as text).
+            records = sorted([*records, *await registry.more_logs(lines)], key=lambda r: r["time"])
+        return _json(HTTPStatus.OK, {"records": records[-lines:]})
 
     return logs
 

@@ -31,6 +31,7 @@ from typing import Any, Final
 
 import uvloop
 
+from node_agent.admin import log_ring
 from node_agent.admin.log_levels import PROXY_COMPONENTS
 from node_agent.admin.server import AdminRegistry, HttpEndpoint, node_info
 from node_agent.constants import (
@@ -458,6 +459,8 @@ async def _answer_leader(role: workers.Follower, proxy: Proxy, registry: AdminRe
             }
         if ask == "section" and request.get("name") in registry.sections:
             return registry.sections[request["name"]]()
+        if ask == "logs":
+            return log_ring.process_ring().recent(int(request["lines"]))
         raise ValueError(f"cannot answer {ask!r} {request.get('name', '')}")
 
     await workers.serve_leader(role.channel, answer)
@@ -477,6 +480,7 @@ def _serve_for_all(proxy: Proxy, registry: AdminRegistry, group: workers.WorkerG
 
     registry.sections["connections"] = connections
     registry.add_section("workers", lambda: group.dump(proxy.metrics.values()))
+    registry.more_logs = group.logs
     proxy.supervisor.start("worker reports", group.report)
 
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from node_agent import libc
+from node_agent.admin import log_ring
 from node_agent.proxy.telemetry import OPENED, MetricValues, values_from_json
 from node_agent.proxy_handoff.protocol import (
     GROUP_VERSION,
@@ -158,8 +159,10 @@ class _WorkerIndex(logging.Filter):
 
 
 def label_logs(role: Role) -> None:
-    """Every log record of this process says its worker (a `worker` field in JSON)."""
+    """Every log record of this process says its worker (a `worker` field in JSON and in
+    the ring the first worker's /logs serves every worker's records from)."""
     if role.workers > 1:
+        log_ring.process_ring()
         for handler in logging.getLogger().handlers:
             handler.addFilter(_WorkerIndex(role.index))
 
@@ -257,6 +260,13 @@ class WorkerGroup:
                 }
             )
         return rows
+
+    async def logs(self, lines: int) -> list[dict[str, Any]]:
+        """Every follower's newest `lines` log records."""
+        answers = await asyncio.gather(
+            *(self._ask(p, {"ask": "logs", "lines": lines}) for p in self._peers)
+        )
+        return [record for answer in answers for record in answer]
 
     async def sections(self, name: str) -> list[Any]:
         """Section `name` of every follower, in worker order."""

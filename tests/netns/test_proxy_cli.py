@@ -241,6 +241,11 @@ def check_workers(a: Pod, b: Pod, admin: int, metrics: int, workers: int) -> Non
     HBONE connections, each accepted by one of its workers.)"""
     table = admin_section(admin, "workers")
     assert [row["worker"] for row in table] == list(range(workers))
+    # /logs (what `weir node logs` reads) has every worker's records, each saying whose.
+    body = http_get(admin, "/logs?lines=1000")
+    assert body is not None
+    serving = [r for r in json.loads(body)["records"] if r["message"].startswith("serving pod")]
+    assert sorted(r["worker"] for r in serving) == list(range(workers))
     # `weir node verify` takes every worker for the proxy, not for a stray UID 1337 process.
     _, proxy_pids = running_proxy(admin)
     assert proxy_pids == {row["pid"] for row in table}

@@ -336,7 +336,7 @@ class WorkerGroup:
             answer = await self._ask(peer, {"ask": "report"})
             peer.report = _Report(
                 at=time.monotonic(),
-                not_ready=answer["not_ready"],
+                not_ready=_reason(answer["not_ready"]),
                 metrics=values_from_json(answer["metrics"]),
             )
             peer.report_error = None
@@ -416,6 +416,12 @@ class WorkerGroup:
         log.critical("proxy stopping: %s", reason)
         self.failure = reason
         self.failed.set()
+
+
+def _reason(value: object) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"a report's not_ready is {value!r}")
+    return value
 
 
 def _opened(values: MetricValues) -> int:

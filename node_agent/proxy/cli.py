@@ -272,38 +272,39 @@ def _run(args: argparse.Namespace) -> int:
     if isinstance(role, workers.Follower):
         # Operators, Prometheus and the kubelet talk to the first worker only.
         settings = replace(settings, metrics_address=None, readiness_address=None)
-    uvloop.run(
-        _serve(
-            settings,
-            endpoint,
-            node=args.node,
-            token=token,
-            pods=args.pod,
-            agent_socket=args.agent_socket,
-            stopping=Stopping(
-                drain=args.drain_seconds,
-                handover=args.handover_seconds,
-                await_successor=args.await_successor_seconds,
-            ),
-            admin_address=args.admin_listen,
-            role=role,
-        )
+    plan = Plan(
+        settings,
+        endpoint,
+        node=args.node,
+        token=token,
+        pods=args.pod,
+        agent_socket=args.agent_socket,
+        stopping=Stopping(
+            drain=args.drain_seconds,
+            handover=args.handover_seconds,
+            await_successor=args.await_successor_seconds,
+        ),
+        admin_address=args.admin_listen,
     )
+    uvloop.run(_serve(plan, role))
     return 0
 
 
-async def _serve(
-    settings: ProxySettings,
-    endpoint: ControlPlaneEndpoint,
-    *,
-    node: str,
-    token: TokenFile,
-    pods: list[tuple[str, Netns]],
-    agent_socket: Path | None,
-    stopping: Stopping,
-    admin_address: tuple[str, int],
-    role: workers.Role,
-) -> None:
+@dataclass(frozen=True)
+class Plan:
+    """What `weir proxy run` was asked to do, the same for every worker."""
+
+    settings: ProxySettings
+    endpoint: ControlPlaneEndpoint
+    node: str
+    token: TokenFile
+    pods: list[tuple[str, Netns]]
+    agent_socket: Path | None
+    stopping: Stopping
+    admin_address: tuple[str, int]
+
+
+async def _serve(plan: Plan, role: workers.Role) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -314,21 +315,10 @@ async def _serve(
         await group.start()
     failed: list[tuple[int, int]] = []
     try:
-        await _serve_proxy(
-            settings,
-            endpoint,
-            node=node,
-            token=token,
-            pods=pods,
-            agent_socket=agent_socket,
-            stopping=stopping,
-            admin_address=admin_address,
-            role=role,
-            group=group,
-            stop=stop,
-        )
+        await _serve_proxy(plan, role, group, stop)
     finally:
         if group is not None:
+            stopping = plan.stopping
             failed = await group.wait_exited(
                 stopping.await_successor
                 + stopping.handover
@@ -345,27 +335,19 @@ async def _serve(
 
 
 async def _serve_proxy(
-    settings: ProxySettings,
-    endpoint: ControlPlaneEndpoint,
-    *,
-    node: str,
-    token: TokenFile,
-    pods: list[tuple[str, Netns]],
-    agent_socket: Path | None,
-    stopping: Stopping,
-    admin_address: tuple[str, int],
-    role: workers.Role,
-    group: workers.WorkerGroup | None,
-    stop: asyncio.Event,
+    plan: Plan, role: workers.Role, group: workers.WorkerGroup | None, stop: asyncio.Event
 ) -> None:
-    async with ProxyControlPlaneClient(endpoint, node, token) as client:
+    settings, node = plan.settings, plan.node
+    async with ProxyControlPlaneClient(plan.endpoint, node, plan.token) as client:
         proxy = build(
             settings, config=XdsConfigSource(client), certificates=CaCertificateProvider(client)
         )
         await proxy.start()
         handoff = None
-        if agent_socket is not None:
-            handoff = ProxyHandoffClient(agent_socket, AgentPods(proxy, node), hello=role.hello)
+        if plan.agent_socket is not None:
+            handoff = ProxyHandoffClient(
+                plan.agent_socket, AgentPods(proxy, node), hello=role.hello
+            )
             proxy.supervisor.start(HANDOFF_TASK, handoff.run)
         registry = _admin(proxy, node, stop, handoff)
         surface = _Surface(ends=[stop, proxy.failed])
@@ -380,11 +362,11 @@ async def _serve_proxy(
                 _serve_for_all(proxy, registry, group)
                 surface.ends.append(group.failed)
             # reuse_port: on Kubernetes the next proxy starts beside this one (maxSurge).
-            surface.admin = HttpEndpoint(registry, *admin_address, admin=True, reuse_port=True)
+            surface.admin = HttpEndpoint(registry, *plan.admin_address, admin=True, reuse_port=True)
         try:
             if surface.admin is not None:
                 await surface.admin.start()
-            for key, netns in pods:
+            for key, netns in plan.pods:
                 await proxy.add_pod(netns, await _registered_workload(proxy, key))
             if isinstance(role, workers.Follower):
                 log.info("worker %d of %d ready", role.index, role.workers)
@@ -400,7 +382,7 @@ async def _serve_proxy(
             if group is not None:
                 # At once: every worker hands over and drains alongside this one.
                 group.stop()
-            await _wind_down(proxy, handoff, stop, stopping)
+            await _wind_down(proxy, handoff, stop, plan.stopping)
             await surface.close()
         if proxy.failure:
             raise NodeSetupError(f"proxy stopped: {proxy.failure}")

@@ -90,6 +90,30 @@ def process(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
         proc.wait(timeout=10)
 
 
+@contextlib.contextmanager
+def control_plane(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A control plane on MESH, serving: its gRPC port and the root to trust."""
+    (tmp_path / "mesh.yaml").write_text(MESH)
+    grpc_port, http_port = free_port(), free_port()
+    root = tmp_path / "state" / "root-cert.pem"
+    with process(
+        [
+            sys.executable, "-c", CONTROL_PLANE,
+            "--config", str(tmp_path / "mesh.yaml"),
+            "--listen", f"127.0.0.1:{grpc_port}",
+            "--http-listen", f"127.0.0.1:{http_port}",
+            "--state-dir", str(tmp_path / "state"),
+        ],
+        tmp_path / "controlplane.log",
+    ):  # fmt: skip
+        # Ready means serving: the root file alone is written before the listener opens.
+        wait_until(
+            lambda: http_get(http_port, "/healthz/ready") is not None and root.exists(),
+            "the control plane to be ready",
+        )
+        yield grpc_port, root
+
+
 async def register(endpoint: ControlPlaneEndpoint, pods: list[Pod]) -> None:
     for pod in pods:
         async with ControlPlaneClient(endpoint, pod.node.name, TOKENS[pod.node.name]) as client:
@@ -136,28 +160,8 @@ def opened(text: str) -> float:
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-worker", "two-workers"])
 def test_weir_proxy_run_end_to_end(tmp_path, workers):
-    (tmp_path / "mesh.yaml").write_text(MESH)
-    grpc_port, http_port = free_port(), free_port()
-    root = tmp_path / "state" / "root-cert.pem"
     capture = IptablesCapture(Backend.NFT)
-    with (
-        process(
-            [
-                sys.executable, "-c", CONTROL_PLANE,
-                "--config", str(tmp_path / "mesh.yaml"),
-                "--listen", f"127.0.0.1:{grpc_port}",
-                "--http-listen", f"127.0.0.1:{http_port}",
-                "--state-dir", str(tmp_path / "state"),
-            ],
-            tmp_path / "controlplane.log",
-        ),
-        LocalTopology() as topo,
-    ):  # fmt: skip
-        # Ready means serving: the root file alone is written before the listener opens.
-        wait_until(
-            lambda: http_get(http_port, "/healthz/ready") is not None and root.exists(),
-            "the control plane to be ready",
-        )
+    with control_plane(tmp_path) as (grpc_port, root), LocalTopology() as topo:
         node1 = topo.add_node("node-1", "10.244.1.0/24")
         node2 = topo.add_node("node-2", "10.244.2.0/24")
         a, b = topo.add_pod(node1, "a"), topo.add_pod(node2, "b")
@@ -273,25 +277,7 @@ def check_workers(a: Pod, b: Pod, admin: int, metrics: int, workers: int) -> Non
 
 def test_a_worker_that_dies_stops_the_proxy(tmp_path):
     """The group lives and dies together: the kubelet restarts the container."""
-    (tmp_path / "mesh.yaml").write_text(MESH)
-    grpc_port, http_port = free_port(), free_port()
-    root = tmp_path / "state" / "root-cert.pem"
-    with (
-        process(
-            [
-                sys.executable, "-c", CONTROL_PLANE,
-                "--config", str(tmp_path / "mesh.yaml"),
-                "--listen", f"127.0.0.1:{grpc_port}",
-                "--http-listen", f"127.0.0.1:{http_port}",
-                "--state-dir", str(tmp_path / "state"),
-            ],
-            tmp_path / "controlplane.log",
-        ),
-    ):  # fmt: skip
-        wait_until(
-            lambda: http_get(http_port, "/healthz/ready") is not None and root.exists(),
-            "the control plane to be ready",
-        )
+    with control_plane(tmp_path) as (grpc_port, root):
         token = tmp_path / "node-1.token"
         token.write_text(TOKENS["node-1"])
         readiness, admin = free_port(), free_port()

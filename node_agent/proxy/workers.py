@@ -56,6 +56,8 @@ REPORT_INTERVAL_SECONDS: Final = 1.0
 ANSWER_TIMEOUT_SECONDS: Final = 5.0
 # A follower that has not reported for this long has a stalled loop: not ready.
 REPORT_STALE_SECONDS: Final = 5.0
+# A follower's channel closing is taken for its failure only if its exit
+# (which says how it died) has not been seen this long after.
 EXIT_AFTER_EOF_SECONDS: Final = 1.0
 # A busy worker's connections section (about 400 bytes per connection).
 MAX_MESSAGE_BYTES: Final = 64 * 1024 * 1024
@@ -382,8 +384,6 @@ class WorkerGroup:
         for waiter in peer.pending.values():
             if not waiter.done():
                 waiter.set_exception(error)
-        # A worker that died closes its channel too: give its exit, which says
-        # how it died, a moment to be the failure reported.
         asyncio.get_running_loop().call_later(
             EXIT_AFTER_EOF_SECONDS, self._channel_lost, peer, error
         )

@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 REPORT_INTERVAL_SECONDS: Final = 1.0
 ANSWER_TIMEOUT_SECONDS: Final = 5.0
+# /metrics waits this long for fresh counters, then serves a slow worker's last
+# report: the kubelet's liveness probe reads /metrics and gives up after 1 s.
+FRESH_METRICS_TIMEOUT_SECONDS: Final = 0.5
 # A follower that has not reported for this long has a stalled loop: not ready.
 REPORT_STALE_SECONDS: Final = 5.0
 # A follower's channel closing is taken for its failure only if its exit
@@ -236,9 +239,11 @@ class WorkerGroup:
         return "; ".join(reasons) or None
 
     async def metric_values(self) -> list[MetricValues]:
-        """Each follower's counters, asked for now (as last reported, for one that
-        does not answer: readiness says so)."""
-        await asyncio.gather(*(self._refresh(peer) for peer in self._peers))
+        """Each follower's counters, asked for now (as last reported, for one slow to
+        answer)."""
+        await asyncio.gather(
+            *(self._refresh(peer, FRESH_METRICS_TIMEOUT_SECONDS) for peer in self._peers)
+        )
         return [peer.report.metrics for peer in self._peers if peer.report is not None]
 
     def dump(self, own: MetricValues) -> list[dict[str, Any]]:
@@ -331,11 +336,11 @@ class WorkerGroup:
 
     # -- underneath ------------------------------------------------------------
 
-    async def _refresh(self, peer: _Peer) -> None:
+    async def _refresh(self, peer: _Peer, timeout: float = ANSWER_TIMEOUT_SECONDS) -> None:
         if peer.exit_code is not None:
             return
         try:
-            answer = await self._ask(peer, {"ask": "report"})
+            answer = await self._ask(peer, {"ask": "report"}, timeout)
             peer.report = _Report(
                 at=time.monotonic(),
                 not_ready=_reason(answer["not_ready"]),
@@ -345,7 +350,9 @@ class WorkerGroup:
         except (ConnectionError, TimeoutError, KeyError, TypeError, ValueError) as e:
             peer.report_error = str(e) or type(e).__name__
 
-    async def _ask(self, peer: _Peer, request: dict[str, Any]) -> Any:  # noqa: ANN401 - JSON
+    async def _ask(
+        self, peer: _Peer, request: dict[str, Any], timeout: float = ANSWER_TIMEOUT_SECONDS
+    ) -> Any:  # noqa: ANN401 - JSON
         writer = peer.writer
         if writer is None or writer.is_closing():
             raise ConnectionError(f"worker {peer.process.index} is not connected")
@@ -355,12 +362,12 @@ class WorkerGroup:
         peer.pending[request_id] = answer
         try:
             writer.write(json.dumps({**request, "id": request_id}).encode() + b"\n")
-            async with asyncio.timeout(ANSWER_TIMEOUT_SECONDS):
+            async with asyncio.timeout(timeout):
                 await writer.drain()
                 return await answer
         except TimeoutError:
             raise TimeoutError(
-                f"worker {peer.process.index} did not answer within {ANSWER_TIMEOUT_SECONDS:g} s"
+                f"worker {peer.process.index} did not answer within {timeout:g} s"
             ) from None
         finally:
             peer.pending.pop(request_id, None)

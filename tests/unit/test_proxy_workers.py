@@ -229,16 +229,34 @@ def test_a_follower_that_dies_fails_the_first_worker_and_the_others_are_stopped(
     uvloop.run(asyncio.wait_for(scenario(), 20))
 
 
-def test_a_follower_that_stops_answering_is_not_ready(monkeypatch: pytest.MonkeyPatch) -> None:
-    def silent(request: dict[str, Any]) -> Any:
-        return asyncio.sleep(3600)
+def test_a_follower_slow_to_answer_counts_with_its_last_report(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """/metrics does not wait on it (the liveness probe reads /metrics), and readiness
+    says it has gone quiet once its report is stale."""
+    answered: list[int] = []
+    prompt = answering(None, 3)
 
-    monkeypatch.setattr(workers, "ANSWER_TIMEOUT_SECONDS", 0.2)
+    def slows_down(request: dict[str, Any]) -> Any:
+        if answered:
+            return asyncio.sleep(3600)
+        answered.append(1)
+        return prompt(request)
+
+    monkeypatch.setattr(workers, "FRESH_METRICS_TIMEOUT_SECONDS", 0.2)
+    monkeypatch.setattr(workers, "REPORT_STALE_SECONDS", 0.3)
 
     async def scenario() -> None:
-        async with group(silent) as (leader, _):
-            assert await leader.metric_values() == []
-            assert "has not reported yet" in (leader.not_ready() or "")
+        async with group(slows_down) as (leader, _):
+            assert [sum(v[OPENED].values()) for v in await leader.metric_values()] == [3]
+            started = asyncio.get_running_loop().time()
+            assert [sum(v[OPENED].values()) for v in await leader.metric_values()] == [3]
+            assert asyncio.get_running_loop().time() - started < 1.0
+            assert leader.not_ready() is None
+            await asyncio.sleep(0.4)
+            reason = leader.not_ready()
+            assert reason is not None and "has not reported for" in reason
+            assert "did not answer within 0.2 s" in reason
             assert not leader.failed.is_set()
 
     uvloop.run(asyncio.wait_for(scenario(), 20))

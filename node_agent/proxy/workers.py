@@ -77,39 +77,37 @@ class FollowerProcess:
 
 
 @dataclass(frozen=True)
-class Leader:
-    """This process is worker 0: it forked `followers`."""
-
-    workers: int
-    group: str
-    followers: tuple[FollowerProcess, ...]
-    index: int = 0
-
-    @property
-    def hello(self) -> Hello:
-        return _hello(self.workers, self.group)
-
-
-@dataclass(frozen=True)
-class Follower:
-    """This process is worker `index`, forked by the leader, `channel` its line to it."""
+class _Worker:
+    """Which of its proxy's `workers` processes this one is, and the group they share."""
 
     index: int
     workers: int
     group: str
-    channel: socket.socket
 
     @property
     def hello(self) -> Hello:
-        return _hello(self.workers, self.group)
+        """What this worker says to the agent."""
+        if self.workers == 1:
+            # Version 2, which agents from before worker groups speak too.
+            return SINGLE_PROCESS_HELLO
+        return Hello(GROUP_VERSION, self.group, self.workers)
+
+
+@dataclass(frozen=True)
+class Leader(_Worker):
+    """This process is worker 0: it forked `followers`."""
+
+    followers: tuple[FollowerProcess, ...]
+
+
+@dataclass(frozen=True)
+class Follower(_Worker):
+    """This process is worker `index`, forked by the leader, `channel` its line to it."""
+
+    channel: socket.socket
 
 
 Role = Leader | Follower
-
-
-def _hello(workers: int, group: str) -> Hello:
-    # One worker says version 2, which agents from before worker groups speak too.
-    return SINGLE_PROCESS_HELLO if workers == 1 else Hello(GROUP_VERSION, group, workers)
 
 
 def fork(workers: int) -> Role:
@@ -139,10 +137,10 @@ def fork(workers: int) -> Role:
             for sibling in followers:
                 sibling.channel.close()
             _die_with(leader)
-            return Follower(index, workers, group, theirs)
+            return Follower(index, workers, group, channel=theirs)
         theirs.close()
         followers.append(FollowerProcess(index, pid, ours))
-    return Leader(workers, group, tuple(followers))
+    return Leader(0, workers, group, followers=tuple(followers))
 
 
 def _die_with(leader: int) -> None:
@@ -270,18 +268,12 @@ class WorkerGroup:
 
     async def logs(self, lines: int) -> list[dict[str, Any]]:
         """Every follower's newest `lines` log records."""
-        answers = await asyncio.gather(
-            *(self._ask(p, {"ask": "logs", "lines": lines}) for p in self._peers)
-        )
+        answers = await self._ask_all({"ask": "logs", "lines": lines})
         return [record for answer in answers for record in answer]
 
     async def sections(self, name: str) -> list[Any]:
         """Section `name` of every follower, in worker order."""
-        return list(
-            await asyncio.gather(
-                *(self._ask(p, {"ask": "section", "name": name}) for p in self._peers)
-            )
-        )
+        return await self._ask_all({"ask": "section", "name": name})
 
     async def report(self) -> None:
         """Ask every follower for its report, every REPORT_INTERVAL_SECONDS, until cancelled."""
@@ -349,6 +341,9 @@ class WorkerGroup:
             peer.report_error = None
         except (ConnectionError, TimeoutError, KeyError, TypeError, ValueError) as e:
             peer.report_error = str(e) or type(e).__name__
+
+    async def _ask_all(self, request: dict[str, Any]) -> list[Any]:
+        return list(await asyncio.gather(*(self._ask(p, request) for p in self._peers)))
 
     async def _ask(
         self, peer: _Peer, request: dict[str, Any], timeout: float = ANSWER_TIMEOUT_SECONDS

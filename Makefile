@@ -18,6 +18,7 @@ BCC_KERNEL_SOURCE := build/bcc-kernel-source
 VENV_STAMP := $(VENV)/.weir-installed
 NATIVE_SOURCES := $(wildcard node_agent/proxy/http2/*.c)
 NATIVE_STAMP := $(VENV)/.weir-native-built
+OPENSSL_STAMP := $(VENV)/.weir-openssl-installed
 
 .PHONY: deps debian-packages venv test test-unit demo lint goldens protos cni-plugin clean \
 	k8s-bins k8s-up k8s-down weir-image k8s-load-weir
@@ -33,7 +34,7 @@ debian-packages:
 		apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing </dev/null; \
 	fi
 
-venv: $(VENV_STAMP) $(NATIVE_STAMP)
+venv: $(VENV_STAMP) $(NATIVE_STAMP) $(OPENSSL_STAMP)
 
 # The .pth puts the checkout itself on the venv's path, so testbed/ (test and
 # benchmark scaffolding, never in the wheel) imports from bench/ scripts too.
@@ -49,6 +50,15 @@ $(VENV_STAMP): pyproject.toml | debian-packages
 # editable install above, and again whenever its source changes.
 $(NATIVE_STAMP): setup.py $(NATIVE_SOURCES) | $(VENV_STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . </dev/null
+	touch $@
+
+# OpenSSL 3.5 for the venv's Python (the node proxy's TLS): Debian 12's 3.0 lacks
+# the VAES AES-GCM code. Built once per user into ~/.cache/weir; the .pth hook
+# loads it at interpreter start (weir_common/openssl_runtime.py).
+$(OPENSSL_STAMP): scripts/build-openssl.sh | $(VENV_STAMP)
+	scripts/build-openssl.sh $(VENV)/lib/weir-openssl
+	$(PY) -m weir_common.openssl_runtime write-hook \
+		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null
 	touch $@
 
 # bcc compiles against kernel headers; this kernel ships none, so merge Debian's

@@ -109,6 +109,7 @@ import os
 import selectors
 import shutil
 import signal
+import ssl
 import statistics
 import subprocess
 import sys
@@ -137,6 +138,7 @@ from testbed.proxy_lab import (
     envoy_hbone_server,
     write_svid,
 )
+from weir_common import openssl_runtime
 from weir_common.mesh import SpiffeId
 
 PATHS: Final = ("direct", "weir", "envoy")
@@ -707,7 +709,13 @@ def machine() -> dict[str, object]:
         ),
         "unknown",
     )
-    return {"cpu_model": model, "cores": os.cpu_count(), "kernel": os.uname().release}
+    return {
+        "cpu_model": model,
+        "cores": os.cpu_count(),
+        "kernel": os.uname().release,
+        # The Weir proxies are this interpreter's children: they run on the same OpenSSL.
+        "weir_openssl": f"{ssl.OPENSSL_VERSION} ({openssl_runtime.owner()})",
+    }
 
 
 def git_head() -> str | None:
@@ -921,7 +929,8 @@ def report(args: argparse.Namespace, result: Result) -> str:
     summary = summarize_runs(result.runs)
     timings = result.timings_s
     parts = [
-        f"{args.repeats} repeat(s), {args.seconds} s phases; median (min..max)",
+        f"{args.repeats} repeat(s), {args.seconds} s phases; median (min..max); "
+        f"Weir on {ssl.OPENSSL_VERSION} ({openssl_runtime.owner()})",
         render_table(summary, table_rows(args.rates, args.conns, args.crr_conns, args.size)),
         "",
         "harness check (direct vs the better proxied path):",

@@ -86,6 +86,7 @@ _LONG = ctypes.c_long
 @functools.cache
 def libssl() -> ctypes.CDLL:
     """The libssl Python's ssl module runs on (the same soname, loaded once)."""
+    libcrypto()  # first: it checks that this is the OpenSSL the ssl module runs on
     library = ctypes.CDLL(f"libssl.so.{_soversion()}")
     _declare(
         library,
@@ -111,6 +112,7 @@ def libcrypto() -> ctypes.CDLL:
     _declare(
         library,
         (
+            ("OpenSSL_version_num", ctypes.c_ulong, []),
             # BIOs: the proxy's write buffer, and memory BIOs for PEM in and out.
             ("BIO_f_buffer", _P, []),  # a BIO_METHOD*
             ("BIO_s_mem", _P, []),
@@ -168,6 +170,14 @@ def libcrypto() -> ctypes.CDLL:
             ("ERR_clear_error", None, []),
         ),
     )
+    # The soname finds whichever libcrypto this process loaded first; if that is
+    # not the one the ssl module runs on, our calls would hand one OpenSSL's
+    # objects to another (weir_common/openssl_runtime.py keeps them one).
+    if library.OpenSSL_version_num() != ssl.OPENSSL_VERSION_NUMBER:
+        raise OSError(
+            f"libcrypto.so.{_soversion()} is OpenSSL {library.OpenSSL_version_num():#x}, "
+            f"but the ssl module runs on {ssl.OPENSSL_VERSION}"
+        )
     return library
 
 

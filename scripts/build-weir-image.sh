@@ -6,8 +6,9 @@
 #         /opt/weir holding weir's dependencies; built once per change of those
 #         and kept in ~/.cache/weir/images (a minute or two, hundreds of MB);
 #   app   the weir wheel installed into that venv, and the weir-cni bundle
-#         (make cni-plugin) at /opt/weir/cni/weir-cni, and bpf/ at
-#         /opt/weir/bpf; seconds, a few MB.
+#         (make cni-plugin) at /opt/weir/cni/weir-cni, bpf/ at /opt/weir/bpf,
+#         and the venv's OpenSSL 3.5 (scripts/build-openssl.sh, as .venv has
+#         it) at /opt/weir/lib/weir-openssl; seconds, about 15 MB.
 # Usage: build-weir-image.sh OUT.tar [TAG]   (TAG defaults to weir.test/weir:dev)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +63,7 @@ from installer.destinations import SchemeDictionaryDestination
 from installer.sources import WheelFile
 
 from testbed.images import DEBIAN_PATH, build_rootfs_image, write_directory_layer
+from weir_common import openssl_runtime
 
 base, work, out, tag = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 root = work / "app"
@@ -79,6 +81,10 @@ with WheelFile.open(wheel) as source:
 shutil.copytree("build/cni-plugin/weir-cni", root / "opt/weir/cni/weir-cni", symlinks=True)
 # The eBPF programs' C sources, which bcc compiles on the node (WEIR_BPF_DIR).
 shutil.copytree("bpf", root / "opt/weir/bpf")
+# The OpenSSL the venv's Python runs on (scripts/build-openssl.sh), and the hook
+# that loads it at interpreter start; the same pair `make deps` puts in .venv.
+shutil.copytree(openssl_runtime.library_dir(), openssl_runtime.library_dir(f"{root}{venv}"))
+openssl_runtime.write_hook(Path(f"{root}{site}"))
 write_directory_layer(root, work / "app.tar")
 build_rootfs_image(
     [Path(base), work / "app.tar"],

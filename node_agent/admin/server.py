@@ -24,6 +24,7 @@ import inspect
 import ipaddress
 import json
 import os
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from http import HTTPStatus
 from typing import Any
 
 from node_agent.admin import log_levels, log_ring
-from weir_common import http_endpoint
+from weir_common import http_endpoint, openssl_runtime
 from weir_common.errors import InvalidInputError
 from weir_common.http_endpoint import Query, Reply, Route
 
@@ -88,6 +89,7 @@ def node_info(node: str) -> dict[str, Any]:
         "node": node,
         "version": version,
         "pid": os.getpid(),
+        "openssl": f"{ssl.OPENSSL_VERSION} ({openssl_runtime.owner()})",
         "started": datetime.datetime.fromtimestamp(_STARTED, datetime.UTC).isoformat(
             timespec="seconds"
         ),

@@ -17,6 +17,7 @@ from typing import Final
 
 from node_agent.proxy import ktls, tls_transport
 from node_agent.proxy.identity import WorkloadCertificate
+from weir_common import openssl_runtime
 from weir_common.errors import InvalidInputError
 from weir_common.mesh import SpiffeId
 
@@ -62,6 +63,12 @@ def _configure(ctx: ssl.SSLContext, cert: WorkloadCertificate, trust_bundle: Seq
         _log_once(logging.WARNING, f"TLS 1.3 suites in OpenSSL's default order: {why_not}")
     ktls.enable(ctx)
     _log_once(logging.INFO, ktls.status(ctx))
+    fast, line = openssl_runtime.assess(
+        ssl.OPENSSL_VERSION_INFO[:2],
+        weirs=openssl_runtime.loaded_from() is not None,
+        expected_dir=openssl_runtime.library_dir(),
+    )
+    _log_once(logging.INFO if fast else logging.WARNING, line)
     fd = os.memfd_create("weir-svid", os.MFD_CLOEXEC)
     try:
         os.write(fd, "".join(cert.chain_pem).encode() + cert.private_key_pem)

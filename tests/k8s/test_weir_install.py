@@ -85,6 +85,11 @@ def test_the_install_brings_every_component_to_ready(installed: Cluster) -> None
         url = "http://127.0.0.1:15019/config_dump?section=workers"
         workers = json.loads(_fetch_local(cluster, agent, url))["workers"]
         assert [w["worker"] for w in workers] == [0, 1], workers
+        # The image's venv runs on its own OpenSSL 3.5, not Debian 12's 3.0.
+        url = "http://127.0.0.1:15019/config_dump?section=node"
+        openssl = json.loads(_fetch_local(cluster, agent, url))["node"]["openssl"]
+        assert openssl.startswith("OpenSSL 3.5."), openssl
+        assert "(Weir's, from /opt/weir/lib/weir-openssl)" in openssl, openssl
         proxies = _admin_section(cluster, node, "proxies")
         assert len(proxies) == 2 and len({p["group"] for p in proxies}) == 1, proxies
 

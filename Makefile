@@ -57,8 +57,8 @@ $(NATIVE_STAMP): setup.py $(NATIVE_SOURCES) | $(VENV_STAMP)
 # loads it at interpreter start (weir_common/openssl_runtime.py).
 $(OPENSSL_STAMP): scripts/build-openssl.sh | $(VENV_STAMP)
 	scripts/build-openssl.sh $(VENV)/lib/weir-openssl
-	$(PY) -m weir_common.openssl_runtime write-hook \
-		"$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null
+	$(PY) -c 'import pathlib, sysconfig, weir_common.openssl_runtime as r; \
+		r.write_hook(pathlib.Path(sysconfig.get_paths()["purelib"]))'
 	touch $@
 
 # bcc compiles against kernel headers; this kernel ships none, so merge Debian's

@@ -105,16 +105,3 @@ def write_hook(site_packages: Path) -> Path:
     partial.write_text(HOOK_LINE, encoding="utf-8")
     partial.replace(path)
     return path
-
-
-def main(argv: list[str]) -> int:
-    """`python -m weir_common.openssl_runtime write-hook SITE_PACKAGES` (the Makefile's step)."""
-    if len(argv) != 2 or argv[0] != "write-hook":
-        print("usage: python -m weir_common.openssl_runtime write-hook DIR", file=sys.stderr)
-        return 2
-    print(write_hook(Path(argv[1])))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -92,8 +92,3 @@ def test_assess(version: tuple[int, int], weirs: bool, fast: bool, says: str) ->
     ok, line = openssl_runtime.assess(version, weirs=weirs, expected_dir=Path("/x"))
     assert ok is fast
     assert line.startswith(says)
-
-
-def test_main_usage(capsys: pytest.CaptureFixture[str]) -> None:
-    assert openssl_runtime.main(["write-hook"]) == 2
-    assert "usage:" in capsys.readouterr().err

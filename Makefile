@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # Debian's interpreter, not whatever python3 is first on PATH: bcc's Python module
 # is packaged for it, and it is what a fresh Debian 12 machine has.
 SYSTEM_PYTHON := /usr/bin/python3
-DEBIAN_PACKAGES := iptables iproute2 util-linux openssl tcpdump \
+DEBIAN_PACKAGES := iptables iproute2 util-linux openssl tcpdump curl perl \
 	python3 python3-venv python3-dev gcc libc6-dev \
 	python3-bpfcc bpfcc-tools bpftool linux-headers-amd64 \
 	containernetworking-plugins containerd runc busybox-static mmdebstrap \

@@ -55,7 +55,7 @@ $(NATIVE_STAMP): setup.py $(NATIVE_SOURCES) | $(VENV_STAMP)
 # OpenSSL 3.5 for the venv's Python (the node proxy's TLS): Debian 12's 3.0 lacks
 # the VAES AES-GCM code. Built once per user into ~/.cache/weir; the .pth hook
 # loads it at interpreter start (weir_common/openssl_runtime.py).
-$(OPENSSL_STAMP): scripts/build-openssl.sh | $(VENV_STAMP)
+$(OPENSSL_STAMP): scripts/build-openssl.sh weir_common/openssl_runtime.py | $(VENV_STAMP)
 	scripts/build-openssl.sh $(VENV)/lib/weir-openssl
 	$(PY) -c 'import pathlib, sysconfig, weir_common.openssl_runtime as r; \
 		r.write_hook(pathlib.Path(sysconfig.get_paths()["purelib"]))'

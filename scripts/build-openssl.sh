@@ -3,13 +3,13 @@
 # OpenSSL 3.5 (LTS), built from the upstream release and copied into DEST.
 #
 # Why not Debian 12's own: its OpenSSL 3.0 has no VAES/AVX-512 AES-GCM, so on
-# the CPUs that have it (AMD Zen 4 and later, Intel Ice Lake and later) bulk
-# encryption runs at about half the speed OpenSSL 3.5 reaches (docs/proxy.md,
+# CPUs that have those instructions (the development VM's AMD EPYC does) bulk
+# encryption runs at about a third of the speed OpenSSL 3.5 reaches (docs/proxy.md,
 # "The OpenSSL underneath"). Python's ssl module is built against OpenSSL 3's
 # ABI, which holds across 3.x, so it runs on these libraries unchanged;
 # weir_common/openssl_runtime.py loads them at interpreter start.
 #
-# Built once per user into ~/.cache/weir/openssl (about two minutes on two
+# Built once per user into ~/.cache/weir/openssl (about 80 s on two
 # cores); a fresh clone finds it there. The tarball is Debian's copy of the
 # upstream release, checked against the SHA-256 Debian publishes for it.
 # Usage: build-openssl.sh DEST [PYTHON]   (PYTHON: the interpreter that will

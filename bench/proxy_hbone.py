@@ -9,19 +9,23 @@ Three paths between two simulated nodes (LocalTopology, real CNI wiring):
 - direct: pod c (node 1) -> pod d (node 2), no proxy;
 - weir:   pod a (node 1, captured) -> 15001 of proxy 1 -> HBONE (mTLS, pooled) ->
           15008 of proxy 2 -> pod b (node 2, captured); each proxy its own process;
-- envoy:  pod e -> Envoy in e (tcp_proxy + tunneling_config) -> HBONE -> Envoy in f
-          (CONNECT termination) -> pod f; each Envoy with --concurrency 1 (see --workers).
+- envoy:  pod e (captured) -> 15001 of Envoy in e (original_dst listener filter,
+          tcp_proxy + tunneling_config naming the original destination) -> HBONE ->
+          Envoy in f (CONNECT termination) -> pod f; each Envoy with --concurrency 1
+          (see --workers).
 
 Both do the same job per connection, an access log included: each Weir proxy
 and each Envoy writes one JSON line per connection (stream) to /dev/null,
 Weir through its own writer thread, Envoy through its file access log.
 
 a, b, e and f carry the same capture rules (iptables, nft), so both proxied
-paths pay for netfilter alike: in a captured pod every connection goes
-through the nat table and conntrack, and a proxy's upstream connect does that
-work in the proxy's own process. The Envoys run as the proxy's UID (1337),
-which capture lets by, as Weir's proxies are let by through their mark. The
-direct path (c -> d) has no capture.
+paths pay for netfilter alike: the load generator dials the echo server's
+address from a or e, capture redirects that to the pod's 15001 (nat REDIRECT),
+and the proxy there asks where it was going (SO_ORIGINAL_DST) and puts that in
+the CONNECT; a proxy's upstream connect goes through its pod's nat table and
+conntrack in the proxy's own process. The Envoys run as the proxy's UID
+(1337), which capture lets by, as Weir's proxies are let by through their
+mark. The direct path (c -> d) has no capture.
 
 The ends are C programs (bench/native: weir_load, weir_echo), the same on
 every path, so only what sits in between differs. The two processes in the
@@ -121,7 +125,7 @@ from typing import Final, Literal
 
 from bench.proxy_hbone_child import READY, certificate_json, workload_json
 from controlplane.ca import load_or_create_root
-from node_agent.constants import PROXY_GID, PROXY_UID
+from node_agent.constants import OUTBOUND_CAPTURE_PORT, PROXY_GID, PROXY_UID
 from node_agent.localmesh.topology import LocalTopology, Node, Pod
 from node_agent.localmesh.wiring import set_sysctls
 from node_agent.netns import Netns, entered
@@ -143,7 +147,6 @@ from weir_common.mesh import SpiffeId
 
 PATHS: Final = ("direct", "weir", "envoy")
 ECHO_PORT: Final = 8080
-ENVOY_PORT: Final = 15100
 CHILD: Final = Path(__file__).with_name("proxy_hbone_child.py")
 CHILD_READY_TIMEOUT: Final = 60.0
 ENROLL_TIMEOUT: Final = 600.0
@@ -810,9 +813,10 @@ def run_benchmark(args: argparse.Namespace) -> Result:
             client = EnvoyProcess(
                 e.netns,
                 envoy_hbone_client(
-                    ENVOY_PORT,
+                    OUTBOUND_CAPTURE_PORT,
                     tunnel_address=f_ip,
-                    authority=f"{f_ip}:{ECHO_PORT}",
+                    authority="%DOWNSTREAM_LOCAL_ADDRESS%",
+                    original_destination=True,
                     svid=envoy_svid("e"),
                     peer_identity=str(SpiffeId(TRUST_DOMAIN, "default", "f")),
                     access_log_path=os.devnull,
@@ -838,7 +842,7 @@ def run_benchmark(args: argparse.Namespace) -> Result:
                 concurrency=args.workers,
             )
             envoys.append(server)
-            client.wait_listening("127.0.0.1", ENVOY_PORT)
+            client.wait_listening("127.0.0.1", OUTBOUND_CAPTURE_PORT)
             server.wait_listening(f_ip, 15008)
             weir_pids = {
                 worker_name(node, i): proc.pid
@@ -850,7 +854,7 @@ def run_benchmark(args: argparse.Namespace) -> Result:
             targets = {
                 "direct": Target(c.netns, d_ip, ECHO_PORT, ()),
                 "weir": Target(a.netns, str(b.ipv4), ECHO_PORT, tuple(weir_pids.values())),
-                "envoy": Target(e.netns, "127.0.0.1", ENVOY_PORT, (client.pid, server.pid)),
+                "envoy": Target(e.netns, f_ip, ECHO_PORT, (client.pid, server.pid)),
             }
             for repeat in range(args.repeats):
                 order = rotated(repeat)

@@ -271,6 +271,7 @@ _DOWNSTREAM_TLS: Final = _ENVOY_TYPES + "transport_sockets.tls.v3.DownstreamTlsC
 _HCM: Final = _ENVOY_TYPES + "filters.network.http_connection_manager.v3.HttpConnectionManager"
 _ROUTER: Final = _ENVOY_TYPES + "filters.http.router.v3.Router"
 _FILE_ACCESS_LOG: Final = _ENVOY_TYPES + "access_loggers.file.v3.FileAccessLog"
+_ORIGINAL_DST: Final = _ENVOY_TYPES + "filters.listener.original_dst.v3.OriginalDst"
 
 
 def envoy_binary() -> Path:
@@ -388,8 +389,24 @@ def envoy_hbone_client(
     svid: Mapping[str, str],
     peer_identity: str,
     access_log_path: str | None = None,
+    original_destination: bool = False,
 ) -> dict[str, object]:
-    """Envoy config: TCP on 127.0.0.1:listen_port, tunneled as HBONE to tunnel_address:15008."""
+    """Envoy config: TCP on 127.0.0.1:listen_port, tunneled as HBONE to tunnel_address:15008.
+
+    With `original_destination`, the listener takes connections that capture
+    redirected to it and asks each one where it was going (SO_ORIGINAL_DST),
+    as Weir's 15001 does; `authority` may then name it: "%DOWNSTREAM_LOCAL_ADDRESS%".
+    """
+    listener_filters = (
+        [
+            {
+                "name": "envoy.filters.listener.original_dst",
+                "typed_config": {"@type": _ORIGINAL_DST},
+            }
+        ]
+        if original_destination
+        else []
+    )
     return {
         "static_resources": {
             "listeners": [
@@ -398,6 +415,7 @@ def envoy_hbone_client(
                     "address": {
                         "socket_address": {"address": "127.0.0.1", "port_value": listen_port}
                     },
+                    "listener_filters": listener_filters,
                     "filter_chains": [
                         {
                             "filters": [

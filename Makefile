@@ -16,7 +16,7 @@ DEBIAN_PACKAGES := iptables iproute2 util-linux openssl tcpdump curl perl \
 	vagrant shellcheck graphviz
 BCC_KERNEL_SOURCE := build/bcc-kernel-source
 VENV_STAMP := $(VENV)/.weir-installed
-NATIVE_SOURCES := $(wildcard node_agent/proxy/http2/*.c)
+NATIVE_SOURCES := $(wildcard node_agent/proxy/*.c node_agent/proxy/http2/*.c)
 NATIVE_STAMP := $(VENV)/.weir-native-built
 OPENSSL_STAMP := $(VENV)/.weir-openssl-installed
 
@@ -46,7 +46,7 @@ $(VENV_STAMP): pyproject.toml | debian-packages
 	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "weir-checkout.pth").write_text(str(pathlib.Path.cwd()) + "\n")'
 	touch $@
 
-# The package's one C part (setup.py: the HTTP/2 DATA path), built in place by the
+# The package's C parts (setup.py: the HTTP/2 DATA path, two socket calls), built in place by the
 # editable install above, and again whenever its source changes.
 $(NATIVE_STAMP): setup.py $(NATIVE_SOURCES) | $(VENV_STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . </dev/null

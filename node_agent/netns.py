@@ -1,7 +1,8 @@
-"""The one place Weir enters network namespaces.
+"""Where Weir enters network namespaces.
 
 Everything else receives either a validated `Netns` or a socket/process made
-here. setns(2) switches only the calling thread, so `entered()` is safe in a
+here; the one exception is the proxy's upstream socket, made in C in one call
+(node_agent/proxy/_socket_calls.c), with netns fds from `open_fd`. setns(2) switches only the calling thread, so `entered()` is safe in a
 threaded program as long as the block does not hop threads (no awaits inside).
 A child process forked inside the block starts in the target namespace, which
 is how commands such as iptables-restore are run in a pod without nsenter.
@@ -12,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import socket
 import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -110,22 +110,6 @@ def _return(home_fd: int, left: object) -> None:
     except OSError as e:  # pragma: no cover - kernel refused to take us back
         os.write(2, f"weir: fatal: cannot leave {left}: {e}\n".encode())
         os._exit(70)
-
-
-def socket_inside(netns_fd: int, home_fd: int, family: socket.AddressFamily) -> socket.socket:
-    """A non-blocking TCP socket of the namespace `netns_fd`, made by stepping in and
-    back to `home_fd`.
-
-    For the proxy's hot path: the caller keeps both fds open, so a socket in a
-    pod costs two setns(2) calls and no path lookups. `home_fd` must be the
-    calling thread's own namespace. Non-blocking from socket(2) on: no
-    ioctl(2) to make it so afterwards.
-    """
-    libc.setns(netns_fd, _CLONE_NEWNET)
-    try:
-        return socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-    finally:
-        _return(home_fd, f"namespace fd {netns_fd}")
 
 
 def run(

@@ -3,6 +3,7 @@
 Both capture modes answer the same getsockopt: iptables REDIRECT through
 conntrack, the eBPF mode through a cgroup/getsockopt program. So the proxy
 has one code path whichever mode put the connection on its listener.
+IPv4, every captured connection of most clusters, asks in C (_socket_calls.c).
 """
 
 from __future__ import annotations
@@ -11,18 +12,17 @@ import ipaddress
 import socket
 import struct
 
-SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+from node_agent.proxy._socket_calls import original_destination_v4
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h: what original_destination_v4 asks
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
-_SOCKADDR_IN_LEN = 16
 _SOCKADDR_IN6_LEN = 28
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
     """(address, port) the client connected to; raises OSError if it was not redirected."""
     if sock.family == socket.AF_INET:
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_LEN)
-        port, packed = struct.unpack_from("!2xH4s", raw)
-        return socket.inet_ntop(socket.AF_INET, packed), port
+        return original_destination_v4(sock)
     raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6_LEN)
     port, packed = struct.unpack_from("!2xH4x16s", raw)
     return str(ipaddress.IPv6Address(packed)), port

@@ -4,10 +4,10 @@ As in ztunnel, the proxy never enters a namespace itself: it asks a
 SocketFactory for a socket that belongs to a pod's netns and carries the
 proxy mark, and from then on uses it from the event loop like any other. A
 socket belongs for life to the netns it was created in, so only creation
-needs the calling thread inside (node_agent.netns does that, briefly, on the
-event loop's own thread: no thread hop per connection). Each pod's netns fd
-is opened once and kept until `forget`, so an upstream socket costs two
-setns(2) calls and no path lookups.
+needs the calling thread inside (_socket_calls.c steps in and back in one
+call, on the event loop's own thread: no thread hop per connection). Each
+pod's netns fd is opened once and kept until `forget`, so an upstream socket
+costs two setns(2) calls and no path lookups.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import threading
 from typing import Final, Protocol
 
 from node_agent.constants import PROXY_MARK
-from node_agent.netns import Netns, open_fd, socket_inside
+from node_agent.netns import Netns, open_fd
+from node_agent.proxy._socket_calls import socket_in_netns
 
 LISTEN_BACKLOG: Final = 1024
+_NONBLOCKING_STREAM: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 
 class SocketFactory(Protocol):
@@ -77,10 +79,6 @@ class NetnsSocketFactory:
         home: int | None = getattr(self._home, "fd", None)
         if home is None:
             home = self._home.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        sock = socket_inside(fd, home, family)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self._mark)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        made = socket_in_netns(fd, home, family, self._mark)
+        # Type and family given: wrapping the fd costs no syscall to ask them.
+        return socket.socket(family, _NONBLOCKING_STREAM, 0, made)

@@ -3,6 +3,7 @@ and connected upstream from there without a thread hop."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -18,6 +19,7 @@ import uvloop
 from node_agent.constants import PROXY_MARK
 from node_agent.localmesh.topology import LocalTopology
 from node_agent.netns import Netns, entered
+from node_agent.proxy._socket_calls import socket_in_netns
 from node_agent.proxy.connections import UpstreamConnector, UpstreamError
 from node_agent.proxy.hbone import TcpPeer
 from node_agent.proxy.model import Workload
@@ -64,6 +66,7 @@ def test_sockets_belong_to_the_pod_and_its_netns_fd_is_opened_once(topology: Loc
             assert socket_netns_inode(sock) == pod.netns.inode
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == PROXY_MARK
             assert not sock.getblocking()
+            assert not sock.get_inheritable()  # close-on-exec, as Python's own sockets
         assert Path("/proc/thread-self/ns/net").stat().st_ino == home
         listener = factory.listener(pod.netns, socket.AF_INET, 0)
         made.append(listener)
@@ -76,6 +79,32 @@ def test_sockets_belong_to_the_pod_and_its_netns_fd_is_opened_once(topology: Loc
     # The thread's home fd stays for the next pod; the pod's is gone.
     assert len(open_fds() - before) == 1
     factory.forget(pod.netns)  # twice is fine
+
+
+def test_a_failed_socket_in_a_netns_leaves_the_thread_home_and_no_fd(
+    topology: LocalTopology,
+) -> None:
+    node = topology.add_node("node-1", "10.244.1.0/24")
+    pod = topology.add_pod(node, "a")
+    home_path = Path("/proc/thread-self/ns/net")
+    home_inode = home_path.stat().st_ino
+    home = os.open(home_path, os.O_RDONLY | os.O_CLOEXEC)
+    netns_fd = os.open(pod.netns.path, os.O_RDONLY | os.O_CLOEXEC)
+    not_a_netns = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        before = open_fds()
+        with pytest.raises(OSError) as refused:
+            socket_in_netns(not_a_netns, home, socket.AF_INET, PROXY_MARK)
+        assert refused.value.errno == errno.EINVAL
+        # Inside the pod, socket(2) itself fails: the thread still comes back.
+        with pytest.raises(OSError) as unsupported:
+            socket_in_netns(netns_fd, home, 4242, PROXY_MARK)
+        assert unsupported.value.errno == errno.EAFNOSUPPORT
+        assert open_fds() == before
+        assert home_path.stat().st_ino == home_inode
+    finally:
+        for fd in (home, netns_fd, not_a_netns):
+            os.close(fd)
 
 
 def pod_in(netns: Netns) -> PodState:

@@ -2,8 +2,9 @@
 
 Everything else receives either a validated `Netns` or a socket/process made
 here; the one exception is the proxy's upstream socket, made in C in one call
-(node_agent/proxy/_socket_calls.c), with netns fds from `open_fd`. setns(2) switches only the calling thread, so `entered()` is safe in a
-threaded program as long as the block does not hop threads (no awaits inside).
+(node_agent/proxy/_socket_calls.c), with netns fds from `open_fd`. setns(2)
+switches only the calling thread, so `entered()` is safe in a threaded
+program as long as the block does not hop threads (no awaits inside).
 A child process forked inside the block starts in the target namespace, which
 is how commands such as iptables-restore are run in a pod without nsenter.
 """

@@ -1,23 +1,24 @@
 /*
- * The two socket calls every proxied connection makes, without the Python
- * objects around them.
+ * Two socket calls every proxied connection makes, with less Python around
+ * them.
  *
  * Why C: at new-connection saturation each connection cost the two proxies
- * 1.3x Envoy's CPU, spread over the interpreter. These two calls were the
- * costliest leaves of it that are pure overhead: in Python, asking where a
- * captured connection was going built a socket object around uvloop's
- * socket for one getsockopt(2) (socket.py's constructor, a getsockname(2),
- * detach), and an upstream socket in a pod cost two ctypes calls for
- * setns(2), the socket object, and a setsockopt call.
+ * 1.3x Envoy's CPU, spread over the interpreter. These two were the costliest
+ * leaves of it that are pure overhead: in Python, asking where a captured
+ * connection was going built a socket object around uvloop's socket for one
+ * getsockopt(2) (socket.py's constructor, a getsockname(2), detach), and an
+ * upstream socket in a pod cost two ctypes calls for setns(2) and a
+ * setsockopt call.
  *
- * original_destination_v4(fd) answers SO_ORIGINAL_DST for an IPv4 socket;
+ * original_destination_v4(sock) answers SO_ORIGINAL_DST for an IPv4 socket;
  * IPv6 stays in original_dst.py (rare, and its address text must match the
  * ipaddress module's, which inet_ntop's does not always).
- * socket_in_netns(netns_fd, home_fd, family, mark) makes a non-blocking
- * TCP socket of netns_fd's namespace, marked, and returns its fd; the
- * thread goes back to home_fd before anything else, and if the kernel
- * refuses that the process ends (as node_agent.netns does), because a
- * thread left inside a pod would make every later socket there.
+ *
+ * socket_in_netns(netns_fd, home_fd, family, mark) makes a non-blocking TCP
+ * socket.socket of netns_fd's namespace, marked. The thread goes back to
+ * home_fd before anything else; if the kernel refuses that, the process
+ * ends (as node_agent.netns does), because a thread left inside a pod would
+ * make every later socket there.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -26,6 +27,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <sched.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -51,6 +53,10 @@ static PyObject *original_destination_v4(PyObject *module, PyObject *arg)
 	return Py_BuildValue("(si)", text, (int)ntohs(address.sin_port));
 }
 
+/* socket.socket: the caller wants a Python socket, and made from an fd one
+ * costs a getsockname(2) to validate it; made by the class, none. */
+static PyObject *socket_class;
+
 static PyObject *socket_in_netns(PyObject *module, PyObject *args)
 {
 	(void)module;
@@ -58,36 +64,42 @@ static PyObject *socket_in_netns(PyObject *module, PyObject *args)
 	long long mark;
 	if (!PyArg_ParseTuple(args, "iiiL", &netns_fd, &home_fd, &family, &mark))
 		return NULL;
+	if (mark > UINT32_MAX) {
+		PyErr_Format(PyExc_ValueError, "mark %lld does not fit in 32 bits", mark);
+		return NULL;
+	}
 	if (setns(netns_fd, CLONE_NEWNET) < 0)
 		return PyErr_SetFromErrno(PyExc_OSError);
-	int fd = socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	int saved = errno;
+	PyObject *sock = PyObject_CallFunction(socket_class, "ii", family,
+					       SOCK_STREAM | SOCK_NONBLOCK);
 	if (setns(home_fd, CLONE_NEWNET) < 0) {
 		dprintf(2, "weir: fatal: cannot leave namespace fd %d: %s\n", netns_fd,
 			strerror(errno));
 		_exit(70);
 	}
-	if (fd < 0) {
-		errno = saved;
-		return PyErr_SetFromErrno(PyExc_OSError);
+	if (sock == NULL || mark < 0)
+		return sock;
+	int fd = PyObject_AsFileDescriptor(sock);
+	unsigned int value = (unsigned int)mark;
+	if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_MARK, &value, sizeof(value)) < 0) {
+		if (fd >= 0)
+			PyErr_SetFromErrno(PyExc_OSError);
+		PyObject *type, *error, *trace;
+		PyErr_Fetch(&type, &error, &trace);
+		PyObject *closed = PyObject_CallMethod(sock, "close", NULL);
+		Py_XDECREF(closed);
+		PyErr_Restore(type, error, trace);
+		Py_DECREF(sock);
+		return NULL;
 	}
-	if (mark >= 0) {
-		unsigned int value = (unsigned int)mark;
-		if (setsockopt(fd, SOL_SOCKET, SO_MARK, &value, sizeof(value)) < 0) {
-			saved = errno;
-			close(fd);
-			errno = saved;
-			return PyErr_SetFromErrno(PyExc_OSError);
-		}
-	}
-	return PyLong_FromLong(fd);
+	return sock;
 }
 
 static PyMethodDef methods[] = {
 	{ "original_destination_v4", original_destination_v4, METH_O,
 	  "(address, port) an IPv4 socket was redirected from; OSError if it was not." },
 	{ "socket_in_netns", socket_in_netns, METH_VARARGS,
-	  "fd of a non-blocking TCP socket of netns_fd's namespace, marked unless mark < 0." },
+	  "A non-blocking TCP socket.socket of netns_fd's namespace, marked unless mark < 0." },
 	{ NULL, NULL, 0, NULL },
 };
 
@@ -97,5 +109,12 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__socket_calls(void)
 {
+	PyObject *socket_module = PyImport_ImportModule("socket");
+	if (socket_module == NULL)
+		return NULL;
+	socket_class = PyObject_GetAttrString(socket_module, "socket");
+	Py_DECREF(socket_module);
+	if (socket_class == NULL)
+		return NULL;
 	return PyModule_Create(&module);
 }

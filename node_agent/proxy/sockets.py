@@ -22,7 +22,6 @@ from node_agent.netns import Netns, open_fd
 from node_agent.proxy._socket_calls import socket_in_netns
 
 LISTEN_BACKLOG: Final = 1024
-_NONBLOCKING_STREAM: Final = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 
 
 class SocketFactory(Protocol):
@@ -79,6 +78,4 @@ class NetnsSocketFactory:
         home: int | None = getattr(self._home, "fd", None)
         if home is None:
             home = self._home.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        made = socket_in_netns(fd, home, family, self._mark)
-        # Type and family given: wrapping the fd costs no syscall to ask them.
-        return socket.socket(family, _NONBLOCKING_STREAM, 0, made)
+        return socket_in_netns(fd, home, family, self._mark)

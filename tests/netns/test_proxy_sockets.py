@@ -100,6 +100,8 @@ def test_a_failed_socket_in_a_netns_leaves_the_thread_home_and_no_fd(
         with pytest.raises(OSError) as unsupported:
             socket_in_netns(netns_fd, home, 4242, PROXY_MARK)
         assert unsupported.value.errno == errno.EAFNOSUPPORT
+        with pytest.raises(ValueError, match="does not fit"):
+            socket_in_netns(netns_fd, home, socket.AF_INET, 2**40)
         assert open_fds() == before
         assert home_path.stat().st_ino == home_inode
     finally:

@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from node_agent.constants import OUTBOUND_CAPTURE_PORT, PROXY_GID, PROXY_UID
 from node_agent.localmesh.sockets import open_connection
+from node_agent.redirect.backend import Backend
+from node_agent.redirect.config import CaptureConfig
+from node_agent.redirect.iptables import IptablesCapture
 from testbed.proxy_fakes import LocalCaCertificates
 from testbed.proxy_lab import (
     EchoServer,
@@ -52,6 +59,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshLab]:
         lab.add_pod("node-1", "a")
         lab.add_pod("node-2", "b")
         lab.add_pod("node-1", "envoy-client", captured=False)
+        # Captured like a, but by Envoy's own 15001 (bench/proxy_hbone.py's Envoy
+        # client): our proxy does not serve it, so the mesh sees it uncaptured.
+        lab.add_pod("node-1", "envoy-captured", captured=False)
         # In the mesh as a captured pod, but its HBONE is terminated by Envoy, not by us.
         lab.add_pod("node-2", "envoy-server", served=False)
         servers = [EchoServer(lab.pods[name], APP_PORT) for name in ("b", "envoy-server")]
@@ -84,13 +94,47 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshLab]:
             work,
             "envoy-server",
         )
+        # Envoy runs as the proxy's UID there, which capture lets by: its files
+        # in a directory only that UID and root can read.
+        capture = IptablesCapture(Backend.NFT)
+        captured_netns = lab.pods["envoy-captured"].netns
+        uid_dir = Path(tempfile.mkdtemp(prefix="weir-envoy-"))
+        captured_envoy = None
+        applied = False
         try:
+            os.chown(uid_dir, PROXY_UID, PROXY_GID)
+            svid = write_svid(uid_dir, "captured", issuer.issue(identity("envoy-captured")), bundle)
+            for path in svid.values():
+                os.chown(path, PROXY_UID, PROXY_GID)
+            capture.apply(captured_netns, CaptureConfig())
+            applied = True
+            captured_envoy = EnvoyProcess(
+                captured_netns,
+                envoy_hbone_client(
+                    OUTBOUND_CAPTURE_PORT,
+                    tunnel_address=b_ip,
+                    authority="%DOWNSTREAM_LOCAL_ADDRESS%",
+                    original_destination=True,
+                    svid=svid,
+                    peer_identity=str(identity("b")),
+                ),
+                uid_dir,
+                "envoy-captured",
+                uid=PROXY_UID,
+            )
             client.wait_listening("127.0.0.1", ENVOY_LISTEN)
             server.wait_listening(server_ip, 15008)
+            captured_envoy.wait_listening("127.0.0.1", OUTBOUND_CAPTURE_PORT)
             yield lab
         finally:
             client.close()
             server.close()
+            if captured_envoy is not None:
+                captured_envoy.close()
+            if applied:
+                capture.remove(captured_netns)
+            # Holds the Envoy's private key: never left behind.
+            shutil.rmtree(uid_dir, ignore_errors=True)
             for echo in servers:
                 echo.close()
 
@@ -159,3 +203,17 @@ def test_our_outbound_tunnels_into_envoy(lab):
     assert entry["security_policy"] == "mutual_tls"
     theirs = envoy_logged("server", len(payload))
     assert theirs["src"]["identity"] == str(identity("a"))
+
+
+def test_a_captured_envoy_names_the_original_destination_in_its_connect(lab):
+    """The benchmark's Envoy client: the app dials its peer, capture redirects to
+    Envoy's 15001, and the CONNECT carries where the app was going."""
+    payload = b"captured " * 10_000
+    b_ip = lab.pods["b"].ipv4
+    before = len(lab.nodes["node-2"].access_log.entries)
+    sock = lab.pods["envoy-captured"].connect(b_ip, APP_PORT)
+    assert roundtrip(sock, payload) == payload
+    entry = logged(lab, "node-2", before, len(payload))
+    assert entry["outcome"] == "ok"
+    assert entry["src"]["identity"] == str(identity("envoy-captured"))
+    assert entry["dst"]["addr"] == f"{b_ip}:{APP_PORT}"

@@ -803,12 +803,8 @@ def run_benchmark(args: argparse.Namespace) -> Result:
             os.chown(envoy_dir, PROXY_UID, PROXY_GID)  # the Envoys' UID only
 
             def envoy_svid(name: str) -> dict[str, str]:
-                files = write_svid(
-                    envoy_dir, name, issuer.issue(SpiffeId(TRUST_DOMAIN, "default", name)), bundle
-                )
-                for path in files.values():
-                    os.chown(path, PROXY_UID, PROXY_GID)
-                return files
+                cert = issuer.issue(SpiffeId(TRUST_DOMAIN, "default", name))
+                return write_svid(envoy_dir, name, cert, bundle, owner=PROXY_UID)
 
             client = EnvoyProcess(
                 e.netns,

@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import ipaddress
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -283,9 +284,15 @@ def envoy_binary() -> Path:
 
 
 def write_svid(
-    directory: Path, name: str, cert: WorkloadCertificate, bundle: Sequence[str]
+    directory: Path,
+    name: str,
+    cert: WorkloadCertificate,
+    bundle: Sequence[str],
+    *,
+    owner: int | None = None,
 ) -> dict[str, str]:
-    """The files Envoy reads: chain, key (owner-only), trusted roots."""
+    """The files Envoy reads: chain, key (owner-only), trusted roots; `owner` (uid and
+    gid alike) for an Envoy that runs as the proxy's UID rather than root."""
     directory.mkdir(parents=True, exist_ok=True)
     files = {
         "chain": directory / f"{name}-chain.pem",
@@ -294,8 +301,14 @@ def write_svid(
     }
     files["chain"].write_text("".join(cert.chain_pem))
     files["key"].touch(mode=0o600)
+    if owner is not None:
+        # Before the key is written: never readable by anyone but its owner.
+        os.chown(files["key"], owner, owner)
     files["key"].write_bytes(cert.private_key_pem)
     files["roots"].write_text("".join(bundle))
+    if owner is not None:
+        for path in (files["chain"], files["roots"]):
+            os.chown(path, owner, owner)
     return {k: str(v) for k, v in files.items()}
 
 

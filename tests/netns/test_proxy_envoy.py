@@ -103,9 +103,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MeshLab]:
         applied = False
         try:
             os.chown(uid_dir, PROXY_UID, PROXY_GID)
-            svid = write_svid(uid_dir, "captured", issuer.issue(identity("envoy-captured")), bundle)
-            for path in svid.values():
-                os.chown(path, PROXY_UID, PROXY_GID)
+            cert = issuer.issue(identity("envoy-captured"))
+            svid = write_svid(uid_dir, "captured", cert, bundle, owner=PROXY_UID)
             capture.apply(captured_netns, CaptureConfig())
             applied = True
             captured_envoy = EnvoyProcess(

@@ -12,7 +12,9 @@ import socket
 import uvloop
 
 from node_agent.proxy.hbone import H2Protocol, HboneStream, Headers, TcpPeer
+from node_agent.proxy.http2.frames import FrameType
 from node_agent.proxy.pieces import LARGE
+from tests.unit.test_http2_connection import frames_in
 
 
 class MemoryTransport(asyncio.Transport):
@@ -53,12 +55,19 @@ class MemoryTransport(asyncio.Transport):
 Ends = tuple[tuple[H2Protocol, MemoryTransport], tuple[H2Protocol, MemoryTransport]]
 
 
+async def flushed() -> None:
+    """Until what the connections gathered so far is written: they flush two
+    loop passes after the frames were made (H2Protocol._flush_now)."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
 async def shuttle(
     a: tuple[H2Protocol, MemoryTransport], b: tuple[H2Protocol, MemoryTransport]
 ) -> None:
     """Until neither side has anything more to send."""
     for _ in range(50):
-        await asyncio.sleep(0)  # the connections flush at the end of a loop turn
+        await flushed()
         moved = False
         for (_, src), (dst, _) in ((a, b), (b, a)):
             data = src.take()
@@ -118,7 +127,7 @@ def test_pending_pieces_leave_uncopied_when_large_and_joined_when_small() -> Non
             stream.on_data(data)
         assert client_io.pieces == []
         client.resume_writing()
-        await asyncio.sleep(0)
+        await flushed()
 
         # Two small reads became one frame; the large one went out as the object read.
         assert any(piece is big for piece in client_io.pieces)
@@ -156,5 +165,34 @@ def test_a_lent_write_survives_its_buffer_being_reused() -> None:
         finally:
             peer.abort()
             theirs.close()
+
+    uvloop.run(main())
+
+
+def test_frames_made_in_the_next_loop_pass_join_the_same_write() -> None:
+    """A busy proxy's next pass handles what arrived meanwhile: its frames go out
+    with those already gathered, in one TLS write instead of two."""
+
+    async def main() -> None:
+        ends, _served = await joined_pair()
+        (client, client_io), _ = ends
+        writes: list[int] = []
+        write_pieces = client_io.writelines
+
+        def counted(list_of_data: object) -> None:
+            writes.append(1)
+            write_pieces(list_of_data)
+
+        client_io.writelines = counted  # type: ignore[method-assign]
+        client.open_stream("10.0.0.1:80")
+        await asyncio.sleep(0)  # a pass later: another connection's CONNECT
+        client.open_stream("10.0.0.2:80")
+        assert writes == []
+        await flushed()
+        assert writes == [1]
+        headers = [(t, s) for t, _, s, _ in frames_in(client_io.take()) if t == FrameType.HEADERS]
+        assert headers == [(FrameType.HEADERS, 1), (FrameType.HEADERS, 3)]  # both CONNECTs
+        await flushed()
+        assert writes == [1]  # nothing left over for another write
 
     uvloop.run(main())

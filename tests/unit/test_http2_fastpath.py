@@ -27,7 +27,14 @@ from node_agent.proxy.http2._fastpath import DataSender, StreamState, deliver_da
 from node_agent.proxy.http2.connection import Connection, ProtocolError
 from node_agent.proxy.http2.frames import END_STREAM, PADDED, ErrorCode, FrameType
 from tests.unit.test_connection_cycles import peer_in_memory
-from tests.unit.test_hbone_pending import Ends, MemoryTransport, joined_pair, open_tunnel, shuttle
+from tests.unit.test_hbone_pending import (
+    Ends,
+    MemoryTransport,
+    flushed,
+    joined_pair,
+    open_tunnel,
+    shuttle,
+)
 from tests.unit.test_http2_connection import CONNECT, Recorder, frames_in, ours
 
 WINDOW = 64 * 1024  # per stream; the connection's is four times that
@@ -324,7 +331,7 @@ async def attached_tunnel() -> tuple[Ends, HboneStream, TcpPeer, MemoryTransport
     return ends, stream, peer, upstream_io
 
 
-def test_reads_go_out_as_one_data_frame_each_and_one_flush_per_loop_turn() -> None:
+def test_reads_go_out_as_one_data_frame_each_and_in_one_flush() -> None:
     async def main() -> None:
         ends, stream, peer, upstream_io = await attached_tunnel()
         (client, client_io), (server, _) = ends
@@ -334,7 +341,9 @@ def test_reads_go_out_as_one_data_frame_each_and_one_flush_per_loop_turn() -> No
         big = bytes(range(256)) * 256  # 64 KiB: queued as the object read
         for data in (b"first", b"second", big):
             peer.data_received(data)
-        assert client_io.pieces == []  # nothing before the end of this loop turn
+        assert client_io.pieces == []  # nothing before the connection flushes
+        await asyncio.sleep(0)
+        assert client_io.pieces == []  # nor a pass later: what that pass reads may join
         await asyncio.sleep(0)
         assert any(piece is big for piece in client_io.pieces)
         wire = client_io.take()
@@ -368,7 +377,7 @@ def test_reads_the_c_path_cannot_send_now_take_the_python_path() -> None:
         peer.data_received(b"split")
         assert list(stream._pending) == [b"it"]
 
-        await asyncio.sleep(0)
+        await flushed()
         wire = client_io.take()
         assert [p for *_, p in frames_in(wire)] == [
             b"waitsbehind it",

@@ -510,8 +510,8 @@ static int queue_data_frame(DataSender *self, PyObject *data, Py_ssize_t size)
 	return result;
 }
 
-/* H2Protocol.flush: the connection's output goes out once, at the end of this loop
- * iteration. */
+/* H2Protocol.flush: the connection's output goes out once, two loop passes from now
+ * (H2Protocol._flush_now says why). */
 static int schedule_flush(DataSender *self)
 {
 	int pending = attribute_true(self->protocol, str_flush_pending);

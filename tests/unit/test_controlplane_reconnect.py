@@ -104,6 +104,7 @@ def test_queued_registration_and_ca_are_back_promptly_after_a_long_outage(tmp_pa
             subscription = client.subscribe(RecordingHandler())
             task = asyncio.create_task(subscription.run())
             await asyncio.wait_for(subscription.connected.wait(), 10)
+            await _until_config_held(subscription)
         # The plane is gone: the stream notices, and a pod enrolled now is queued.
         await asyncio.wait_for(_until_cleared(subscription.connected), 10)
         registrar = ControlPlaneRegistrar(client)
@@ -172,6 +173,7 @@ def test_a_resumed_stream_never_sees_a_restarted_plane_without_the_other_nodes_p
             subscription = node_1.subscribe(RecordingHandler(_recording(record)))
             task = asyncio.create_task(subscription.run())
             await asyncio.wait_for(subscription.connected.wait(), 10)
+            await _until_config_held(subscription)
         await asyncio.wait_for(_until_cleared(subscription.connected), 10)
         seen.clear()
         async with running_plane(tmp_path, grpc_listen=listen) as plane:
@@ -201,6 +203,18 @@ def _recording(record: Callable[[str, Any], None]) -> Callable[[str, Any], None]
         record(type_url, resources)
 
     return reject
+
+
+async def _until_config_held(subscription: Any) -> None:
+    """Until the first push has been taken. `connected` is set once the stream is
+    open, which on a busy machine can be well before: a node stopped then held
+    nothing, takes config at once on reconnect (nothing to protect), and a test
+    of the settle tests nothing."""
+    for _ in range(500):
+        if subscription.holds_config:
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail("no config taken within 10 s")
 
 
 async def _until_cleared(event: asyncio.Event) -> None:

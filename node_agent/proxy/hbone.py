@@ -504,7 +504,6 @@ class H2Protocol(asyncio.Protocol):
         self.opened_at = self.last_active
         self.peer_identity: SpiffeId | None = None  # verified, set once TLS is up
         self._flush_pending = False
-        self._flush_deferred = False  # _flush_now has gone once around the loop
         self.protocol_error: str | None = None
         self._on_request = on_request
         self._on_idle = on_idle
@@ -590,12 +589,7 @@ class H2Protocol(asyncio.Protocol):
         # took the outbound proxy from 1.2 TLS writes per connection to 0.7
         # (docs/proxy.md, "Where the time goes"); an idle loop's extra pass
         # costs a poll that returns at once.
-        if not self._flush_deferred:
-            self._flush_deferred = True
-            self.loop.call_soon(self._flush_now)
-            return
-        self._flush_deferred = False
-        self._write_out()
+        self.loop.call_soon(self._write_out)
 
     def _write_out(self) -> None:
         self._flush_pending = False

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from node_agent.admin import server
 from node_agent.admin.server import AdminRegistry, HttpEndpoint
 
 
@@ -94,3 +95,10 @@ def test_a_section_name_is_registered_once():
     registry.add_section("pods", dict)
     with pytest.raises(ValueError, match="registered twice"):
         registry.add_section("pods", dict)
+
+
+def test_the_version_is_the_installed_distributions_without_importlib_metadata():
+    import importlib.metadata  # noqa: PLC0415 - what the server no longer imports
+
+    assert server.installed_version("weir") == importlib.metadata.version("weir")
+    assert server.installed_version("no-such-distribution-here") is None

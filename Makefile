@@ -17,6 +17,9 @@ DEBIAN_PACKAGES := iptables iproute2 util-linux openssl tcpdump curl perl \
 BCC_KERNEL_SOURCE := build/bcc-kernel-source
 VENV_STAMP := $(VENV)/.weir-installed
 NATIVE_SOURCES := $(wildcard node_agent/proxy/*.c node_agent/proxy/http2/*.c)
+# The Python modules mypyc compiles (setup.py's COMPILED): the compiled module is
+# what Python imports, so an edit to one of these takes a rebuild to count.
+COMPILED_PYTHON := $(shell sed -n 's/^    "\(node_agent\/.*\.py\)",$$/\1/p' setup.py)
 NATIVE_STAMP := $(VENV)/.weir-native-built
 OPENSSL_STAMP := $(VENV)/.weir-openssl-installed
 
@@ -41,14 +44,15 @@ venv: $(VENV_STAMP) $(NATIVE_STAMP) $(OPENSSL_STAMP)
 $(VENV_STAMP): pyproject.toml | debian-packages
 	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel </dev/null
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' </dev/null
+	WEIR_PURE_PYTHON=1 $(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' </dev/null
 	scripts/link-bcc-into-venv.sh $(PY)
 	$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "weir-checkout.pth").write_text(str(pathlib.Path.cwd()) + "\n")'
 	touch $@
 
-# The package's C parts (setup.py: the HTTP/2 DATA path, two socket calls), built in place by the
-# editable install above, and again whenever its source changes.
-$(NATIVE_STAMP): setup.py $(NATIVE_SOURCES) | $(VENV_STAMP)
+# The package's compiled parts (setup.py: the HTTP/2 DATA path and two socket calls
+# in C, the proxy's per-connection modules through mypyc), built in place, and again
+# whenever their source changes.
+$(NATIVE_STAMP): setup.py $(NATIVE_SOURCES) $(COMPILED_PYTHON) | $(VENV_STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . </dev/null
 	touch $@
 

@@ -50,7 +50,10 @@ if [ ! -f "$base" ]; then
 fi
 # base: end
 
-"$PY" -m pip wheel -q --disable-pip-version-check --no-deps -w "$work/app-wheel" . </dev/null
+# No build isolation: mypyc (setup.py) type-checks what it compiles against
+# the dev environment's packages.
+"$PY" -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation \
+    -w "$work/app-wheel" . </dev/null
 # setuptools builds the project's wheel in build/lib and build/bdist.*: not ours to keep.
 rm -rf build/lib build/bdist.linux-x86_64
 "$PY" - "$base" "$work" "$out" "$tag" <<'PY'

@@ -14,11 +14,17 @@ fill a fast link.
 from __future__ import annotations
 
 import asyncio
+
+# mypyc: TcpPeer, a Python class deriving from asyncio.Protocol, needs the
+# defining module imported by name, or the compiled module does not build.
+import asyncio.protocols
 import collections
 import os
 import time
 from collections.abc import Callable
 from typing import Final, Protocol, cast
+
+from mypy_extensions import mypyc_attr
 
 from node_agent.proxy.http2._fastpath import DataSender
 from node_agent.proxy.http2.connection import Connection, HeaderList, ProtocolError
@@ -49,6 +55,9 @@ class Pipe(Protocol):
     def on_write_resumed(self) -> None: ...
 
 
+# A Python class, not a compiled one, even compiled (setup.py): read_with gives
+# each instance its own data_received, which a compiled class has no room for.
+@mypyc_attr(native_class=False)
 class TcpPeer(asyncio.Protocol):
     """One plain TCP connection. Reading stays paused until a pipe is attached."""
 
@@ -69,11 +78,17 @@ class TcpPeer(asyncio.Protocol):
         if self._on_connected is not None:
             self._on_connected(self)
 
-    def attach(self, pipe: Pipe) -> None:
+    def early_data(self) -> bytes:
+        """What arrived before a pipe was attached, copied (the buffer grows until then)."""
+        return bytes(self._early) if self._early else b""
+
+    def attach(self, pipe: Pipe, *, sent_ahead: int = 0) -> None:
+        """Hand reads to `pipe`, first those that came early, less the first `sent_ahead`
+        bytes of them, which the pipe already carried (HboneStream.send_ahead)."""
         self.pipe = None if self.lost else pipe
         early, self._early = self._early, bytearray()
-        if early:
-            pipe.on_data(bytes(early))
+        if len(early) > sent_ahead:
+            pipe.on_data(bytes(memoryview(early)[sent_ahead:]) if sent_ahead else bytes(early))
         if self._early_eof:
             pipe.on_eof()
         if self.lost:
@@ -279,10 +294,38 @@ class HboneStream:
         self._sent_end = False
         self._remote_end = False
         self._tcp_opened = conn.client_side  # which way the TCP side's bytes count
+        self._sent_ahead = 0  # the TCP side's first bytes, sent right behind the request
+
+    def send_ahead(self, data: bytes) -> None:
+        """Send `data`, the first bytes of the TCP side to be attached, now, right
+        behind the CONNECT instead of a round trip later, once it is answered.
+
+        The request and its first bytes leave in one write, and the destination
+        has them when its connection to the workload is up: in a short exchange
+        its answer then travels with the 200. A destination that refuses drops
+        them; the TCP side still holds them (TcpPeer.early_data) for another
+        endpoint's stream. Nothing is sent unless all of `data` fits the windows
+        and one frame.
+        """
+        conn = self.conn
+        if (
+            data
+            and not self._sent_ahead
+            and not conn.write_paused
+            and not conn.closed
+            and conn.h2.try_send_data(self.id, data)
+        ):
+            self._sent_ahead = len(data)
+            conn.flush()
 
     def attach(self, peer: TcpPeer) -> None:
         """Start bridging: deliver what arrived early, then let the TCP side read."""
         self._peer = peer
+        if self._sent_ahead:
+            if self._tcp_opened:
+                self.flow.up += self._sent_ahead
+            else:
+                self.flow.down += self._sent_ahead
         for data in self._early:
             self._on_h2_data(data)
         self._early.clear()
@@ -296,7 +339,7 @@ class HboneStream:
             state.count_down = self._tcp_opened
             state.peer = peer
             peer.read_with(DataSender(state, self.id, peer, self, self.conn))
-        peer.attach(self)
+        peer.attach(self, sent_ahead=self._sent_ahead)
         self._maybe_finish()
 
     def reset(self, reason: str, code: int = ErrorCode.CANCEL) -> None:
@@ -451,6 +494,12 @@ class HboneStream:
         if self.flow.done.done():
             return
         self._state.peer = self._state.flow = None
+        if self._early:
+            # Never taken by a TCP side (refused, reset, ended before attach): the
+            # connection's window goes back, or every refused stream that came with
+            # data (sent ahead of its answer) would shrink it for good.
+            self.conn.ack(self.id, sum(map(len, self._early)))
+            self._early.clear()
         self.flow.finish(error)
         self.conn.stream_finished(self)
 
@@ -526,7 +575,7 @@ class H2Protocol(asyncio.Protocol):
             self._keepalive.start()
         self.flush()  # the preface and our SETTINGS
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: Bytes) -> None:
         # `data` may be a view lent by the TLS transport, reused once this
         # returns: the codec, the streams and the TCP sides copy what they keep.
         keepalive = self._keepalive

@@ -297,8 +297,8 @@ class Inbound:
             return
         try:
             _, upstream = await self._upstream.connect(pod, address, port, TcpPeer)
-        except UpstreamError as e:
-            self._telemetry.failed(record, "upstream_unreachable", str(e))
+        except UpstreamError as unreachable:
+            self._telemetry.failed(record, "upstream_unreachable", str(unreachable))
             peer.abort()
             return
         await carry(self._telemetry, record, Relay(peer, upstream).flow, (peer, upstream))

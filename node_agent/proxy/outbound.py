@@ -152,7 +152,9 @@ class Outbound:
                     record.destination_identity = endpoint.workload.identity(
                         self._mesh.snapshot.trust_domain
                     )
-                    stream = await self._open_tunnel(pod, endpoint, record.destination_identity)
+                    stream = await self._open_tunnel(
+                        pod, endpoint, record.destination_identity, peer
+                    )
                     picker.started(endpoint)
                     try:
                         stream.attach(peer)
@@ -169,8 +171,8 @@ class Outbound:
                 picker.failed(endpoint)
                 errors.append(f"{record.destination_addr}: {e}")
                 continue
-            except RefusedError as e:
-                self._telemetry.failed(record, "refused", str(e))
+            except RefusedError as refused:
+                self._telemetry.failed(record, "refused", str(refused))
                 peer.abort()
                 return
             picker.started(endpoint)
@@ -183,7 +185,7 @@ class Outbound:
         peer.abort()
 
     async def _open_tunnel(
-        self, pod: PodState, endpoint: Endpoint, expected: SpiffeId
+        self, pod: PodState, endpoint: Endpoint, expected: SpiffeId, peer: TcpPeer
     ) -> HboneStream:
         tls = self._tls.client(pod.identity)
         # Proxy retires pooled connections by this key: pod uid first, TLS generation last.
@@ -196,7 +198,7 @@ class Outbound:
         started = time.monotonic()
         try:
             try:
-                stream, headers = await self._request(key, authority, dial)
+                stream, headers = await self._request(key, authority, dial, peer)
             except _RefusedStreamError as e:
                 if e.connection_opened_at >= started:
                     raise e.error from None
@@ -204,18 +206,24 @@ class Outbound:
                 # the peer (idle, or its proxy being upgraded) just as we used it:
                 # no fault of the endpoint, so once more; the pool no longer offers
                 # that connection, so this goes to a fresh one.
-                stream, headers = await self._request(key, authority, dial)
+                stream, headers = await self._request(key, authority, dial, peer)
         except _RefusedStreamError as e:
             raise UpstreamError(f"no CONNECT response: {e.error}") from e.error
-        except StreamRefusedError as e:
-            raise UpstreamError(f"no CONNECT response: {e}") from e
+        except StreamRefusedError as refused:
+            raise UpstreamError(f"no CONNECT response: {refused}") from refused
         return self._check_response(stream, headers)
 
     async def _request(
-        self, key: Hashable, authority: str, dial: Callable[[], Awaitable[H2Protocol]]
+        self,
+        key: Hashable,
+        authority: str,
+        dial: Callable[[], Awaitable[H2Protocol]],
+        peer: TcpPeer,
     ) -> tuple[HboneStream, Headers]:
-        """Open a CONNECT stream and wait for its response headers."""
+        """Open a CONNECT stream, `peer`'s early bytes right behind it, and wait for
+        its response headers."""
         stream = await self._pool.open_stream(key, authority, dial)
+        stream.send_ahead(peer.early_data())
         # A timer on the future, not asyncio.timeout: that costs a task lookup
         # and, on Python 3.11, getpid(2) calls on every connection.
         timer = stream.conn.loop.call_later(
@@ -226,9 +234,9 @@ class Outbound:
         except StreamRefusedError as e:
             stream.reset(f"no CONNECT response: {e}")
             raise _RefusedStreamError(e, stream.conn.opened_at) from e
-        except TimeoutError as e:
+        except TimeoutError as timeout:
             stream.reset("no CONNECT response in time")
-            raise UpstreamError("no CONNECT response in time") from e
+            raise UpstreamError("no CONNECT response in time") from timeout
         finally:
             timer.cancel()
 

@@ -54,7 +54,7 @@ import ssl
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any, Final, Protocol, cast
+from typing import Any, ClassVar, Final, Protocol, cast
 
 from node_agent import openssl
 from node_agent.proxy.pieces import join_small_runs
@@ -191,7 +191,7 @@ class _LayoutCheck:
     """Whether the SSL* is where CPython keeps it: confirmed by OpenSSL once, on the
     first connection (its socket's fd and its context must be the ones Python has)."""
 
-    confirmed: bool | None = None
+    confirmed: ClassVar[bool | None] = None
 
 
 def _ssl_address(tls: ssl.SSLSocket) -> int | None:
@@ -408,7 +408,8 @@ class TlsTransport(asyncio.Transport):
         got, outcome = self._read_into(view)
         if got:
             data = view[:got] if self._lend_reads else bytes(view[:got])
-            self._protocol.data_received(cast(bytes, data))
+            # A lent view goes only to protocols that take one (lend_reads).
+            self._protocol.data_received(data)  # type: ignore[arg-type]
         if isinstance(outcome, OSError):
             self._fatal(outcome)
         elif outcome == "full" and self._reading:

@@ -11,6 +11,7 @@ counted too. Nothing may escape data_received or a stream's task.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import Counter
 from collections.abc import Coroutine, Iterable, Iterator
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 from node_agent.proxy.connections import (
     ConnectionTasks,
     Refusals,
-    UpstreamError,
+    UpstreamConnector,
     format_authority,
 )
 from node_agent.proxy.hbone import H2Protocol, HboneStream, Headers
@@ -144,9 +145,14 @@ class _Tasks(ConnectionTasks):
         super().spawn(guarded())
 
 
-class _NoUpstream:
-    async def connect(self, *_args: Any) -> Any:
-        raise UpstreamError("no upstream in a fuzz test")
+class _ClosedSockets:
+    """A SocketFactory whose sockets are closed already: every upstream connect fails
+    (UpstreamError, answered 503), and nothing leaves the process."""
+
+    def stream(self, _netns: Any, family: socket.AddressFamily) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.close()
+        return sock
 
 
 def _expected_refusal(pod: PodState, headers: Headers) -> str | None:
@@ -178,7 +184,11 @@ def _serve(data: bytes, cuts: list[int]) -> None:
     inbound = Inbound(
         mesh=SimpleNamespace(snapshot=SNAPSHOT),  # type: ignore[arg-type]
         tls=None,  # type: ignore[arg-type]
-        upstream=_NoUpstream(),  # type: ignore[arg-type]
+        upstream=UpstreamConnector(
+            _ClosedSockets(),  # type: ignore[arg-type]
+            connect_timeout=1.0,
+            handshake_timeout=1.0,
+        ),
         tasks=tasks,
         refusals=Refusals(metrics),
         telemetry=Telemetry(metrics, AccessLog(lambda _line: None)),

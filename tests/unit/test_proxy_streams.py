@@ -356,7 +356,7 @@ def test_a_connect_left_unanswered_gives_up_at_the_response_timeout_and_resets(r
 
         started = loop.time()
         with pytest.raises(UpstreamError, match="no CONNECT response in time"):
-            await outbound._request("key", "10.0.0.1:80", dial)
+            await outbound._request("key", "10.0.0.1:80", dial, TcpPeer())
         assert 0.15 < loop.time() - started < 2.0
         await asyncio.sleep(0.05)
         (stream,) = unanswered

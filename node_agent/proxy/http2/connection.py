@@ -332,7 +332,7 @@ class Connection:
 
     # -- receiving -------------------------------------------------------------------
 
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: Bytes) -> None:
         """Parse what arrived, reporting events as it goes. Raises ProtocolError."""
         if self._buffer:
             self._buffer += data
@@ -419,10 +419,11 @@ class Connection:
             return ProtocolError(ErrorCode.PROTOCOL_ERROR, "first frame is not SETTINGS")
         return ProtocolError(ErrorCode.PROTOCOL_ERROR, "header block interrupted")
 
-    def _preface(self, data: bytes) -> int:
+    def _preface(self, data: Bytes) -> int:
         """Where frames start after the client preface, or -1 while it is incomplete."""
         if len(data) < len(PREFACE):
-            if not PREFACE.startswith(data):
+            # bytes(): startswith takes no memoryview, and the TLS layer lends one.
+            if not PREFACE.startswith(bytes(data)):
                 raise ProtocolError(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 client preface")
             self._buffer += data
             return -1

@@ -12,20 +12,9 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 
-import pytest
-import uvloop
-
 from node_agent.proxy.hbone import CONNECTION_WINDOW, H2Protocol, HboneStream, Headers, TcpPeer
 
 LOCAL = "127.0.0.1"
-
-
-@pytest.fixture
-def run():
-    def runner(coro):
-        return uvloop.run(asyncio.wait_for(coro, timeout=20))
-
-    return runner
 
 
 @contextlib.asynccontextmanager

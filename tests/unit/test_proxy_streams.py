@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
-import uvloop
 
 from node_agent.proxy.connections import ConnectionTasks, Refusals, UpstreamConnector, UpstreamError
 from node_agent.proxy.hbone import (
@@ -36,14 +35,6 @@ from node_agent.proxy.state import MeshView, TlsContexts
 from node_agent.proxy.telemetry import AccessLog, ProxyMetrics, Telemetry
 
 LOCAL = "127.0.0.1"
-
-
-@pytest.fixture
-def run():
-    def runner(coro):
-        return uvloop.run(asyncio.wait_for(coro, timeout=20))
-
-    return runner
 
 
 @dataclass

@@ -18,6 +18,7 @@ FLAGS = ["-O2", "-Wall", "-Wextra"]
 # Kept in step with tests/unit/test_compiled_modules.py, which checks that what
 # is imported is compiled from the source beside it.
 COMPILED = [
+    "node_agent/proxy/access_log_writer.py",
     "node_agent/proxy/connections.py",
     "node_agent/proxy/hbone.py",
     "node_agent/proxy/http2/connection.py",

@@ -53,8 +53,9 @@ class AccessLogWriter:
         self._lines: collections.deque[str] = collections.deque()
         self._wake = threading.Event()
         self._stop = threading.Event()  # set by close(): write what is queued, take no more
+        self._closed = False  # the same, for the caller's thread: a bool costs no call
         self._failed = False
-        self._thread: threading.Thread | None = None
+        self._writer_thread: threading.Thread | None = None
         self._dropped_here = 0  # by the caller's thread
         self._lost_in_writes = 0  # by the writer thread
 
@@ -64,26 +65,27 @@ class AccessLogWriter:
         return self._dropped_here + self._lost_in_writes
 
     def __call__(self, line: str) -> None:
-        if self._failed or self._stop.is_set() or len(self._lines) >= self._max_pending:
+        if self._failed or self._closed or len(self._lines) >= self._max_pending:
             self._dropped_here += 1
             return
         self._lines.append(line)
         if not self._wake.is_set():
-            if self._thread is None:
-                self._thread = threading.Thread(
+            if self._writer_thread is None:
+                self._writer_thread = threading.Thread(
                     target=self._run, name="access log writer", daemon=True
                 )
-                self._thread.start()
+                self._writer_thread.start()
             self._wake.set()
 
     def close(self, timeout: float = 2.0) -> None:
         """Write what is queued (waiting up to `timeout` seconds), then stop."""
+        self._closed = True
         self._stop.set()
-        if self._thread is None:
+        if self._writer_thread is None:
             return
         self._wake.set()
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        self._writer_thread.join(timeout)
+        if self._writer_thread.is_alive():
             log.warning("access log: %d lines not written at exit", len(self._lines))
 
     def _run(self) -> None:
@@ -106,10 +108,12 @@ class AccessLogWriter:
     def _write(self, batch: list[str]) -> None:
         try:
             for chunk in whole_line_chunks(batch, select.PIPE_BUF):
-                data = memoryview(chunk)
-                while data:
+                # An offset, not `view = view[n:]`: compiled by mypyc, that wrote
+                # some chunks twice (tests/unit/test_access_log_writer.py).
+                view, written = memoryview(chunk), 0
+                while written < len(chunk):
                     try:
-                        data = data[os.write(self._fd, data) :]
+                        written += os.write(self._fd, view[written:])
                     except BlockingIOError:
                         select.select([], [self._fd], [], WRITABLE_WAIT_SECONDS)
         except OSError as e:
@@ -123,18 +127,18 @@ class AccessLogWriter:
 
 
 def whole_line_chunks(lines: list[str], limit: int) -> list[bytes]:
-    """`lines`, newline-terminated, packed into chunks of at most `limit` bytes, never
-    splitting a line (one longer than `limit` is a chunk of its own)."""
+    """`lines` (none holding a newline), newline-terminated, packed into chunks of at
+    most `limit` bytes, never splitting a line (one longer than `limit` is a chunk of
+    its own). Encoded at once: per line, the encoding cost the writer as much again."""
+    data = ("\n".join(lines) + "\n").encode() if lines else b""
     chunks: list[bytes] = []
-    current: list[bytes] = []
-    size = 0
-    for line in lines:
-        encoded = line.encode() + b"\n"
-        if current and size + len(encoded) > limit:
-            chunks.append(b"".join(current))
-            current, size = [], 0
-        current.append(encoded)
-        size += len(encoded)
-    if current:
-        chunks.append(b"".join(current))
+    start, end = 0, len(data)
+    while end - start > limit:
+        cut = data.rfind(b"\n", start, start + limit)
+        if cut < 0:
+            cut = data.find(b"\n", start + limit)
+        chunks.append(data[start : cut + 1])
+        start = cut + 1
+    if start < end:
+        chunks.append(data[start:])
     return chunks

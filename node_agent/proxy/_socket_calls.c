@@ -14,8 +14,9 @@
  * IPv6 stays in original_dst.py (rare, and its address text must match the
  * ipaddress module's, which inet_ntop's does not always).
  *
- * socket_in_netns(netns_fd, home_fd, family, mark) makes a non-blocking TCP
- * socket.socket of netns_fd's namespace, marked. The thread goes back to
+ * socket_in_netns(netns_fd, home_fd, family, mark, cls=socket.socket) makes
+ * a non-blocking TCP socket of netns_fd's namespace, marked, as an instance of
+ * cls (a subclass of socket.socket, see sockets.py for why). The thread goes back to
  * home_fd before anything else; if the kernel refuses that, the process
  * ends (as node_agent.netns does), because a thread left inside a pod would
  * make every later socket there.
@@ -37,6 +38,25 @@
  * Weir's cgroup/getsockopt program (eBPF capture) alike. */
 #define SO_ORIGINAL_DST 80
 
+/* Dotted-quad text of `address` into `out` (at least 16 bytes); its length.
+ * By hand: inet_ntop goes through sprintf, a visible share of a connection. */
+static Py_ssize_t format_v4(char *out, const struct in_addr *address)
+{
+	const unsigned char *octets = (const unsigned char *)&address->s_addr;
+	char *p = out;
+	for (int i = 0; i < 4; i++) {
+		unsigned int value = octets[i];
+		if (i > 0)
+			*p++ = '.';
+		if (value >= 100)
+			*p++ = (char)('0' + value / 100);
+		if (value >= 10)
+			*p++ = (char)('0' + value / 10 % 10);
+		*p++ = (char)('0' + value % 10);
+	}
+	return p - out;
+}
+
 static PyObject *original_destination_v4(PyObject *module, PyObject *arg)
 {
 	(void)module;
@@ -48,9 +68,18 @@ static PyObject *original_destination_v4(PyObject *module, PyObject *arg)
 	if (getsockopt(fd, SOL_IP, SO_ORIGINAL_DST, &address, &length) < 0)
 		return PyErr_SetFromErrno(PyExc_OSError);
 	char text[INET_ADDRSTRLEN];
-	if (inet_ntop(AF_INET, &address.sin_addr, text, sizeof(text)) == NULL)
-		return PyErr_SetFromErrno(PyExc_OSError);
-	return Py_BuildValue("(si)", text, (int)ntohs(address.sin_port));
+	PyObject *host = PyUnicode_FromStringAndSize(text, format_v4(text, &address.sin_addr));
+	if (host == NULL)
+		return NULL;
+	PyObject *port = PyLong_FromLong(ntohs(address.sin_port));
+	if (port == NULL) {
+		Py_DECREF(host);
+		return NULL;
+	}
+	PyObject *pair = PyTuple_Pack(2, host, port);
+	Py_DECREF(host);
+	Py_DECREF(port);
+	return pair;
 }
 
 /* socket.socket: the caller wants a Python socket, and made from an fd one
@@ -62,15 +91,21 @@ static PyObject *socket_in_netns(PyObject *module, PyObject *args)
 	(void)module;
 	int netns_fd, home_fd, family;
 	long long mark;
-	if (!PyArg_ParseTuple(args, "iiiL", &netns_fd, &home_fd, &family, &mark))
+	PyObject *cls = socket_class;
+	if (!PyArg_ParseTuple(args, "iiiL|O", &netns_fd, &home_fd, &family, &mark, &cls))
 		return NULL;
+	if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls,
+						   (PyTypeObject *)socket_class)) {
+		PyErr_SetString(PyExc_TypeError, "cls must be a subclass of socket.socket");
+		return NULL;
+	}
 	if (mark > UINT32_MAX) {
 		PyErr_Format(PyExc_ValueError, "mark %lld does not fit in 32 bits", mark);
 		return NULL;
 	}
 	if (setns(netns_fd, CLONE_NEWNET) < 0)
 		return PyErr_SetFromErrno(PyExc_OSError);
-	PyObject *sock = PyObject_CallFunction(socket_class, "ii", family,
+	PyObject *sock = PyObject_CallFunction(cls, "ii", family,
 					       SOCK_STREAM | SOCK_NONBLOCK);
 	if (setns(home_fd, CLONE_NEWNET) < 0) {
 		dprintf(2, "weir: fatal: cannot leave namespace fd %d: %s\n", netns_fd,
@@ -99,7 +134,7 @@ static PyMethodDef methods[] = {
 	{ "original_destination_v4", original_destination_v4, METH_O,
 	  "(address, port) an IPv4 socket was redirected from; OSError if it was not." },
 	{ "socket_in_netns", socket_in_netns, METH_VARARGS,
-	  "A non-blocking TCP socket.socket of netns_fd's namespace, marked unless mark < 0." },
+	  "A non-blocking TCP socket (of class cls) of netns_fd's namespace, marked unless mark < 0." },
 	{ NULL, NULL, 0, NULL },
 };
 

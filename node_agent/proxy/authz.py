@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from typing import Final
 
 from node_agent.proxy.model import Action, AuthorizationPolicy, MeshSnapshot, Rule, Workload
 from weir_common.mesh import SpiffeId
@@ -31,14 +32,19 @@ class Request:
     destination_port: int
 
 
+_NO_ALLOW_POLICY: Final = Decision(allowed=True, reason="no-allow-policy")
+
+
 def authorize(snapshot: MeshSnapshot, request: Request) -> Decision:
     policies = snapshot.policies_for(request.destination)
+    if not policies:
+        return _NO_ALLOW_POLICY
     for policy in policies:
         if policy.action is Action.DENY and _matches(policy, request):
             return Decision(allowed=False, reason=f"deny:{policy.key}")
     allows = [p for p in policies if p.action is Action.ALLOW]
     if not allows:
-        return Decision(allowed=True, reason="no-allow-policy")
+        return _NO_ALLOW_POLICY
     for policy in allows:
         if _matches(policy, request):
             return Decision(allowed=True, reason=f"allow:{policy.key}")

@@ -69,7 +69,7 @@ class TcpPeer(asyncio.Protocol):
         self._early = bytearray()
         self._early_eof = False
         self._lost_error: Exception | None = None
-        self.fd = -1  # the socket's; looked up on the first lent write unless set
+        self.fd = -1  # the socket's (socket_fd) once looked up, unless set
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
@@ -160,17 +160,25 @@ class TcpPeer(asyncio.Protocol):
             return
         sent = 0
         if not transport.get_write_buffer_size():
-            if self.fd < 0:
-                self.fd = transport.get_extra_info("socket").fileno()
             # Would block: the rest waits in the transport. Failed: the
             # transport meets the error itself on its write, and reports it.
             # Not contextlib.suppress: three Python calls on every write.
             try:  # noqa: SIM105
-                sent = os.write(self.fd, data)
+                sent = os.write(self.socket_fd(), data)
             except OSError:
                 pass
         if sent < len(data):
             transport.write(bytes(data[sent:]))
+
+    def socket_fd(self) -> int:
+        """The connection's socket, for calls the transport does not offer.
+
+        Looked up once: uvloop answers with a getsockname(2) and a new object.
+        """
+        if self.fd < 0:
+            assert self.transport is not None
+            self.fd = self.transport.get_extra_info("socket").fileno()
+        return self.fd
 
     def write_eof(self) -> None:
         if self.transport is not None and not self.lost and not self.transport.is_closing():

@@ -33,7 +33,7 @@ from node_agent.proxy.connections import (
 from node_agent.proxy.hbone import H2Protocol, HboneStream, Headers, Relay, TcpPeer
 from node_agent.proxy.http2.keepalive import KeepaliveSettings
 from node_agent.proxy.model import MtlsMode, parse_ip
-from node_agent.proxy.original_dst import original_destination
+from node_agent.proxy.original_dst import original_destination_of
 from node_agent.proxy.state import MeshView, PodState, TlsContexts
 from node_agent.proxy.telemetry import ConnectionRecord, Telemetry
 from node_agent.proxy.tls import ALPN_H2, peer_identity
@@ -259,16 +259,19 @@ class Inbound:
 
     # -- 15006 ------------------------------------------------------------
 
-    def plaintext_accepted(self, pod: PodState, peer: TcpPeer) -> None:
-        self._tasks.spawn(self._plaintext(pod, peer))
+    def plaintext_accepted(
+        self, pod: PodState, family: socket.AddressFamily, peer: TcpPeer
+    ) -> None:
+        """`peer` connected to `pod`'s plaintext inbound listener of `family`."""
+        self._tasks.spawn(self._plaintext(pod, family, peer))
 
-    async def _plaintext(self, pod: PodState, peer: TcpPeer) -> None:
+    async def _plaintext(self, pod: PodState, family: socket.AddressFamily, peer: TcpPeer) -> None:
         refusals = self._refusals
         assert peer.transport is not None
         client = peer.transport.get_extra_info("peername")
         source_ip = str(client[0]) if client else ""
         try:
-            address, port = original_destination(peer.transport.get_extra_info("socket"))
+            address, port = original_destination_of(peer.socket_fd(), family)
         except OSError as e:
             refusals.refuse(PLAINTEXT, "no_original_destination", f"from {client}: {e}", peer)
             return

@@ -159,8 +159,23 @@ class MeshSnapshot:
     def service_by_vip(self, ip: str) -> Service | None:
         return self._services_by_vip.get(_canonical(ip))
 
-    def policies_for(self, workload: Workload) -> list[AuthorizationPolicy]:
-        return [p for p in self.policies.values() if p.selects(workload)]
+    def policies_for(self, workload: Workload) -> tuple[AuthorizationPolicy, ...]:
+        # Asked for every inbound connection: looked through once per workload.
+        # Keyed by id() (a Workload hashes all its fields, in Python), the
+        # workload kept alongside so its id cannot be reused while cached.
+        if not self.policies:
+            return ()
+        found = self._policies_by_workload.get(id(workload))
+        if found is None or found[0] is not workload:
+            found = (workload, tuple(p for p in self.policies.values() if p.selects(workload)))
+            self._policies_by_workload[id(workload)] = found
+        return found[1]
+
+    @cached_property
+    def _policies_by_workload(
+        self,
+    ) -> dict[int, tuple[Workload, tuple[AuthorizationPolicy, ...]]]:
+        return {}
 
     def dump(self) -> dict[str, Any]:
         """Plain data for the admin config_dump."""

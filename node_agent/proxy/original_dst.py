@@ -21,8 +21,18 @@ _SOCKADDR_IN6_LEN = 28
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
     """(address, port) the client connected to; raises OSError if it was not redirected."""
-    if sock.family == socket.AF_INET:
-        return original_destination_v4(sock)
-    raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6_LEN)
+    return original_destination_of(sock.fileno(), sock.family)
+
+
+def original_destination_of(fd: int, family: int) -> tuple[str, int]:
+    """original_destination of the socket `fd` of `family`: the proxy knows both from its
+    listener, and asking the socket object costs a syscall and an enum per connection."""
+    if family == socket.AF_INET:
+        return original_destination_v4(fd)
+    borrowed = socket.socket(socket.AF_INET6, socket.SOCK_STREAM, 0, fd)
+    try:
+        raw = borrowed.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6_LEN)
+    finally:
+        borrowed.detach()  # the fd stays its owner's
     port, packed = struct.unpack_from("!2xH4x16s", raw)
     return str(ipaddress.IPv6Address(packed)), port

@@ -6,7 +6,9 @@ connection can only arrive on that listener from inside that pod.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Hashable
@@ -30,9 +32,15 @@ from node_agent.proxy.hbone import (
     TcpPeer,
 )
 from node_agent.proxy.http2.keepalive import KeepaliveSettings
-from node_agent.proxy.original_dst import original_destination
+from node_agent.proxy.original_dst import original_destination_of
 from node_agent.proxy.pool import ConnectionPool
-from node_agent.proxy.routing import Endpoint, EndpointPicker, MeshRoute, Passthrough, resolve
+from node_agent.proxy.routing import (
+    Endpoint,
+    EndpointPicker,
+    MeshRoute,
+    Passthrough,
+    RouteCache,
+)
 from node_agent.proxy.state import MeshView, PodState, TlsContexts
 from node_agent.proxy.telemetry import ConnectionRecord, Telemetry
 from node_agent.proxy.tls import ALPN_H2, peer_identity
@@ -44,6 +52,50 @@ log = logging.getLogger(__name__)
 LISTENER: Final = "outbound"
 # Endpoints tried for one connection before giving up; each costs up to a connect timeout.
 MAX_ATTEMPTS: Final = 3
+
+
+class ResponseDeadlines:
+    """CONNECT streams awaiting their response, each failed with TimeoutError once
+    `timeout` seconds have passed, give or take a quarter of that.
+
+    One timer looks at them all a few times per `timeout`, while any wait:
+    a timer of its own per stream cost each connection about a microsecond
+    to arm and cancel (and a libuv handle to close), for an answer that
+    almost always comes within a millisecond.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._tick = min(timeout / 4, 1.0)
+        # Insertion order is deadline order: every stream waits the same `timeout`.
+        self._waiting: dict[HboneStream, float] = {}
+        self._sweeping: asyncio.AbstractEventLoop | None = None  # where the timer is armed
+
+    def watch(self, stream: HboneStream) -> None:
+        loop = stream.conn.loop
+        self._waiting[stream] = loop.time() + self._timeout
+        # Not only "is a timer armed": one armed on a loop since closed never fires.
+        if self._sweeping is not loop:
+            self._sweeping = loop
+            loop.call_later(self._tick, self._sweep, loop)
+
+    def forget(self, stream: HboneStream) -> None:
+        self._waiting.pop(stream, None)
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        expired = []
+        for stream, deadline in self._waiting.items():
+            if deadline > now:
+                break
+            expired.append(stream)
+        for stream in expired:
+            del self._waiting[stream]
+            fail(stream.response, TimeoutError())
+        if self._waiting:
+            loop.call_later(self._tick, self._sweep, loop)
+        else:
+            self._sweeping = None
 
 
 class _RefusedStreamError(Exception):
@@ -88,17 +140,19 @@ class Outbound:
         self._tasks = tasks
         self._refusals = refusals
         self._telemetry = telemetry
-        self._response_timeout = response_timeout
+        self._deadlines = ResponseDeadlines(response_timeout)
+        self._routes = RouteCache()
         self._keepalive = keepalive
 
-    def accepted(self, pod: PodState, peer: TcpPeer) -> None:
-        self._tasks.spawn(self._handle(pod, peer))
+    def accepted(self, pod: PodState, family: socket.AddressFamily, peer: TcpPeer) -> None:
+        """`peer` connected to `pod`'s outbound listener of `family`."""
+        self._tasks.spawn(self._handle(pod, family, peer))
 
-    async def _handle(self, pod: PodState, peer: TcpPeer) -> None:
+    async def _handle(self, pod: PodState, family: socket.AddressFamily, peer: TcpPeer) -> None:
         assert peer.transport is not None
         client = peer.transport.get_extra_info("peername")
         try:
-            dst_ip, dst_port = original_destination(peer.transport.get_extra_info("socket"))
+            dst_ip, dst_port = original_destination_of(peer.socket_fd(), family)
         except OSError as e:
             self._refusals.refuse(LISTENER, "no_original_destination", f"from {client}: {e}", peer)
             return
@@ -108,7 +162,7 @@ class Outbound:
                 LISTENER, "loop", f"{client} dialed {dst_ip}:{dst_port} directly", peer
             )
             return
-        route = resolve(self._mesh.snapshot, dst_ip, dst_port)
+        route = self._routes.resolve(self._mesh.snapshot, dst_ip, dst_port)
         record = ConnectionRecord(
             reporter="source",
             source_addr=f"{client[0]}:{client[1]}" if client else "",
@@ -224,11 +278,9 @@ class Outbound:
         its response headers."""
         stream = await self._pool.open_stream(key, authority, dial)
         stream.send_ahead(peer.early_data())
-        # A timer on the future, not asyncio.timeout: that costs a task lookup
-        # and, on Python 3.11, getpid(2) calls on every connection.
-        timer = stream.conn.loop.call_later(
-            self._response_timeout, fail, stream.response, TimeoutError()
-        )
+        # Not asyncio.timeout: that costs a task lookup and, on Python 3.11,
+        # getpid(2) calls on every connection.
+        self._deadlines.watch(stream)
         try:
             return stream, await stream.response
         except StreamRefusedError as e:
@@ -238,7 +290,7 @@ class Outbound:
             stream.reset("no CONNECT response in time")
             raise UpstreamError("no CONNECT response in time") from timeout
         finally:
-            timer.cancel()
+            self._deadlines.forget(stream)
 
     @staticmethod
     def _check_response(stream: HboneStream, headers: Headers) -> HboneStream:

@@ -390,14 +390,14 @@ class Proxy:
         families = sorted(
             {socket.AF_INET6 if ":" in ip else socket.AF_INET for ip in pod.workload.ips}
         )
-        plain: list[tuple[int, Callable[[TcpPeer], None]]] = [
-            (OUTBOUND_CAPTURE_PORT, lambda peer: self._outbound.accepted(pod, peer)),
-            (
-                INBOUND_PLAINTEXT_CAPTURE_PORT,
-                lambda peer: self._inbound.plaintext_accepted(pod, peer),
-            ),
-        ]
         for family in families:
+            plain: list[tuple[int, Callable[[TcpPeer], None]]] = [
+                (OUTBOUND_CAPTURE_PORT, functools.partial(self._outbound.accepted, pod, family)),
+                (
+                    INBOUND_PLAINTEXT_CAPTURE_PORT,
+                    functools.partial(self._inbound.plaintext_accepted, pod, family),
+                ),
+            ]
             for port, accepted in plain:
                 sock = self._listener(pod, family, port)
                 try:

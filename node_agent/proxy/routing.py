@@ -65,6 +65,33 @@ def resolve(snapshot: MeshSnapshot, address: str, port: int) -> Route:
     return Passthrough(address, port)
 
 
+class RouteCache:
+    """`resolve`'s answers for the current snapshot, kept until the snapshot changes.
+
+    Resolving took a few Python calls (address canonicalization, a service's
+    port map, new Endpoint objects) on every outbound connection, for an
+    answer that only a new snapshot changes. At most `limit` destinations are
+    kept (pass-through ones are anyone's to choose); a full cache starts over.
+    """
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._limit = limit
+        self._snapshot: MeshSnapshot | None = None
+        self._routes: dict[tuple[str, int], Route] = {}
+
+    def resolve(self, snapshot: MeshSnapshot, address: str, port: int) -> Route:
+        if snapshot is not self._snapshot:
+            self._snapshot = snapshot
+            self._routes = {}
+        key = (address, port)
+        route = self._routes.get(key)
+        if route is None:
+            if len(self._routes) >= self._limit:
+                self._routes = {}
+            route = self._routes[key] = resolve(snapshot, address, port)
+        return route
+
+
 class Balancing(enum.Enum):
     ROUND_ROBIN = "round-robin"
     LEAST_REQUEST = "least-request"

@@ -24,6 +24,32 @@ from node_agent.proxy._socket_calls import socket_in_netns
 LISTEN_BACKLOG: Final = 1024
 
 
+class _Inet4StreamSocket(socket.socket):
+    """A socket.socket whose family and type are plain class attributes.
+
+    socket.socket makes each an enum member anew on every read, a few Python
+    calls; uvloop reads both for every upstream connection it is handed.
+    """
+
+    __slots__ = ()
+    family = socket.AF_INET
+    type = socket.SOCK_STREAM
+
+
+class _Inet6StreamSocket(socket.socket):
+    """_Inet4StreamSocket's IPv6 twin."""
+
+    __slots__ = ()
+    family = socket.AF_INET6
+    type = socket.SOCK_STREAM
+
+
+_STREAM_SOCKETS: Final[dict[int, type[socket.socket]]] = {
+    socket.AF_INET: _Inet4StreamSocket,
+    socket.AF_INET6: _Inet6StreamSocket,
+}
+
+
 class SocketFactory(Protocol):
     def listener(self, netns: Netns, family: socket.AddressFamily, port: int) -> socket.socket:
         """A non-blocking listening socket on the wildcard address of `netns`."""
@@ -78,4 +104,5 @@ class NetnsSocketFactory:
         home: int | None = getattr(self._home, "fd", None)
         if home is None:
             home = self._home.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        return socket_in_netns(fd, home, family, self._mark)
+        cls = _STREAM_SOCKETS.get(family, socket.socket)
+        return socket_in_netns(fd, home, family, self._mark, cls)

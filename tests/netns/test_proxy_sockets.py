@@ -67,6 +67,11 @@ def test_sockets_belong_to_the_pod_and_its_netns_fd_is_opened_once(topology: Loc
             assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == PROXY_MARK
             assert not sock.getblocking()
             assert not sock.get_inheritable()  # close-on-exec, as Python's own sockets
+            # What the class states without asking is what the kernel says.
+            assert isinstance(sock, socket.socket)
+            assert (sock.family, sock.type) == (socket.AF_INET, socket.SOCK_STREAM)
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN) == socket.AF_INET
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_STREAM
         assert Path("/proc/thread-self/ns/net").stat().st_ino == home
         listener = factory.listener(pod.netns, socket.AF_INET, 0)
         made.append(listener)
@@ -102,6 +107,8 @@ def test_a_failed_socket_in_a_netns_leaves_the_thread_home_and_no_fd(
         assert unsupported.value.errno == errno.EAFNOSUPPORT
         with pytest.raises(ValueError, match="does not fit"):
             socket_in_netns(netns_fd, home, socket.AF_INET, 2**40)
+        with pytest.raises(TypeError, match=r"subclass of socket\.socket"):
+            socket_in_netns(netns_fd, home, socket.AF_INET, PROXY_MARK, dict)
         assert open_fds() == before
         assert home_path.stat().st_ino == home_inode
     finally:

@@ -90,3 +90,14 @@ def test_policies_select_by_namespace_and_labels():
     )
     assert decide(other_ns, other_app, mine).allowed
     assert not decide(other_ns, other_app, mine, port=9090).allowed
+
+
+def test_a_snapshot_finds_each_workloads_policies_once_and_per_workload_object():
+    mine = policy("server", Action.DENY, Rule(), selector={"app": "server"})
+    snapshot = MeshSnapshot("cluster.local", ("pem",), policies={mine.key: mine})
+    assert snapshot.policies_for(SERVER) == (mine,)
+    assert snapshot.policies_for(SERVER) is snapshot.policies_for(SERVER)  # looked up once
+    # Same name, other labels (a pod served before the snapshot knew it): its own answer.
+    relabeled = Workload("u1", "server", "prod", "server", "node-1", ("10.244.1.5",), {"app": "x"})
+    assert snapshot.policies_for(relabeled) == ()
+    assert snapshot.policies_for(SERVER) == (mine,)

@@ -9,6 +9,7 @@ from node_agent.proxy.routing import (
     EndpointPicker,
     MeshRoute,
     Passthrough,
+    RouteCache,
     resolve,
 )
 
@@ -24,6 +25,24 @@ SVC = Service(
 SNAP = MeshSnapshot(
     "cluster.local", ("pem",), workloads={B1.key: B1, B2.key: B2}, services={SVC.key: SVC}
 )
+
+
+def test_the_route_cache_answers_as_resolve_until_the_snapshot_changes():
+    cache = RouteCache(limit=2)
+    first = cache.resolve(SNAP, "10.96.0.10", 80)
+    assert first == resolve(SNAP, "10.96.0.10", 80)
+    assert cache.resolve(SNAP, "10.96.0.10", 80) is first  # kept, not resolved again
+    # A new snapshot (b2 gone): the kept answer would send traffic to a pod that left.
+    without_b2 = MeshSnapshot(
+        "cluster.local", ("pem",), workloads={B1.key: B1}, services=SNAP.services
+    )
+    route = cache.resolve(without_b2, "10.96.0.10", 80)
+    assert isinstance(route, MeshRoute)
+    assert [e.address for e in route.endpoints] == ["10.244.2.2"]
+    # Full (pass-through destinations are the client's to pick): it starts over, still right.
+    for port in range(1000, 1010):
+        assert cache.resolve(without_b2, "203.0.113.7", port) == Passthrough("203.0.113.7", port)
+    assert cache.resolve(without_b2, "10.96.0.10", 80) == route
 
 
 def test_vip_resolves_to_endpoints_on_target_port():

@@ -15,7 +15,7 @@ import os
 import socket
 import ssl
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from mypy_extensions import mypyc_attr
 
@@ -31,6 +31,8 @@ from weir_common.mesh import SpiffeId
 log = logging.getLogger(__name__)
 
 _P = TypeVar("_P", bound=asyncio.BaseProtocol)
+
+CONNECTION_TASK: Final = "weir connection"
 
 
 class UpstreamError(Exception):
@@ -151,7 +153,9 @@ class ConnectionTasks:
         return len(self._tasks)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self._loop.get().create_task(coro)
+        # Named: on Python 3.11 an unnamed task formats "Task-<n>" for itself,
+        # a visible share of a connection's setup.
+        task = asyncio.Task(coro, loop=self._loop.get(), name=CONNECTION_TASK)
         self._tasks.add(task)
         task.add_done_callback(self._done)
 

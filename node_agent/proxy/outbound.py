@@ -276,7 +276,9 @@ class Outbound:
     ) -> tuple[HboneStream, Headers]:
         """Open a CONNECT stream, `peer`'s early bytes right behind it, and wait for
         its response headers."""
-        stream = await self._pool.open_stream(key, authority, dial)
+        stream = self._pool.open_stream_now(key, authority)
+        if stream is None:
+            stream = await self._pool.open_stream(key, authority, dial)
         stream.send_ahead(peer.early_data())
         # Not asyncio.timeout: that costs a task lookup and, on Python 3.11,
         # getpid(2) calls on every connection.

@@ -76,6 +76,13 @@ class ConnectionPool:
             return self._start(conn, authority)
         raise PoolExhaustedError("no connection with room for a stream after waiting for dials")
 
+    def open_stream_now(self, key: Hashable, authority: str) -> HboneStream | None:
+        """open_stream's stream if a pooled connection has room for it now, else None
+        (open_stream then dials or waits for a dial). No coroutine: the usual case."""
+        entry = self._entries.get(key)
+        conn = self._usable(entry) if entry is not None else None
+        return self._start(conn, authority) if conn is not None else None
+
     def _usable(self, entry: _Entry) -> H2Protocol | None:
         best: H2Protocol | None = None
         for conn in entry.connections:

@@ -195,6 +195,31 @@ def test_stream_limit_opens_another_connection(run):
     run(main())
 
 
+def test_a_pooled_connection_with_room_takes_a_stream_without_waiting(run):
+    async def main():
+        loop = asyncio.get_running_loop()
+        pool = ConnectionPool(max_streams=2)
+        server = await loop.create_server(lambda: H2Protocol(client_side=False), LOCAL, 0)
+        port = server.sockets[0].getsockname()[1]
+
+        async def dial() -> H2Protocol:
+            conn = H2Protocol(client_side=True, on_idle=pool.connection_idle)
+            await loop.create_connection(lambda: conn, LOCAL, port)
+            return conn
+
+        try:
+            first = await pool.open_stream("k", "10.0.0.1:80", dial)
+            second = pool.open_stream_now("k", "10.0.0.2:80")
+            assert second is not None and second.conn is first.conn
+            assert len(first.conn.streams) == 2 and pool.dials == 1
+            assert pool.open_stream_now("other", "10.0.0.1:80") is None  # keys do not mix
+        finally:
+            pool.close_all()
+            server.close()
+
+    run(main())
+
+
 def test_pool_refuses_past_its_bound(run):
     async def main():
         loop = asyncio.get_running_loop()
@@ -208,7 +233,9 @@ def test_pool_refuses_past_its_bound(run):
             return conn
 
         try:
+            assert pool.open_stream_now("k", "10.0.0.1:80") is None  # nothing pooled yet
             await pool.open_stream("k", "10.0.0.1:80", dial)
+            assert pool.open_stream_now("k", "10.0.0.1:80") is None  # no room: dial or refuse
             with pytest.raises(PoolExhaustedError):
                 await pool.open_stream("k", "10.0.0.1:80", dial)
             assert pool.dials == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import uvloop
 
@@ -154,3 +155,14 @@ def test_access_log_line_is_the_json_of_the_entry_for_any_text():
     }
     assert second["reason"] is None and second["src"]["identity"].endswith("/sa/a-sa")
     assert all(line.isascii() and "\n" not in line for line in lines)
+
+
+def test_duration_is_milliseconds_to_the_microsecond_and_never_negative():
+    lines: list[str] = []
+    log = AccessLog(lines.append)
+    log.record(record(started=time.time() - 1.2345), sent=0, received=0, outcome="ok", reason=None)
+    log.record(record(started=time.time() + 60), sent=0, received=0, outcome="ok", reason=None)
+    took, ahead = (json.loads(line)["duration_ms"] for line in lines)
+    assert 1234.5 <= took < 1334.5
+    assert lines[0].split('"duration_ms":')[1].split(",")[0].count(".") == 1
+    assert ahead == 0.0  # the wall clock stepped back: no negative duration

@@ -12,7 +12,7 @@ import contextlib
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -195,53 +195,51 @@ def test_stream_limit_opens_another_connection(run):
     run(main())
 
 
+Dialer = Callable[[], Awaitable[H2Protocol]]
+
+
+@contextlib.asynccontextmanager
+async def h2_server_dialer(pool: ConnectionPool) -> AsyncIterator[Dialer]:
+    """A local HTTP/2 server and a dial() to it for `pool`; the pool is closed on exit."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: H2Protocol(client_side=False), LOCAL, 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def dial() -> H2Protocol:
+        conn = H2Protocol(client_side=True, on_idle=pool.connection_idle)
+        await loop.create_connection(lambda: conn, LOCAL, port)
+        return conn
+
+    try:
+        yield dial
+    finally:
+        pool.close_all()
+        server.close()
+
+
 def test_a_pooled_connection_with_room_takes_a_stream_without_waiting(run):
     async def main():
-        loop = asyncio.get_running_loop()
         pool = ConnectionPool(max_streams=2)
-        server = await loop.create_server(lambda: H2Protocol(client_side=False), LOCAL, 0)
-        port = server.sockets[0].getsockname()[1]
-
-        async def dial() -> H2Protocol:
-            conn = H2Protocol(client_side=True, on_idle=pool.connection_idle)
-            await loop.create_connection(lambda: conn, LOCAL, port)
-            return conn
-
-        try:
+        async with h2_server_dialer(pool) as dial:
             first = await pool.open_stream("k", "10.0.0.1:80", dial)
             second = pool.open_stream_now("k", "10.0.0.2:80")
             assert second is not None and second.conn is first.conn
             assert len(first.conn.streams) == 2 and pool.dials == 1
             assert pool.open_stream_now("other", "10.0.0.1:80") is None  # keys do not mix
-        finally:
-            pool.close_all()
-            server.close()
 
     run(main())
 
 
 def test_pool_refuses_past_its_bound(run):
     async def main():
-        loop = asyncio.get_running_loop()
         pool = ConnectionPool(max_streams=1, max_connections=1)
-        server = await loop.create_server(lambda: H2Protocol(client_side=False), LOCAL, 0)
-        port = server.sockets[0].getsockname()[1]
-
-        async def dial() -> H2Protocol:
-            conn = H2Protocol(client_side=True, on_idle=pool.connection_idle)
-            await loop.create_connection(lambda: conn, LOCAL, port)
-            return conn
-
-        try:
+        async with h2_server_dialer(pool) as dial:
             assert pool.open_stream_now("k", "10.0.0.1:80") is None  # nothing pooled yet
             await pool.open_stream("k", "10.0.0.1:80", dial)
             assert pool.open_stream_now("k", "10.0.0.1:80") is None  # no room: dial or refuse
             with pytest.raises(PoolExhaustedError):
                 await pool.open_stream("k", "10.0.0.1:80", dial)
             assert pool.dials == 1
-        finally:
-            pool.close_all()
-            server.close()
 
     run(main())
 

@@ -1,6 +1,6 @@
 """The compiled parts of the weir package; everything else is in pyproject.toml.
 
-Two kinds: C written by hand (the HTTP/2 DATA path, two socket calls), and
+Two kinds: C written by hand (the HTTP/2 DATA path, two socket calls, TLS reads), and
 the node proxy's per-connection Python compiled by mypyc from the same,
 unchanged source. The Python stays the source of truth and runs as it is
 where the compiled module is absent (a source checkout before `make`);
@@ -52,6 +52,11 @@ setup(
         Extension(
             "node_agent.proxy._socket_calls",
             ["node_agent/proxy/_socket_calls.c"],
+            extra_compile_args=FLAGS,
+        ),
+        Extension(
+            "node_agent.proxy._tls_reads",
+            ["node_agent/proxy/_tls_reads.c"],
             extra_compile_args=FLAGS,
         ),
         *compiled_python(),

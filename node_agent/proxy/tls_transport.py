@@ -29,8 +29,11 @@ by reading once more costs a syscall and an SSLWantReadError, about 6 µs on
 a 2-core VM, on every read event. Where this Python's layout does not let us
 reach the SSL object, reads go on until SSLWantReadError instead.
 
-Reads and writes call the SSLSocket's own `_sslobj` (what its `recv_into` and
-`send` end in) directly: two Python frames less per call.
+Where the SSL object is reachable, a read event's records are read by one
+call into C (_tls_reads.c: SSL_read_ex and SSL_has_pending in a loop), not
+by a Python loop over the ssl module's read, one record per turn. Writes,
+and reads elsewhere, call the SSLSocket's own `_sslobj` (what its `send` and
+`recv_into` end in) directly: two Python frames less per call.
 
 OpenSSL writes each record (16 KiB at most) with its own syscall: 64 per MiB,
 each its own packet through the pod's netfilter hooks. Where the SSL object is
@@ -57,6 +60,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Final, Protocol, cast
 
 from node_agent import openssl
+from node_agent.proxy import _tls_reads
 from node_agent.proxy.pieces import join_small_runs
 from weir_common.futures import fd_ready
 
@@ -219,7 +223,28 @@ def _ssl_address(tls: ssl.SSLSocket) -> int | None:
                 "this Python's SSL object layout is not the one expected"
             )
             return None
+        _bind_reads(libssl, openssl.libcrypto())
     return address
+
+
+def _bind_reads(libssl: ctypes.CDLL, libcrypto: ctypes.CDLL) -> None:
+    """Give _tls_reads the OpenSSL functions it calls: those ctypes found, so those
+    of the OpenSSL the ssl module runs on."""
+
+    def address(function: object) -> int:
+        found = ctypes.cast(function, ctypes.c_void_p).value  # type: ignore[arg-type]
+        if not found:
+            raise OSError(f"OpenSSL has no {function}")
+        return found
+
+    _tls_reads.bind(
+        address(libssl.SSL_read_ex),
+        address(libssl.SSL_has_pending),
+        address(libssl.SSL_get_error),
+        address(libcrypto.ERR_get_error),
+        address(libcrypto.ERR_clear_error),
+        address(libcrypto.ERR_error_string_n),
+    )
 
 
 def _has_pending_probe(address: int | None) -> Callable[[], int] | None:
@@ -317,6 +342,7 @@ class TlsTransport(asyncio.Transport):
         self._read = sslobj.read
         self._write = sslobj.write
         address = _ssl_address(tls)
+        self._ssl = address  # reads go through _tls_reads where this is known
         self._has_pending = _has_pending_probe(address)
         self._buffer = _WriteBuffer.install(address)
         self._buffer_unflushed = False  # a flush would have blocked: the writer finishes it
@@ -423,8 +449,10 @@ class TlsTransport(asyncio.Transport):
     def _read_into(self, view: memoryview) -> tuple[int, str | OSError]:
         """Decrypted bytes into `view`: how many, and what ended the reading: "full"
         (the buffer), "drained" (OpenSSL holds nothing more), "eof", or the error."""
+        if self._ssl is not None:
+            return _tls_reads.read_into(self._ssl, self._fd, view)
+        # Without the SSL object: on until OpenSSL wants more from the kernel.
         read = self._read
-        has_pending = self._has_pending
         got = 0
         try:
             while got < READ_BUFFER:
@@ -432,8 +460,6 @@ class TlsTransport(asyncio.Transport):
                 if n == 0:
                     return got, "eof"
                 got += n
-                if has_pending is not None and not has_pending():
-                    return got, "drained"  # the kernel reports the rest, if any
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return got, "drained"  # (or only a session ticket or a key update came)
         except ssl.SSLEOFError:

@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import datetime
 import hashlib
+import os
 import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -409,6 +410,62 @@ def test_a_peer_gone_without_close_notify_is_an_eof(contexts, read_mode: str) ->
         finally:
             transport.abort()
             client_tls.close()
+
+    run(main())
+
+
+def test_a_forged_record_ends_the_connection_with_openssls_reason(contexts, read_mode: str) -> None:
+    """An application-data record no key of this session sealed: what came before it
+    is delivered, then the connection is lost with the SSLError OpenSSL reports."""
+
+    async def main() -> None:
+        server_tls, client_tls = await handshaken_socketpair(contexts)
+        client_tls.send(b"good words")
+        with socket.socket(fileno=os.dup(client_tls.fileno())) as raw:
+            raw.setblocking(True)
+            raw.sendall(b"\x17\x03\x03\x00\x20" + bytes(32))
+        protocol = Collector()
+        transport = tls_transport.TlsTransport(server_tls, protocol)
+        try:
+            async with asyncio.timeout(5):
+                lost = await protocol.lost
+            assert bytes(protocol.data) == b"good words"
+            assert isinstance(lost, ssl.SSLError), lost
+            # OpenSSL queues two reasons: C reports the first ("decryption failed or
+            # bad record mac"), the ssl module the last ("record layer failure").
+            assert "record" in str(lost), lost
+        finally:
+            transport.abort()
+            client_tls.close()
+
+    run(main())
+
+
+def test_a_reset_ends_the_connection_with_the_sockets_error(contexts, read_mode: str) -> None:
+    """A Unix socket closed with bytes it never read resets its peer: the peer's
+    reads return what was sent before, then ECONNRESET. The kernel reports the
+    error with the data's event, on which libuv stops watching the socket: the
+    error must be read in that same event, or the connection hangs."""
+
+    async def main() -> None:
+        server_tls, client_tls = await handshaken_socketpair(contexts)
+        server_tls.send(b"never read")
+        client_tls.send(b"last words")
+        client_tls.close()
+        protocol = Collector()
+        transport = tls_transport.TlsTransport(server_tls, protocol)
+        try:
+            async with asyncio.timeout(5):
+                lost = await protocol.lost
+            assert bytes(protocol.data) == b"last words"
+            if read_mode == "has_pending":
+                assert isinstance(lost, ConnectionResetError), lost
+            else:
+                # Python 3.11's ssl module calls SSL_read_ex, whose 0 it reads as an
+                # EOF whatever errno says (SSLEOFError).
+                assert (lost, protocol.eof) == (None, True)
+        finally:
+            transport.abort()
 
     run(main())
 

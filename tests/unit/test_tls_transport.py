@@ -394,6 +394,19 @@ def test_megabytes_arrive_whole_either_way_reads_end(contexts, read_mode: str) -
     run(main())
 
 
+async def serve_until_lost(server_tls: ssl.SSLSocket) -> tuple[bytes, bool, Exception | None]:
+    """A transport over `server_tls` until the connection is lost: what arrived,
+    whether an EOF came, and what connection_lost was given."""
+    protocol = Collector()
+    transport = tls_transport.TlsTransport(server_tls, protocol)
+    try:
+        async with asyncio.timeout(5):
+            lost = await protocol.lost
+        return bytes(protocol.data), protocol.eof, lost
+    finally:
+        transport.abort()
+
+
 def test_a_peer_gone_without_close_notify_is_an_eof(contexts, read_mode: str) -> None:
     """What SSLSocket's suppress_ragged_eofs made of it before reads went to OpenSSL directly."""
 
@@ -401,14 +414,9 @@ def test_a_peer_gone_without_close_notify_is_an_eof(contexts, read_mode: str) ->
         server_tls, client_tls = await handshaken_socketpair(contexts)
         client_tls.send(b"last words")
         client_tls.shutdown(socket.SHUT_WR)  # the FIN alone: no close_notify
-        protocol = Collector()
-        transport = tls_transport.TlsTransport(server_tls, protocol)
         try:
-            async with asyncio.timeout(5):
-                lost = await protocol.lost
-            assert (bytes(protocol.data), protocol.eof, lost) == (b"last words", True, None)
+            assert await serve_until_lost(server_tls) == (b"last words", True, None)
         finally:
-            transport.abort()
             client_tls.close()
 
     run(main())
@@ -424,19 +432,15 @@ def test_a_forged_record_ends_the_connection_with_openssls_reason(contexts, read
         with socket.socket(fileno=os.dup(client_tls.fileno())) as raw:
             raw.setblocking(True)
             raw.sendall(b"\x17\x03\x03\x00\x20" + bytes(32))
-        protocol = Collector()
-        transport = tls_transport.TlsTransport(server_tls, protocol)
         try:
-            async with asyncio.timeout(5):
-                lost = await protocol.lost
-            assert bytes(protocol.data) == b"good words"
-            assert isinstance(lost, ssl.SSLError), lost
-            # OpenSSL queues two reasons: C reports the first ("decryption failed or
-            # bad record mac"), the ssl module the last ("record layer failure").
-            assert "record" in str(lost), lost
+            data, _, lost = await serve_until_lost(server_tls)
         finally:
-            transport.abort()
             client_tls.close()
+        assert data == b"good words"
+        assert isinstance(lost, ssl.SSLError), lost
+        # OpenSSL queues two reasons: C reports the first ("decryption failed or
+        # bad record mac"), the ssl module the last ("record layer failure").
+        assert "record" in str(lost), lost
 
     run(main())
 
@@ -452,20 +456,14 @@ def test_a_reset_ends_the_connection_with_the_sockets_error(contexts, read_mode:
         server_tls.send(b"never read")
         client_tls.send(b"last words")
         client_tls.close()
-        protocol = Collector()
-        transport = tls_transport.TlsTransport(server_tls, protocol)
-        try:
-            async with asyncio.timeout(5):
-                lost = await protocol.lost
-            assert bytes(protocol.data) == b"last words"
-            if read_mode == "has_pending":
-                assert isinstance(lost, ConnectionResetError), lost
-            else:
-                # Python 3.11's ssl module calls SSL_read_ex, whose 0 it reads as an
-                # EOF whatever errno says (SSLEOFError).
-                assert (lost, protocol.eof) == (None, True)
-        finally:
-            transport.abort()
+        data, eof, lost = await serve_until_lost(server_tls)
+        assert data == b"last words"
+        if read_mode == "has_pending":
+            assert isinstance(lost, ConnectionResetError), lost
+        else:
+            # Python 3.11's ssl module calls SSL_read_ex, whose 0 it reads as an
+            # EOF whatever errno says (SSLEOFError).
+            assert (lost, eof) == (None, True)
 
     run(main())
 

@@ -232,10 +232,9 @@ def _bind_reads(libssl: ctypes.CDLL, libcrypto: ctypes.CDLL) -> None:
     of the OpenSSL the ssl module runs on."""
 
     def address(function: object) -> int:
-        found = ctypes.cast(function, ctypes.c_void_p).value  # type: ignore[arg-type]
-        if not found:
-            raise OSError(f"OpenSSL has no {function}")
-        return found
+        value = ctypes.cast(function, ctypes.c_void_p).value  # type: ignore[arg-type]
+        assert value is not None  # a function ctypes found has an address
+        return value
 
     _tls_reads.bind(
         address(libssl.SSL_read_ex),
